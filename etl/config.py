@@ -1,0 +1,111 @@
+"""The ETL's configuration: every number that decides what a sample means.
+
+The preprocessing part (:class:`PreprocessConfig`) is shared with the simulator's observation
+adapter (``rl/``): the same grid extents, normalization ranges and image sizes on both sides.
+Changing any of it changes :func:`etl.configlib.config_hash`, so ``etl.build`` rebuilds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from etl import configlib
+
+
+@dataclass(frozen=True)
+class BEVGrid:
+    """A bird's-eye-view grid in the vehicle (LiDAR) frame: x forward, y left, z up, metres."""
+
+    x_min: float = -32.0
+    x_max: float = 32.0
+    y_min: float = -32.0
+    y_max: float = 32.0
+    resolution: float = 0.5  # metres per cell
+    z_min: float = -3.0  # points outside [z_min, z_max] are dropped; height is min-maxed on it
+    z_max: float = 3.0
+    density_max: float = 16.0  # points per cell where the log-density channel saturates at 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols): rows along x (forward is row 0), cols along y (left is col 0)."""
+        h = round((self.x_max - self.x_min) / self.resolution)
+        w = round((self.y_max - self.y_min) / self.resolution)
+        return h, w
+
+
+@dataclass(frozen=True)
+class RadarConfig:
+    grid: BEVGrid = field(default_factory=BEVGrid)
+    velocity_min: float = -30.0  # Doppler (m/s) min-max range
+    velocity_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    rgb_size: tuple[int, int] = (224, 224)  # (height, width)
+    ir_size: tuple[int, int] = (224, 224)
+    ir_min: float = 0.0  # raw IR pixel range mapped to [0, 1]
+    ir_max: float = 255.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What one sample's arrays mean. Shared verbatim by the ETL and the simulator adapter."""
+
+    lidar: BEVGrid = field(default_factory=BEVGrid)
+    radar: RadarConfig = field(default_factory=RadarConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    max_boxes: int = 64  # labels per sample, padded
+
+
+@dataclass(frozen=True)
+class SceneLayout:
+    """Folder names inside one CMHT scene folder (SUSTechPOINTS layout)."""
+
+    lidar: str = "lidar"
+    rgb: str = "camera/front"
+    ir: str = "camera/ir"
+    radar: str = "radar/front_points"
+    gps_imu: str = "Gps_Imu"
+    label: str = "label"
+    calib: str = "calib"
+    rgb_calib: str = "camera/front.json"
+    ir_calib: str = "camera/ir.json"
+    radar_calib: str = "radar/front_points.json"
+
+
+@dataclass(frozen=True)
+class BagConfig:
+    """ROS bag reading. ``topics`` pins modality → topic; unpinned modalities are discovered
+    from the message type and the topic name."""
+
+    topics: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    tolerance_s: float = 0.0  # nearest-frame tolerance; 0 = half the LiDAR period (median)
+    gps_imu_max_gap_s: float = 1.0  # no interpolation across a gap longer than this
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    shard_size: int = 256  # samples per ArrayRecord shard
+    split: str = "block"  # "block": contiguous time blocks; "drive": whole drives
+    val_fraction: float = 0.1
+    block_s: float = 30.0  # length of a contiguous block for the block split
+    seed: int = 0
+    storage_dtype: str = "float16"  # image-like arrays on disk; decoded to float32
+
+
+@dataclass(frozen=True)
+class ETLConfig:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    scene: SceneLayout = field(default_factory=SceneLayout)
+    bag: BagConfig = field(default_factory=BagConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def load_config(path=None, overrides=()) -> ETLConfig:
+    return configlib.load(ETLConfig, path, overrides)
