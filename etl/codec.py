@@ -24,7 +24,18 @@ from etl.schema import IMAGE_MODALITIES, MODALITIES, SCHEMA_VERSION, empty_sampl
 
 MAGIC = b"RFS1"
 CODEC_VERSION = 1
-_ALLOWED_DTYPES = {"float16", "float32", "float64", "uint8", "int8", "int16", "int32", "int64", "uint16", "bool"}
+_ALLOWED_DTYPES = {
+    "float16",
+    "float32",
+    "float64",
+    "uint8",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint16",
+    "bool",
+}
 
 
 class CodecError(ValueError):
@@ -32,7 +43,9 @@ class CodecError(ValueError):
 
 
 def encode(
-    sample: dict[str, np.ndarray], meta: dict[str, Any] | None = None, storage_dtype: str = "float16"
+    sample: dict[str, np.ndarray],
+    meta: dict[str, Any] | None = None,
+    storage_dtype: str = "float16",
 ) -> bytes:
     """Serialize a sample (contract keys) plus JSON-able ``meta`` (drive, frame, …)."""
     present = np.asarray(sample["present"])
@@ -43,7 +56,7 @@ def encode(
         a = np.asarray(value)
         if key in IMAGE_MODALITIES:
             a = a.astype(storage_dtype)
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray would not)
         if a.dtype.name not in _ALLOWED_DTYPES:
             raise CodecError(f"{key}: dtype {a.dtype} cannot be stored")
         b = a.tobytes()

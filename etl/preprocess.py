@@ -34,10 +34,13 @@ def _cell_index(points, grid: BEVGrid, valid, xp):
     """Flat cell index of each point, and a mask of points that land inside the grid."""
     h, w = grid.shape
     x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    finite = xp.isfinite(x) & xp.isfinite(y) & xp.isfinite(z)
+    x = xp.where(finite, x, grid.x_max + 1.0)  # NaN/inf land outside (and are masked below)
+    y = xp.where(finite, y, grid.y_max + 1.0)
     row = xp.floor((grid.x_max - x) / grid.resolution).astype(xp.int32)
     col = xp.floor((grid.y_max - y) / grid.resolution).astype(xp.int32)
     inside = (row >= 0) & (row < h) & (col >= 0) & (col < w) & (z >= grid.z_min) & (z <= grid.z_max)
-    inside = inside & xp.isfinite(x) & xp.isfinite(y) & xp.isfinite(z)
+    inside = inside & finite
     if valid is not None:
         inside = inside & valid
     flat = xp.where(inside, row * w + col, h * w)  # h*w is a dump cell, dropped below

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from etl import configlib
 
 
 @dataclass(frozen=True)
@@ -23,3 +25,77 @@ class ModelConfig:
     decoder_heads: int = 4
     norm_pix_loss: bool = False  # per-patch normalized reconstruction targets
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+    # Modalities the model is built for, in etl.schema.MODALITIES order (a subset is allowed).
+    modalities: tuple[str, ...] = ("lidar", "radar", "rgb", "ir", "gps", "imu")
+    pos_embed: str = "sincos"  # image patches: fixed 2-D "sincos" or "learned"
+    gps_tokens: int = 3  # gps (east, north, up) → 3 tokens of 1 channel each (masked like patches)
+    imu_tokens: int = 2  # imu → 2 tokens: gyro xyz, accel xyz
+    gps_scale: float = 100.0  # metres: gps input is symlog(x / gps_scale) (see encoders.py)
+    gyro_scale: float = 1.0  # rad/s
+    accel_scale: float = 9.81  # m/s² (1 g)
+    attention_impl: str = "xla"  # jax.nn.dot_product_attention backend: "xla" or "cudnn"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-side configuration (input pipeline, optimisation, devices, the run itself).
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the ETL's shards are and how the Grain reader walks them."""
+
+    path: str = "data_cache"  # an `etl.build --out` directory (manifest.json + shards)
+    split: str = "train"
+    shuffle_seed: int = 0
+    worker_count: int = 0  # Grain worker processes (mp_prefetch); 0 = read in this process
+    worker_buffer_size: int = 2  # batches buffered per worker
+    read_threads: int = 4  # threads per process reading and decoding records
+    prefetch: int = 64  # records buffered per process
+    device_prefetch: int = 2  # batches put on the devices ahead of the step
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 64  # global: summed over every device and process
+    learning_rate: float = 3e-4  # peak, after warmup
+    steps: int = 100000
+    mask_ratio: float = 0.5
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.0  # cosine ends at learning_rate × this
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0  # clip_by_global_norm; 0 = off
+    seed: int = 0  # parameter init; the step-t masking key is fold_in(PRNGKey(seed), t)
+    log_every: int = 50
+    image_metrics_every: int = 500  # PSNR/SSIM of rgb/ir reconstructions; 0 = never
+    ckpt_every: int = 1000
+    keep: int = 3  # checkpoints kept
+    async_checkpoint: bool = True
+    progress: bool = True  # a tqdm bar on a terminal (log lines otherwise)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ("data", "fsdp"). The batch is split over both axes; parameters and
+    optimizer state are sharded over "fsdp" (each array on its largest divisible axis).
+    -1 on `data` = every device not used by `fsdp`."""
+
+    data: int = -1
+    fsdp: int = 1
+    distributed: str = "auto"  # jax.distributed.initialize(): "auto" (SLURM_NTASKS>1), "on", "off"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    run_name: str = "pretrain"
+    runs_dir: str = "runs"
+
+
+def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:
+    """TOML (+ `--set key=value` overrides) → PretrainConfig; errors name the key."""
+    return configlib.load(PretrainConfig, path, overrides)
