@@ -94,6 +94,7 @@ class OutputConfig:
     split: str = "block"  # "block": contiguous time blocks; "drive": whole drives
     val_fraction: float = 0.1
     block_s: float = 30.0  # length of a contiguous block for the block split
+    guard_s: float = 2.0  # block split: train sweeps this close to a val block are dropped
     seed: int = 0
     storage_dtype: str = "float16"  # image-like arrays on disk; decoded to float32
 

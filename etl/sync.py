@@ -42,7 +42,8 @@ def check_times(t, where: str) -> np.ndarray:
         if np.any(d <= 0):
             bad = int(np.argmax(d <= 0)) + 1
             raise DriveError(
-                where, f"timestamps not strictly increasing at index {bad} ({t[bad - 1]!r} → {t[bad]!r})"
+                where,
+                f"timestamps not strictly increasing at index {bad} ({t[bad - 1]!r} → {t[bad]!r})",
             )
     return t
 
@@ -80,9 +81,7 @@ def nearest_within(master_t, stream_t, tol: float) -> tuple[np.ndarray, np.ndarr
     return idx, off
 
 
-def interpolate(
-    master_t, t, values, max_gap: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def interpolate(master_t, t, values, max_gap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Linear interpolation of ``values`` (N, D) sampled at ``t`` onto ``master_t``.
 
     Rows with a non-finite value are dropped first (they become a gap). Returns

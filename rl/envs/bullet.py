@@ -1,0 +1,556 @@
+"""A racecar_gym-compatible PyBullet environment that needs nothing from the network.
+
+One car (the MIT racecar with a differential, ``racecar/racecar_differential.urdf`` from
+``pybullet_data``, rear-wheel friction raised to racecar_gym's 0.8) on any track that
+:func:`rl.tracks.load_track` returns (a racecar_gym scene folder or zip, a compiled mesh-only
+track, or ``procedural:<seed>``). Each environment owns its own physics client
+(``p.connect(p.DIRECT)``, ``physicsClientId`` everywhere), so many of them live in one process.
+
+    env = BulletRacecarEnv("austria", camera=False)
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step({"motor": [0.5], "steering": [0.0]})
+
+Semantics (racecar_gym's ``racecar.yml``, where they are right):
+
+* ``motor`` ∈ [−1, 1]: ≥ 0 drives both rear differentials by velocity control toward a fixed
+  wheel speed (5 · 20 = 100 rad/s) with a maximum force of ``0.5 · motor``; < 0 brakes
+  (target speed 0, force ``0.5 · |motor|``) — there is no reverse. Top speed ≈ 3.8 m/s.
+* ``speed`` (the ``actuator="speed"`` variant) ∈ [−1, 1] maps to a target of 0…3.5 m/s
+  (times 25 rad/s per m/s at the wheels) at full force 0.5.
+* ``steering`` ∈ [−1, 1] → ±0.21 rad at the front hinges, positive turns right.
+* 100 Hz physics, one ``stepSimulation`` per :meth:`step`; the lidar (and camera) refresh
+  every 4th step (25 Hz) and hold their last reading in between.
+
+Where racecar_gym is wrong this environment differs on purpose: the observation is taken
+*after* the action; the progress reward is signed (driving backwards costs what it would have
+paid, the finish line wraps); the time limit truncates rather than terminates; every random
+draw (sensor noise, random starts) comes from ``reset(seed=…)``'s generator; the lidar reads the
+true distance (racecar_gym adds ``min_range`` to every hit) with ±3 % multiplicative noise on
+hits only, so a miss reads exactly ``max_range`` and stays recognizable as a miss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pybullet as p
+import pybullet_data
+
+from rl.envs import spec
+
+# --------------------------------------------------------------------------- the vehicle
+
+
+@dataclass(frozen=True)
+class VehicleParams:
+    """The MIT racecar as racecar_gym configures it (models/vehicles/racecar/racecar.yml)."""
+
+    urdf: str = "racecar/racecar_differential.urdf"
+    rear_lateral_friction: float = 0.8  # racecar_gym's URDF edit of the rear wheels (links 12, 14)
+    motor_max_velocity: float = spec.MOTOR_MAX_VELOCITY  # × multiplier = wheel target, rad/s
+    motor_velocity_multiplier: float = spec.MOTOR_VELOCITY_MULTIPLIER
+    motor_max_force: float = spec.MOTOR_MAX_FORCE
+    speed_max_velocity: float = spec.SPEED_MAX_VELOCITY  # `speed`: [-1, 1] → [0, 3.5] m/s
+    speed_velocity_multiplier: float = spec.SPEED_VELOCITY_MULTIPLIER
+    speed_max_force: float = spec.SPEED_MAX_FORCE
+    motor_joints: tuple[int, ...] = (8, 15)  # the two differential rings
+    steering_joints: tuple[int, ...] = (0, 2)  # left / right steering hinges
+    rear_wheel_links: tuple[int, ...] = (12, 14)
+    lidar_link: int = 4  # hokuyo
+    camera_link: int = 5  # zed camera
+    spawn_z: float = spec.START_Z
+
+
+# The differential: gear constraints (parent joint, child joint, ratio, aux link or -1) that tie
+# the rings, spiders and side shafts of the two differentials to the wheels (racecar_gym's set).
+_GEARS = (
+    (9, 11, 1.0, -1), (10, 13, -1.0, -1), (9, 13, -1.0, -1),
+    (16, 18, 1.0, -1), (16, 19, -1.0, -1), (17, 19, -1.0, -1),
+    (1, 18, -1.0, 15), (3, 19, -1.0, 15),
+)  # fmt: skip
+
+DT = spec.PHYSICS_DT  # 0.01 s, racecar_gym's simulation.time_step
+GRAVITY = -spec.GRAVITY  # 9.81 m/s², pointing down
+
+
+def sensor_period(hz: float) -> int:
+    """Physics steps between refreshes of a sensor running at ``hz`` (racecar_gym's
+    FixedTimestepSensor fires on the first step whose accumulated time reaches 1/hz)."""
+    return max(1, math.ceil(1.0 / (hz * DT) - 1e-6))
+
+
+def load_car(cid: int, v: VehicleParams) -> int:
+    """Load the racecar into client ``cid``: free-rolling joints, the differential's gears, and
+    racecar_gym's rear-wheel friction. Returns its body id."""
+    urdf = os.path.join(pybullet_data.getDataPath(), v.urdf)
+    car = p.loadURDF(urdf, [0, 0, v.spawn_z], [0, 0, 0, 1], physicsClientId=cid)
+    for j in range(p.getNumJoints(car, physicsClientId=cid)):
+        p.setJointMotorControl2(
+            car, j, p.VELOCITY_CONTROL, targetVelocity=0, force=0, physicsClientId=cid
+        )
+    for a, b, ratio, aux in _GEARS:
+        k = p.createConstraint(
+            car, a, car, b, p.JOINT_GEAR, [0, 1, 0], [0, 0, 0], [0, 0, 0], physicsClientId=cid
+        )
+        kw = {"gearRatio": ratio, "maxForce": 10000}
+        if aux >= 0:
+            kw["gearAuxLink"] = aux
+        p.changeConstraint(k, physicsClientId=cid, **kw)
+    for link in v.rear_wheel_links:
+        p.changeDynamics(car, link, lateralFriction=v.rear_lateral_friction, physicsClientId=cid)
+    return car
+
+
+# --------------------------------------------------------------------------- the environment
+class BulletRacecarEnv(gym.Env):
+    """racecar_gym's single-agent ``maximize_progress`` race on one PyBullet client.
+
+    Args:
+      track: a :class:`rl.tracks.Track`, or anything :func:`rl.tracks.load_track` accepts.
+      task: a :class:`rl.envs.spec.TaskConfig` (reward weights, laps, time limit, collision
+        termination); ``None`` takes its defaults.
+      camera: render the 128×128 RGB camera (ER_TINY_RENDERER, slow) into ``rgb_camera``.
+      lidar: cast the 1080-ray lidar into ``lidar``.
+      actuator: ``"motor"`` (racecar_gym's default) or ``"speed"``.
+      reset_mode: ``"grid"`` (the track's starting grid) or ``"random"`` (a random drivable pose
+        facing along the progress field); ``reset(options={"mode": …})`` overrides it.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 25}
+
+    def __init__(
+        self,
+        track: Any = "procedural:0",
+        task: spec.TaskConfig | None = None,
+        *,
+        camera: bool | None = None,
+        lidar: bool = True,
+        actuator: str = "motor",
+        reset_mode: str | None = None,
+        start_index: int = 0,
+        vehicle: VehicleParams = VehicleParams(),
+        render_mode: str | None = None,
+    ):
+        task = task if task is not None else spec.TaskConfig()
+        reset_mode = reset_mode if reset_mode is not None else task.reset_mode
+        if actuator not in ("motor", "speed"):
+            raise ValueError(f"actuator must be 'motor' or 'speed', got {actuator!r}")
+        if reset_mode not in ("grid", "random"):
+            raise ValueError(f"reset_mode must be 'grid' or 'random', got {reset_mode!r}")
+        if isinstance(track, str | os.PathLike):
+            from rl.tracks import load_track
+
+            track = load_track(track)
+        self.track = track
+        self.task = task
+        self.vehicle = vehicle
+        self.use_camera = bool(task.observe_camera if camera is None else camera)
+        self.use_lidar = lidar
+        self.actuator = actuator
+        self.reset_mode = reset_mode
+        self.start_index = start_index
+        self.render_mode = render_mode
+
+        self.n_rays = spec.LIDAR_RAYS
+        self.angles = np.asarray(spec.lidar_angles(), np.float64)
+        self.lidar_period = sensor_period(spec.LIDAR_HZ)
+        self.camera_period = sensor_period(spec.CAMERA_HZ)
+        self.cam_h, self.cam_w = spec.CAMERA_HEIGHT, spec.CAMERA_WIDTH
+        self.max_steer = spec.STEER_MAX_RAD
+        self.n_checkpoints = int(task.checkpoints)
+
+        box = lambda lo, hi, shape: gym.spaces.Box(lo, hi, shape, np.float32)
+        inf = np.inf
+        spaces: dict[str, gym.Space] = {
+            "pose": box(-inf, inf, (6,)),
+            "velocity": box(-inf, inf, (6,)),
+            "acceleration": box(-inf, inf, (6,)),
+            "time": box(0.0, inf, (1,)),
+        }
+        if lidar:
+            spaces["lidar"] = box(spec.LIDAR_MIN_RANGE, spec.LIDAR_MAX, (self.n_rays,))
+        if self.use_camera:
+            spaces["rgb_camera"] = gym.spaces.Box(0, 255, (self.cam_h, self.cam_w, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+        self.action_space = gym.spaces.Dict(
+            {
+                actuator: gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
+                "steering": gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
+            }
+        )
+
+        self._cid = p.connect(p.DIRECT)
+        self._build_world()
+        self._ray_from, self._ray_to = self._ray_endpoints()
+        self._state: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- world construction
+    def _build_world(self) -> None:
+        c = self._cid
+        p.resetSimulation(physicsClientId=c)
+        p.setGravity(0, 0, -GRAVITY, physicsClientId=c)
+        p.setTimeStep(DT, physicsClientId=c)
+        self.walls_id, self.floor_id = self._load_scene()
+        self.car = load_car(c, self.vehicle)
+        self._initial_state = p.saveState(physicsClientId=c)
+
+    def _load_scene(self) -> tuple[int, int]:
+        """Walls and floor from the scene's sdf, or straight from its meshes."""
+        c = self._cid
+        scene = getattr(self.track, "scene_dir", None)
+        name = getattr(self.track, "name", "")
+        if scene is not None:
+            sdf = os.path.join(scene, f"{name}.sdf")
+            if not os.path.exists(sdf):
+                sdfs = [f for f in os.listdir(scene) if f.endswith(".sdf")]
+                sdf = os.path.join(scene, sdfs[0]) if len(sdfs) == 1 else sdf
+            if os.path.exists(sdf):
+                ids = p.loadSDF(sdf, physicsClientId=c)
+                named = {p.getBodyInfo(i, physicsClientId=c)[1].decode(): i for i in ids}
+                if "walls" in named:
+                    floor = named.get("floor")
+                    if floor is None:
+                        floor = self._plane()
+                    return named["walls"], floor
+            walls_obj = os.path.join(scene, "meshes", "Walls.obj")
+            if os.path.exists(walls_obj):
+                floor_obj = os.path.join(scene, "meshes", "Floor.obj")
+                floor = self._mesh_body(floor_obj) if os.path.exists(floor_obj) else self._plane()
+                return self._mesh_body(walls_obj), floor
+        raise FileNotFoundError(
+            f"track {name!r}: no <name>.sdf with a 'walls' model and no meshes/Walls.obj "
+            f"under scene_dir={scene!r}"
+        )
+
+    def _mesh_body(self, path: str) -> int:
+        c = self._cid
+        col = p.createCollisionShape(
+            p.GEOM_MESH, fileName=path, flags=p.GEOM_FORCE_CONCAVE_TRIMESH, physicsClientId=c
+        )
+        vis = p.createVisualShape(p.GEOM_MESH, fileName=path, physicsClientId=c)
+        return p.createMultiBody(0, col, vis, physicsClientId=c)
+
+    def _plane(self) -> int:
+        path = os.path.join(pybullet_data.getDataPath(), "plane.urdf")
+        return p.loadURDF(path, physicsClientId=self._cid)
+
+    def _ray_endpoints(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rays in the laser link's frame (x forward, y left), from its centre outwards."""
+        d = np.stack([np.cos(self.angles), np.sin(self.angles), np.zeros_like(self.angles)], -1)
+        return np.zeros_like(d), d * spec.LIDAR_RANGE
+
+    # ----------------------------------------------------------------- gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        mode = options.get("mode", self.reset_mode)
+        if "pose" in options:
+            x, y, yaw = (float(v) for v in options["pose"])
+        elif mode == "grid":
+            starts = np.asarray(self.track.starts, np.float64)
+            s = starts[int(options.get("start_index", self.start_index)) % len(starts)]
+            x, y, yaw = float(s[0]), float(s[1]), float(s[5])
+        elif mode == "random":
+            x, y, yaw = self._random_pose()
+        else:
+            raise ValueError(f"unknown reset mode {mode!r}")
+        c = self._cid
+        p.restoreState(self._initial_state, physicsClientId=c)
+        quat = p.getQuaternionFromEuler([0.0, 0.0, yaw])
+        p.resetBasePositionAndOrientation(
+            self.car, [x, y, self.vehicle.spawn_z], quat, physicsClientId=c
+        )
+        p.resetBaseVelocity(self.car, [0, 0, 0], [0, 0, 0], physicsClientId=c)
+        self._apply_action(0.0, 0.0, brake_when_idle=False)
+        p.stepSimulation(physicsClientId=c)  # settle contacts, as racecar_gym does
+
+        self._steps = 0
+        self._time = 0.0
+        pos, orn, v_world, w_world = self._kinematics()
+        self._v_world_prev, self._w_world_prev = v_world, w_world
+        prog = self._progress_at(pos[0], pos[1], fallback=0.0)
+        self._state = {
+            "progress": prog,
+            "lap": 1,  # racecar_gym counts from 1; the race is over once lap > laps
+            "checkpoint": self._checkpoint(prog),
+            "wrong_way": False,
+        }
+        self._lidar = np.full(self.n_rays, spec.LIDAR_MAX, np.float32)
+        self._rgb = np.zeros((self.cam_h, self.cam_w, 3), np.uint8)
+        self._refresh_sensors()
+        obs, info = self._observe(pos, orn, v_world, w_world, collided=False)
+        return obs, info
+
+    def step(self, action):
+        a = action[self.actuator]
+        drive = float(np.clip(np.asarray(a, np.float64).reshape(-1)[0], -1.0, 1.0))
+        steer = float(np.clip(np.asarray(action["steering"], np.float64).reshape(-1)[0], -1, 1))
+        self._apply_action(drive, steer)
+        p.stepSimulation(physicsClientId=self._cid)
+        self._steps += 1
+        self._time = self._steps * DT
+
+        pos, orn, v_world, w_world = self._kinematics()
+        collided = self._wall_contact()
+        s, task = self._state, self.task
+        before = s["lap"] + s["progress"]
+        self._update_progress(pos)
+        self._refresh_sensors(self._steps)
+        obs, info = self._observe(pos, orn, v_world, w_world, collided)
+        self._v_world_prev, self._w_world_prev = v_world, w_world
+
+        delta = spec.signed_progress_delta(before, s["lap"] + s["progress"])
+        reward = task.progress_reward * delta + task.frame_reward
+        if collided:
+            reward += task.collision_reward
+        terminated = bool((task.terminate_on_collision and collided) or s["lap"] > task.laps)
+        truncated = bool(not terminated and self._time > task.time_limit + 1e-9)
+        return obs, float(reward), terminated, truncated, info
+
+    def render(self):
+        if self.render_mode != "rgb_array":
+            return None
+        return self._camera_image(width=256, height=256, chase=True)
+
+    def close(self):
+        if getattr(self, "_cid", None) is not None:
+            try:
+                p.disconnect(physicsClientId=self._cid)
+            except p.error:
+                pass
+            self._cid = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # ----------------------------------------------------------------- actuation
+    def _apply_action(self, drive: float, steer: float, brake_when_idle: bool = True) -> None:
+        c, v = self._cid, self.vehicle
+        if self.actuator == "motor":
+            target = v.motor_max_velocity * v.motor_velocity_multiplier if drive >= 0 else 0.0
+            force = abs(drive) * v.motor_max_force
+        else:
+            target = (drive + 1.0) / 2.0 * v.speed_max_velocity * v.speed_velocity_multiplier
+            force = v.speed_max_force
+        if not brake_when_idle:
+            force = 0.0
+        for j in v.motor_joints:
+            p.setJointMotorControl2(
+                self.car, j, p.VELOCITY_CONTROL, targetVelocity=target, force=force,
+                physicsClientId=c,
+            )  # fmt: skip
+        # positive command = right turn = negative hinge angle about +z (spec.STEER_SIGN)
+        for j in v.steering_joints:
+            p.setJointMotorControl2(
+                self.car, j, p.POSITION_CONTROL,
+                targetPosition=spec.STEER_SIGN * steer * self.max_steer,
+                physicsClientId=c,
+            )  # fmt: skip
+
+    # ----------------------------------------------------------------- state
+    def _kinematics(self):
+        c = self._cid
+        pos, orn = p.getBasePositionAndOrientation(self.car, physicsClientId=c)
+        lin, ang = p.getBaseVelocity(self.car, physicsClientId=c)
+        return np.array(pos), np.array(orn), np.array(lin), np.array(ang)
+
+    def _wall_contact(self) -> bool:
+        pts = p.getContactPoints(bodyA=self.car, bodyB=self.walls_id, physicsClientId=self._cid)
+        return len(pts) > 0
+
+    def _pixel(self, x: float, y: float) -> tuple[int, int]:
+        t = self.track
+        if hasattr(t, "world_to_pixel"):
+            r, cc = t.world_to_pixel(x, y)
+            return int(r), int(cc)
+        h = t.drivable.shape[0]
+        return int(h - (y - t.origin[1]) / t.resolution), int((x - t.origin[0]) / t.resolution)
+
+    def _progress_at(self, x: float, y: float, fallback: float) -> float:
+        """Progress at the car's pixel; off the map or off the drivable area keeps ``fallback``
+        (wall pixels carry no progress, and reading them would fake a finish-line wrap)."""
+        r, cc = self._pixel(x, y)
+        h, w = self.track.drivable.shape
+        if not (0 <= r < h and 0 <= cc < w) or not self.track.drivable[r, cc]:
+            return fallback
+        return float(self.track.progress[r, cc])
+
+    def _checkpoint(self, prog: float) -> int:
+        return min(int(prog * self.n_checkpoints), self.n_checkpoints - 1)
+
+    def _update_progress(self, pos: np.ndarray) -> None:
+        """racecar_gym's checkpoint bookkeeping, with its off-by-one fixed: the stored
+        checkpoint only ratchets forward one at a time; entering checkpoint 0 from the last one
+        completes a lap; stepping back one checkpoint (or from 0 to the last) sets wrong_way,
+        reaching the next checkpoint forward clears it."""
+        s, n = self._state, self.n_checkpoints
+        s["progress"] = self._progress_at(pos[0], pos[1], fallback=s["progress"])
+        k, last = self._checkpoint(s["progress"]), s["checkpoint"]
+        if k == (last + 1) % n:
+            if last == n - 1 and k == 0:
+                s["lap"] += 1
+            s["checkpoint"], s["wrong_way"] = k, False
+        elif k == (last - 1) % n and n > 1:
+            s["wrong_way"] = True
+
+    def _random_pose(self) -> tuple[float, float, float]:
+        """A random drivable pixel with clearance, facing along the progress gradient."""
+        t = self.track
+        clear = np.asarray(t.obstacle)  # normalized, as racecar_gym's RandomPositioningStrategy
+        rows, cols = np.nonzero(t.drivable & (clear > self.task.random_min_obstacle))
+        i = int(self.np_random.integers(len(rows)))
+        r, cc = int(rows[i]), int(cols[i])
+        prog = np.asarray(t.progress)
+        k = 3  # ±3 px central differences, wrapped at the finish line
+        h, w = prog.shape
+        wrap = lambda d: d - np.round(d)
+        d_col = wrap(prog[r, min(cc + k, w - 1)] - prog[r, max(cc - k, 0)])
+        d_row = wrap(prog[max(r - k, 0), cc] - prog[min(r + k, h - 1), cc])  # rows grow south
+        yaw = math.atan2(d_row, d_col)
+        x, y = t.pixel_to_world(r, cc)
+        return float(x), float(y), yaw
+
+    # ----------------------------------------------------------------- sensors
+    def _refresh_sensors(self, step: int | None = None) -> None:
+        """Refresh the lidar/camera on their periods (every sensor at reset, step=None)."""
+        if self.use_lidar and (step is None or step % self.lidar_period == 0):
+            self._lidar = self._scan()
+        if self.use_camera and (step is None or step % self.camera_period == 0):
+            self._rgb = self._camera_image(self.cam_w, self.cam_h)
+
+    def _scan(self) -> np.ndarray:
+        res = p.rayTestBatch(
+            self._ray_from.tolist(), self._ray_to.tolist(),
+            parentObjectUniqueId=self.car, parentLinkIndex=self.vehicle.lidar_link,
+            physicsClientId=self._cid,
+        )  # fmt: skip
+        frac = np.fromiter((r[2] for r in res), np.float64, len(res))
+        noise = self.np_random.uniform(1.0 - spec.LIDAR_NOISE, 1.0 + spec.LIDAR_NOISE, len(res))
+        return spec.lidar_scan(frac * spec.LIDAR_RANGE, noise).astype(np.float32)
+
+    def _camera_image(self, width: int, height: int, chase: bool = False) -> np.ndarray:
+        c = self._cid
+        state = p.getLinkState(
+            self.car, self.vehicle.camera_link, computeForwardKinematics=True, physicsClientId=c
+        )
+        pos, orn = np.array(state[0]), state[1]
+        rot = np.array(p.getMatrixFromQuaternion(orn)).reshape(3, 3)
+        fwd, up = rot @ [1.0, 0.0, 0.0], rot @ [0.0, 0.0, 1.0]
+        if chase:
+            pos = pos - 0.8 * fwd + 0.3 * up
+        view = p.computeViewMatrix(pos.tolist(), (pos + fwd).tolist(), up.tolist())
+        proj = p.computeProjectionMatrixFOV(
+            spec.CAMERA_FOV_DEG, width / height, spec.CAMERA_NEAR, spec.CAMERA_FAR
+        )
+        _, _, px, _, _ = p.getCameraImage(
+            width, height, view, proj, renderer=p.ER_TINY_RENDERER, physicsClientId=c
+        )
+        return np.asarray(px, np.uint8).reshape(height, width, 4)[:, :, :3].copy()
+
+    def _observe(self, pos, orn, v_world, w_world, collided: bool):
+        c = self._cid
+        rot = np.array(p.getMatrixFromQuaternion(orn.tolist())).reshape(3, 3)
+        rpy = np.array(p.getEulerFromQuaternion(orn.tolist(), physicsClientId=c))
+        pose = np.concatenate([pos, rpy])
+        velocity = np.concatenate([rot.T @ v_world, rot.T @ w_world])  # body frame
+        acc_world = (v_world - self._v_world_prev) / DT
+        dw_world = (w_world - self._w_world_prev) / DT
+        acceleration = np.concatenate([rot.T @ acc_world, rot.T @ dw_world])
+        obs = {
+            "pose": pose.astype(np.float32),
+            "velocity": velocity.astype(np.float32),
+            "acceleration": acceleration.astype(np.float32),
+            "time": np.array([self._time], np.float32),
+        }
+        if self.use_lidar:
+            obs["lidar"] = self._lidar.copy()
+        if self.use_camera:
+            obs["rgb_camera"] = self._rgb.copy()
+        s = self._state
+        info = {
+            "pose": pose,
+            "velocity": velocity,
+            "acceleration": acceleration,
+            "wall_collision": bool(collided),
+            "progress": s["progress"],
+            "lap": int(s["lap"]),
+            "checkpoint": int(s["checkpoint"]),
+            "wrong_way": bool(s["wrong_way"]),
+            "time": self._time,
+        }
+        return obs, info
+
+
+# --------------------------------------------------------------------------- calibration
+def calibrate(seconds: float = 8.0) -> dict[str, float]:
+    """Dynamics facts of this backend on an open floor (no walls), for the JAX backend's tuning.
+
+    Returns top speeds at motor 1 and 0.3, the time to reach 3 m/s at motor 1, and the yaw rate
+    and turning radius at steering ±1 while holding ≈ 2 m/s (speed actuator at target 2 m/s).
+    """
+    v = VehicleParams()
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setGravity(0, 0, -GRAVITY, physicsClientId=cid)
+        p.setTimeStep(DT, physicsClientId=cid)
+        p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"), physicsClientId=cid)
+        env = _OpenFloorCar(cid, v)
+        out: dict[str, float] = {}
+        n = int(seconds / DT)
+        for m in (1.0, 0.3):
+            tr = env.run(lambda _i, m=m: ("motor", m, 0.0), n)
+            out[f"top_speed_motor_{m}"] = float(tr[-int(1.0 / DT) :, 3].mean())
+            if m == 1.0:
+                hit = np.nonzero(tr[:, 3] >= 3.0)[0]
+                out["time_to_3mps_motor_1"] = float((hit[0] + 1) * DT) if len(hit) else math.nan
+                hit = np.nonzero(tr[:, 3] >= 2.0)[0]
+                out["time_to_2mps_motor_1"] = float((hit[0] + 1) * DT) if len(hit) else math.nan
+        target = 2.0 / v.speed_max_velocity * 2.0 - 1.0  # speed actuator command for 2 m/s
+        for sgn in (1.0, -1.0):
+            tr = env.run(lambda i, s=sgn: ("speed", target, s if i > 200 else 0.0), n)
+            last = tr[-int(3.0 / DT) :]
+            yaw_rate = float(last[:, 4].mean())
+            speed = float(last[:, 3].mean())
+            key = "right" if sgn > 0 else "left"
+            out[f"yaw_rate_steer_{key}"] = yaw_rate
+            out[f"speed_steer_{key}"] = speed
+            out[f"turn_radius_steer_{key}"] = speed / max(abs(yaw_rate), 1e-9)
+        return out
+    finally:
+        p.disconnect(physicsClientId=cid)
+
+
+class _OpenFloorCar:
+    """The env's car model alone on a plane (for :func:`calibrate`)."""
+
+    def __init__(self, cid: int, v: VehicleParams):
+        self.cid, self.v = cid, v
+        env = object.__new__(BulletRacecarEnv)
+        env._cid, env.vehicle = cid, v
+        env.max_steer = spec.STEER_MAX_RAD
+        env.car = load_car(cid, v)
+        self.env = env
+        self.state = p.saveState(physicsClientId=cid)
+
+    def run(self, policy, n: int) -> np.ndarray:
+        """(n, 5) rows of x, y, yaw, planar speed, yaw rate under ``policy(i) -> (kind, a, s)``."""
+        p.restoreState(self.state, physicsClientId=self.cid)
+        out = np.zeros((n, 5))
+        env = self.env
+        for i in range(n):
+            kind, a, s = policy(i)
+            env.actuator = kind
+            env._apply_action(a, s)
+            p.stepSimulation(physicsClientId=self.cid)
+            pos, orn, lin, ang = env._kinematics()
+            yaw = p.getEulerFromQuaternion(orn.tolist())[2]
+            out[i] = pos[0], pos[1], yaw, math.hypot(lin[0], lin[1]), ang[2]
+        return out

@@ -1,0 +1,160 @@
+"""The racecar_gym interface both simulator backends implement (issue 4, §2).
+
+One place for the facts — sensor geometry, actuator semantics, physics rate, task
+rules — so that the PyBullet backend (rl/envs/bullet.py) and the pure-JAX backend
+(rl/envs/jax_env.py) agree on what an observation, an action and a reward mean.
+Values are those of racecar_gym's MIT racecar (models/vehicles/racecar/racecar.yml
+and racecar.urdf upstream); where racecar_gym is wrong we say so and do better.
+
+Frames: world x/y on the track plane, z up, yaw counter-clockwise from +x.
+Body frame: x forward, y left, z up (pybullet convention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------- simulation
+PHYSICS_DT = 0.01  # s; 100 Hz physics, one physics step per env.step()
+GRAVITY = -9.81
+
+# ---------------------------------------------------------------- actuators
+# Steering: action in [-1, 1] -> wheel angle. Upstream: max_steering_angle 0.42 times
+# steering_multiplier 0.5 = 0.21 rad, and the joint target is -angle, so a POSITIVE
+# command turns RIGHT (clockwise, negative yaw rate).
+STEER_MAX_RAD = 0.21
+STEER_SIGN = -1.0  # wheel angle (CCW positive) = STEER_SIGN * STEER_MAX_RAD * action
+
+# Motor: action in [-1, 1]. a >= 0: velocity control of the driven wheel joints toward a
+# FIXED target (max_velocity * velocity_multiplier rad/s) with max force |a| * max_force,
+# so the value sets the force (acceleration), not the speed: even 0.3 reaches ~3.5 m/s.
+# a < 0: target 0 with force |a| * max_force, i.e. a brake; there is no reverse.
+MOTOR_MAX_VELOCITY = 5.0
+MOTOR_VELOCITY_MULTIPLIER = 20.0
+MOTOR_MAX_FORCE = 0.5
+MOTOR_TARGET_WHEEL_SPEED = MOTOR_MAX_VELOCITY * MOTOR_VELOCITY_MULTIPLIER  # rad/s
+TOP_SPEED_MPS = 3.8  # observed top speed of the upstream car (approx.)
+# Speed actuator variant: action in [-1, 1] -> target (a+1)/2 * 3.5 m/s (times 25 rad/s per m/s).
+SPEED_MAX_VELOCITY = 3.5
+SPEED_VELOCITY_MULTIPLIER = 25.0
+SPEED_MAX_FORCE = 0.5
+
+# ---------------------------------------------------------------- vehicle geometry
+WHEEL_RADIUS = 0.05  # m
+WHEELBASE = 0.325  # m, rear axle (chassis origin) to front axle
+TRACK_WIDTH = 0.2  # m, left to right wheel centres
+CAR_LENGTH = 0.50  # m, footprint used for map-based collision (approx. chassis + bumpers)
+CAR_WIDTH = 0.25  # m
+CAR_REAR_OVERHANG = 0.05  # m behind the rear axle (chassis origin)
+START_Z = 0.05  # m, spawn height used by racecar_gym
+
+# ---------------------------------------------------------------- lidar (hokuyo)
+LIDAR_RAYS = 1080
+LIDAR_FOV_RAD = 4.71  # 270 deg
+LIDAR_ANGLE_FIRST = 2.36  # ray 0 points +135 deg (left-rear), rays sweep clockwise to -135 deg
+LIDAR_MIN_RANGE = 0.25  # m
+LIDAR_RANGE = 15.0  # m, ray length
+LIDAR_MAX = LIDAR_MIN_RANGE + LIDAR_RANGE  # 15.25, top of the observation space
+LIDAR_NOISE = 0.03  # multiplicative, uniform in [1 - 0.03, 1 + 0.03]
+LIDAR_HZ = 25.0  # refreshed every 4 physics steps, held in between
+LIDAR_MOUNT = (0.265, 0.0, 0.075)  # m, in the body frame
+# Upstream range model (racecar_gym bullet/sensors.py): the ray runs 15 m from the sensor;
+# scan = clip((15 * hit_fraction + 0.25) * U(0.97, 1.03), 0.25, 15.0). We keep the +0.25 offset
+# (it is what racecar_gym policies saw) but clip to the space's top, 15.25, not 15.0.
+
+
+def lidar_angles():
+    """Ray directions in the body frame, radians, CCW from +x: +135 deg ... -135 deg."""
+    import numpy as np
+
+    return LIDAR_ANGLE_FIRST - np.arange(LIDAR_RAYS) * (LIDAR_FOV_RAD / LIDAR_RAYS)
+
+
+def lidar_scan(distance, noise, xp=None):
+    """Scan value from the true hit distance (m, inf/large for no hit) and U(1±0.03) noise.
+
+    Works with numpy or jax.numpy arrays (pass ``xp``)."""
+    if xp is None:
+        import numpy as xp  # noqa: PLW0127
+    d = xp.minimum(distance, LIDAR_RANGE) + LIDAR_MIN_RANGE
+    return xp.clip(d * noise, LIDAR_MIN_RANGE, LIDAR_MAX)
+
+
+# ---------------------------------------------------------------- rgb camera (zed)
+CAMERA_WIDTH = 128
+CAMERA_HEIGHT = 128
+CAMERA_FOV_DEG = 90.0
+CAMERA_HZ = 30.0
+CAMERA_MOUNT = (0.39, 0.0, 0.04)  # m, in the body frame
+CAMERA_NEAR = 0.01
+CAMERA_FAR = 100.0
+
+# ---------------------------------------------------------------- walls
+WALL_HEIGHT = 1.0  # m
+
+# ---------------------------------------------------------------- observation / info keys
+OBS_KEYS = ("pose", "velocity", "acceleration", "lidar", "rgb_camera", "time")
+# pose: (6,) x y z roll pitch yaw (world). velocity: (6,) linear then angular, body frame.
+# acceleration: (6,) finite difference of velocity over PHYSICS_DT. lidar: (1080,) m.
+# rgb_camera: (128, 128, 3) uint8 (optional). time: (1,) s since reset.
+POSE_BOUNDS = (100.0, 100.0, 3.0)
+MAX_LINEAR_VELOCITY = 14.0
+MAX_ANGULAR_VELOCITY = 6.0
+INFO_KEYS = (
+    "pose", "velocity", "acceleration", "wall_collision", "progress", "lap",
+    "checkpoint", "wrong_way", "time",
+)
+ACTION_KEYS = ("motor", "steering")
+
+
+# ---------------------------------------------------------------- task
+@dataclass(frozen=True)
+class TaskConfig:
+    """maximize_progress, done better than upstream.
+
+    reward = progress_reward * Δ(lap + progress) — SIGNED: driving backwards costs what
+    driving forwards earns, and a crossing of the start line in either direction is
+    unwrapped (|Δ| > 0.5 -> Δ ∓ 1) — + collision_reward on a wall contact + frame_reward
+    every step. terminated on collision (if terminate_on_collision) or once
+    lap > laps (laps completed); truncated at time > time_limit (never terminated).
+    Lap and checkpoint bookkeeping: checkpoint = floor(progress * checkpoints); entering
+    checkpoint 0 from checkpoints-1 completes a lap; going from c to c-1 (or 0 to last)
+    sets wrong_way until the car moves forward again. lap starts at 1 as upstream.
+    """
+
+    laps: int = 1
+    time_limit: float = 120.0  # s
+    terminate_on_collision: bool = False
+    progress_reward: float = 100.0
+    collision_reward: float = 0.0
+    frame_reward: float = 0.0
+    checkpoints: int = 5
+    reset_mode: str = "grid"  # "grid" | "random"
+    random_min_obstacle: float = 0.5  # normalized obstacle distance for random spawns
+    observe_camera: bool = False
+
+    def __post_init__(self):
+        if self.reset_mode not in ("grid", "random"):
+            raise ValueError(f"TaskConfig.reset_mode must be 'grid' or 'random', "
+                             f"got {self.reset_mode!r}")
+        if self.laps < 1 or self.checkpoints < 1:
+            raise ValueError("TaskConfig.laps and .checkpoints must be >= 1")
+
+
+def signed_progress_delta(prev, new):
+    """Δ of (lap + progress) with the start-line wrap unwrapped, numpy or jax scalars/arrays.
+
+    prev/new are the *continuous* totals lap + progress; a jump of more than half a lap
+    means the line was crossed (the lap counter may lag by a checkpoint), so unwrap it."""
+    d = new - prev
+    return d - (d > 0.5) * 1.0 + (d < -0.5) * 1.0
+
+
+def grid_start_offsets(n_agents: int = 1):
+    """racecar_gym's AutomaticGridStrategy offsets (x, y) for agent i, relative to the
+    widest point just behind/right of the origin; single agent: (+0.5, +0.4)."""
+    return [(1.0 * (n_agents - i) / 2, 0.4 if i % 2 == 0 else -0.4) for i in range(n_agents)]
+
+
+DEG = math.pi / 180.0
