@@ -29,18 +29,23 @@ Loading (the design choice)
     into :class:`TimeSeries`. Sensor payloads are *not* kept: a real bag is tens of GB.
     ``Stream.load(i)`` fetches message ``i`` through the storage's own index (a range query
     on the receive time: an indexed SQL query for sqlite3, the chunk index for MCAP and
-    ROS 1) and deserializes only that message. A per-topic cursor stays open between calls,
-    so the build's usual in-order access reads each chunk once and random access costs one
-    chunk. The bag is opened lazily once per process (a forked or spawned worker that calls
-    ``open_bag`` again reopens it) and the index is memoized per process, keyed on the
-    bag's files' sizes and mtimes, so calling ``open_bag`` again for the same bag does not
-    rescan it.
+    ROS 1) and deserializes only that message. A per-topic cursor, bounded to a window of
+    the next ``_WINDOW`` messages, stays open between calls, so the build's usual in-order
+    access reads each chunk about once and random access costs about one chunk. The bag is
+    opened lazily once per process (a forked worker reopens it on first use; a spawned one
+    calls ``open_bag`` again) and the index is memoized per process, keyed on the bag's
+    files' sizes and mtimes, so calling ``open_bag`` again for the same bag does not rescan
+    it; a new process does rescan once (the index is not written to disk). Caveat: a ROS 2
+    bag compressed in *file* mode is decompressed by ``rosbags`` into a temporary folder on
+    every open; message-mode compression costs nothing extra.
 
 Calibration and labels
     Bags carry no calibration here: ``Calibration()`` (identity radar → vehicle, no camera
-    matrices). An optional folder ``<bag stem>_calib/`` next to the bag, laid out like a
-    scene's ``calib/`` (``camera/front.json``, ``camera/ir.json``, ``radar/front_points.json``;
-    names from ``cfg.scene``), overrides that. Bags carry no labels.
+    matrices). An optional folder ``<bag stem>_calib/`` next to the bag (``drive.mcap`` →
+    ``drive_calib/``; a bag directory ``drive/`` → ``drive_calib/``), laid out like a scene's
+    ``calib/`` (``camera/front.json``, ``camera/ir.json``, ``radar/front_points.json``; names
+    from ``cfg.scene``), overrides that; it is read by :func:`etl.scene.read_calibration`, so
+    both raw forms interpret the JSON alike. Bags carry no labels (``labels`` gives None).
 
 Decoded data follows :mod:`etl.sources`: LiDAR → float32 (N, 4) x y z intensity (intensity
 0 where the cloud has no ``intensity``/``i``/``reflectivity`` field); radar → float32 (N, 4)
@@ -443,7 +448,10 @@ def _select_topics(path: Path, topics: dict, pins: dict[str, str], warn) -> dict
                 path, f"bag.topics: unknown modality {modality!r} (one of {', '.join(MODALITIES)})"
             )
         if topic not in topics:
-            raise DriveError(path, f"pinned {modality} topic {topic!r} is not in the bag")
+            have = ", ".join(sorted(topics)) or "none"
+            raise DriveError(
+                path, f"pinned {modality} topic {topic!r} is not in the bag (topics: {have})"
+            )
         if topics[topic].msgtype not in _TYPES[modality]:
             raise DriveError(
                 path,

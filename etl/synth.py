@@ -216,17 +216,27 @@ class World:
         h = np.interp(s, self.s, self.yaw)
         return x - d * np.sin(h), y + d * np.cos(h), h
 
+    def _road_table(self, s):
+        """Centre line x, y, heading at arc lengths s (a uniform 0.25 m table, no searching)."""
+        if not hasattr(self, "_rt"):
+            grid = np.arange(self.s[0], self.s[-1], 0.25)
+            self._rt = (grid[0], np.interp(grid, self.s, self.x), np.interp(grid, self.s, self.y),
+                        np.interp(grid, self.s, self.yaw))  # fmt: skip
+        s0, tx, ty, th = self._rt
+        f = np.clip((s - s0) / 0.25, 0, len(tx) - 1.001)
+        i = f.astype(np.int64)
+        a = f - i
+        lerp = lambda tab: tab[i] + a * (tab[i + 1] - tab[i])
+        return lerp(tx), lerp(ty), lerp(th)
+
     def road_coords(self, px, py, ego: dict):
         """World points → road coordinates (s, d), by Newton steps from the ego's tangent."""
         c, sn = np.cos(ego["yaw"]), np.sin(ego["yaw"])
         s = ego["s"] + (px - ego["x"]) * c + (py - ego["y"]) * sn
-        for _ in range(3):
-            s = np.clip(s, self.s[0], self.s[-1])
-            x, y = np.interp(s, self.s, self.x), np.interp(s, self.s, self.y)
-            h = np.interp(s, self.s, self.yaw)
+        for _ in range(2):
+            x, y, h = self._road_table(s)
             s = s + (px - x) * np.cos(h) + (py - y) * np.sin(h)
-        x, y = np.interp(s, self.s, self.x), np.interp(s, self.s, self.y)
-        h = np.interp(s, self.s, self.yaw)
+        x, y, h = self._road_table(s)
         d = -(px - x) * np.sin(h) + (py - y) * np.cos(h)
         return s, d
 
@@ -832,6 +842,12 @@ def _drive_setup(seed, fmt, index, duration):
     return world, origin, tod, weather
 
 
+def world_from_truth(truth: dict) -> World:
+    """Rebuild the world a drive was rendered from (for tests and debugging)."""
+    g = truth["generator"]
+    return _drive_setup(g["seed"], g["form"], g["index"], g["world_duration"])[0]
+
+
 # --------------------------------------------------------------------------- scene form
 def write_scene_drive(out: Path, index: int, frames: int, seed: int) -> dict:
     rng = _rng(seed, FMT_CODE["scene"], index, STREAM_CODE["sched"])
@@ -897,6 +913,8 @@ def write_scene_drive(out: Path, index: int, frames: int, seed: int) -> dict:
     truth["dropped_slots"] = sorted(int(x) for x in drop)
     truth["imu_convention"] = "accel in G, z reads -1 G at rest (as the real CMHT files)"
     truth["labelled_frames"] = [i for i in range(frames) if labelled(i)]
+    truth["generator"] = {"form": "scene", "index": index, "seed": seed,
+                          "world_duration": world.duration}  # fmt: skip
     _write_truth(out, drive_id, truth)
     return {"drive_id": drive_id, "frames": frames, "labels": n_labels, "dropped": int(n_drop)}
 
@@ -1120,6 +1138,8 @@ def write_bag_drive(out: Path, index: int, frames: int, seed: int,
         for m in BAG_STREAMS
     }  # fmt: skip
     truth["imu_convention"] = "sensor_msgs/Imu, m/s², z reads +g at rest (REP 145)"
+    truth["generator"] = {"form": "bag", "index": index, "seed": seed,
+                          "world_duration": world.duration}  # fmt: skip
     truth["time_base"] = "header.stamp (s); the bag's log time is later by the transport latency"
     _write_truth(out, drive_id, truth)
     counts = {m: len(sched[m][0]) for m in BAG_STREAMS}

@@ -237,6 +237,11 @@ def _load_npz(path: Path, keys) -> dict:
         raise TrackError(f"{path}: unreadable npz ({e})") from e
 
 
+def _load_optional(path: Path, key: str):
+    with np.load(path, allow_pickle=False) as z:
+        return z[key] if key in z.files else None
+
+
 def load_track(name_or_path: str | os.PathLike, *, verbose: bool = False) -> Track:
     """Load a scene by name, folder, .zip, or ``procedural:<seed>``."""
     s = str(name_or_path)
@@ -257,6 +262,7 @@ def load_track(name_or_path: str | os.PathLike, *, verbose: bool = False) -> Tra
         scene = compiled_scene(scene, verbose=verbose)
         cfg = read_scene_config(scene)
     maps = _load_npz(cfg["_maps"], MAP_KEYS)
+    stored_centre = _load_optional(cfg["_maps"], "centreline")
     starts = _load_npz(cfg["_starts"], ["data"])["data"].astype(np.float64)
     if starts.ndim != 2 or starts.shape[1] != 6:
         raise TrackError(f"{cfg['_starts']}: 'data' must be (K, 6), got {starts.shape}")
@@ -273,7 +279,10 @@ def load_track(name_or_path: str | os.PathLike, *, verbose: bool = False) -> Tra
     obstacle_m = (np.maximum(edt - 0.5 - WALL_MARGIN_PX, 0.0) * res).astype(np.float32)
     progress = maps["norm_distance_from_start"].astype(np.float32)
     obstacle = maps["norm_distance_to_obstacle"].astype(np.float32)
-    centre = centreline_from_maps(drivable, progress, obstacle, cfg["_origin"], res)
+    if stored_centre is not None and stored_centre.ndim == 2 and stored_centre.shape[1] == 2:
+        centre = stored_centre.astype(np.float64)
+    else:
+        centre = centreline_from_maps(drivable, progress, obstacle, cfg["_origin"], res)
     lap = float(np.sum(np.linalg.norm(np.diff(centre, axis=0, append=centre[:1]), axis=1)))
     return Track(
         name=cfg["_name"], resolution=res, origin=cfg["_origin"], drivable=drivable,
@@ -515,7 +524,7 @@ def wavefront_maps(drivable, resolution, origin, start_pose=(0.0, 0.0)) -> dict:
             "norm_distance_to_obstacle": obstacle, "lap_px": float(dist.max())}
 
 
-def save_maps(path: Path, maps: dict, resolution: float, shape) -> None:
+def save_maps(path: Path, maps: dict, resolution: float, shape, extra=None) -> None:
     """maps.npz in racecar_gym's layout (compressed; `properties` as upstream's 12 floats
     are not documented, we store [resolution, H, W, compiler version])."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -527,6 +536,7 @@ def save_maps(path: Path, maps: dict, resolution: float, shape) -> None:
         norm_distance_to=maps["norm_distance_to"].astype(np.float32),
         norm_distance_to_obstacle=maps["norm_distance_to_obstacle"].astype(np.float32),
         properties=np.array([resolution, shape[0], shape[1], COMPILER_VERSION], np.float64),
+        **(extra or {}),
     )
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(buf.getvalue())

@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from etl import codec, configlib
-from etl.config import BEVGrid, ImageConfig, PreprocessConfig, RadarConfig
-from etl.schema import BOX_CLASSES, IMAGE_MODALITIES, MODALITIES, empty_sample
+from etl.config import BEVGrid, ETLConfig, ImageConfig, PreprocessConfig, RadarConfig
+from etl.schema import (
+    BOX_CLASSES,
+    IMAGE_MODALITIES,
+    MODALITIES,
+    SCHEMA_VERSION,
+    empty_sample,
+)
 
 TINY_GRID = BEVGrid(x_min=-8.0, x_max=8.0, y_min=-8.0, y_max=8.0, resolution=0.5)  # 32×32
 TINY_PRE = PreprocessConfig(
@@ -59,17 +65,28 @@ def write_shards(out: Path, n_train: int = 48, n_val: int = 16, shards: int = 2,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    index = 0
+    index, splits = 0, {}
     for split, n in (("train", n_train), ("val", n_val)):
         per = -(-n // shards)
+        listed = []
         for k in range(shards):
-            w = ArrayRecordWriter(str(out / f"{split}-{k:05d}.array_record"), "group_size:1")
-            for _ in range(min(per, n - k * per)):
+            name = f"{split}-{k:05d}.array_record"
+            w = ArrayRecordWriter(str(out / name), "group_size:1")
+            count = min(per, n - k * per)
+            for _ in range(count):
                 s = random_sample(rng, pre, index)
                 w.write(codec.encode(s, meta={"index": index, "split": split}))
                 index += 1
             w.close()
-    (out / "manifest.json").write_text(json.dumps({"preprocess": configlib.to_dict(pre)}))
+            listed.append({"path": name, "count": count})
+        splits[split] = {"shards": listed, "samples": n}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "codec_version": codec.CODEC_VERSION,
+        "config": configlib.to_dict(ETLConfig(preprocess=pre)),
+        "splits": splits,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 

@@ -196,7 +196,7 @@ def build_messages(b: BagBuilder, kinds, extra=None):
     return out
 
 
-def write_bag(path: Path, storage: str, messages, topics=TOPICS, ros1=None):
+def write_bag(path: Path, storage: str, messages, topics=TOPICS):
     """storage: 'sqlite3' | 'mcap' | 'ros1'. Returns the bag path."""
     kinds = sorted({m[1] for m in messages})
     b = BagBuilder(storage == "ros1")

@@ -1,7 +1,8 @@
 """The Grain input pipeline: ETL shards → decoded, shuffled, batched samples on the devices.
 
-    ArrayRecord shards ─ MapDataset.source ─ shuffle(seed) ─ repeat ─ this process's slice
-        ─ decode (etl.codec) ─ batch(drop_remainder) ─ to_iter_dataset (reader threads)
+    ArrayRecord shards ─ MapDataset.source(etl.dataset.ShardSource: decode with etl.codec)
+        ─ shuffle(seed) ─ repeat ─ this process's slice ─ select keys ─ batch(drop_remainder)
+        ─ to_iter_dataset (reader threads)
         ─ mp_prefetch (worker processes) ─ device_put with the batch's NamedSharding
 
 Every process of a multi-process run reads the disjoint slice ``index::count`` of the one
@@ -21,8 +22,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from etl import codec, configlib
 from etl.config import PreprocessConfig
+from etl.dataset import ShardSource, dataset_config, list_shards, load_manifest
 from etl.schema import MODALITIES
 from train.config import DataConfig
 
@@ -32,65 +33,24 @@ LABEL_KEYS: tuple[str, ...] = ("boxes", "box_class", "has_labels")
 
 
 # --------------------------------------------------------------------------- the shards
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    p = Path(path) / "manifest.json"
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"{p} not found: data.path must be an `etl.build --out` directory "
-            "(python -m etl.build --src RAW --out CACHE)"
-        )
-    return json.loads(p.read_text())
-
-
 def preprocess_config(path: str | Path) -> PreprocessConfig:
-    """The PreprocessConfig the shards were built with, from their manifest."""
-    man = read_manifest(path)
-    for cand in (
-        man.get("preprocess"),
-        (man.get("config") or {}).get("preprocess"),
-        (man.get("etl_config") or {}).get("preprocess"),
-    ):
-        if isinstance(cand, dict):
-            return configlib.from_dict(PreprocessConfig, cand, prefix="manifest.preprocess")
-    raise ValueError(f"{path}/manifest.json holds no preprocess config")
+    """The PreprocessConfig the shards at ``path`` were built with (from their manifest)."""
+    return dataset_config(load_manifest(path)).preprocess
 
 
 def shard_paths(path: str | Path, split: str) -> list[str]:
-    """The split's shard files: from the manifest when it lists them, else by name."""
-    root = Path(path)
-    man = read_manifest(root)
-    listed = None
-    splits = man.get("splits")
-    if isinstance(splits, dict) and isinstance(splits.get(split), dict):
-        listed = splits[split].get("shards")
-    if listed is None and isinstance(man.get("shards"), dict):
-        listed = man["shards"].get(split)
-    if listed:
-        files = [str(root / (s["path"] if isinstance(s, dict) else s)) for s in listed]
-    else:
-        files = sorted(
-            {
-                str(f)
-                for pattern in (f"{split}/*.array_record", f"{split}-*.array_record",
-                                f"{split}_*.array_record", f"**/{split}*.array_record")
-                for f in root.glob(pattern)
-            }
-        )
-    if not files:
-        raise FileNotFoundError(f"no {split!r} shards (*.array_record) under {root}")
-    return files
+    """The split's shard files, as the manifest lists them."""
+    return [str(p) for p, _ in list_shards(path, split)]
 
 
-class Decode(grain.transforms.Map):
-    """Record bytes → the contract's arrays (float32 images; placeholders for absent ones)."""
+class SelectKeys(grain.transforms.Map):
+    """Keep the keys a consumer needs (arrays only: no meta, no float64 time)."""
 
-    def __init__(self, pre: PreprocessConfig, keys: Sequence[str]):
-        self.pre = pre
+    def __init__(self, keys: Sequence[str]):
         self.keys = tuple(keys)
 
-    def map(self, record: bytes) -> dict[str, np.ndarray]:
-        s = codec.decode(record, self.pre)
-        return {k: s[k] for k in self.keys}
+    def map(self, sample: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {k: sample[k] for k in self.keys}
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -106,8 +66,12 @@ def make_dataset(
     shuffle: bool = True,
 ) -> grain.IterDataset:
     """This process's IterDataset of batches of ``batch_size`` (its *local* batch size)."""
-    pre = pre or preprocess_config(cfg.path)
-    source = grain.sources.ArrayRecordDataSource(shard_paths(cfg.path, cfg.split))
+    source = ShardSource(cfg.path, cfg.split)  # decodes with etl.codec under the manifest's
+    if pre is not None and pre != source.cfg:  # preprocess config
+        raise ValueError(f"{cfg.path}: shards were built with a different preprocess config")
+    if len(source) < batch_size:
+        raise ValueError(f"{cfg.path}: split {cfg.split!r} has {len(source)} samples, fewer "
+                         f"than one batch of {batch_size}")
     ds = grain.MapDataset.source(source)
     if shuffle:
         ds = ds.shuffle(seed=cfg.shuffle_seed)
@@ -115,7 +79,7 @@ def make_dataset(
         ds = ds.repeat(None)  # endless; reshuffled every epoch
     if process_count > 1:
         ds = ds[process_index::process_count]
-    ds = ds.map(Decode(pre, keys)).batch(batch_size, drop_remainder=True)
+    ds = ds.map(SelectKeys(keys)).batch(batch_size, drop_remainder=True)
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     )

@@ -327,9 +327,6 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     pre = datalib.preprocess_config(cfg.data.path)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (run_dir / "config.json").write_text(
-            json.dumps(ckptlib.config_record(cfg, pre), indent=2))
     log(f"run {run_dir} · mesh {dict(mesh.shape)} on {mesh.devices.size}× "
         f"{jax.devices()[0].device_kind} · {jax.process_count()} process(es) · "
         f"model {configlib.config_hash(cfg.model)}")
@@ -344,8 +341,15 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     start, data_state = 0, None
     if ckpt.latest_step() is not None:
         start = ckpt.latest_step()
-        state, data_state, _ = ckpt.restore(state, model_cfg=cfg.model)
+        try:
+            state, data_state, _ = ckpt.restore(state, model_cfg=cfg.model)
+        except BaseException:
+            ckpt.close()
+            raise
         log(f"resumed from step {start} ({ckpt.directory})")
+    config_rec = ckptlib.config_record(cfg, pre)
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(json.dumps(config_rec, indent=2))
     if start >= tc.steps:
         log(f"already at step {start} ≥ training.steps={tc.steps}: nothing to do")
         ckpt.close()
@@ -374,7 +378,6 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     logger = Logger(run_dir, tc.steps, start, tc.progress)
     history: dict[str, list[float]] = {}
     window = {"t": time.perf_counter(), "steps": 0}
-    config_rec = ckptlib.config_record(cfg, pre)
 
     def finish_step(done: int, metrics) -> None:
         """Host side of a finished step: NaN guard, hooks, accumulation, logging."""
@@ -502,7 +505,11 @@ def main(argv=None, *, model_cls=None, flops_fn=None, hooks=()) -> int:
     except configlib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1
-    return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
+    try:
+        return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
+    except ckptlib.ArchitectureMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""ETL throughput: frames/s per worker of the full build vs the bare cost of reading the raw files.
+
+    uv run python benchmarks/etl.py                       # synthetic scene drives, workers 1 and 2
+    uv run python benchmarks/etl.py --src cmht_raw --workers 1 2 4
+
+The floor is what any ETL must pay: reading and decoding every raw file a sample uses (PCD
+parse + JPEG/PNG decode through the same readers), on one core, with no preprocessing and no
+writing. The build is ``etl.build.build`` end to end (open, sync, preprocess, encode, write
+shards, index, manifest) on fresh output folders, timed wall-clock. Reported:
+
+* floor frames/s (1 core), build frames/s at each worker count, and per worker;
+* ratio = build frames/s per worker ÷ floor frames/s (goal ≥ 0.8);
+* scaling = build frames/s at N workers ÷ at 1 worker (ideal N);
+* a per-stage breakdown (ms/frame) of one worker's work, to show where the time goes.
+
+OpenCV runs single-threaded everywhere (as in the build's workers) so that "per core" holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from etl import build as B  # noqa: E402
+from etl import codec  # noqa: E402
+from etl.config import load_config  # noqa: E402
+from etl.preprocess import (  # noqa: E402
+    bev_lidar,
+    bev_radar,
+    preprocess_ir,
+    preprocess_rgb,
+    transform_points,
+)
+from etl.sync import sync_drive  # noqa: E402
+
+
+def _open(ref, cfg):
+    return B._resolve(ref.opener)(Path(ref.path), ref.drive_id, cfg)
+
+
+def _used_frames(drive, cfg):
+    table = sync_drive(drive, cfg.sync)
+    return table, {m: table.index[m][table.index[m] >= 0] for m in ("lidar", "radar", "rgb", "ir")}
+
+
+def floor(refs, cfg) -> tuple[int, float]:
+    """Read + decode every raw frame the build uses, one core. Returns (sweeps, seconds)."""
+    n, t0 = 0, time.perf_counter()
+    for ref in refs:
+        drive = _open(ref, cfg)
+        table, used = _used_frames(drive, cfg)
+        for m, idx in used.items():
+            stream = getattr(drive, m)
+            for j in idx:
+                try:
+                    stream.load(int(j))
+                except Exception:  # noqa: BLE001 — a bad frame costs what it costs
+                    pass
+        n += len(table)
+    return n, time.perf_counter() - t0
+
+
+def stages(refs, cfg) -> dict[str, float]:
+    """ms per sweep of each step of one worker's work (read, preprocess, encode)."""
+    pc = cfg.preprocess
+    acc: dict[str, float] = {}
+    n = 0
+
+    def tick(key, t):
+        now = time.perf_counter()
+        acc[key] = acc.get(key, 0.0) + now - t
+        return now
+
+    for ref in refs:
+        drive = _open(ref, cfg)
+        table, _ = _used_frames(drive, cfg)
+        for i in range(len(table)):
+            t = time.perf_counter()
+            try:
+                pts = drive.lidar.load(i)
+            except Exception:  # noqa: BLE001
+                continue
+            t = tick("read lidar", t)
+            bev_lidar(pts, pc.lidar)
+            t = tick("bev lidar", t)
+            for m in ("radar", "rgb", "ir"):
+                j = int(table.index[m][i])
+                if j < 0:
+                    continue
+                t = time.perf_counter()
+                try:
+                    raw = getattr(drive, m).load(j)
+                except Exception:  # noqa: BLE001
+                    continue
+                t = tick(f"read {m}", t)
+                if m == "radar":
+                    p = transform_points(raw, drive.calib.radar_to_vehicle)
+                    bev_radar(p[:, :3], p[:, 3], pc.radar)
+                    tick("bev radar", t)
+                elif m == "rgb":
+                    preprocess_rgb(raw, pc.image)
+                    tick("preprocess rgb", t)
+                else:
+                    preprocess_ir(raw, pc.image)
+                    tick("preprocess ir", t)
+            t = time.perf_counter()
+            sample, _ = B.make_sample(drive, table, i, cfg)
+            t = tick("(make_sample, all of the above)", t)
+            codec.encode(sample, {"drive": ref.drive_id, "frame": i}, cfg.output.storage_dtype)
+            tick("encode", t)
+            n += 1
+    return {k: 1000 * v / max(n, 1) for k, v in acc.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--src", type=Path, help="raw drives (default: synthesize scene drives)")
+    ap.add_argument("--drives", type=int, default=2, help="synthetic drives (default 2)")
+    ap.add_argument("--frames", type=int, default=60, help="sweeps per synthetic drive")
+    ap.add_argument("--format", default="scene", choices=("scene", "bag", "both"))
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    args = ap.parse_args(argv)
+    cv2.setNumThreads(1)
+    cfg = load_config(None, args.set)
+    tmp = Path(tempfile.mkdtemp(prefix="raceformer-bench-"))
+    try:
+        src = args.src
+        if src is None:
+            src = tmp / "raw"
+            print(f"synthesizing {args.drives} {args.format} drive(s) × {args.frames} sweeps …",
+                  file=sys.stderr)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "etl.synth", "--out", str(src), "--drives",
+                 str(args.drives), "--frames", str(args.frames), "--format", args.format],
+                cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+        refs, _ = B.discover(src, cfg)
+        if not refs:
+            print(f"{src}: no drives", file=sys.stderr)
+            return 1
+        floor(refs, cfg)  # warm the page cache: both sides then read from memory
+        n_floor, s_floor = floor(refs, cfg)
+        fps_floor = n_floor / s_floor
+        rows = []
+        for w in args.workers:
+            out = tmp / f"out-w{w}"
+            t0 = time.perf_counter()
+            res = B.build(refs, out, cfg, workers=w, progress=False)
+            sec = time.perf_counter() - t0
+            n = sum((m.get("frames") or 0) for m in res.manifest["drives"].values())
+            rows.append((w, n, sec, n / sec))
+            shutil.rmtree(out)
+        st = stages(refs, cfg)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\nETL benchmark — {len(refs)} drive(s), {n_floor} sweeps, {os.cpu_count()} CPUs visible"
+    )
+    print(f"floor (read + decode raw files, 1 core): {fps_floor:8.1f} frames/s "
+          f"({1000 / fps_floor:.2f} ms/frame)")  # fmt: skip
+    print(f"{'workers':>7} {'frames':>7} {'wall s':>8} {'frames/s':>9} {'per worker':>10} "
+          f"{'ratio':>6} {'scaling':>7}")  # fmt: skip
+    base = rows[0][3] / rows[0][0]
+    for w, n, sec, fps in rows:
+        print(f"{w:>7} {n:>7} {sec:>8.2f} {fps:>9.1f} {fps / w:>10.1f} {fps / w / fps_floor:>6.2f} "
+              f"{fps / base:>7.2f}")  # fmt: skip
+    print("ratio = build frames/s per worker ÷ floor (goal ≥ 0.8); scaling ideal = workers")
+    print("\nper-stage cost of one worker (ms per sweep):")
+    for k, v in st.items():
+        print(f"  {k:<34} {v:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

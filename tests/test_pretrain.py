@@ -1,0 +1,229 @@
+"""The pretraining loop: config errors, exact resume after kill -9, preemption, NaN guard,
+architecture mismatch, sharded = unsharded. Runs a tiny stand-in model (tests/_train_fixtures)
+so that every compile takes seconds; the real MultimodalMAE has its own tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _train_fixtures import make_standin, read_losses, run_pretrain, tiny_config, write_shards
+
+from etl.configlib import ConfigError
+from train.config import load_pretrain_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, timeout: float = 240, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), e.get("PYTHONPATH", "")])
+    e["JAX_PLATFORMS"] = "cpu"
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, shards):
+    """An uninterrupted 8-step run: (tmp dir, step → loss)."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    cfg = tiny_config(tmp, shards, "base")
+    assert run_pretrain(["--config", str(cfg)]) == 0
+    return tmp, read_losses(tmp / "runs" / "base")
+
+
+# --------------------------------------------------------------------------- config
+def test_config_unknown_key_and_wrong_type_name_the_key(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[training]\nlerning_rate = 1e-3\n")
+    with pytest.raises(ConfigError, match=r"training\.lerning_rate"):
+        load_pretrain_config(p)
+    p.write_text('[training]\nsteps = "ten"\n')
+    with pytest.raises(ConfigError, match=r"training\.steps.*int"):
+        load_pretrain_config(p)
+    with pytest.raises(ConfigError, match=r"model\.embed_dim"):
+        load_pretrain_config(None, ["model.embed_dim=1.5"])
+
+
+def test_config_set_overrides_and_shipped_configs():
+    cfg = load_pretrain_config(ROOT / "configs/pretrain_cmht.toml")
+    m, t = cfg.model, cfg.training
+    assert (m.embed_dim, m.depth, m.num_heads, m.patch_size, m.fusion_depth) == (256, 6, 8, 16, 6)
+    assert (t.batch_size, t.learning_rate, t.steps, t.mask_ratio) == (64, 3e-4, 100000, 0.5)
+    cfg = load_pretrain_config(ROOT / "configs/pretrain_cmht.toml",
+                               ["training.steps=10", "data.path=/scratch/cache", "mesh.fsdp=2"])
+    assert cfg.training.steps == 10 and cfg.data.path == "/scratch/cache" and cfg.mesh.fsdp == 2
+    load_pretrain_config(ROOT / "configs/pretrain_tiny.toml")
+
+
+def test_cli_reports_config_error(tmp_path, capsys):
+    from train import pretrain
+
+    p = tmp_path / "c.toml"
+    p.write_text("[mesh]\nfsdb = 2\n")
+    assert pretrain.main(["--config", str(p)]) == 1
+    assert "mesh.fsdb: unknown key" in capsys.readouterr().err
+
+
+def test_fsdp_rule():
+    from jax.sharding import PartitionSpec as P
+
+    from train.sharding import param_spec
+
+    assert param_spec((16, 48), 2) == P(None, "fsdp")
+    assert param_spec((48, 16), 4) == P("fsdp", None)
+    assert param_spec((3, 5), 2) == P()
+    assert param_spec((), 4) == P()
+    assert param_spec((16, 48), 1) == P()
+
+
+# --------------------------------------------------------------------------- the loop
+def test_uninterrupted_run_logs_and_checkpoints(baseline):
+    tmp, losses = baseline
+    run = tmp / "runs" / "base"
+    assert sorted(losses) == list(range(1, 9))
+    assert all(np.isfinite(list(losses.values())))
+    assert sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit())[-1] == 8
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for k in ("loss/lidar", "loss/rgb", "samples_per_s_per_device", "mfu", "lr", "grad_norm"):
+        assert k in rec
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert json.loads((run / "config.json").read_text())["model"]["embed_dim"] == 16
+
+
+def test_resume_after_kill_9_is_exact(tmp_path, shards, baseline):
+    """kill -9 mid-run (subprocess), rerun: every step's loss equals the uninterrupted run's."""
+    cfg = tiny_config(tmp_path, shards, "killed")
+    killed = _python(f"""
+        import os, signal, sys
+        from _train_fixtures import run_pretrain
+        def die(step, metrics):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(run_pretrain(["--config", {str(cfg)!r}], hooks=[die]))
+    """)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = tmp_path / "runs" / "killed"
+    assert max(read_losses(run)) == 4  # died before logging step 5
+    resumed = _python(f"""
+        import sys
+        from _train_fixtures import run_pretrain
+        sys.exit(run_pretrain(["--config", {str(cfg)!r}]))
+    """)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step" in resumed.stderr
+    got, want = read_losses(run), baseline[1]
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                               rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, shards):
+    """A run that got SIGTERM at step 3: (config, run dir)."""
+    tmp = tmp_path_factory.mktemp("preempted")
+    cfg = tiny_config(tmp, shards, "pre")
+
+    def sigterm(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    from train.pretrain import EXIT_PREEMPTED
+
+    assert run_pretrain(["--config", str(cfg)], hooks=[sigterm]) == EXIT_PREEMPTED
+    return cfg, tmp / "runs" / "pre"
+
+
+def _ckpt_steps(run: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit())
+
+
+def test_sigterm_saves_and_exits_for_requeue(preempted, baseline):
+    _, run = preempted
+    logged = max(read_losses(run))
+    assert logged < 8
+    assert _ckpt_steps(run)[-1] == logged  # saved right where it stopped
+    losses = read_losses(run)
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)],
+                               [baseline[1][s] for s in sorted(losses)], rtol=1e-6)
+
+
+def test_architecture_mismatch_names_the_keys(preempted, tmp_path, capsys):
+    cfg, run = preempted
+    before = _ckpt_steps(run)
+    rc = run_pretrain(["--config", str(cfg), "--set", "model.embed_dim=32",
+                       "--set", "model.patch_size=16"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "model.embed_dim: checkpoint 16 ≠ config 32" in err
+    assert "model.patch_size: checkpoint 8 ≠ config 16" in err
+    assert "model.num_heads" not in err
+    assert _ckpt_steps(run) == before
+    assert json.loads((run / "config.json").read_text())["model"]["embed_dim"] == 16
+
+
+def test_nan_loss_stops_without_checkpoint(preempted, tmp_path, capsys):
+    cfg, run = preempted
+    runs = tmp_path / "runs"
+    shutil.copytree(run, runs / "pre")
+    cfg2 = tmp_path / "nan.toml"
+    cfg2.write_text(cfg.read_text().replace(str(run.parent), str(runs)))
+    before = _ckpt_steps(runs / "pre")
+
+    import jax.numpy as jnp
+
+    from train import pretrain
+
+    base = make_standin()
+
+    class NaNMAE(base):
+        def __call__(self, batch, key, mask_ratio):
+            loss, aux = super().__call__(batch, key, mask_ratio)
+            return loss * jnp.nan, aux
+
+    rc = pretrain.main(["--config", str(cfg2)], model_cls=NaNMAE, flops_fn=lambda *a, **k: 1.0)
+    assert rc == pretrain.EXIT_NONFINITE
+    assert "non-finite loss nan at step" in capsys.readouterr().err
+    assert _ckpt_steps(runs / "pre") == before
+
+
+def test_sharded_equals_unsharded(tmp_path, shards):
+    """4 fake CPU devices: data parallel and FSDP give the 1-device losses."""
+    cfg = tiny_config(tmp_path, shards, "mesh")
+    out = _python(f"""
+        import json, sys
+        import jax
+        from _train_fixtures import run_pretrain, read_losses
+        assert jax.device_count() == 4, jax.devices()
+        res = {{}}
+        for name, sets in [("one", ["mesh.data=1"]), ("dp", ["mesh.data=4"]),
+                           ("fsdp", ["mesh.data=2", "mesh.fsdp=2"])]:
+            args = ["--config", {str(cfg)!r}, "--set", "run_name=" + name,
+                    "--set", "training.steps=3"]
+            for s in sets:
+                args += ["--set", s]
+            assert run_pretrain(args) == 0
+            res[name] = read_losses({str(tmp_path / "runs")!r} + "/" + name)
+        print("RESULT" + json.dumps(res))
+    """, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.split("RESULT", 1)[1])
+    one = [res["one"][k] for k in sorted(res["one"])]
+    assert len(one) == 3
+    for name in ("dp", "fsdp"):
+        got = [res[name][k] for k in sorted(res[name])]
+        np.testing.assert_allclose(got, one, rtol=1e-4, err_msg=name)
