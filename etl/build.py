@@ -29,6 +29,7 @@ drive failed (or, under ``--strict``, any frame was bad), 2 for a bad command li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
@@ -37,9 +38,10 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import time
 import traceback
 from collections import Counter, OrderedDict
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,12 @@ SPLITS = ("train", "val")
 GUARD = -1  # split code of a sweep dropped as a guard between train and val blocks
 OPENERS = {"scene": "etl.scene:open_scene", "bag": "etl.bag:open_bag"}
 FINDERS = {"scene": "etl.scene:find_scenes", "bag": "etl.bag:find_bags"}
-LINES_PER_DRIVE = 20  # bad-frame lines printed per drive (all are counted)
+PRELOAD = ["etl.build", "etl.scene", "etl.bag", "array_record.python.array_record_module"]
+LINES_PER_DRIVE = 20
+# group_size 1: every record is its own chunk, so random access reads one record. zstd level 1
+# rather than the default 3: ~2 ms less CPU per 0.5 MB sample to write, ~25% faster to read,
+# ~20% larger on disk (measured on synthetic samples).
+WRITER_OPTIONS = "group_size:1,zstd:1"  # bad-frame lines printed per drive (all are counted)
 
 
 def _err(msg: str) -> None:
@@ -324,19 +331,28 @@ def _open(ref: DriveRef, drive_split: int | None):
         return cache[key]
     cfg = _STATE["cfg"]
     drive = _resolve(ref.opener)(Path(ref.path), ref.drive_id, cfg)
-    table = sync_drive(drive, cfg.sync)
-    split = sample_splits(table, ref.drive_id, cfg.output, drive_split)
+    try:
+        table = sync_drive(drive, cfg.sync)
+        split = sample_splits(table, ref.drive_id, cfg.output, drive_split)
+    except Exception as e:
+        try:
+            e.drive_warnings = list(drive.warnings)  # still worth showing with the failure
+        except AttributeError:  # pragma: no cover
+            pass
+        raise
     cache[key] = (drive, table, split)
     while len(cache) > 2:
         cache.popitem(last=False)
     return cache[key]
 
 
-def plan_drive(ref: DriveRef, drive_split: int | None) -> dict:
-    """Open and synchronize a drive: its sweep count, or the one line saying why not."""
+def plan_drive(ref: DriveRef, drive_split: int | None, size: int, out: str, strict: bool) -> dict:
+    """Open and synchronize a drive, then build its first chunk (so a short drive is opened
+    once): its sweep count and chunk 0's result, or the one line saying why the drive failed."""
+    cpu0 = time.process_time()
     try:
         drive, table, _ = _open(ref, drive_split)
-        return {
+        plan = {
             "frames": len(table),
             "warnings": list(drive.warnings),
             "error": None,
@@ -345,10 +361,20 @@ def plan_drive(ref: DriveRef, drive_split: int | None) -> dict:
     except Exception as e:  # noqa: BLE001 — a bad drive fails alone, with one line
         return {
             "frames": 0,
-            "warnings": [],
+            "warnings": getattr(e, "drive_warnings", []),
             "error": _one_line(e, ref.path),
             "trace": traceback.format_exc(),
+            "cpu_s": time.process_time() - cpu0,
         }
+    plan["cpu_s"] = time.process_time() - cpu0
+    plan["first"] = process_chunk(ref, drive_split, 0, 0, min(size, len(table)), out, strict)
+    return plan
+
+
+def _note(res: dict, e: FrameError) -> None:
+    res["bad"] += 1
+    if len(res["lines"]) < LINES_PER_DRIVE:  # every bad frame is counted, the first printed
+        res["lines"].append(str(e))
 
 
 def shard_name(split: str, dhash: str, chunk: int) -> str:
@@ -367,6 +393,7 @@ def process_chunk(
     """Build sweeps [start, stop) of one drive and write their shards (one per split)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    cpu0 = time.process_time()
     cfg = _STATE["cfg"]
     ddir = Path(out) / DRIVES_DIR / ref.hash
     res: dict[str, Any] = {
@@ -375,6 +402,7 @@ def process_chunk(
         "skipped": Counter(),
         "absent": Counter(),
         "lines": [],
+        "bad": 0,
         "error": None,
         "shards": [],
         "rows": None,
@@ -398,20 +426,20 @@ def process_chunk(
                 if strict:
                     raise DriveError(e.where, f"{e.reason} (--strict)") from None
                 res["skipped"][_reason_key("lidar", e)] += 1
-                res["lines"].append(str(e))
+                _note(res, e)
                 continue
             for m, e in problems:
                 if strict:
                     raise DriveError(e.where, f"{e.reason} (--strict)")
                 res["absent"][_reason_key(m, e)] += 1
-                res["lines"].append(str(e))
+                _note(res, e)
             validate_sample(sample, cfg.preprocess, where=f"{ref.path} [sweep {i}]")
             meta = {"drive": ref.drive_id, "frame": i, "time": float(table.time[i])}
             rec = codec.encode(sample, meta, storage_dtype=cfg.output.storage_dtype)
             if s not in writers:
                 name = shard_name(SPLITS[s], ref.hash, chunk)
                 tmp = ddir / f".{name}.tmp-{os.getpid()}"
-                writers[s] = (ArrayRecordWriter(str(tmp), "group_size:1"), tmp, ddir / name)
+                writers[s] = (ArrayRecordWriter(str(tmp), WRITER_OPTIONS), tmp, ddir / name)
             writers[s][0].write(rec)
             cols["frame"].append(i)
             cols["time"].append(float(table.time[i]))
@@ -425,6 +453,8 @@ def process_chunk(
         for s in sorted(writers):
             w, tmp, final = writers.pop(s)
             w.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # on disk before the name says it is complete
             os.replace(tmp, final)
             res["shards"].append(
                 {
@@ -437,14 +467,15 @@ def process_chunk(
         res["error"] = _one_line(e, ref.path)
         res["trace"] = traceback.format_exc()
         for w, tmp, _ in writers.values():
-            try:
+            with contextlib.suppress(Exception):
                 w.close()
-            finally:
-                tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+        res["cpu_s"] = time.process_time() - cpu0
         return res
     cols["present"] = np.asarray(present, bool).reshape(-1, len(MODALITIES)).tolist()
     cols["offset"] = np.asarray(offsets, np.float32).reshape(-1, len(MODALITIES)).tolist()
     res["rows"] = cols
+    res["cpu_s"] = time.process_time() - cpu0
     return res
 
 
@@ -592,7 +623,7 @@ def _finalize_drive(
     return marker
 
 
-def _failed_marker(out: Path, ref: DriveRef, chash: str, dsplit, reason: str) -> dict:
+def _failed_marker(out: Path, ref: DriveRef, chash: str, dsplit, reason: str, warnings=()) -> dict:
     marker = _base_marker(ref, chash, dsplit)
     marker.update(
         status="failed",
@@ -603,7 +634,7 @@ def _failed_marker(out: Path, ref: DriveRef, chash: str, dsplit, reason: str) ->
         sync={},
         skipped={},
         absent={},
-        warnings=[],
+        warnings=list(warnings),
     )
     d = drive_dir(out, ref)
     d.mkdir(parents=True, exist_ok=True)
@@ -678,6 +709,8 @@ def merge(out: Path, cfg: ETLConfig, refs: list[DriveRef] | None = None) -> dict
                     "sync": {},
                 }
     drives = dict(sorted(markers.items()))
+    for stale in out.glob(".*.tmp-*"):  # left by a killed merge
+        stale.unlink(missing_ok=True)
     tables = []
     for m in drives.values():
         if m["status"] in ("ok", "skipped") and m.get("shards") is not None:
@@ -786,29 +819,24 @@ class BuildResult:
     failed: list[str]
     bad_frames: int  # skipped sweeps + absent-by-error frames (not guard drops)
     manifest: dict | None
+    cpu_s: float = 0.0  # CPU seconds spent in plan and chunk work, summed over workers
 
 
 def _executor(workers: int, cfg: ETLConfig):
     if workers <= 1:
         return None
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # import numpy, cv2, the readers and array_record once; workers fork from that
+        ctx.set_forkserver_preload(PRELOAD)
+    else:
+        ctx = mp.get_context("spawn")
     return ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=mp.get_context(method),
+        mp_context=ctx,
         initializer=_init_worker,
         initargs=(configlib.to_dict(cfg),),
     )
-
-
-def _run(pool, fn, jobs: list[tuple]):
-    """Yield (job key, result) as they finish; inline when ``pool`` is None."""
-    if pool is None:
-        for key, args in jobs:
-            yield key, fn(*args)
-        return
-    futs = {pool.submit(fn, *args): key for key, args in jobs}
-    for f in as_completed(futs):
-        yield futs[f], f.result()
 
 
 def build(
@@ -848,76 +876,106 @@ def build(
         _err(f"{len(result.reused)} drive(s) already built under config {chash}; skipped")
 
     _init_worker(configlib.to_dict(cfg))
-    pool = _executor(min(workers, max(1, len(todo))), cfg) if todo else None
+    pool = _executor(workers, cfg) if todo else None
+
+    def submit(fn, *args) -> Future:
+        if pool is not None:
+            return pool.submit(fn, *args)
+        fut: Future = Future()
+        fut.set_result(fn(*args))
+        return fut
+
     try:
-        plans = {}
-        jobs = [(ref, (ref, dsplits.get(ref.drive_id))) for ref in todo]
-        for ref, plan in _run(pool, plan_drive, jobs):
-            plans[ref] = plan
-            for w in plan["warnings"]:
-                _err(f"warning: {w}")
-            if plan["error"]:
-                _err(f"drive failed: {plan['error']}")
-                if show_traceback:
-                    _err(plan.get("trace", ""))
-                _failed_marker(out, ref, chash, dsplits.get(ref.drive_id), plan["error"])
-                result.failed.append(ref.drive_id)
         size = max(1, cfg.output.shard_size)
+        plans: dict[DriveRef, dict] = {}
         chunks: dict[DriveRef, int] = {}
-        jobs = []
-        for ref in todo:
-            p = plans[ref]
-            if p["error"]:
-                continue
-            n_chunks = math.ceil(p["frames"] / size)
-            chunks[ref] = n_chunks
-            for c in range(n_chunks):
-                args = (
-                    ref,
-                    dsplits.get(ref.drive_id),
-                    c,
-                    c * size,
-                    min(p["frames"], (c + 1) * size),
-                    str(out),
-                    strict,
-                )
-                jobs.append(((ref, c), args))
-        total = sum(plans[r]["frames"] for r in chunks)
-        done: dict[DriveRef, list] = {r: [] for r in chunks}
+        done: dict[DriveRef, list] = {}
         printed: Counter = Counter()
         traces: dict[DriveRef, str] = {}
-        bar = tqdm(total=total, unit="frame", file=sys.stderr, disable=not progress, smoothing=0.1)
-        with bar:
-            for (ref, _c), res in _run(pool, process_chunk, jobs):
-                bar.update(res["frames"])
-                if res["error"]:
-                    traces.setdefault(ref, res.get("trace", ""))
-                for line in res["lines"]:
-                    result.bad_frames += 1
-                    if printed[ref] < LINES_PER_DRIVE:
-                        _err(f"bad frame: {line}")
+        bar = tqdm(total=0, unit="frame", file=sys.stderr, disable=not progress, smoothing=0.1)
+
+        def on_chunk(ref: DriveRef, res: dict) -> None:
+            bar.update(res["frames"])
+            result.cpu_s += res.get("cpu_s", 0.0)
+            if res["error"]:
+                traces.setdefault(ref, res.get("trace", ""))
+            result.bad_frames += res["bad"]
+            for line in res["lines"]:
+                if printed[ref] < LINES_PER_DRIVE:
+                    _err(f"bad frame: {line}")
                     printed[ref] += 1
-                done[ref].append(res)
-                if len(done[ref]) < chunks[ref]:
-                    continue
-                marker = _finalize_drive(
-                    out, ref, chash, dsplits.get(ref.drive_id), plans[ref], done.pop(ref)
+            printed[ref, "bad"] += res["bad"]
+            done[ref].append(res)
+            if len(done[ref]) < chunks[ref]:
+                return
+            marker = _finalize_drive(
+                out, ref, chash, dsplits.get(ref.drive_id), plans[ref], done.pop(ref)
+            )
+            if printed[ref, "bad"] > printed[ref]:
+                _err(
+                    f"… {printed[ref, 'bad'] - printed[ref]} more bad frames in {ref.drive_id} "
+                    "(counted in the manifest)"
                 )
-                if printed[ref] > LINES_PER_DRIVE:
-                    _err(
-                        f"… {printed[ref] - LINES_PER_DRIVE} more bad frames in {ref.drive_id} "
-                        "(counted in the manifest)"
-                    )
-                if marker["status"] == "failed":
-                    _err(f"drive failed: {marker['reason']}")
-                    if show_traceback and traces.get(ref):
-                        _err(traces[ref])
-                    result.failed.append(ref.drive_id)
-                else:
-                    result.built.append(ref.drive_id)
+            if marker["status"] == "failed":
+                _err(f"drive failed: {marker['reason']}")
+                if show_traceback and traces.get(ref):
+                    _err(traces[ref])
+                result.failed.append(ref.drive_id)
+            else:
+                result.built.append(ref.drive_id)
+
+        pending = {
+            submit(plan_drive, ref, dsplits.get(ref.drive_id), size, str(out), strict): (ref, None)
+            for ref in todo
+        }
+        with bar:
+            while pending:
+                finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in sorted(finished, key=lambda f: (pending[f][0], pending[f][1] or 0)):
+                    ref, c = pending.pop(fut)
+                    res = fut.result()
+                    if c is not None:
+                        on_chunk(ref, res)
+                        continue
+                    plans[ref] = res
+                    result.cpu_s += res.get("cpu_s", 0.0)
+                    for w in res["warnings"]:
+                        _err(f"warning: {w}")
+                    if res["error"]:
+                        _err(f"drive failed: {res['error']}")
+                        if show_traceback:
+                            _err(res.get("trace", ""))
+                        _failed_marker(
+                            out,
+                            ref,
+                            chash,
+                            dsplits.get(ref.drive_id),
+                            res["error"],
+                            res["warnings"],
+                        )
+                        result.failed.append(ref.drive_id)
+                        continue
+                    n = res["frames"]
+                    chunks[ref], done[ref] = max(1, math.ceil(n / size)), []
+                    bar.total += n
+                    bar.refresh()
+                    for k in range(1, chunks[ref]):
+                        args = (
+                            ref,
+                            dsplits.get(ref.drive_id),
+                            k,
+                            k * size,
+                            min(n, (k + 1) * size),
+                            str(out),
+                            strict,
+                        )
+                        pending[submit(process_chunk, *args)] = (ref, k)
+                    on_chunk(ref, res.pop("first"))
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+    result.built.sort()
+    result.failed.sort()
     if do_merge is None:
         do_merge = num_shards == 1
     if do_merge:

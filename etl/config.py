@@ -72,6 +72,9 @@ class SceneLayout:
     rgb_calib: str = "camera/front.json"
     ir_calib: str = "camera/ir.json"
     radar_calib: str = "radar/front_points.json"
+    # The CMHT unit's accelerometer reads −1 G on z at rest; the contract (like sensor_msgs/Imu)
+    # wants specific force with z up (+9.81 m/s² at rest). Per-axis signs applied after G → m/s².
+    imu_accel_sign: tuple[float, float, float] = (1.0, 1.0, -1.0)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def _scatter(flat, values, n, op, xp):
         if op == "add":
             return np.bincount(flat, weights=values, minlength=n + 1)[:n]
         out = np.full(n + 1, -np.inf)
-        np.maximum.at(out, flat, values)
+        np.maximum.at(out, flat, np.asarray(values, np.float64))  # same dtype: fast path
         return out[:n]
     init = xp.zeros(n + 1, xp.float32) if op == "add" else xp.full(n + 1, -xp.inf, xp.float32)
     out = init.at[flat].add(values) if op == "add" else init.at[flat].max(values)

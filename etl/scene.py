@@ -154,9 +154,13 @@ def _monotonic(t: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- GPS / IMU
 def _read_gps_imu(
-    data_dir: Path, frames: np.ndarray, times: np.ndarray, warn: list[str]
+    data_dir: Path, frames: np.ndarray, times: np.ndarray, warn: list[str],
+    accel_sign=(1.0, 1.0, -1.0),
 ) -> tuple[TimeSeries | None, TimeSeries | None]:
     """Per-frame GPS/IMU text files → (gps, imu) TimeSeries at the frames' stamps.
+
+    Acceleration: G → m/s², then multiplied per axis by ``accel_sign`` into the contract's
+    convention (specific force, z up: +9.81 on z at rest, as sensor_msgs/Imu).
 
     A missing or unparsable file, a wrong number of values, NaN/inf, or the receiver's
     "no fix" (lat = lon = 0) skips that row; the skips are counted in one warning line.
@@ -196,7 +200,8 @@ def _read_gps_imu(
     t = np.array(used, dtype=np.float64)
     lat, lon = preprocess.nmea_to_degrees(a[:, 0]), preprocess.nmea_to_degrees(a[:, 1])
     gps = TimeSeries(t, np.stack([lat, lon, np.zeros_like(lat)], axis=1))
-    imu = TimeSeries(t.copy(), np.concatenate([a[:, 2:5], preprocess.accel_g_to_si(a[:, 5:8])], 1))
+    accel = preprocess.accel_g_to_si(a[:, 5:8]) * np.asarray(accel_sign, np.float64)
+    imu = TimeSeries(t.copy(), np.concatenate([a[:, 2:5], accel], 1))
     return gps, imu
 
 
@@ -388,7 +393,7 @@ def open_scene(path, drive_id: str, cfg: ETLConfig | None = None, *,
 
     gps = imu = None
     if gps_imu:
-        gps, imu = _read_gps_imu(data_dir, frames, times[frames], warn)
+        gps, imu = _read_gps_imu(data_dir, frames, times[frames], warn, lay.imu_accel_sign)
 
     label_dir = root / lay.label
     label_files: dict[int, str] = {}

@@ -25,7 +25,11 @@ Two raw forms, as the real data is published:
 - ``bag``: a ROS 2 bag (sqlite3 by default, ``--storage mcap``, or ``--storage ros1`` for a
   ROS 1 ``.bag``) where each sensor has its own rate and phase, header stamps with jitter,
   log times with transport latency, and dropped messages. Calibration travels as
-  ``/tf_static`` and ``sensor_msgs/CameraInfo``.
+  ``/tf_static`` and ``sensor_msgs/CameraInfo``, and as a ``<bag>_calib/`` folder next to the
+  bag laid out like a scene's ``calib/`` (what :mod:`etl.bag` reads).
+
+IMU sign conventions follow each source: the scene files read about -1 G on z at rest, like
+the real CMHT files; ``sensor_msgs/Imu`` in the bags follows REP 145 (+9.81 m/s² on z).
 
 Ground truth (sensor times per stream, the ego trajectory in ENU, object tracks) goes to
 ``<out>/_truth/<drive_id>.json``, outside every drive, so the ETL cannot tell the drives from
@@ -46,7 +50,7 @@ import cv2
 import numpy as np
 
 from etl.pcd import write_pcd
-from etl.preprocess import G, WGS84_A, WGS84_E2, geodetic_to_ecef
+from etl.preprocess import WGS84_A, WGS84_E2, G, geodetic_to_ecef
 
 # --------------------------------------------------------------------------- constants
 ORIGIN_LAT, ORIGIN_LON, ORIGIN_ALT = 43.2288, -79.9390, 95.0  # Hamilton, Ontario
@@ -259,15 +263,26 @@ class World:
         specs = []
         if rng.random() < 0.85:  # a leader in the ego lane
             specs.append(dict(lane=LANE_SAME[0], follow=rng.uniform(16, 35)))
-        for _ in range(2):
-            specs.append(dict(lane=LANE_SAME[1], speed=v0 + rng.uniform(-3.5, 3.5),
-                              s0=rng.uniform(-25, 60)))  # fmt: skip
-        for k in range(3):
-            speed = -rng.uniform(9, 14)
-            tm = T * (k + rng.uniform(0.2, 0.8)) / 3 + 2.0 * k
+        # the same-direction left lane: one common speed (no overtaking inside the lane);
+        # faster traffic comes up from behind, slower traffic is caught up with
+        v_left = v0 + rng.choice([-1, 1]) * rng.uniform(1.0, 3.5)
+        ahead = v_left < v0
+        c = rng.uniform(-30, 40)
+        for _ in range(max(2, int(T / 12))):
+            specs.append(dict(lane=LANE_SAME[1], speed=v_left, s0=c))
+            c += (1 if ahead else -1) * rng.uniform(25, 70)
+        # oncoming lanes: one speed per lane, meeting the ego spread over the drive
+        n_opp = max(3, int(T / 5))
+        v_opp = -rng.uniform(9, 14, 2)
+        for k in range(n_opp):
+            speed = v_opp[k % 2]
+            tm = T * (k + rng.uniform(0.2, 0.8)) / n_opp + 2.0
             specs.append(dict(lane=LANE_OPP[k % 2], speed=speed, s0=s_at(tm) - speed * tm))
-        for _ in range(2):
-            specs.append(dict(lane=-3.6, speed=0.0, s0=rng.uniform(12, s_at(T) + 50)))
+        # parked on the shoulder, spaced along the route
+        n_park = max(2, int(s_at(T) / 120))
+        for k in range(n_park):
+            s0 = 12 + (s_at(T) + 40) * (k + rng.uniform(0.1, 0.9)) / n_park
+            specs.append(dict(lane=-3.6, speed=0.0, s0=s0))
         names = list(VEHICLE_TYPES)
         probs = np.array([VEHICLE_TYPES[n][1] for n in names])
         self.vehicles = []
@@ -705,7 +720,8 @@ def _draw_objects(img, snap: Snapshot, t, k, thermal, gain, size):
             if thermal:
                 col = np.array([base * (1.05 if name == "front" and vehicle else 1.0)])
             else:
-                col = base * gain * (0.55 + 0.45 * max(0.0, float(nw @ light)))
+                lit = max(gain, 0.55) if vehicle else gain  # street lights on the cars at night
+                col = base * lit * (0.55 + 0.45 * max(0.0, float(nw @ light)))
             _fill(img, pcf, k, col)
             if vehicle and name != "top":
                 _vehicle_details(img, pcf, k, name, thermal, gain, ht > 2.8)
@@ -849,6 +865,22 @@ def world_from_truth(truth: dict) -> World:
 
 
 # --------------------------------------------------------------------------- scene form
+def write_calibration(calib: Path) -> None:
+    """``calib/camera/{front,ir}.json`` (LiDAR→camera extrinsic, intrinsic) and
+    ``calib/radar/front_points.json`` (zeros: the radar targets are given in the LiDAR frame)."""
+    (calib / "camera").mkdir(parents=True, exist_ok=True)
+    (calib / "radar").mkdir(parents=True, exist_ok=True)
+    for name, ext, intr in (
+        ("front", FRONT_EXTRINSIC, FRONT_INTRINSIC),
+        ("ir", IR_EXTRINSIC, IR_INTRINSIC),
+    ):
+        (calib / "camera" / f"{name}.json").write_text(
+            json.dumps({"extrinsic": ext, "intrinsic": intr}, indent=4)
+        )
+    zeros = {"translation": [0, 0, 0], "coordinatesOffset": [0, 0, 0], "rotation": [0, 0, 0]}
+    (calib / "radar" / "front_points.json").write_text(json.dumps(zeros, indent=4))
+
+
 def write_scene_drive(out: Path, index: int, frames: int, seed: int) -> dict:
     rng = _rng(seed, FMT_CODE["scene"], index, STREAM_CODE["sched"])
     # frame slots at ~100.3 ms with ±1 ms jitter; a few slots dropped (gaps in timestamp.txt)
@@ -865,34 +897,33 @@ def write_scene_drive(out: Path, index: int, frames: int, seed: int) -> dict:
     root = out / drive_id
     if root.exists():
         shutil.rmtree(root)
-    dirs = {n: root / n for n in ("lidar", "camera/front", "camera/ir", "radar/front_points",
-                                  "Gps_Imu/data", "calib/camera", "calib/radar", "label")}
+    subdirs = ("lidar", "camera/front", "camera/ir", "radar/front_points", "Gps_Imu/data", "label")
+    dirs = {n: root / n for n in subdirs}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     (root / "Gps_Imu" / "dataformat.txt").write_text(DATAFORMAT)
     (dirs["Gps_Imu/data"] / "timestamp.txt").write_text("".join(f"{s}\n" for s in stamps_ms))
-    for name, ext, intr in (("front", FRONT_EXTRINSIC, FRONT_INTRINSIC),
-                            ("ir", IR_EXTRINSIC, IR_INTRINSIC)):  # fmt: skip
-        (dirs["calib/camera"] / f"{name}.json").write_text(
-            json.dumps({"extrinsic": ext, "intrinsic": intr}, indent=4))
-    (dirs["calib/radar"] / "front_points.json").write_text(json.dumps(
-        {"translation": [0, 0, 0], "coordinatesOffset": [0, 0, 0], "rotation": [0, 0, 0]},
-        indent=4))  # fmt: skip
-
+    write_calibration(root / "calib")
     bias = _rng(seed, FMT_CODE["scene"], index, STREAM_CODE["imu"]).normal(
-        0, [0.01, 0.01, 0.003, 0.05, 0.05, 0.05])
+        0, [0.01, 0.01, 0.003, 0.05, 0.05, 0.05]
+    )
     n_labels = 0
     for i, t in enumerate(times):
         snap = world.snapshot(float(t))
         r = lambda code: _rng(seed, FMT_CODE["scene"], index, code, i)  # noqa: B023
         fields, counts = render_lidar(world, snap, r(STREAM_CODE["lidar"]))
         write_pcd(dirs["lidar"] / f"{i:08d}.pcd", fields, encoding="binary")
-        write_pcd(dirs["radar/front_points"] / f"{i:08d}.pcd",
-                  render_radar(snap, r(STREAM_CODE["radar"])), encoding="binary")
+        write_pcd(
+            dirs["radar/front_points"] / f"{i:08d}.pcd",
+            render_radar(snap, r(STREAM_CODE["radar"])),
+            encoding="binary",
+        )
         (dirs["camera/front"] / f"{i:08d}.jpg").write_bytes(
-            encode_jpeg(render_camera(world, snap, "rgb", r(STREAM_CODE["rgb"]))))
+            encode_jpeg(render_camera(world, snap, "rgb", r(STREAM_CODE["rgb"])))
+        )
         (dirs["camera/ir"] / f"{i:08d}.jpg").write_bytes(
-            encode_jpeg(render_camera(world, snap, "ir", r(STREAM_CODE["ir"]))))
+            encode_jpeg(render_camera(world, snap, "ir", r(STREAM_CODE["ir"])))
+        )
         g = r(STREAM_CODE["gps"])
         lat, lon, _ = gps_sample(world, float(t), g, origin)
         gyro, acc = imu_sample(world, float(t), g, bias)
@@ -902,7 +933,8 @@ def write_scene_drive(out: Path, index: int, frames: int, seed: int) -> dict:
         (dirs["Gps_Imu/data"] / f"{i:08d}.txt").write_text("\n".join(lines) + "\n")
         if labelled(i):
             (dirs["label"] / f"{i:08d}.json").write_text(
-                json.dumps(label_boxes(world, snap, counts), indent=2))
+                json.dumps(label_boxes(world, snap, counts), indent=2)
+            )
             n_labels += 1
     clock0 = start_ms / 1000.0
     truth = _truth_common(world, drive_id, "scene", seed, clock0, float(times[-1]), origin,
@@ -966,6 +998,14 @@ class _Msgs:
 
         self.ros1 = ros1
         self.ts = get_typestore(Stores.ROS1_NOETIC if ros1 else Stores.ROS2_HUMBLE)
+        if "tf2_msgs/msg/TFMessage" not in self.ts.types:  # the ROS 1 store lacks it
+            from rosbags.typesys import get_types_from_msg
+
+            self.ts.register(
+                get_types_from_msg(
+                    "geometry_msgs/TransformStamped[] transforms", "tf2_msgs/msg/TFMessage"
+                )
+            )
         self.T = self.ts.types
         self.seq = 0
 
@@ -996,21 +1036,33 @@ class _Msgs:
 
     def compressed(self, ns, frame_id, jpeg: bytes):
         return self.T["sensor_msgs/msg/CompressedImage"](
-            header=self.header(ns, frame_id), format="rgb8; jpeg compressed bgr8",
-            data=np.frombuffer(jpeg, np.uint8))
+            header=self.header(ns, frame_id),
+            format="rgb8; jpeg compressed bgr8",
+            data=np.frombuffer(jpeg, np.uint8),
+        )
 
     def mono8(self, ns, frame_id, img: np.ndarray):
         return self.T["sensor_msgs/msg/Image"](
-            header=self.header(ns, frame_id), height=img.shape[0], width=img.shape[1],
-            encoding="mono8", is_bigendian=0, step=img.shape[1],
-            data=np.ascontiguousarray(img).reshape(-1))
+            header=self.header(ns, frame_id),
+            height=img.shape[0],
+            width=img.shape[1],
+            encoding="mono8",
+            is_bigendian=0,
+            step=img.shape[1],
+            data=np.ascontiguousarray(img).reshape(-1),
+        )
 
     def navsat(self, ns, lat, lon, alt):
         status = self.T["sensor_msgs/msg/NavSatStatus"](status=0, service=1)
         return self.T["sensor_msgs/msg/NavSatFix"](
-            header=self.header(ns, FRAME_IDS["gps"]), status=status, latitude=lat,
-            longitude=lon, altitude=alt, position_covariance=np.diag([0.04, 0.04, 0.25]).ravel(),
-            position_covariance_type=2)
+            header=self.header(ns, FRAME_IDS["gps"]),
+            status=status,
+            latitude=lat,
+            longitude=lon,
+            altitude=alt,
+            position_covariance=np.diag([0.04, 0.04, 0.25]).ravel(),
+            position_covariance_type=2,
+        )
 
     def imu(self, ns, yaw, gyro, acc):
         v3 = self.T["geometry_msgs/msg/Vector3"]
@@ -1045,11 +1097,16 @@ class _Msgs:
             else:
                 pose = np.linalg.inv(np.asarray(ext).reshape(4, 4))  # camera pose in LiDAR frame
             q = _quaternion(pose[:3, :3])
-            tfs.append(self.T["geometry_msgs/msg/TransformStamped"](
-                header=self.header(ns, "velodyne"), child_frame_id=child,
-                transform=self.T["geometry_msgs/msg/Transform"](
-                    translation=self.T["geometry_msgs/msg/Vector3"](*map(float, pose[:3, 3])),
-                    rotation=self.T["geometry_msgs/msg/Quaternion"](*map(float, q)))))
+            tfs.append(
+                self.T["geometry_msgs/msg/TransformStamped"](
+                    header=self.header(ns, "velodyne"),
+                    child_frame_id=child,
+                    transform=self.T["geometry_msgs/msg/Transform"](
+                        translation=self.T["geometry_msgs/msg/Vector3"](*map(float, pose[:3, 3])),
+                        rotation=self.T["geometry_msgs/msg/Quaternion"](*map(float, q)),
+                    ),
+                )
+            )
         return self.T["tf2_msgs/msg/TFMessage"](transforms=tfs)
 
 
@@ -1075,6 +1132,10 @@ def write_bag_drive(out: Path, index: int, frames: int, seed: int,
     path = out / drive_id
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    calib = out / f"{path.stem if ros1 else path.name}_calib"  # what etl.bag looks for
+    if calib.exists():
+        shutil.rmtree(calib)
+    write_calibration(calib)
     msgs = _Msgs(ros1)
     ns_of = lambda t: int(round((clock0 + t) * 1e9))
     events = []  # (log ns, order, stream, index)
@@ -1083,7 +1144,8 @@ def write_bag_drive(out: Path, index: int, frames: int, seed: int,
         events += [(ns_of(lg), order, m, i) for i, lg in enumerate(log)]
     events.sort()
     bias = _rng(seed, FMT_CODE["bag"], index, STREAM_CODE["imu"]).normal(
-        0, [0.01, 0.01, 0.003, 0.4, 0.4, 0.4])
+        0, [0.01, 0.01, 0.003, 0.4, 0.4, 0.4]
+    )
 
     if ros1:
         from rosbags.rosbag1 import Writer as W1
@@ -1116,12 +1178,18 @@ def write_bag_drive(out: Path, index: int, frames: int, seed: int,
             elif m == "rgb":
                 msg = msgs.compressed(ns, FRAME_IDS[m], encode_jpeg(
                     render_camera(world, snap, "rgb", r)))  # fmt: skip
-                writer.write(conns["rgb_info"], log_ns, msgs.serialize(
-                    msgs.camera_info(ns, FRAME_IDS[m], RGB_SIZE, FRONT_INTRINSIC)))
+                writer.write(
+                    conns["rgb_info"],
+                    log_ns,
+                    msgs.serialize(msgs.camera_info(ns, FRAME_IDS[m], RGB_SIZE, FRONT_INTRINSIC)),
+                )
             elif m == "ir":
                 msg = msgs.mono8(ns, FRAME_IDS[m], render_camera(world, snap, "ir", r))
-                writer.write(conns["ir_info"], log_ns, msgs.serialize(
-                    msgs.camera_info(ns, FRAME_IDS[m], IR_SIZE, IR_INTRINSIC)))
+                writer.write(
+                    conns["ir_info"],
+                    log_ns,
+                    msgs.serialize(msgs.camera_info(ns, FRAME_IDS[m], IR_SIZE, IR_INTRINSIC)),
+                )
             elif m == "gps":
                 msg = msgs.navsat(ns, *gps_sample(world, t, r, origin))
             else:
@@ -1143,8 +1211,12 @@ def write_bag_drive(out: Path, index: int, frames: int, seed: int,
     truth["time_base"] = "header.stamp (s); the bag's log time is later by the transport latency"
     _write_truth(out, drive_id, truth)
     counts = {m: len(sched[m][0]) for m in BAG_STREAMS}
-    return {"drive_id": drive_id, "frames": counts["lidar"], "messages": counts,
-            "dropped": {m: sched[m][2] for m in BAG_STREAMS}}
+    return {
+        "drive_id": drive_id,
+        "frames": counts["lidar"],
+        "messages": counts,
+        "dropped": {m: sched[m][2] for m in BAG_STREAMS},
+    }
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1182,8 +1254,12 @@ def main(argv=None) -> int:
     p.add_argument("--drives", type=int, default=2, help="drives per form (default 2)")
     p.add_argument("--frames", type=int, default=60, help="LiDAR sweeps per drive (default 60)")
     p.add_argument("--format", choices=("scene", "bag", "both"), default="both")
-    p.add_argument("--storage", choices=("sqlite3", "mcap", "ros1"), default="sqlite3",
-                   help="bag storage: ROS 2 sqlite3 (.db3), ROS 2 mcap, or a ROS 1 .bag")
+    p.add_argument(
+        "--storage",
+        choices=("sqlite3", "mcap", "ros1"),
+        default="sqlite3",
+        help="bag storage: ROS 2 sqlite3 (.db3), ROS 2 mcap, or a ROS 1 .bag",
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     t0 = time.perf_counter()

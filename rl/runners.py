@@ -39,9 +39,9 @@ from rl.ppo_core import (
 class FunctionalEnv(Protocol):
     """An auto-resetting functional environment (one instance; the runner vmaps it)."""
 
-    def reset(self, key: jax.Array) -> tuple[Any, Any]: ...
+    def reset(self, key: jax.Array, params: Any) -> tuple[Any, Any]: ...
 
-    def step(self, key: jax.Array, state: Any, action: jax.Array) -> tuple:
+    def step(self, key: jax.Array, state: Any, action: jax.Array, params: Any) -> tuple:
         """→ (obs, state, reward, terminated, truncated, final_obs, info). Where the episode
         ended, ``obs``/``state`` already belong to the next episode and ``final_obs`` is the
         last observation of the ended one."""
@@ -160,6 +160,7 @@ class RunnerState(NamedTuple):
     ep_len: jax.Array
     key: jax.Array
     update: jax.Array
+    env_params: Any  # track maps etc.: device arrays passed in, never baked into the program
 
 
 class FastRunner:
@@ -184,10 +185,12 @@ class FastRunner:
         self._chunk = jax.jit(self._run_chunk, static_argnums=(1,), donate_argnums=(0,))
 
     # -- state -------------------------------------------------------------------------
-    def init(self, key: jax.Array) -> RunnerState:
+    def init(self, key: jax.Array, env_params: Any = None) -> RunnerState:
         cfg = self.cfg
         key, k_env = jax.random.split(key)
-        obs, env_state = jax.vmap(self.env.reset)(jax.random.split(k_env, cfg.num_envs))
+        obs, env_state = jax.vmap(self.env.reset, in_axes=(0, None))(
+            jax.random.split(k_env, cfg.num_envs), env_params
+        )
         obs_rms = None
         if cfg.norm_obs and isinstance(obs, jax.Array) and obs.ndim == 2:
             obs_rms = RunningMeanStd.create(obs.shape[1:])
@@ -205,6 +208,7 @@ class FastRunner:
             ep_len=jnp.zeros_like(zeros),
             key=key,
             update=jnp.zeros((), jnp.int32),
+            env_params=env_params,
         )
         return self.shard(state)
 
@@ -246,9 +250,9 @@ class FastRunner:
             action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
             logp = gaussian_log_prob(action, mean, log_std)
             env_keys = jax.random.split(k_env, cfg.num_envs)
-            obs, env_state, reward, term, trunc, final_obs, info = jax.vmap(env.step)(
-                env_keys, rs.env_state, jnp.clip(action, -1.0, 1.0)
-            )
+            obs, env_state, reward, term, trunc, final_obs, info = jax.vmap(
+                env.step, in_axes=(0, 0, 0, None)
+            )(env_keys, rs.env_state, jnp.clip(action, -1.0, 1.0), rs.env_params)
             _, _, final_value = agent.apply(
                 rs.params, rs.frozen, _normalize_obs(rs.obs_rms, final_obs)
             )

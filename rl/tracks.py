@@ -42,7 +42,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
-COMPILER_VERSION = 2
+COMPILER_VERSION = 5
 # racecar_gym's drivable_area extends this many pixels beyond the wall line (measured on
 # Austria: pixels whose centre lies 1.5 px outside are drivable, 1.94 px are not).
 WALL_MARGIN_PX = 1.75
@@ -445,6 +445,21 @@ def _line_cut(drivable: np.ndarray, seed: tuple[int, int], left_col: int):
     return cut
 
 
+def _grow_past_walls(free, walls, labels, lab, thr):
+    """racecar_gym's drivable area reaches ~1.75 px past the wall line. Grow the free
+    region that far into the solid beyond a wall — but never through a wall that has
+    track on both sides: solid thinner than twice the margin (torino's inner sliver,
+    ~0.17 m) stays solid, and so do wall lines not bordering grown solid."""
+    dist = ndimage.distance_transform_edt(~free)
+    near = dist <= thr
+    solid = ~walls & (labels != lab)
+    deep = solid & (dist > thr)  # solid thicker than the margin from the track
+    allowed = solid & (ndimage.distance_transform_edt(~deep) <= thr + 1.5) if deep.any() \
+        else np.zeros_like(solid)
+    allowed_walls = walls & ndimage.binary_dilation(allowed, iterations=2)
+    return free | (near & (allowed | allowed_walls))
+
+
 def compile_maps(walls_obj: Path, resolution: float = 0.05, origin=(-50.0, -50.0),
                  shape=(2000, 2000), start_pose=(0.0, 0.0), sub: int = 3,
                  margin_px: float = WALL_MARGIN_PX, verbose: bool = False) -> dict:
@@ -484,11 +499,17 @@ def compile_maps(walls_obj: Path, resolution: float = 0.05, origin=(-50.0, -50.0
             or free_fine[:, -1].any():
         raise TrackError(f"{walls_obj}: the track is not closed (the flood fill from the start "
                          f"reaches the map border)")
-    if margin_px > 0:  # racecar_gym's drivable area reaches ~1.75 px past the wall line
-        free_fine = ndimage.distance_transform_edt(~free_fine) <= margin_px * sub + 0.5
+    if margin_px > 0:
+        free_fine = _grow_past_walls(free_fine, walls_fine, labels, lab, margin_px * sub + 0.5)
     off = sub // 2  # the fine cell holding each coarse pixel's centre (sub odd: exact)
+    coarse = free_fine[off::sub, off::sub][: wshape[0], : wshape[1]]
+    # walls that stayed walls (thin ones with track on both sides) must not vanish between
+    # the sampled centres: block every coarse pixel they touch, 8-connected-tight
+    blocked = (walls_fine & ~free_fine).reshape(wshape[0], sub, wshape[1], sub).any((1, 3))
+    if blocked.any():
+        blocked = ndimage.binary_dilation(blocked, structure=np.ones((2, 2), bool))
     drivable = np.zeros(shape, bool)
-    drivable[r0:r1, c0:c1] = free_fine[off::sub, off::sub][: wshape[0], : wshape[1]]
+    drivable[r0:r1, c0:c1] = coarse & ~blocked
     t1 = time.perf_counter()
     out = wavefront_maps(drivable, resolution, origin, start_pose)
     out["drivable_area"] = drivable

@@ -172,7 +172,7 @@ batch_size = 8
 steps = 8
 warmup_steps = 2
 log_every = 1
-ckpt_every = 2
+ckpt_every = 4
 image_metrics_every = 0
 progress = false
 [data]
@@ -183,7 +183,7 @@ prefetch = 8
 
 
 def tiny_config(tmp: Path, data: Path, run_name: str = "run") -> Path:
-    """A stand-in-sized pretraining config file (8 steps, log every step, ckpt every 2)."""
+    """A stand-in-sized pretraining config file (8 steps, log every step, ckpt every 4)."""
     p = Path(tmp) / f"{run_name}.toml"
     p.write_text(TINY_TOML.format(run_name=run_name, runs_dir=Path(tmp) / "runs", data=data))
     return p

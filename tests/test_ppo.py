@@ -70,11 +70,11 @@ def test_running_mean_std_matches_numpy():
 def _random_return(env, key, n=64):
     rets = []
     for k in jax.random.split(key, n):
-        obs, s = env.reset(k)
+        obs, s = env.reset(k, None)
         total = 0.0
         for t in range(env.max_steps):
             a = jax.random.uniform(jax.random.fold_in(k, t), (2,), minval=-1, maxval=1)
-            obs, s, r, *_ = env.step(k, s, a)
+            obs, s, r, *_ = env.step(k, s, a, None)
             total += float(r)
         rets.append(total)
         if len(rets) >= 4:

@@ -105,27 +105,58 @@ def test_uninterrupted_run_logs_and_checkpoints(baseline):
     assert json.loads((run / "config.json").read_text())["model"]["embed_dim"] == 16
 
 
-def test_resume_after_kill_9_is_exact(tmp_path, shards, baseline):
-    """kill -9 mid-run (subprocess), rerun: every step's loss equals the uninterrupted run's."""
-    cfg = tiny_config(tmp_path, shards, "killed")
-    killed = _python(f"""
-        import os, signal, sys
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory, shards):
+    """One subprocess with 4 fake CPU devices (spawning processes is the slow part here):
+    8 steps data-parallel over 4, 8 steps FSDP 2×2, then a 1-device run killed with SIGKILL
+    at step 6. Returns its tmp dir and the subprocess result."""
+    tmp = tmp_path_factory.mktemp("four")
+    cfg = tiny_config(tmp, shards, "mesh")
+    out = _python(f"""
+        import os, signal, sys, time
+        import jax
         from _train_fixtures import run_pretrain
-        def die(step, metrics):
-            if step == 5:
+        assert jax.device_count() == 4, jax.devices()
+        for name, sets in [("dp", ["mesh.data=4"]), ("fsdp", ["mesh.data=2", "mesh.fsdp=2"])]:
+            args = ["--config", {str(cfg)!r}, "--set", "run_name=" + name]
+            for s in sets:
+                args += ["--set", s]
+            assert run_pretrain(args) == 0
+        def die(step, metrics):  # once the step-4 checkpoint is on disk, at step 6
+            if step == 6:
+                for _ in range(600):
+                    if os.path.isdir({str(tmp / "runs" / "killed" / "ckpt" / "4")!r}):
+                        break
+                    time.sleep(0.05)
                 os.kill(os.getpid(), signal.SIGKILL)
-        sys.exit(run_pretrain(["--config", {str(cfg)!r}], hooks=[die]))
-    """)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    run = tmp_path / "runs" / "killed"
-    assert max(read_losses(run)) == 4  # died before logging step 5
-    resumed = _python(f"""
-        import sys
-        from _train_fixtures import run_pretrain
-        sys.exit(run_pretrain(["--config", {str(cfg)!r}]))
-    """)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from step" in resumed.stderr
+        run_pretrain(["--config", {str(cfg)!r}, "--set", "run_name=killed",
+                      "--set", "mesh.data=1"], hooks=[die])
+    """, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    return tmp, cfg, out
+
+
+def test_sharded_equals_unsharded(four_devices, baseline):
+    """4 fake CPU devices, data parallel and FSDP: the 1-device losses, step by step."""
+    tmp, _, out = four_devices
+    want = baseline[1]
+    for name in ("dp", "fsdp"):
+        assert (tmp / "runs" / name / "ckpt" / "8").is_dir(), out.stderr[-3000:]
+        got = read_losses(tmp / "runs" / name)
+        assert sorted(got) == sorted(want), name
+        np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
+                                   rtol=1e-4, err_msg=name)
+    assert "mesh {'data': 2, 'fsdp': 2}" in out.stderr
+
+
+def test_resume_after_kill_9_is_exact(four_devices, baseline, capsys):
+    """kill -9 mid-run (subprocess), rerun: every step's loss equals the uninterrupted run's."""
+    tmp, cfg, out = four_devices
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    run = tmp / "runs" / "killed"
+    assert max(read_losses(run)) == 5  # died before logging step 6
+    rc = run_pretrain(["--config", str(cfg), "--set", "run_name=killed"])
+    assert rc == 0
+    assert "resumed from step 4" in capsys.readouterr().err
     got, want = read_losses(run), baseline[1]
     assert sorted(got) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
@@ -199,31 +230,3 @@ def test_nan_loss_stops_without_checkpoint(preempted, tmp_path, capsys):
     assert rc == pretrain.EXIT_NONFINITE
     assert "non-finite loss nan at step" in capsys.readouterr().err
     assert _ckpt_steps(runs / "pre") == before
-
-
-def test_sharded_equals_unsharded(tmp_path, shards):
-    """4 fake CPU devices: data parallel and FSDP give the 1-device losses."""
-    cfg = tiny_config(tmp_path, shards, "mesh")
-    out = _python(f"""
-        import json, sys
-        import jax
-        from _train_fixtures import run_pretrain, read_losses
-        assert jax.device_count() == 4, jax.devices()
-        res = {{}}
-        for name, sets in [("one", ["mesh.data=1"]), ("dp", ["mesh.data=4"]),
-                           ("fsdp", ["mesh.data=2", "mesh.fsdp=2"])]:
-            args = ["--config", {str(cfg)!r}, "--set", "run_name=" + name,
-                    "--set", "training.steps=3"]
-            for s in sets:
-                args += ["--set", s]
-            assert run_pretrain(args) == 0
-            res[name] = read_losses({str(tmp_path / "runs")!r} + "/" + name)
-        print("RESULT" + json.dumps(res))
-    """, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.split("RESULT", 1)[1])
-    one = [res["one"][k] for k in sorted(res["one"])]
-    assert len(one) == 3
-    for name in ("dp", "fsdp"):
-        got = [res[name][k] for k in sorted(res[name])]
-        np.testing.assert_allclose(got, one, rtol=1e-4, err_msg=name)

@@ -207,7 +207,8 @@ def test_small_scene(tmp_path):
     np.testing.assert_allclose(d.gps.times, [1.0, 1.1, 1.2, 1.4, 2.0, 2.1])
     assert d.gps.values.shape == (6, 3) and d.imu.values.shape == (6, 6)
     np.testing.assert_allclose(d.gps.values[0], [43.228660, -79.939050, 0.0], atol=1e-6)
-    np.testing.assert_allclose(d.imu.values[0], [0.01, 0.02, 0.0, 0.1 * G, -0.2 * G, -G])
+    # z flipped into the contract's z-up specific force (the file's −1 G at rest → +G)
+    np.testing.assert_allclose(d.imu.values[0], [0.01, 0.02, 0.0, 0.1 * G, -0.2 * G, G])
     np.testing.assert_allclose(d.imu.values[3, 2], 0.12)  # frame 4's gyro z
 
     # calibration
@@ -289,10 +290,10 @@ def test_real_sample_gps_imu(real):
     assert (real.gps.values[:, 2] == 0).all()
     lat = real.gps.values[:, 0]
     assert 43.2 < lat.min() and lat.max() < 43.3
-    # accel converted G → m/s²: the first file says -0.938949 G on z
-    np.testing.assert_allclose(real.imu.values[0, 5], -0.938949 * G, rtol=1e-12)
+    # accel converted G → m/s² (z flipped to z-up): the first file says -0.938949 G on z
+    np.testing.assert_allclose(real.imu.values[0, 5], 0.938949 * G, rtol=1e-12)
     np.testing.assert_allclose(real.imu.values[0, 2], 0.47384781620435007)
-    assert 8.0 < np.median(-real.imu.values[:, 5]) < 11.0  # gravity in m/s², not in G
+    assert 8.0 < np.median(real.imu.values[:, 5]) < 11.0  # gravity in m/s², not in G
 
 
 @needs_sample

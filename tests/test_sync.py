@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,33 @@ def test_sync_drive_rejects_bad_timestamps():
         _drive([0.0, 0.1], rgb=Stream(np.array([0.04, 0.12]), lambda i: 0)), SyncConfig()
     )
     assert tab.index["rgb"].tolist() == [-1, 1]
+
+
+SAMPLE = (
+    Path(__file__).resolve().parents[2] / "shared/data/cmht_sample/drive_dusk_clear_0/drive_dusk_1"
+)
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="the real CMHT sample (../shared) is not here")
+def test_real_sample_gps_imu_on_a_10hz_clock():
+    from etl.scene import open_scene
+
+    drive = open_scene(SAMPLE, "drive_dusk_clear_0/drive_dusk_1")
+    t = drive.gps.times
+    clock = np.arange(t[0], t[-1], 0.1) + 0.05  # sweeps between the GPS samples
+    clock = clock[clock <= t[-1]]
+    tab = synchronize(clock, {}, (t, drive.gps.values), (drive.imu.times, drive.imu.values),
+                      SyncConfig(gps_imu_max_gap_s=1.0))  # fmt: skip
+    ok = tab.present[:, G]
+    gaps = np.diff(t)
+    assert ok.mean() > 0.9 and bool((gaps > 1.0).any()) == (not ok.all())
+    enu = tab.gps[ok]
+    step = np.linalg.norm(np.diff(enu[:, :2], axis=0), axis=1)
+    assert np.abs(enu[0, :2]).max() < 50  # near the first fix
+    # The real receiver holds its fix for ~3 s (the files repeat it), so the interpolated track
+    # is a staircase; still, no step may exceed the largest jump between raw fixes (~120 m),
+    # whereas interpolating ddmm.mmmm or wrapping degrees would jump by kilometres.
+    raw = gps_to_enu(drive.gps.values)
+    assert step.max() <= np.linalg.norm(np.diff(raw[:, :2], axis=0), axis=1).max() + 1e-6
+    assert np.abs(enu).max() < 20_000
+    assert np.abs(tab.imu[tab.present[:, M], 5]).mean() > 5  # accel z in m/s², not G

@@ -29,11 +29,16 @@ class ArchitectureMismatch(ValueError):
     """The checkpoint was written for a different ModelConfig."""
 
 
+# ModelConfig keys that change how the model computes, not what its parameters are.
+COMPUTE_ONLY_KEYS = frozenset({"dtype", "attention_impl"})
+
+
 def model_config_diff(saved: dict[str, Any], current: Any) -> list[str]:
-    """``key: saved → current`` for every ModelConfig key whose value differs."""
+    """``key: saved → current`` for every ModelConfig key whose value differs (keys that only
+    change the computation, such as ``dtype``, may differ)."""
     now = configlib.to_dict(current)
     diffs = []
-    for k in sorted(set(saved) | set(now)):
+    for k in sorted((set(saved) | set(now)) - COMPUTE_ONLY_KEYS):
         a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
         if a != b:
             diffs.append(f"model.{k}: checkpoint {a!r} ≠ config {b!r}")

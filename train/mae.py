@@ -27,6 +27,8 @@ modality contributes neither loss nor gradient: it is excluded as an attention k
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,6 +41,7 @@ from train.fusion import MultimodalFusion
 from train.heads import PretrainHead
 
 __all__ = [
+    "ModalityLayout",
     "MultimodalMAE",
     "masked_mse",
     "model_flops_per_sample",
@@ -92,8 +95,19 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array, present: jax
     return per_sample.sum() / jnp.maximum(present.sum(), 1.0)
 
 
-def modality_layout(cfg: ModelConfig, pre: PreprocessConfig) -> dict[str, dict]:
-    """Per modality: ``n_patches``, ``patch_dim`` and, for images, ``hw``, ``channels``, ``grid``."""
+@dataclasses.dataclass(frozen=True)
+class ModalityLayout:
+    """How a modality is cut into patches (frozen, so the module's graphdef stays hashable)."""
+
+    n_patches: int
+    patch_dim: int  # p·p·C for an image, channels per group for a vector
+    grid: tuple[int, int] | None  # patch grid (rows, cols); None for a vector modality
+    hw: tuple[int, int] | None = None  # image size
+    channels: int | None = None
+
+
+def modality_layout(cfg: ModelConfig, pre: PreprocessConfig) -> dict[str, ModalityLayout]:
+    """Per modality of ``cfg.modalities``: its :class:`ModalityLayout`."""
     spec = sample_spec(pre)
     p = cfg.patch_size
     out = {}
@@ -105,13 +119,13 @@ def modality_layout(cfg: ModelConfig, pre: PreprocessConfig) -> dict[str, dict]:
             h, w, c = shape
             if h % p or w % p:
                 raise ValueError(f"{m}: size {(h, w)} is not divisible by patch_size {p}")
-            out[m] = dict(n_patches=(h // p) * (w // p), patch_dim=p * p * c, hw=(h, w),
-                          channels=c, grid=(h // p, w // p))
+            out[m] = ModalityLayout(n_patches=(h // p) * (w // p), patch_dim=p * p * c,
+                                    grid=(h // p, w // p), hw=(h, w), channels=c)
         else:
             n_tok = {"gps": cfg.gps_tokens, "imu": cfg.imu_tokens}[m]
             if shape[0] % n_tok:
                 raise ValueError(f"{m}: {shape[0]} channels do not split into {n_tok} tokens")
-            out[m] = dict(n_patches=n_tok, patch_dim=shape[0] // n_tok, grid=None)
+            out[m] = ModalityLayout(n_patches=n_tok, patch_dim=shape[0] // n_tok, grid=None)
     return out
 
 
@@ -136,25 +150,29 @@ class MultimodalMAE(nnx.Module):
         self.modalities = _ordered(cfg.modalities)
         if len(self.modalities) != len(cfg.modalities):
             raise ValueError(f"model.modalities has repeats or unknowns: {cfg.modalities}")
-        self.layout = modality_layout(cfg, pre)
+        layout = modality_layout(cfg, pre)
+        self.layouts = tuple(layout[m] for m in self.modalities)  # a tuple: hashable graphdef
         encoders = {}
-        for m in self.modalities:
-            lay = self.layout[m]
-            if lay["grid"] is not None:
-                encoders[m] = ModalityViT(lay["channels"], lay["hw"], cfg, rngs=rngs)
+        for m, lay in layout.items():
+            if lay.grid is not None:
+                encoders[m] = ModalityViT(lay.channels, lay.hw, cfg, rngs=rngs)
             else:
-                in_dim = lay["n_patches"] * lay["patch_dim"]
-                encoders[m] = VectorEmbed(m, in_dim, lay["n_patches"], cfg, rngs=rngs)
+                encoders[m] = VectorEmbed(m, lay.n_patches * lay.patch_dim, lay.n_patches, cfg,
+                                          rngs=rngs)
         self.encoders = nnx.Dict(encoders)
         self.fusion = MultimodalFusion(cfg, self.modalities, rngs=rngs)
         self.decoder = PretrainHead(
-            cfg, [(m, self.layout[m]["n_patches"], self.layout[m]["patch_dim"],
-                   self.layout[m]["grid"]) for m in self.modalities], rngs=rngs)
+            cfg, [(m, lay.n_patches, lay.patch_dim, lay.grid) for m, lay in layout.items()],
+            rngs=rngs)
+
+    @property
+    def layout(self) -> dict[str, ModalityLayout]:
+        return dict(zip(self.modalities, self.layouts, strict=True))
 
     def targets(self, batch: dict, m: str) -> jax.Array:
         """Reconstruction target of modality m in patch space (B, N, patch_dim), float32."""
         x = jnp.asarray(batch[m], jnp.float32)
-        if self.layout[m]["grid"] is None:
+        if self.layout[m].grid is None:
             return self.encoders[m].patches(x)
         t = patchify(x, self.cfg.patch_size)
         if self.cfg.norm_pix_loss:
@@ -171,7 +189,7 @@ class MultimodalMAE(nnx.Module):
         ids, tokens = {}, {}
         for m in self.modalities:
             k = jax.random.fold_in(key, MODALITIES.index(m))
-            ids_keep, _, ids_restore = random_masking(k, b, self.layout[m]["n_patches"],
+            ids_keep, _, ids_restore = random_masking(k, b, self.layout[m].n_patches,
                                                       mask_ratio)
             ids[m] = (ids_keep, ids_restore)
             tokens[m] = self.encoders[m](batch[m], ids_keep)
@@ -221,7 +239,7 @@ class MultimodalMAE(nnx.Module):
         """The slice of :meth:`encode`'s token axis that holds each modality."""
         out, start = {}, 0
         for m in self._select(modalities):
-            n = self.layout[m]["n_patches"]
+            n = self.layout[m].n_patches
             out[m] = slice(start, start + n)
             start += n
         return out
@@ -267,9 +285,9 @@ def model_flops_per_sample(cfg: ModelConfig, pre: PreprocessConfig, mask_ratio: 
     h_e, h_d = int(d_e * cfg.mlp_ratio), int(d_d * cfg.mlp_ratio)
     total, vis_total, all_total = 0, 0, 0
     for m in _ordered(cfg.modalities):
-        n, pd = lay[m]["n_patches"], lay[m]["patch_dim"]
+        n, pd = lay[m].n_patches, lay[m].patch_dim
         v = num_visible(n, mask_ratio)
-        if lay[m]["grid"] is not None:
+        if lay[m].grid is not None:
             total += 2 * v * pd * d_e + cfg.depth * block_flops(v, d_e, h_e)
         else:
             total += 2 * n * (pd * d_e + d_e * d_e)

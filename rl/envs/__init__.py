@@ -1,0 +1,1 @@
+"""racecar_gym-compatible simulator backends (see issue 4): spec, JAX, PyBullet."""

@@ -21,12 +21,20 @@ Semantics (racecar_gym's ``racecar.yml``, where they are right):
 * 100 Hz physics, one ``stepSimulation`` per :meth:`step`; the lidar (and camera) refresh
   every 4th step (25 Hz) and hold their last reading in between.
 
+The lidar is racecar_gym's: 1080 rays over 270° (+135° → −135°) cast from the hokuyo link,
+15 m long, read through :func:`rl.envs.spec.lidar_scan` (distance + 0.25, ×U(0.97, 1.03),
+clipped to [0.25, 15.25]). The camera renders 128×128 with ER_TINY_RENDERER (no OpenGL needed)
+from the zed link, FOV 90°. ``pose`` is the base's position — PyBullet's base frame is the
+chassis centre of mass, 0.2 m ahead of the rear axle — and roll/pitch/yaw; ``velocity`` and
+``acceleration`` are in the body frame (acceleration by finite differences at 100 Hz).
+
 Where racecar_gym is wrong this environment differs on purpose: the observation is taken
 *after* the action; the progress reward is signed (driving backwards costs what it would have
-paid, the finish line wraps); the time limit truncates rather than terminates; every random
-draw (sensor noise, random starts) comes from ``reset(seed=…)``'s generator; the lidar reads the
-true distance (racecar_gym adds ``min_range`` to every hit) with ±3 % multiplicative noise on
-hits only, so a miss reads exactly ``max_range`` and stays recognizable as a miss.
+paid, the finish line wraps) and laps are counted with its off-by-one fixed; the time limit
+truncates rather than terminates; every random draw (sensor noise, random starts) comes from
+``reset(seed=…)``'s generator, and reset(seed) → step is exactly repeatable (the car's contact
+cache is dropped on reset, overlapping pairs are sorted). Race bookkeeping (checkpoints, laps,
+wrong_way) follows the same rules as rl/envs/jax_env.py, so the two backends agree.
 """
 
 from __future__ import annotations
@@ -78,6 +86,40 @@ DT = spec.PHYSICS_DT  # 0.01 s, racecar_gym's simulation.time_step
 GRAVITY = -spec.GRAVITY  # 9.81 m/s², pointing down
 
 
+# The car's links go into their own collision group so that the lidar's rays can skip them: a
+# ray starting inside the chassis otherwise runs a convex cast against its hull, ~10x the cost
+# of the whole scan. The car still collides with everything (its mask is unchanged). PyBullet
+# resets the broadphase filter of a multibody's links on stepSimulation, so the group is set
+# again before every scan (20 calls, ~20 µs).
+CAR_GROUP = 0x4
+LIDAR_MASK = 0xFFFF & ~CAR_GROUP
+
+
+def _set_car_group(cid: int, car: int) -> None:
+    for link in range(-1, p.getNumJoints(car, physicsClientId=cid)):
+        p.setCollisionFilterGroupMask(car, link, CAR_GROUP, 0xFFFF, physicsClientId=cid)
+
+
+def grid_pose(track) -> tuple[float, float, float]:
+    """racecar_gym's AutomaticGridStrategy for a single car: the widest point (max normalized
+    obstacle distance) in the 1 m × 2 m window just right of / behind the origin's pixel
+    (rows grow south), then 0.5 m ahead and 0.4 m left of it, facing +x. Falls back to the
+    scene's first starting-grid pose if that lands off the drivable area."""
+    r0, c0 = track.world_to_pixel(0.0, 0.0)
+    win = np.asarray(track.obstacle)[r0 : r0 + 20, c0 - 20 : c0 + 20]
+    ir, ic = np.unravel_index(int(np.argmax(win)), win.shape)
+    h = track.drivable.shape[0]
+    cx = track.origin[0] + (c0 - 20 + ic) * track.resolution  # GridMap.to_meter (pixel corner)
+    cy = track.origin[1] + (h - (r0 + ir)) * track.resolution
+    x, y = cx + 0.5, cy + 0.4
+    r, c = track.world_to_pixel(x, y)
+    hh, ww = track.drivable.shape
+    if not (0 <= r < hh and 0 <= c < ww and track.drivable[r, c]):
+        s = np.asarray(track.starts, np.float64)[0]
+        return float(s[0]), float(s[1]), float(s[5])
+    return float(x), float(y), 0.0
+
+
 def sensor_period(hz: float) -> int:
     """Physics steps between refreshes of a sensor running at ``hz`` (racecar_gym's
     FixedTimestepSensor fires on the first step whose accumulated time reaches 1/hz)."""
@@ -103,6 +145,7 @@ def load_car(cid: int, v: VehicleParams) -> int:
         p.changeConstraint(k, physicsClientId=cid, **kw)
     for link in v.rear_wheel_links:
         p.changeDynamics(car, link, lateralFriction=v.rear_lateral_friction, physicsClientId=cid)
+    _set_car_group(cid, car)
     return car
 
 
@@ -132,7 +175,7 @@ class BulletRacecarEnv(gym.Env):
         lidar: bool = True,
         actuator: str = "motor",
         reset_mode: str | None = None,
-        start_index: int = 0,
+        start_index: int | None = None,
         vehicle: VehicleParams = VehicleParams(),
         render_mode: str | None = None,
     ):
@@ -166,9 +209,13 @@ class BulletRacecarEnv(gym.Env):
 
         box = lambda lo, hi, shape: gym.spaces.Box(lo, hi, shape, np.float32)
         inf = np.inf
+        pose_hi = np.array([*spec.POSE_BOUNDS, np.pi, np.pi, np.pi], np.float32)
+        vel_hi = np.array(
+            [spec.MAX_LINEAR_VELOCITY] * 3 + [spec.MAX_ANGULAR_VELOCITY] * 3, np.float32
+        )
         spaces: dict[str, gym.Space] = {
-            "pose": box(-inf, inf, (6,)),
-            "velocity": box(-inf, inf, (6,)),
+            "pose": box(-pose_hi, pose_hi, (6,)),
+            "velocity": box(-vel_hi, vel_hi, (6,)),
             "acceleration": box(-inf, inf, (6,)),
             "time": box(0.0, inf, (1,)),
         }
@@ -187,6 +234,7 @@ class BulletRacecarEnv(gym.Env):
         self._cid = p.connect(p.DIRECT)
         self._build_world()
         self._ray_from, self._ray_to = self._ray_endpoints()
+        self._ray_from_list, self._ray_to_list = self._ray_from.tolist(), self._ray_to.tolist()
         self._state: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- world construction
@@ -195,6 +243,8 @@ class BulletRacecarEnv(gym.Env):
         p.resetSimulation(physicsClientId=c)
         p.setGravity(0, 0, -GRAVITY, physicsClientId=c)
         p.setTimeStep(DT, physicsClientId=c)
+        # restoreState + sorted overlapping pairs make reset(seed) → step exactly repeatable
+        p.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=c)
         self.walls_id, self.floor_id = self._load_scene()
         self.car = load_car(c, self.vehicle)
         self._initial_state = p.saveState(physicsClientId=c)
@@ -251,15 +301,24 @@ class BulletRacecarEnv(gym.Env):
         mode = options.get("mode", self.reset_mode)
         if "pose" in options:
             x, y, yaw = (float(v) for v in options["pose"])
-        elif mode == "grid":
+        elif "start_index" in options or (mode == "grid" and self.start_index is not None):
             starts = np.asarray(self.track.starts, np.float64)
-            s = starts[int(options.get("start_index", self.start_index)) % len(starts)]
+            i = options.get("start_index", self.start_index)
+            s = starts[int(i) % len(starts)]
             x, y, yaw = float(s[0]), float(s[1]), float(s[5])
+        elif mode == "grid":
+            x, y, yaw = grid_pose(self.track)
         elif mode == "random":
             x, y, yaw = self._random_pose()
         else:
             raise ValueError(f"unknown reset mode {mode!r}")
         c = self._cid
+        # drop the car's cached contact manifolds (their warm-start impulses survive
+        # restoreState and would make the first steps depend on the previous episode)
+        for link in range(-1, p.getNumJoints(self.car, physicsClientId=c)):
+            p.setCollisionFilterGroupMask(self.car, link, 0, 0, physicsClientId=c)
+        p.performCollisionDetection(physicsClientId=c)
+        _set_car_group(c, self.car)
         p.restoreState(self._initial_state, physicsClientId=c)
         quat = p.getQuaternionFromEuler([0.0, 0.0, yaw])
         p.resetBasePositionAndOrientation(
@@ -274,10 +333,13 @@ class BulletRacecarEnv(gym.Env):
         pos, orn, v_world, w_world = self._kinematics()
         self._v_world_prev, self._w_world_prev = v_world, w_world
         prog = self._progress_at(pos[0], pos[1], fallback=0.0)
+        lap0 = 0 if prog > 0.9 else 1  # spawned just behind the line: lap 1 starts on crossing
         self._state = {
             "progress": prog,
-            "lap": 1,  # racecar_gym counts from 1; the race is over once lap > laps
+            "lap": lap0,  # racecar_gym counts from 1; the race is over once lap > laps
             "checkpoint": self._checkpoint(prog),
+            "total": lap0 + prog,  # lap + progress, continuous across the line
+            "ema": 0.0,
             "wrong_way": False,
         }
         self._lidar = np.full(self.n_rays, spec.LIDAR_MAX, np.float32)
@@ -298,18 +360,16 @@ class BulletRacecarEnv(gym.Env):
         pos, orn, v_world, w_world = self._kinematics()
         collided = self._wall_contact()
         s, task = self._state, self.task
-        before = s["lap"] + s["progress"]
-        self._update_progress(pos)
+        delta = self._update_progress(pos)
         self._refresh_sensors(self._steps)
         obs, info = self._observe(pos, orn, v_world, w_world, collided)
         self._v_world_prev, self._w_world_prev = v_world, w_world
 
-        delta = spec.signed_progress_delta(before, s["lap"] + s["progress"])
         reward = task.progress_reward * delta + task.frame_reward
         if collided:
             reward += task.collision_reward
         terminated = bool((task.terminate_on_collision and collided) or s["lap"] > task.laps)
-        truncated = bool(not terminated and self._time > task.time_limit + 1e-9)
+        truncated = bool(not terminated and self._time > task.time_limit - 1e-6)
         return obs, float(reward), terminated, truncated, info
 
     def render(self):
@@ -386,20 +446,29 @@ class BulletRacecarEnv(gym.Env):
     def _checkpoint(self, prog: float) -> int:
         return min(int(prog * self.n_checkpoints), self.n_checkpoints - 1)
 
-    def _update_progress(self, pos: np.ndarray) -> None:
-        """racecar_gym's checkpoint bookkeeping, with its off-by-one fixed: the stored
-        checkpoint only ratchets forward one at a time; entering checkpoint 0 from the last one
-        completes a lap; stepping back one checkpoint (or from 0 to the last) sets wrong_way,
-        reaching the next checkpoint forward clears it."""
+    def _update_progress(self, pos: np.ndarray) -> float:
+        """Race bookkeeping, the same rules as rl/envs/jax_env.py (racecar_gym's, done right):
+        checkpoint = floor(progress · checkpoints); entering checkpoint 0 from the last one
+        completes a lap, the reverse crossing takes it back; the reward's Δ(lap + progress) is
+        signed and unwrapped at the line; wrong_way is set by stepping back a checkpoint or by
+        a 0.95-EMA of Δ below −2e-5 per step, cleared by a checkpoint forward or an EMA above
+        +2e-5. Returns Δ(lap + progress)."""
         s, n = self._state, self.n_checkpoints
-        s["progress"] = self._progress_at(pos[0], pos[1], fallback=s["progress"])
-        k, last = self._checkpoint(s["progress"]), s["checkpoint"]
-        if k == (last + 1) % n:
-            if last == n - 1 and k == 0:
-                s["lap"] += 1
-            s["checkpoint"], s["wrong_way"] = k, False
-        elif k == (last - 1) % n and n > 1:
+        prog = self._progress_at(pos[0], pos[1], fallback=s["progress"])
+        k, last = self._checkpoint(prog), s["checkpoint"]
+        fwd_wrap = last == n - 1 and k == 0
+        back_wrap = n > 1 and last == 0 and k == n - 1
+        s["lap"] += int(fwd_wrap) - int(back_wrap)
+        delta = float(spec.signed_progress_delta(s["total"], s["lap"] + prog))
+        s["total"] += delta
+        s["ema"] = 0.95 * s["ema"] + 0.05 * delta
+        if k == last - 1 or back_wrap:
             s["wrong_way"] = True
+        elif k == last + 1 or fwd_wrap:
+            s["wrong_way"] = False
+        s["wrong_way"] = (s["wrong_way"] or s["ema"] < -2e-5) and not s["ema"] > 2e-5
+        s["progress"], s["checkpoint"] = prog, k
+        return delta
 
     def _random_pose(self) -> tuple[float, float, float]:
         """A random drivable pixel with clearance, facing along the progress gradient."""
@@ -427,10 +496,11 @@ class BulletRacecarEnv(gym.Env):
             self._rgb = self._camera_image(self.cam_w, self.cam_h)
 
     def _scan(self) -> np.ndarray:
+        _set_car_group(self._cid, self.car)
         res = p.rayTestBatch(
-            self._ray_from.tolist(), self._ray_to.tolist(),
+            self._ray_from_list, self._ray_to_list,
             parentObjectUniqueId=self.car, parentLinkIndex=self.vehicle.lidar_link,
-            physicsClientId=self._cid,
+            collisionFilterMask=LIDAR_MASK, numThreads=1, physicsClientId=self._cid,
         )  # fmt: skip
         frac = np.fromiter((r[2] for r in res), np.float64, len(res))
         noise = self.np_random.uniform(1.0 - spec.LIDAR_NOISE, 1.0 + spec.LIDAR_NOISE, len(res))
@@ -490,11 +560,16 @@ class BulletRacecarEnv(gym.Env):
 
 
 # --------------------------------------------------------------------------- calibration
-def calibrate(seconds: float = 8.0) -> dict[str, float]:
+def calibrate(seconds: float = 15.0) -> dict[str, float]:
     """Dynamics facts of this backend on an open floor (no walls), for the JAX backend's tuning.
 
-    Returns top speeds at motor 1 and 0.3, the time to reach 3 m/s at motor 1, and the yaw rate
-    and turning radius at steering ±1 while holding ≈ 2 m/s (speed actuator at target 2 m/s).
+    Speeds are planar speeds of the base (the chassis centre of mass, 0.2 m ahead of the rear
+    axle — what racecar_gym's ``pose`` reports). Returns: top speeds at motor 1 and 0.3; times to
+    reach 2 and 3 m/s from rest; stopping time from top speed at motor −1 and −0.3 and the
+    speed lost in 1 s of coasting (motor 0); steady speeds of the ``speed`` actuator on a
+    straight; the yaw rate, speed and turning radius at steering ±1 while holding ≈ 2 m/s
+    (speed actuator, command for 2 m/s), and the time for the yaw rate to reach 90 % of that
+    after a step in steering.
     """
     v = VehicleParams()
     cid = p.connect(p.DIRECT)
@@ -505,24 +580,36 @@ def calibrate(seconds: float = 8.0) -> dict[str, float]:
         env = _OpenFloorCar(cid, v)
         out: dict[str, float] = {}
         n = int(seconds / DT)
+        first = lambda cond: float((np.nonzero(cond)[0][0] + 1) * DT) if cond.any() else math.nan
         for m in (1.0, 0.3):
             tr = env.run(lambda _i, m=m: ("motor", m, 0.0), n)
             out[f"top_speed_motor_{m}"] = float(tr[-int(1.0 / DT) :, 3].mean())
-            if m == 1.0:
-                hit = np.nonzero(tr[:, 3] >= 3.0)[0]
-                out["time_to_3mps_motor_1"] = float((hit[0] + 1) * DT) if len(hit) else math.nan
-                hit = np.nonzero(tr[:, 3] >= 2.0)[0]
-                out["time_to_2mps_motor_1"] = float((hit[0] + 1) * DT) if len(hit) else math.nan
+            out[f"time_to_2mps_motor_{m}"] = first(tr[:, 3] >= 2.0)
+            out[f"time_to_3mps_motor_{m}"] = first(tr[:, 3] >= 3.0)
+        k = int(5.0 / DT)  # 5 s at full throttle, then brake / coast
+        for m in (-1.0, -0.3, 0.0):
+            tr = env.run(lambda i, m=m: ("motor", 1.0 if i < k else m, 0.0), k + int(4.0 / DT))
+            if m < 0:
+                out[f"stop_time_motor_{m}"] = first(tr[k:, 3] < 0.05)
+            else:
+                out["coast_speed_loss_1s"] = float(tr[k - 1, 3] - tr[k + int(1.0 / DT), 3])
+        for vt in (1.0, 2.0, 3.0):
+            cmd = vt / v.speed_max_velocity * 2.0 - 1.0
+            tr = env.run(lambda _i, c=cmd: ("speed", c, 0.0), int(6.0 / DT))
+            out[f"speed_actuator_target_{vt}_steady"] = float(tr[-int(1.0 / DT) :, 3].mean())
         target = 2.0 / v.speed_max_velocity * 2.0 - 1.0  # speed actuator command for 2 m/s
+        step_at = 300
         for sgn in (1.0, -1.0):
-            tr = env.run(lambda i, s=sgn: ("speed", target, s if i > 200 else 0.0), n)
+            tr = env.run(lambda i, s=sgn: ("speed", target, s if i >= step_at else 0.0), n)
             last = tr[-int(3.0 / DT) :]
-            yaw_rate = float(last[:, 4].mean())
-            speed = float(last[:, 3].mean())
+            yaw_rate, speed = float(last[:, 4].mean()), float(last[:, 3].mean())
             key = "right" if sgn > 0 else "left"
             out[f"yaw_rate_steer_{key}"] = yaw_rate
             out[f"speed_steer_{key}"] = speed
             out[f"turn_radius_steer_{key}"] = speed / max(abs(yaw_rate), 1e-9)
+            out[f"yaw_rate_rise_90pct_{key}"] = first(
+                np.abs(tr[step_at:, 4]) >= 0.9 * abs(yaw_rate)
+            )
         return out
     finally:
         p.disconnect(physicsClientId=cid)
@@ -554,3 +641,32 @@ class _OpenFloorCar:
             yaw = p.getEulerFromQuaternion(orn.tolist())[2]
             out[i] = pos[0], pos[1], yaw, math.hypot(lin[0], lin[1]), ang[2]
         return out
+
+
+# --------------------------------------------------------------------------- a scripted driver
+def gap_follower(obs: dict[str, Any], target_speed: float = 2.5, gain: float = 0.5) -> dict:
+    """A lidar-only scripted driver for tests and benchmarks (any backend's observation).
+
+    Steers toward the most open direction ahead (the smoothed scan's maximum within ±90°),
+    nudged away from the nearer side wall, and holds a modest speed (motor 0.3 below the
+    target, a light brake above it; slower when the way ahead is short).
+    """
+    angles = _DRIVER_ANGLES
+    scan = np.asarray(obs["lidar"], np.float64).reshape(-1)
+    smooth = np.convolve(scan, np.ones(41) / 41, mode="same")
+    target = angles[np.argmax(np.where(np.abs(angles) < math.pi / 2, smooth, 0.0))]
+    side = (np.abs(angles) > math.radians(60)) & (np.abs(angles) < math.radians(120))
+    left = scan[side & (angles > 0)].min()
+    right = scan[side & (angles < 0)].min()
+    target += 0.3 * float(np.clip(left - right, -1.0, 1.0))  # CCW (left) positive
+    front = scan[np.abs(angles) < math.radians(10)].mean()
+    speed = float(np.asarray(obs["velocity"]).reshape(-1)[0])
+    v_target = min(target_speed, 0.5 + 0.5 * front)
+    steer = float(np.clip(-gain * target / spec.STEER_MAX_RAD, -1.0, 1.0))  # positive = right
+    return {
+        "motor": np.array([0.3 if speed < v_target else -0.1], np.float32),
+        "steering": np.array([steer], np.float32),
+    }
+
+
+_DRIVER_ANGLES = np.asarray(spec.lidar_angles(), np.float64)

@@ -31,7 +31,7 @@ class PointMass:
     def _obs(self, s: PointMassState) -> jax.Array:
         return jnp.concatenate([s.pos, s.vel, s.target - s.pos])
 
-    def reset(self, key: jax.Array) -> tuple[jax.Array, PointMassState]:
+    def reset(self, key: jax.Array, params=None) -> tuple[jax.Array, PointMassState]:
         k1, k2 = jax.random.split(key)
         s = PointMassState(
             pos=jax.random.uniform(k1, (2,), minval=-1.0, maxval=1.0),
@@ -41,7 +41,7 @@ class PointMass:
         )
         return self._obs(s), s
 
-    def step(self, key: jax.Array, s: PointMassState, action: jax.Array):
+    def step(self, key: jax.Array, s: PointMassState, action: jax.Array, params=None):
         a = jnp.clip(action, -1.0, 1.0)
         vel = 0.9 * s.vel + a * self.dt * 5.0
         pos = jnp.clip(s.pos + vel * self.dt, -2.0, 2.0)

@@ -1,0 +1,155 @@
+"""Simulator throughput (issue 4 §5): environment steps per second.
+
+    uv run python -m benchmarks.envs                      # JAX on the default device
+    uv run python -m benchmarks.envs --envs 1024 4096 --steps 100 --camera
+
+bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of a vmapped,
+auto-resetting step (random resets, a fixed steering/motor pattern), lidar only and
+optionally with the column-cast RGB camera. Compile time is excluded and reported.
+(bench_bullet, the PyBullet backend per core, is added alongside by its author.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def bench_jax(num_envs: int = 1024, steps: int = 100, camera: bool = False,
+              track: str = "procedural:0", camera_size: int = 64, repeats: int = 2) -> dict:
+    """Steps/s of `num_envs` JAX cars for `steps` steps in one jitted scan."""
+    from rl.envs.jax_env import JaxRacecar, SensorConfig, batch_reset, make_params
+    from rl.envs.spec import TaskConfig
+
+    params = make_params(track)
+    env = JaxRacecar(TaskConfig(reset_mode="random"),
+                     sensors=SensorConfig(camera=camera, camera_width=camera_size,
+                                          camera_height=camera_size))
+    step = jax.vmap(env.step_autoreset, in_axes=(0, 0, None))
+
+    def run(key, params):
+        obs, state = batch_reset(env, key, params, num_envs)
+        phase = jnp.linspace(0.0, 6.28, num_envs)
+
+        def body(carry, t):
+            st, acc = carry
+            a = jnp.stack([jnp.full((num_envs,), 0.5), 0.5 * jnp.sin(phase + 0.05 * t)], 1)
+            ob, st, r, te, tr, _ = step(st, a, params)
+            chk = acc + r.sum() + ob["lidar"][:, 0].sum()
+            if "rgb_camera" in ob:
+                chk = chk + ob["rgb_camera"][:, 0, 0, 0].sum()
+            return (st, chk), None
+
+        (state, chk), _ = jax.lax.scan(body, (state, jnp.float32(0)), jnp.arange(steps))
+        return chk
+
+    f = jax.jit(run)
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(jax.random.PRNGKey(0), params))
+    compile_s = time.perf_counter() - t0
+    best = float("inf")
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(jax.random.PRNGKey(i + 1), params))
+        best = min(best, time.perf_counter() - t0)
+    return {"backend": "jax", "device": jax.devices()[0].platform, "envs": num_envs,
+            "steps": steps, "camera": camera, "seconds": best, "compile_s": compile_s,
+            "steps_per_s": num_envs * steps / best}
+
+
+def bench_bullet(steps: int = 2000, camera: bool = False, track: str = "procedural:0",
+                 warmup: int = 50) -> dict:
+    """Steps/s of ONE PyBullet car in this process (= per core), lidar only or with the 128×128
+    ER_TINY_RENDERER camera (both refreshed at 25 Hz, every 4th step, as racecar_gym does).
+
+    Drives the same pattern as bench_jax (motor 0.5, a slow steering sine) with random resets
+    when an episode ends. Reports wall-clock and CPU-time rates (the latter is robust on a
+    shared machine) and the cost of one lidar scan / camera frame."""
+    import numpy as np
+
+    from rl.envs.bullet import BulletRacecarEnv
+    from rl.envs.spec import TaskConfig
+
+    env = BulletRacecarEnv(track, TaskConfig(reset_mode="random"), camera=camera)
+    env.reset(seed=0)
+    act = {"motor": np.array([0.5], np.float32), "steering": np.zeros(1, np.float32)}
+    for _ in range(warmup):
+        env.step(act)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for t in range(steps):
+        act["steering"][0] = 0.5 * np.sin(0.05 * t)
+        *_, term, trunc, _ = env.step(act)
+        if term or trunc:
+            env.reset()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = 20
+    c1 = time.process_time()
+    for _ in range(n):
+        env._scan()
+    scan_ms = (time.process_time() - c1) / n * 1e3
+    cam_ms = 0.0
+    if camera:
+        c1 = time.process_time()
+        for _ in range(n):
+            env._camera_image(env.cam_w, env.cam_h)
+        cam_ms = (time.process_time() - c1) / n * 1e3
+    env.close()
+    return {"backend": "bullet", "device": "cpu", "envs": 1, "steps": steps, "camera": camera,
+            "seconds": wall, "compile_s": 0.0, "steps_per_s": steps / wall,
+            "cpu_steps_per_s": steps / max(cpu, 1e-9), "scan_ms": scan_ms, "camera_ms": cam_ms}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'backend':8} {'device':6} {'envs':>6} {'steps':>6} {'camera':>6} "
+          f"{'run s':>8} {'compile s':>9} {'steps/s':>12}")
+    for r in rows:
+        print(f"{r['backend']:8} {r['device']:6} {r['envs']:6d} {r['steps']:6d} "
+              f"{str(r['camera']):>6} {r['seconds']:8.3f} {r.get('compile_s', 0):9.1f} "
+              f"{r['steps_per_s']:12,.0f}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--envs", type=int, nargs="+", default=[1024])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--camera", action="store_true", help="also run with the RGB camera")
+    ap.add_argument("--camera-size", type=int, default=64)
+    ap.add_argument("--track", default="procedural:0")
+    ap.add_argument("--bullet", action="store_true",
+                    help="also run the PyBullet backend (one car per core), and the ratio")
+    ap.add_argument("--bullet-steps", type=int, default=2000)
+    ap.add_argument("--no-jax", action="store_true", help="skip bench_jax")
+    args = ap.parse_args(argv)
+    rows = []
+    if args.bullet:
+        for cam in (False, True):
+            rows.append(bench_bullet(args.bullet_steps, cam, args.track))
+            r = rows[-1]
+            print_table([r])
+            print(f"  bullet per core: {r['cpu_steps_per_s']:,.0f} steps/s of CPU time; "
+                  f"lidar scan {r['scan_ms']:.2f} ms, camera frame {r['camera_ms']:.2f} ms")
+        if args.no_jax:
+            return
+    for n in args.envs:
+        for cam in ([False, True] if args.camera else [False]):
+            rows.append(bench_jax(n, args.steps, cam, args.track, args.camera_size))
+            print_table(rows[-1:])
+    print()
+    print_table(rows)
+    bullet = [r for r in rows if r["backend"] == "bullet" and not r["camera"]]
+    jaxcpu = [r for r in rows if r["backend"] == "jax" and r["device"] == "cpu"
+              and not r["camera"]]
+    if bullet and jaxcpu:
+        import os
+
+        cores = len(os.sched_getaffinity(0))
+        best = max(r["steps_per_s"] for r in jaxcpu)
+        print(f"ratio JAX-on-CPU / PyBullet, per core ({cores} cores), lidar only: "
+              f"{best / cores / bullet[0]['cpu_steps_per_s']:,.1f}x")
+
+
+if __name__ == "__main__":
+    main()

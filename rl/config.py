@@ -1,0 +1,82 @@
+"""PPO configuration: TOML → typed, frozen dataclasses (see :mod:`etl.configlib`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from etl import configlib
+from rl.ppo_core import PPOConfig
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    backend: str = "jax"  # "jax" (fast runner) | "bullet" | "racecar_gym" (gymnasium runner)
+    track: str = "procedural:0"  # a name in the racecar_tracks folder, a path, procedural:<seed>
+    laps: int = 1
+    time_limit: float = 60.0  # simulated seconds; reaching it truncates the episode
+    terminate_on_collision: bool = True
+    collision_penalty: float = 1.0  # subtracted per policy step touching a wall
+    frame_reward: float = 0.0  # per physics step
+    progress_reward: float = 100.0  # × Δ(lap + progress), signed
+    reset_mode: str = "random"  # "grid" | "random"
+    action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)
+    camera: bool = False  # render rgb_camera (needed by a policy that reads rgb)
+    world_scale: float = 10.0  # sim metres → real-car metres, for the observation adapter
+    bullet_workers: int = 0  # gymnasium runner: 0 = envs in this process, else subprocesses
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    policy: str = "lidar_mlp"  # "lidar_mlp" | "multimodal"
+    hidden: tuple[int, ...] = (256, 256)
+    lidar_beams: int = 108  # the lidar MLP's input: min-pooled sectors of the 1080-ray scan
+    modalities: tuple[str, ...] = ("lidar", "gps", "imu")  # multimodal policy's inputs
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    init: str = "scratch"  # "pretrained" | "scratch" (same architecture, random weights)
+    pretrained_ckpt: str = ""  # runs/<pretrain run>/ckpt (latest step)
+    pretrain_config: str = ""  # the pretraining TOML; "" = the config saved in the checkpoint
+    freeze_encoders: bool = True  # no gradients and no optimizer state for encoders + fusion
+    absent: str = "zeros"  # radar/ir in the simulator: "zeros" (masked out) | "token" (learned)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    run_name: str = "ppo"
+    runs_dir: str = "runs"
+    seed: int = 0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    updates_per_log: int = 10  # PPO updates per jitted chunk (fast runner) / per log line
+    ckpt_every: int = 50  # updates
+    keep: int = 3
+
+    def __post_init__(self):
+        checks = {
+            "env.backend": (self.env.backend, ("jax", "bullet", "racecar_gym")),
+            "env.reset_mode": (self.env.reset_mode, ("grid", "random")),
+            "model.policy": (self.model.policy, ("lidar_mlp", "multimodal")),
+            "finetune.init": (self.finetune.init, ("pretrained", "scratch")),
+            "finetune.absent": (self.finetune.absent, ("zeros", "token")),
+        }
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise configlib.ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        if self.finetune.init == "pretrained" and not self.finetune.pretrained_ckpt:
+            raise configlib.ConfigError("finetune.pretrained_ckpt: required when init = 'pretrained'")
+        if self.model.policy == "multimodal" and "rgb" in self.model.modalities and not self.env.camera:
+            raise configlib.ConfigError("model.modalities: 'rgb' needs env.camera = true")
+        b = self.ppo.num_envs * self.ppo.num_steps
+        if b % self.ppo.num_minibatches:
+            raise configlib.ConfigError(
+                f"ppo.num_minibatches: {self.ppo.num_minibatches} does not divide "
+                f"num_envs × num_steps = {b}"
+            )
+
+
+def load_config(path=None, overrides=()) -> RLConfig:
+    return configlib.load(RLConfig, path, overrides)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The CMHT ETL on a Slurm cluster: one array task per group of drives, then one merge step.
+#
+#   SRC=/scratch/cmht_raw OUT=/scratch/data_cache bash slurm/etl.sh     # on a login node
+#   SRC=... OUT=... ETL_GROUPS=32 CONFIG=configs/etl.toml bash slurm/etl.sh
+#
+# Run with bash on a login node, it submits the array job (ETL_GROUPS tasks) and a merge job
+# that depends on it (afterany: the merge runs even when some drives failed, and reports
+# them). Task i builds drives i::ETL_GROUPS (sorted by drive id) into $OUT/drives/<hash>/; each
+# drive's completion marker makes reruns skip finished drives, so a resubmission resumes.
+# The merge step writes $OUT/manifest.json and $OUT/index.parquet from the per-drive outputs:
+#
+#   python -m etl.build --src $SRC --out $OUT --merge-only
+#
+# By hand: `sbatch --array=0-15 slurm/etl.sh` (the array) and, after it,
+# `sbatch --array=0-0 slurm/etl.sh --merge`.
+#
+# Expected: ~N_frames / (frames/s per worker × CPUS × ETL_GROUPS) wall time for the array (see
+# benchmarks/etl.py for frames/s per worker on your nodes); the merge takes seconds.
+#SBATCH --job-name=raceformer-etl
+#SBATCH --array=0-15
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=32G
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/etl-%A_%a.out
+
+set -euo pipefail
+
+SRC=${SRC:-cmht_raw}
+OUT=${OUT:-data_cache}
+CONFIG=${CONFIG:-}
+ETL_GROUPS=${ETL_GROUPS:-16}
+EXTRA=${EXTRA:-}  # e.g. "--set output.split=drive --strict"
+cfg_args=()
+if [[ -n "$CONFIG" ]]; then cfg_args=(--config "$CONFIG"); fi
+# shellcheck disable=SC2206
+extra_args=($EXTRA)
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+
+if [[ "${1:-}" == "--merge" ]]; then
+  exec uv run python -m etl.build --src "$SRC" --out "$OUT" --merge-only "${cfg_args[@]}" \
+    "${extra_args[@]}"
+fi
+
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  # On the login node: submit the array and the merge that waits for it.
+  mkdir -p logs
+  array_id=$(sbatch --parsable --array="0-$((ETL_GROUPS - 1))" \
+    --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" "$0")
+  sbatch --dependency="afterany:${array_id}" --job-name=raceformer-etl-merge --array=0-0 \
+    --cpus-per-task=2 --mem=8G --time=00:30:00 --output=logs/etl-merge-%j.out \
+    --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" \
+    "$0" --merge
+  echo "submitted ETL array ${array_id} (${ETL_GROUPS} tasks) and its merge"
+  exit 0
+fi
+
+task=${SLURM_ARRAY_TASK_ID:-0}
+count=${SLURM_ARRAY_TASK_COUNT:-$ETL_GROUPS}
+# Workers per task = the CPUs Slurm gave it. Exit code 1 = some drive of this group failed
+# (reported in the merge); the other tasks and the merge still run.
+exec uv run python -m etl.build --src "$SRC" --out "$OUT" "${cfg_args[@]}" "${extra_args[@]}" \
+  --workers "${SLURM_CPUS_PER_TASK:-1}" --shard-index "$task" --num-shards "$count" --no-progress

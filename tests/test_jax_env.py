@@ -1,0 +1,159 @@
+"""The pure-JAX backend: gymnasium conformance, a scripted lap, collisions, wrong way,
+signed reward, seeding, truncation, lidar accuracy. Jit compiles are shared per module."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from rl.envs import spec
+from rl.envs.jax_env import (
+    JaxRacecar,
+    JaxRacecarEnv,
+    JaxVectorEnv,
+    SensorConfig,
+    drive,
+    make_params,
+    sphere_trace,
+)
+from rl.envs.spec import TaskConfig
+from rl.tracks import load_track
+
+
+@pytest.fixture(scope="module")
+def track(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RACEFORMER_CACHE", str(tmp_path_factory.mktemp("rfcache")))
+    yield load_track("procedural:0")
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def params(track):
+    return make_params(track)
+
+
+@pytest.fixture(scope="module")
+def grid_env():
+    """Grid start, collision ends the episode, short time limit: one compile for the
+    collision / wrong-way / truncation tests."""
+    env = JaxRacecar(TaskConfig(time_limit=4.0, terminate_on_collision=True,
+                                collision_reward=-10.0, frame_reward=-0.01))
+    return env, jax.jit(env.reset), jax.jit(env.step)
+
+
+def test_gymnasium_checker_and_seeding(params):
+    env = JaxRacecarEnv(params=params, task=TaskConfig(reset_mode="random"))
+    check_env(env, skip_render_check=True)
+    a = {"motor": np.array([0.5], np.float32), "steering": np.array([0.2], np.float32)}
+
+    def episode(seed):
+        obs, _ = env.reset(seed=seed)
+        scans = [obs["lidar"]]
+        for _ in range(6):
+            obs, *_ = env.step(a)
+            scans.append(obs["lidar"])
+        return obs["pose"], np.stack(scans)
+
+    p1, s1 = episode(3)
+    p2, s2 = episode(3)
+    p3, _ = episode(4)
+    assert np.array_equal(p1, p2) and np.array_equal(s1, s2)
+    assert not np.array_equal(p1, p3)
+    # the scan is held between 25 Hz refreshes: steps 1-3 repeat step 0's, step 4 is new
+    assert np.array_equal(s1[1], s1[0]) and np.array_equal(s1[3], s1[0])
+    assert not np.array_equal(s1[4], s1[3])
+    assert env.observation_space.contains(env.reset(seed=0)[0])
+
+
+def test_scripted_driver_completes_a_lap(track, params):
+    env = JaxRacecar(TaskConfig(laps=1, time_limit=60.0))
+    out = jax.jit(drive, static_argnums=(0, 3))(env, params, jax.random.PRNGKey(0), 6000)
+    out = {k: np.asarray(v) for k, v in out.items()}
+    assert out["terminated"].any(), "no lap within 60 s"
+    end = int(np.argmax(out["terminated"]))
+    assert out["collision"][: end + 1].sum() == 0
+    assert out["lap"][end] == 2
+    # one lap of signed progress reward (the grid start sits just behind the line)
+    assert out["reward"][: end + 1].sum() == pytest.approx(100.0, abs=3.0)
+    speed = track.lap_length_m / (end * spec.PHYSICS_DT)
+    assert 2.0 < speed < 4.0
+
+
+def test_collision_terminates_and_penalizes(grid_env, params):
+    env, reset, step = grid_env
+    obs, st = reset(jax.random.PRNGKey(0), params)
+    for _ in range(400):  # full lock to the right from the grid slot: into the wall
+        obs, st, r, term, trunc, info = step(st, jnp.array([1.0, 1.0]), params)
+        if bool(term):
+            break
+    assert bool(info["wall_collision"]) and bool(term) and not bool(trunc)
+    assert float(r) < -9.0
+    assert float(st.v) == 0.0
+
+
+def test_wrong_way_and_signed_reward(grid_env, params):
+    env, reset, step = grid_env
+    obs, st = reset(jax.random.PRNGKey(0), params)
+    st = st._replace(pos=jnp.array([1.0, 0.0]), yaw=jnp.float32(np.pi))  # face backwards
+    total, wrong = 0.0, False
+    for _ in range(250):
+        obs, st, r, term, trunc, info = step(st, jnp.array([0.3, 0.0]), params)
+        total += float(r)
+        wrong |= bool(info["wrong_way"])
+        if bool(term) or bool(trunc):
+            break
+    assert wrong, "driving backwards over the line was not flagged wrong_way"
+    assert float(st.pos[0]) < -0.5  # it did cross the start line backwards
+    assert total < -1.0  # backwards costs, and the line crossing is no +100 windfall
+    assert total > -10.0
+
+
+def test_truncation_at_time_limit(grid_env, params):
+    env, reset, step = grid_env
+    obs, st = reset(jax.random.PRNGKey(1), params)
+    n = 0
+    while True:
+        obs, st, r, term, trunc, info = step(st, jnp.array([0.0, 0.0]), params)  # stand
+        n += 1
+        if bool(term) or bool(trunc):
+            break
+    assert bool(trunc) and not bool(term)
+    assert n == 400 and float(obs["time"][0]) == pytest.approx(4.0, abs=0.011)
+
+
+def test_lidar_matches_brute_force(track, params):
+    x, y = 1.0, 0.2
+    ang = jnp.asarray(np.linspace(-np.pi, np.pi, 90, endpoint=False), jnp.float32)
+    d = np.asarray(jax.jit(sphere_trace, static_argnums=(4, 5))(
+        params, jnp.float32(x), jnp.float32(y), ang, 24, 15.0))
+    # brute force: march 1 cm steps until the metric field says "in the wall"
+    t = np.arange(0.0, 15.0, 0.01)
+    ref = []
+    for a in np.asarray(ang):
+        v = track.value(track.obstacle_m, x + t * np.cos(a), y + t * np.sin(a))
+        hit = np.nonzero(v < 0.025)[0]
+        ref.append(t[hit[0]] if len(hit) else 15.0)
+    err = np.abs(d - np.asarray(ref))
+    assert np.median(err) < 0.03 and np.percentile(err, 90) < 0.15, err
+
+
+def test_camera_and_vector_env(params):
+    env = JaxRacecar(sensors=SensorConfig(camera=True, camera_width=32, camera_height=32,
+                                          lidar_rays=270))
+    obs, st = jax.jit(env.reset)(jax.random.PRNGKey(0), params)
+    img = np.asarray(obs["rgb_camera"])
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) >= 3  # sky, wall, floor
+    assert obs["lidar"].shape == (270,)
+    venv = JaxVectorEnv(8, params=params, task=TaskConfig(reset_mode="random",
+                                                          time_limit=0.05),
+                        sensors=SensorConfig(lidar_rays=270))
+    obs, _ = venv.reset(seed=0)
+    assert obs["lidar"].shape == (8, 270)
+    for _ in range(6):  # auto-reset after the 0.05 s limit
+        obs, r, term, trunc, info = venv.step(np.tile([[0.5, 0.0]], (8, 1)))
+    assert r.shape == (8,) and float(obs["time"][0, 0]) < 0.05
