@@ -65,10 +65,18 @@ class RLConfig:
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:
-                raise configlib.ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+                raise configlib.ConfigError(
+                    f"{key}: expected one of {list(allowed)}, got {value!r}"
+                )
         if self.finetune.init == "pretrained" and not self.finetune.pretrained_ckpt:
-            raise configlib.ConfigError("finetune.pretrained_ckpt: required when init = 'pretrained'")
-        if self.model.policy == "multimodal" and "rgb" in self.model.modalities and not self.env.camera:
+            raise configlib.ConfigError(
+                "finetune.pretrained_ckpt: required when init = 'pretrained'"
+            )
+        if (
+            self.model.policy == "multimodal"
+            and "rgb" in self.model.modalities
+            and not self.env.camera
+        ):
             raise configlib.ConfigError("model.modalities: 'rgb' needs env.camera = true")
         b = self.ppo.num_envs * self.ppo.num_steps
         if b % self.ppo.num_minibatches:

@@ -66,9 +66,7 @@ def make_agent(cfg: RLConfig, key_seed: int):
     rngs = nnx.Rngs(key_seed)
     if cfg.model.policy == "lidar_mlp":
         beams = cfg.model.lidar_beams
-        model = MLPActorCritic(
-            beams + 6, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs
-        )
+        model = MLPActorCritic(beams + 6, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs)
         return model, (lambda obs: lidar_features(obs, beams)), nnx.Param
     from rl.agent import build_multimodal_agent
 

@@ -78,6 +78,13 @@ def test_lidar_geometry_front_is_row_zero():
     assert s["present"][MODALITY_INDEX["gps"]] == 0 and s["present"][MODALITY_INDEX["rgb"]] == 0
 
 
+def test_subsampled_scan():
+    ranges = np.full(spec.LIDAR_RAYS // 4, 2.0, np.float32)
+    s = ObservationAdapter(PRE)({"lidar": ranges})
+    full = ObservationAdapter(PRE)({"lidar": np.full(spec.LIDAR_RAYS, 2.0, np.float32)})
+    assert (s["lidar"][..., 0] > 0).sum() > 0.5 * (full["lidar"][..., 0] > 0).sum()
+
+
 def test_gps_imu_units():
     ad = ObservationAdapter(PRE, world_scale=10.0)
     obs = {

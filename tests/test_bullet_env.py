@@ -97,6 +97,38 @@ def test_steering_sign_and_motor_semantics(track):
         e.close()
 
 
+def test_speed_actuator(track):
+    e = BulletRacecarEnv(track, actuator="speed")
+    try:
+        assert set(e.action_space.spaces) == {"speed", "steering"}
+        e.reset(seed=0)
+        cmd = 2.0 / spec.SPEED_MAX_VELOCITY * 2.0 - 1.0  # 2 m/s
+        for _ in range(200):
+            obs, *_ = e.step({"speed": np.array([cmd]), "steering": np.array([0.0])})
+        assert 1.8 < float(obs["velocity"][0]) < 2.7  # wheel target 2·25 rad/s ≈ 2.5 m/s
+    finally:
+        e.close()
+
+
+def test_scene_from_meshes_without_sdf(track, tmp_path):
+    """A scene folder with only meshes/ loads its walls via GEOM_MESH (concave)."""
+    import dataclasses
+    import shutil
+
+    shutil.copytree(track.scene_dir / "meshes", tmp_path / "meshes")
+    e = BulletRacecarEnv(dataclasses.replace(track, scene_dir=tmp_path))
+    try:
+        obs, info = e.reset(seed=0)
+        assert obs["lidar"].min() < 3.0 and not info["wall_collision"]
+        for _ in range(400):
+            *_, info = e.step(_act(1.0, 1.0))
+            if info["wall_collision"]:
+                break
+        assert info["wall_collision"]
+    finally:
+        e.close()
+
+
 def test_time_limit_truncates(track):
     e = BulletRacecarEnv(track, spec.TaskConfig(time_limit=0.05))
     try:

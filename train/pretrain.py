@@ -219,9 +219,10 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     def finish_step(done: int, metrics) -> None:
         """Host side of a finished step: NaN guard, hooks, accumulation, logging."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(host["loss"]):
+        if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
             raise NonFiniteLoss(
-                f"non-finite loss {host['loss']} at step {done} ("
+                f"non-finite loss {host['loss']} (gradient norm {host['grad_norm']}) at step "
+                f"{done} ("
                 + ", ".join(f"{k}={v:.4g}" for k, v in host.items()) + "); stopping. "
                 f"No checkpoint was written after step {ckpt.latest_step()}.")
         for h in hooks:
@@ -256,7 +257,7 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
                 t_img = time.perf_counter()
                 _, aux = eval_step(state, batch, step)
                 img = metricslib.image_metrics(jax.device_get(aux), jax.device_get(batch),
-                                    cfg.model.patch_size, cfg.model.norm_pix_loss)
+                                               cfg.model.patch_size, cfg.model.norm_pix_loss)
                 logger.write(step + 1, img)
                 window["t"] += time.perf_counter() - t_img  # not part of the step time
             state, metrics = train_step(state, batch, jnp.int32(step))

@@ -103,7 +103,8 @@ class ObservationAdapter:
         present = out["present"]
         if "lidar" in obs:
             pts, valid = scan_to_points(
-                np.asarray(obs["lidar"], np.float32), self.angles, z=0.0,
+                np.asarray(obs["lidar"], np.float32), self._angles(np.shape(obs["lidar"])[-1]),
+                z=0.0,
                 scale=self.world_scale, max_range=self.max_range,
             )  # fmt: skip
             out["lidar"] = bev_lidar(pts, self.pre.lidar, valid=valid)
@@ -127,6 +128,15 @@ class ObservationAdapter:
         return out
 
     # ----------------------------------------------------------------- shared maths
+    def _angles(self, n: int) -> np.ndarray:
+        """Ray angles for an n-ray scan: the configured ones, or every k-th of them when a
+        backend casts fewer rays (the JAX backend's ``SensorConfig.lidar_rays``)."""
+        if n == len(self.angles):
+            return self.angles
+        if len(self.angles) % n:
+            raise ValueError(f"lidar has {n} rays; expected {len(self.angles)} or a divisor")
+        return self.angles[:: len(self.angles) // n]
+
     def _gps(self, pose, xp):
         return ((pose[:3] - xp.asarray(self.origin, pose.dtype)) * self.world_scale).astype(
             xp.float32
@@ -153,7 +163,8 @@ class ObservationAdapter:
         present = np.zeros(len(out["present"]), np.uint8)
         if "lidar" in obs:
             pts, valid = scan_to_points(
-                jnp.asarray(obs["lidar"], jnp.float32), jnp.asarray(self.angles), z=0.0,
+                jnp.asarray(obs["lidar"], jnp.float32),
+                jnp.asarray(self._angles(jnp.shape(obs["lidar"])[-1])), z=0.0,
                 scale=self.world_scale, max_range=self.max_range, xp=jnp,
             )  # fmt: skip
             out["lidar"] = bev_lidar(pts, self.pre.lidar, valid=valid, xp=jnp)

@@ -39,8 +39,10 @@ wrong_way) follows the same rules as rl/envs/jax_env.py, so the two backends agr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +120,25 @@ def grid_pose(track) -> tuple[float, float, float]:
         s = np.asarray(track.starts, np.float64)[0]
         return float(s[0]), float(s[1]), float(s[5])
     return float(x), float(y), 0.0
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence PyBullet's C-level importer warnings (printed straight to fd 1) while loading."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def sensor_period(hz: float) -> int:
@@ -260,7 +281,8 @@ class BulletRacecarEnv(gym.Env):
                 sdfs = [f for f in os.listdir(scene) if f.endswith(".sdf")]
                 sdf = os.path.join(scene, sdfs[0]) if len(sdfs) == 1 else sdf
             if os.path.exists(sdf):
-                ids = p.loadSDF(sdf, physicsClientId=c)
+                with _quiet_stdout():
+                    ids = p.loadSDF(sdf, physicsClientId=c)
                 named = {p.getBodyInfo(i, physicsClientId=c)[1].decode(): i for i in ids}
                 if "walls" in named:
                     floor = named.get("floor")
