@@ -3,8 +3,9 @@
     uv run python -m benchmarks.envs                      # JAX on the default device
     uv run python -m benchmarks.envs --envs 1024 4096 --steps 100 --camera
 
-bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of a vmapped,
-auto-resetting step (random resets, a fixed steering/motor pattern), lidar only and
+bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of the batched,
+auto-resetting step (JaxRacecar.batch_step: lidar traced only for the cars whose 25 Hz
+scan is due) (random resets, a fixed steering/motor pattern), lidar only and
 optionally with the column-cast RGB camera. Compile time is excluded and reported.
 (bench_bullet, the PyBullet backend per core, is added alongside by its author.)
 """
@@ -21,17 +22,17 @@ import jax.numpy as jnp
 def bench_jax(num_envs: int = 1024, steps: int = 100, camera: bool = False,
               track: str = "procedural:0", camera_size: int = 64, repeats: int = 2) -> dict:
     """Steps/s of `num_envs` JAX cars for `steps` steps in one jitted scan."""
-    from rl.envs.jax_env import JaxRacecar, SensorConfig, batch_reset, make_params
+    from rl.envs.jax_env import JaxRacecar, SensorConfig, make_params
     from rl.envs.spec import TaskConfig
 
     params = make_params(track)
     env = JaxRacecar(TaskConfig(reset_mode="random"),
                      sensors=SensorConfig(camera=camera, camera_width=camera_size,
                                           camera_height=camera_size))
-    step = jax.vmap(env.step_autoreset, in_axes=(0, 0, None))
+    step = env.batch_step
 
     def run(key, params):
-        obs, state = batch_reset(env, key, params, num_envs)
+        obs, state = env.batch_reset(key, params, num_envs)
         phase = jnp.linspace(0.0, 6.28, num_envs)
 
         def body(carry, t):

@@ -42,6 +42,20 @@ class CodecError(ValueError):
     pass
 
 
+def _cast(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a.astype(dtype)``; float32 → float16 through OpenCV's vectorized conversion (≈7×
+    faster than numpy's scalar loop, and bit-identical: round-to-nearest-even, signed zeros,
+    subnormals, overflow to inf — see tests/test_etl_speed_equivalence.py)."""
+    if a.dtype == np.float32 and np.dtype(dtype) == np.float16 and a.size:
+        try:
+            import cv2
+        except ImportError:  # pragma: no cover — opencv is a core dependency
+            return a.astype(dtype)
+        flat = np.ascontiguousarray(a).reshape(-1, 1)
+        return cv2.subtract(flat, 0.0, dtype=cv2.CV_16F).reshape(a.shape)  # x − 0 keeps −0
+    return a.astype(dtype)
+
+
 def encode(
     sample: dict[str, np.ndarray],
     meta: dict[str, Any] | None = None,
@@ -55,18 +69,18 @@ def encode(
             continue  # absent: not stored, flagged by `present`
         a = np.asarray(value)
         if key in IMAGE_MODALITIES:
-            a = a.astype(storage_dtype)
+            a = _cast(a, storage_dtype)
         a = np.asarray(a, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray would not)
         if a.dtype.name not in _ALLOWED_DTYPES:
             raise CodecError(f"{key}: dtype {a.dtype} cannot be stored")
-        b = a.tobytes()
-        entries.append([key, a.dtype.name, list(a.shape), offset, len(b)])
-        chunks.append(b)
-        offset += len(b)
+        entries.append([key, a.dtype.name, list(a.shape), offset, a.nbytes])
+        chunks.append(a.reshape(-1).view(np.uint8))  # C-contiguous: joined without a copy
+        offset += a.nbytes
     header = json.dumps(
         {"v": CODEC_VERSION, "schema": SCHEMA_VERSION, "meta": meta or {}, "arrays": entries},
         separators=(",", ":"),
     ).encode()
+    # one copy of every array, straight into the record (no per-array tobytes)
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *chunks])
 
 

@@ -12,6 +12,7 @@ so that the grid reads like a map with the car facing up.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -136,12 +137,31 @@ def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=interp)
 
 
+@lru_cache(maxsize=1)
+def _rgb_lut() -> np.ndarray:
+    """(1, 256, 3) float32: the normalized value of every uint8 level per channel, computed
+    with exactly the float32 operations of the array path (so the table is bit-identical)."""
+    x = np.arange(256, dtype=np.float32)[:, None] / 255.0
+    lut = ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+    lut.setflags(write=False)
+    return lut.reshape(1, 256, 3)
+
+
 def preprocess_rgb(img, cfg: ImageConfig) -> np.ndarray:
-    """An RGB image (H, W, 3) uint8 (RGB order) → (h, w, 3) float32, ImageNet mean/std."""
+    """An RGB image (H, W, 3) uint8 (RGB order) → (h, w, 3) float32, ImageNet mean/std.
+
+    Resize: INTER_AREA when shrinking, INTER_LINEAR when enlarging, on the uint8 image (so
+    the result is rounded to uint8 levels, as OpenCV does); then (x/255 − mean)/std. For uint8
+    input the normalization is one table lookup per pixel (``cv2.LUT``; bit-identical to the
+    arithmetic, which other dtypes still take).
+    """
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"rgb image must be (H, W, 3), got {img.shape}")
-    x = _resize(img, cfg.rgb_size).astype(np.float32) / 255.0
+    r = _resize(img, cfg.rgb_size)
+    if r.dtype == np.uint8:
+        return cv2.LUT(np.ascontiguousarray(r), _rgb_lut())
+    x = r.astype(np.float32) / 255.0
     return ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 

@@ -7,8 +7,14 @@ The LiDAR is the master clock; every sweep becomes one sample. Pure, vectorized 
   modality is absent for that sample — flagged, never filled from a far-away frame.
 * GPS and IMU are *interpolated* at the sweep time. GPS is first converted to ENU metres from
   the drive's first fix (never interpolated as ddmm.mmmm or degrees); IMU is interpolated per
-  channel. No interpolation across a gap longer than ``gps_imu_max_gap_s`` or outside the
-  span. Their offset is the signed time from the sweep to the nearest raw sample.
+  channel. No interpolation across a gap longer than ``gps_max_gap_s`` (GPS) or
+  ``gps_imu_max_gap_s`` (IMU), or outside the span. Their offset is the signed time from the
+  sweep to the nearest raw sample.
+* A receiver that holds each fix over many rows (the CMHT unit writes its ~0.25 Hz fix into
+  every 10 Hz frame file) would interpolate into a staircase; with ``gps_dedupe_repeats`` a
+  run of identical consecutive fixes is collapsed to its first row — the time the fix
+  appeared — before the ENU conversion (:func:`dedupe_repeats`). Sweeps after the last new
+  fix then lie outside the GPS span (absent), not on a stale held value.
 
 Offsets are ``sensor time − LiDAR time`` in seconds, 0 where absent (the schema's convention).
 """
@@ -116,6 +122,21 @@ def interpolate(master_t, t, values, max_gap: float) -> tuple[np.ndarray, np.nda
     return out, present, off
 
 
+def dedupe_repeats(t, values) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first row of every run of identical consecutive rows of ``values`` (N, D).
+
+    Rows with a non-finite value are kept as they are (``interpolate`` drops them) and end a
+    run. Returns ``(t, values)`` of the kept rows (float64)."""
+    t = _times(t)
+    v = np.asarray(values, np.float64)
+    if len(t) < 2:
+        return t, v.reshape(len(t), *v.shape[1:])
+    v = v.reshape(len(t), -1)
+    same = np.all(v[1:] == v[:-1], axis=1)  # NaN ≠ NaN: a non-finite row never repeats
+    keep = np.concatenate([[True], ~same])
+    return t[keep], v[keep]
+
+
 def gps_to_enu(gps_values) -> np.ndarray:
     """(N, 3) latitude, longitude (decimal degrees), altitude → ENU metres from the first
     finite fix. Non-finite rows stay NaN (``interpolate`` treats them as gaps)."""
@@ -174,12 +195,18 @@ def synchronize(
         present[:, MODALITY_INDEX[name]] = idx >= 0
         offset[:, MODALITY_INDEX[name]] = off
     out = {"gps": np.zeros((m, 3)), "imu": np.zeros((m, 6))}
-    for name, series, conv in (("gps", gps, gps_to_enu), ("imu", imu, None)):
+    for name in ("gps", "imu"):
+        series = gps if name == "gps" else imu
         if series is None or len(_times(series[0])) == 0:
             continue
         t, v = series
-        v = conv(v) if conv is not None else np.asarray(v, np.float64)
-        vals, ok, off = interpolate(lt, t, v, cfg.gps_imu_max_gap_s)
+        if name == "gps":
+            if cfg.gps_dedupe_repeats:
+                t, v = dedupe_repeats(t, v)
+            v, max_gap = gps_to_enu(v), cfg.gps_max_gap_s
+        else:
+            v, max_gap = np.asarray(v, np.float64), cfg.gps_imu_max_gap_s
+        vals, ok, off = interpolate(lt, t, v, max_gap)
         out[name] = vals
         present[:, MODALITY_INDEX[name]] = ok
         offset[:, MODALITY_INDEX[name]] = off

@@ -60,7 +60,9 @@ def build_gym(cfg: RLConfig):
 
     envs = make_vector_env(cfg, cfg.ppo.num_envs)
     model, featurize, trainable = make_agent(cfg, cfg.seed)
-    runner = GymRunner(envs, model, cfg.ppo, featurize, to_env_action, trainable, INFO_KEYS)
+    runner = GymRunner(
+        envs, model, cfg.ppo, jax.vmap(featurize), to_env_action, trainable, INFO_KEYS
+    )
     return runner
 
 

@@ -42,7 +42,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
-COMPILER_VERSION = 5
+COMPILER_VERSION = 7
 # racecar_gym's drivable_area extends this many pixels beyond the wall line (measured on
 # Austria: pixels whose centre lies 1.5 px outside are drivable, 1.94 px are not).
 WALL_MARGIN_PX = 1.75
@@ -445,7 +445,7 @@ def _line_cut(drivable: np.ndarray, seed: tuple[int, int], left_col: int):
     return cut
 
 
-def _grow_past_walls(free, walls, labels, lab, thr):
+def _grow_past_walls(free, walls, labels, lab, thr, extra):
     """racecar_gym's drivable area reaches ~1.75 px past the wall line. Grow the free
     region that far into the solid beyond a wall — but never through a wall that has
     track on both sides: solid thinner than twice the margin (torino's inner sliver,
@@ -453,8 +453,10 @@ def _grow_past_walls(free, walls, labels, lab, thr):
     dist = ndimage.distance_transform_edt(~free)
     near = dist <= thr
     solid = ~walls & (labels != lab)
-    deep = solid & (dist > thr)  # solid thicker than the margin from the track
-    allowed = solid & (ndimage.distance_transform_edt(~deep) <= thr + 1.5) if deep.any() \
+    # solid reaching beyond the margin (+0.5 coarse px); thin slivers have none of it
+    reach = thr + extra
+    deep = solid & (dist > reach)
+    allowed = solid & (ndimage.distance_transform_edt(~deep) <= reach + 1.5) if deep.any() \
         else np.zeros_like(solid)
     allowed_walls = walls & ndimage.binary_dilation(allowed, iterations=2)
     return free | (near & (allowed | allowed_walls))
@@ -500,7 +502,8 @@ def compile_maps(walls_obj: Path, resolution: float = 0.05, origin=(-50.0, -50.0
         raise TrackError(f"{walls_obj}: the track is not closed (the flood fill from the start "
                          f"reaches the map border)")
     if margin_px > 0:
-        free_fine = _grow_past_walls(free_fine, walls_fine, labels, lab, margin_px * sub + 0.5)
+        free_fine = _grow_past_walls(free_fine, walls_fine, labels, lab, margin_px * sub + 0.5,
+                                     0.5 * sub)
     off = sub // 2  # the fine cell holding each coarse pixel's centre (sub odd: exact)
     coarse = free_fine[off::sub, off::sub][: wshape[0], : wshape[1]]
     # walls that stayed walls (thin ones with track on both sides) must not vanish between

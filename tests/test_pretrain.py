@@ -23,13 +23,17 @@ from train.config import load_pretrain_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _python(code: str, timeout: float = 240, **env) -> subprocess.CompletedProcess:
+def _python(code: str, wait: bool = True, **env):
+    """``python -c code`` with tests/ importable: its CompletedProcess, or the Popen."""
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), e.get("PYTHONPATH", "")])
     e["JAX_PLATFORMS"] = "cpu"
     e.update(env)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    args = [sys.executable, "-c", textwrap.dedent(code)]
+    if wait:
+        return subprocess.run(args, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(args, cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -105,23 +109,20 @@ def test_uninterrupted_run_logs_and_checkpoints(baseline):
     assert json.loads((run / "config.json").read_text())["model"]["embed_dim"] == 16
 
 
-@pytest.fixture(scope="module")
-def four_devices(tmp_path_factory, shards):
-    """One subprocess with 4 fake CPU devices (spawning processes is the slow part here):
-    8 steps data-parallel over 4, 8 steps FSDP 2×2, then a 1-device run killed with SIGKILL
-    at step 6. Returns its tmp dir and the subprocess result."""
+@pytest.fixture(scope="module", autouse=True)
+def four_devices_process(tmp_path_factory, shards):
+    """Started first, runs alongside the in-process tests (spawning JAX is the slow part):
+    one subprocess with 4 fake CPU devices — 8 steps on a 2 (data) × 2 (fsdp) mesh, then a
+    1-device run killed with SIGKILL at step 6 once its step-4 checkpoint is on disk."""
     tmp = tmp_path_factory.mktemp("four")
     cfg = tiny_config(tmp, shards, "mesh")
-    out = _python(f"""
+    code = f"""
         import os, signal, sys, time
         import jax
         from _train_fixtures import run_pretrain
         assert jax.device_count() == 4, jax.devices()
-        for name, sets in [("dp", ["mesh.data=4"]), ("fsdp", ["mesh.data=2", "mesh.fsdp=2"])]:
-            args = ["--config", {str(cfg)!r}, "--set", "run_name=" + name]
-            for s in sets:
-                args += ["--set", s]
-            assert run_pretrain(args) == 0
+        assert run_pretrain(["--config", {str(cfg)!r}, "--set", "run_name=fsdp",
+                             "--set", "mesh.data=2", "--set", "mesh.fsdp=2"]) == 0
         def die(step, metrics):  # once the step-4 checkpoint is on disk, at step 6
             if step == 6:
                 for _ in range(600):
@@ -131,15 +132,26 @@ def four_devices(tmp_path_factory, shards):
                 os.kill(os.getpid(), signal.SIGKILL)
         run_pretrain(["--config", {str(cfg)!r}, "--set", "run_name=killed",
                       "--set", "mesh.data=1"], hooks=[die])
-    """, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    return tmp, cfg, out
+    """
+    proc = _python(code, wait=False, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    yield tmp, cfg, proc
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def four_devices(four_devices_process):
+    tmp, cfg, proc = four_devices_process
+    out, err = proc.communicate(timeout=300)
+    return tmp, cfg, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_sharded_equals_unsharded(four_devices, baseline):
-    """4 fake CPU devices, data parallel and FSDP: the 1-device losses, step by step."""
+    """4 fake CPU devices, batch over all 4 and parameters sharded over 2 (FSDP): the 1-device
+    losses, step by step."""
     tmp, _, out = four_devices
     want = baseline[1]
-    for name in ("dp", "fsdp"):
+    for name in ("fsdp",):
         assert (tmp / "runs" / name / "ckpt" / "8").is_dir(), out.stderr[-3000:]
         got = read_losses(tmp / "runs" / name)
         assert sorted(got) == sorted(want), name

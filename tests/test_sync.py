@@ -13,6 +13,7 @@ from etl.preprocess import geodetic_to_enu, nmea_to_degrees
 from etl.schema import MODALITY_INDEX
 from etl.sources import Drive, Stream, TimeSeries
 from etl.sync import (
+    dedupe_repeats,
     default_tolerance,
     gps_to_enu,
     interpolate,
@@ -182,18 +183,106 @@ def test_real_sample_gps_imu_on_a_10hz_clock():
     t = drive.gps.times
     clock = np.arange(t[0], t[-1], 0.1) + 0.05  # sweeps between the GPS samples
     clock = clock[clock <= t[-1]]
+    legacy = SyncConfig(gps_imu_max_gap_s=1.0, gps_dedupe_repeats=False, gps_max_gap_s=1.0)
     tab = synchronize(clock, {}, (t, drive.gps.values), (drive.imu.times, drive.imu.values),
-                      SyncConfig(gps_imu_max_gap_s=1.0))  # fmt: skip
+                      legacy)  # fmt: skip
     ok = tab.present[:, G]
     gaps = np.diff(t)
     assert ok.mean() > 0.9 and bool((gaps > 1.0).any()) == (not ok.all())
     enu = tab.gps[ok]
     step = np.linalg.norm(np.diff(enu[:, :2], axis=0), axis=1)
     assert np.abs(enu[0, :2]).max() < 50  # near the first fix
-    # The real receiver holds its fix for ~3 s (the files repeat it), so the interpolated track
-    # is a staircase; still, no step may exceed the largest jump between raw fixes (~120 m),
+    # Without dedupe (legacy): the real receiver holds its fix for ~4 s (the files repeat it),
+    # so the interpolated track is a staircase; still, no step may exceed the largest jump between raw fixes (~120 m),
     # whereas interpolating ddmm.mmmm or wrapping degrees would jump by kilometres.
     raw = gps_to_enu(drive.gps.values)
     assert step.max() <= np.linalg.norm(np.diff(raw[:, :2], axis=0), axis=1).max() + 1e-6
     assert np.abs(enu).max() < 20_000
     assert np.abs(tab.imu[tab.present[:, M], 5]).mean() > 5  # accel z in m/s², not G
+
+
+# --------------------------------------------------------------------------- GPS held fixes
+def test_dedupe_repeats_keeps_first_row_of_each_run():
+    t = np.arange(8) * 0.1
+    v = np.array([[1, 2, 0], [1, 2, 0], [1, 3, 0], [1, 3, 0], [1, 3, 0],
+                  [np.nan, 3, 0], [np.nan, 3, 0], [1, 2, 0]], float)  # fmt: skip
+    tt, vv = dedupe_repeats(t, v)
+    np.testing.assert_allclose(tt, [0.0, 0.2, 0.5, 0.6, 0.7])  # NaN rows never form a run
+    np.testing.assert_array_equal(vv[[0, 1, 4]], [[1, 2, 0], [1, 3, 0], [1, 2, 0]])
+    assert dedupe_repeats([], np.zeros((0, 3)))[0].shape == (0,)
+
+
+def _held_gps(hold_s: float, speed: float = 10.0, rate: float = 10.0, dur: float = 12.0):
+    """Rows at ``rate`` Hz of a receiver that publishes a new fix every ``hold_s`` and repeats
+    it in between; the car drives north at ``speed`` m/s. → (t, lat/lon/alt rows, true north)"""
+    t = np.arange(0.0, dur, 1.0 / rate)
+    t_fix = np.floor(t / hold_s + 1e-9) * hold_s  # time the held fix was taken
+    lat0, lon0 = 43.2288, -79.9390
+    lat = lat0 + np.degrees(speed * t_fix / 6_367_000.0)
+    return t, np.stack([lat, np.full_like(lat, lon0), np.zeros_like(lat)], 1), speed * t
+
+
+def test_gps_held_fix_dedupe_removes_the_staircase():
+    t, gps, _ = _held_gps(hold_s=3.0)
+    sweeps = np.arange(0.05, 9.0, 0.1)  # within the last new fix (t = 9 s)
+    north_true = 10.0 * sweeps
+    stairs = synchronize(sweeps, {}, (t, gps), None,
+                         SyncConfig(gps_dedupe_repeats=False))  # fmt: skip
+    smooth = synchronize(sweeps, {}, (t, gps), None, SyncConfig())  # dedupe on by default
+    assert SyncConfig().gps_dedupe_repeats
+    err_stairs = np.abs(stairs.gps[:, 1] - north_true)
+    err_smooth = np.abs(smooth.gps[:, 1] - north_true)
+    assert smooth.present[:, G].all() and stairs.present[:, G].all()
+    assert err_stairs.max() > 25  # up to one hold × speed behind
+    assert err_smooth.max() < 0.2  # linear between the times each fix appeared
+    # steps: every sweep moves ~1 m, no flat runs and no 30 m jumps
+    step = np.diff(smooth.gps[:, 1])
+    np.testing.assert_allclose(step, 1.0, atol=0.05)
+    # offsets point at the nearest *new* fix (up to half a hold away)
+    assert np.abs(smooth.offset[:, G]).max() <= 1.5 + 1e-9
+
+
+def test_gps_gap_limit_is_separate_from_imu():
+    t, gps, _ = _held_gps(hold_s=3.0)
+    imu_t = np.array([0.0, 0.5, 3.0, 3.5])  # a 2.5 s IMU gap
+    imu = np.zeros((4, 6))
+    sweeps = np.array([0.2, 1.0, 2.0, 4.0])
+    tab = synchronize(sweeps, {}, (t, gps), (imu_t, imu), SyncConfig(gps_imu_max_gap_s=1.0))
+    assert tab.present[:, G].all()  # new fixes 3 s apart < gps_max_gap_s
+    assert tab.present[:, M].tolist() == [True, False, False, False]
+    short = synchronize(sweeps, {}, (t, gps), None, SyncConfig(gps_max_gap_s=2.0))
+    assert not short.present[:, G].any()  # fixes 3 s apart > 2 s: no interpolation
+    # after the last new fix (t = 9 s) the held value is stale: GPS absent, not flat
+    late = synchronize(np.array([9.5, 11.0]), {}, (t, gps), None, SyncConfig())
+    assert not late.present[:, G].any()
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="the real CMHT sample (../shared) is not here")
+def test_real_sample_gps_dedupe_via_open_scene():
+    from etl.scene import open_scene
+
+    drive = open_scene(SAMPLE, "drive_dusk_clear_0/drive_dusk_1")
+    t, raw = drive.gps.times, drive.gps.values
+    changes = np.any(np.diff(raw, axis=0) != 0, axis=1)
+    assert changes.mean() < 0.1  # the quirk: most rows repeat the held fix
+    clock = t  # one sweep per frame stamp (the sample has no LiDAR files)
+    on = synchronize(clock, {}, (t, raw), (drive.imu.times, drive.imu.values), SyncConfig())
+    off = synchronize(clock, {}, (t, raw), None, SyncConfig(gps_dedupe_repeats=False))
+    ok = on.present[:, G]
+    assert ok.mean() > 0.98  # absent only after the last new fix (a few seconds at the end)
+    assert not ok[-1]
+    assert on.present[:, M].mean() > 0.9  # IMU unchanged, still on its own 1 s gap limit
+    step_on = np.linalg.norm(np.diff(on.gps[ok][:, :2], axis=0), axis=1)
+    step_off = np.linalg.norm(np.diff(off.gps[:, :2], axis=0), axis=1)
+    assert (step_off < 1e-9).mean() > 0.9  # staircase: almost every frame stands still
+    assert (step_on < 1e-9).mean() < 0.05  # deduped: the track moves between fixes
+    speed = step_on / np.diff(t[ok])
+    assert 5 < np.median(speed) < 40  # m/s: a car on the road
+    # a step never exceeds the largest jump between consecutive new fixes (the raw data has
+    # a few ~120 m jumps between fixes that appear close together)
+    first = np.flatnonzero(np.concatenate([[True], changes]))
+    enu = gps_to_enu(raw)[first]
+    assert step_on.max() <= np.linalg.norm(np.diff(enu[:, :2], axis=0), axis=1).max() + 1e-6
+    # the deduped track passes through every new fix at the time it appeared
+    first = first[ok[first]]
+    np.testing.assert_allclose(on.gps[first], gps_to_enu(raw)[first], atol=1e-6)

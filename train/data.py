@@ -84,12 +84,21 @@ def make_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     )
     if cfg.worker_count > 0:
+        _absl_flags_parsed()
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
             )
         )
     return it
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app nobody parses them."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 class DeviceIterator:

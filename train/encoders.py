@@ -104,6 +104,9 @@ class Attention(nnx.Module):
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        if cfg.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"model.attention_impl must be 'xla' or 'cudnn', "
+                             f"got {cfg.attention_impl!r}")
         self.impl = None if cfg.attention_impl == "xla" else cfg.attention_impl
         self.qkv = dense(dim, 3 * dim, cfg, rngs)
         self.proj = dense(dim, dim, cfg, rngs)

@@ -23,6 +23,17 @@ group), mask M (B, N) = 1 on masked patches and presence p (B,) ∈ {0, 1}:
 ``norm_pix_loss`` normalizes each image target patch by its own mean and variance. An absent
 modality contributes neither loss nor gradient: it is excluded as an attention key
 (``absent = "drop"``) or replaced by a learned token (``absent = "token"``) — see fusion.py.
+
+Jit. ``__call__`` is pure in (params, batch, key) with ``mask_ratio`` static, so
+``graphdef, params = nnx.split(model, nnx.Param)`` and a ``jax.jit`` of
+``lambda params, batch, key: nnx.merge(graphdef, params)(batch, key, ratio)`` is the hot path.
+Every module attribute is hashable, so the graphdef can be a static argument.
+
+Sharding. Parameters carry no sharding metadata. For FSDP, shard each parameter of ≥ 2
+dimensions along its largest axis divisible by the 'data' mesh size (kernels (in, out):
+usually the wider one; VectorEmbed's (n_tokens, in, out): the last) and replicate the rest (biases,
+LayerNorm, modality/mask tokens — all ≤ max(embed_dim, 3·embed_dim) numbers). Activations are
+batch-sharded over 'data'; nothing in the model needs a cross-sample collective.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ stop, never reverses; steering is a rate-limited wheel angle, +1 = 0.21 rad to t
 right. All constants live in `Dynamics`, to be calibrated against the PyBullet car.
 Sensing works on the track's metric distance field (`Track.obstacle_m`): lidar rays and
 camera columns are sphere-traced with a fixed number of iterations; the scan is held
-between 25 Hz refreshes. Walls stop the car: a footprint circle closer to the wall
-than its radius is a collision, the pose is rolled back and the speed zeroed.
+between 25 Hz refreshes. Walls: a footprint circle (3 along the body, radius = half the
+car's width) closer to the wall than its radius is a collision; a move that does not dig
+deeper is allowed, else the car keeps only the part of its motion along the wall (the
+speed scaled alike) or, failing that, is rolled back and stopped.
 Progress, checkpoints, laps and wrong-way come from the progress map; the reward is
 100 * Δ(lap + progress), signed; the time limit truncates, never terminates.
 """
@@ -95,6 +97,7 @@ class EnvState(NamedTuple):
     acc: jax.Array  # (6,)
     time: jax.Array
     tick: jax.Array  # int32 physics steps since reset
+    lidar_age: jax.Array  # int32 steps since the last scan (a scan is due at lidar_every)
     lap: jax.Array  # int32, starts at 1
     checkpoint: jax.Array  # int32
     progress: jax.Array
@@ -237,8 +240,9 @@ class JaxRacecar:
                 "wrong_way": state.wrong_way, "time": state.time}
 
     # ---- reset
-    def reset(self, key, params: TrackParams):
-        k_pose, k_lidar, k_next = jax.random.split(key, 3)
+    def _spawn(self, key, params: TrackParams) -> EnvState:
+        """A fresh state at the reset pose; its lidar is not yet scanned (age = due)."""
+        k_pose, k_next = jax.random.split(key)
         if self.task.reset_mode == "grid":
             pose = params.grid_pose
         else:
@@ -250,26 +254,49 @@ class JaxRacecar:
         z = jnp.float32(0)
         # a car spawned on the grid just behind the line starts lap 1 when it crosses it
         lap0 = jnp.where(prog > 0.9, 0, 1).astype(jnp.int32)
-        state = EnvState(
+        return EnvState(
             pos=pos, yaw=yaw, v=z, steer=z, yaw_rate=z,
             vel=jnp.zeros(6, jnp.float32), acc=jnp.zeros(6, jnp.float32), time=z,
-            tick=jnp.int32(0), lap=lap0,
+            tick=jnp.int32(0), lidar_age=jnp.int32(self.sensors.lidar_every), lap=lap0,
             checkpoint=jnp.minimum(jnp.floor(prog * k), k - 1).astype(jnp.int32),
             progress=prog, total=lap0 + prog, wrong_ema=z, wrong_way=jnp.bool_(False),
             collision=jnp.bool_(False),
-            lidar=self._lidar(params, pos, yaw, k_lidar), key=k_next,
+            lidar=jnp.zeros(self.sensors.lidar_rays, jnp.float32), key=k_next,
         )
+
+    def _scan(self, state: EnvState, params) -> EnvState:
+        k_lidar, k_next = jax.random.split(state.key)
+        return state._replace(lidar=self._lidar(params, state.pos, state.yaw, k_lidar),
+                              lidar_age=jnp.int32(0), key=k_next)
+
+    def _refresh(self, state: EnvState, params) -> EnvState:
+        """Scan if the 25 Hz period is due, else hold (lax.cond: skipped work unbatched)."""
+        due = state.lidar_age >= self.sensors.lidar_every
+        return jax.lax.cond(due, lambda s: self._scan(s, params), lambda s: s, state)
+
+    def reset(self, key, params: TrackParams):
+        state = self._scan(self._spawn(key, params), params)
         return self._obs(state, params), state
 
     # ---- step
-    def _collides(self, params, pos, yaw):
+    def _contact(self, params, pos, yaw):
+        """(smallest circle clearance to the wall, unit wall normal into the track there)."""
         dyn = self.dynamics
         xs = jnp.asarray(dyn.footprint_x, jnp.float32)
         px = pos[0] + jnp.cos(yaw) * xs
         py = pos[1] + jnp.sin(yaw) * xs
-        return jnp.any(_lookup(params.obstacle_m, params, px, py) < dyn.footprint_r)
+        d = _lookup(params.obstacle_m, params, px, py)
+        i = jnp.argmin(d)
+        h = 2.0 * params.resolution
+        f = params.obstacle_m
+        gx = _lookup(f, params, px[i] + h, py[i]) - _lookup(f, params, px[i] - h, py[i])
+        gy = _lookup(f, params, px[i], py[i] + h) - _lookup(f, params, px[i], py[i] - h)
+        g = jnp.stack([gx, gy])
+        normal = g / jnp.maximum(jnp.linalg.norm(g), 1e-6)
+        return d[i], normal
 
-    def step(self, state: EnvState, action, params: TrackParams):
+    def _advance(self, state: EnvState, action, params: TrackParams):
+        """Physics and race bookkeeping of one step; the lidar is left as it was."""
         dyn, task = self.dynamics, self.task
         if isinstance(action, dict):
             a_motor = jnp.reshape(action.get("motor", action.get("speed")), ())
@@ -299,11 +326,25 @@ class JaxRacecar:
         yaw_mid = state.yaw + 0.5 * yaw_rate * dt
         pos_new = state.pos + v_mid * dt * jnp.stack([jnp.cos(yaw_mid), jnp.sin(yaw_mid)])
         yaw_new = jnp.arctan2(jnp.sin(yaw_new), jnp.cos(yaw_new))
-        hit = self._collides(params, pos_new, yaw_new)
-        pos_new = jnp.where(hit, state.pos, pos_new)
-        yaw_new = jnp.where(hit, state.yaw, yaw_new)
-        v_new = jnp.where(hit, 0.0, v_new)
-        yaw_rate = jnp.where(hit, 0.0, yaw_rate)
+        # walls: on contact keep only the motion along the wall (slide), else roll back
+        # a move that touches but does not dig deeper is allowed (steering off a wall)
+        r_car = dyn.footprint_r
+        d_old, _ = self._contact(params, state.pos, state.yaw)
+        d_new, normal = self._contact(params, pos_new, yaw_new)
+        hit = d_new < r_car
+        floor_d = jnp.minimum(d_old, r_car) - 1e-4
+        blocked = hit & (d_new < floor_d)
+        disp = pos_new - state.pos
+        slide = disp - jnp.minimum(jnp.dot(disp, normal), 0.0) * normal
+        pos_slide = state.pos + slide
+        d_slide, _ = self._contact(params, pos_slide, yaw_new)
+        keep = jnp.linalg.norm(slide) / jnp.maximum(jnp.linalg.norm(disp), 1e-9)
+        ok_slide = blocked & (d_slide >= floor_d)
+        stuck = blocked & ~ok_slide
+        pos_new = jnp.where(ok_slide, pos_slide, jnp.where(stuck, state.pos, pos_new))
+        yaw_new = jnp.where(stuck, state.yaw, yaw_new)
+        v_new = jnp.where(ok_slide, v_new * keep, jnp.where(stuck, 0.0, v_new))
+        yaw_rate = jnp.where(stuck, 0.0, yaw_rate)
         vel = jnp.stack([v_new, 0.0, 0.0, 0.0, 0.0, yaw_rate]).astype(jnp.float32)
         accel = (vel - state.vel) / dt
         # race bookkeeping
@@ -322,38 +363,60 @@ class JaxRacecar:
         wrong = jnp.where(went_back, True, jnp.where(went_fwd, False, state.wrong_way))
         wrong = wrong | (ema < -2e-5)
         wrong = wrong & ~(ema > 2e-5)
-        # lidar, refreshed at 25 Hz and held in between
         tick = state.tick + 1
-        k_lidar, k_next = jax.random.split(state.key)
-        fresh = self._lidar(params, pos_new, yaw_new, k_lidar)
-        lidar = jnp.where(tick % self.sensors.lidar_every == 0, fresh, state.lidar)
         time = tick.astype(jnp.float32) * dt  # no float32 drift over long episodes
-        new = EnvState(pos=pos_new, yaw=yaw_new, v=v_new, steer=steer, yaw_rate=yaw_rate,
-                       vel=vel, acc=accel, time=time, tick=tick, lap=lap, checkpoint=cp,
-                       progress=prog, total=total, wrong_ema=ema, wrong_way=wrong,
-                       collision=hit, lidar=lidar, key=k_next)
+        new = state._replace(pos=pos_new, yaw=yaw_new, v=v_new, steer=steer,
+                             yaw_rate=yaw_rate, vel=vel, acc=accel, time=time, tick=tick,
+                             lidar_age=state.lidar_age + 1, lap=lap, checkpoint=cp,
+                             progress=prog, total=total, wrong_ema=ema, wrong_way=wrong,
+                             collision=hit)
         reward = (task.progress_reward * delta + task.collision_reward * hit
                   + task.frame_reward).astype(jnp.float32)
         terminated = (lap > task.laps) | (task.terminate_on_collision & hit)
         truncated = (tick >= int(round(task.time_limit / dt))) & ~terminated
+        return new, reward, terminated, truncated
+
+    def step(self, state: EnvState, action, params: TrackParams):
+        """One env: obs (after the action), state, reward, terminated, truncated, info."""
+        new, reward, terminated, truncated = self._advance(state, action, params)
+        new = self._refresh(new, params)
         return self._obs(new, params), new, reward, terminated, truncated, self._info(new)
 
-    # ---- batched helpers
-    def step_autoreset(self, state, action, params):
-        """step; where an episode ended, the returned obs/state are a fresh reset's
-        (the reward/flags/info are the ending step's)."""
-        obs, new, r, term, trunc, info = self.step(state, action, params)
-        k_reset, k_keep = jax.random.split(new.key)
-        obs0, st0 = self.reset(k_reset, params)
-        done = term | trunc
-        new = new._replace(key=k_keep)
-        st = jax.tree.map(lambda a, b: jnp.where(done, a, b), st0, new)
-        ob = jax.tree.map(lambda a, b: jnp.where(done, a, b), obs0, obs)
-        return ob, st, r, term, trunc, info
+    # ---- batched
+    def batch_reset(self, key, params, n: int):
+        return jax.vmap(self.reset, in_axes=(0, None))(jax.random.split(key, n), params)
+
+    def batch_step(self, states: EnvState, actions, params, autoreset: bool = True,
+                   refresh_capacity: float = 0.4):
+        """N envs at once (states/actions with a leading N axis; actions (N, 2)).
+
+        With autoreset, an env whose episode ended comes back freshly reset (obs and
+        state; reward/flags/info are those of the ending step). Lidar work is compacted:
+        only envs whose 25 Hz scan is due (about a quarter, plus resets) are traced, up to
+        ceil(refresh_capacity * N) per step; any overflow scans on the next step."""
+        n = actions.shape[0]
+        new, r, term, trunc = jax.vmap(self._advance, in_axes=(0, 0, None))(
+            states, actions, params)
+        info = jax.vmap(self._info)(new)
+        if autoreset:
+            done = term | trunc
+            keys = jax.vmap(lambda k: jax.random.split(k))(new.key)
+            fresh = jax.vmap(self._spawn, in_axes=(0, None))(keys[:, 0], params)
+            new = new._replace(key=keys[:, 1])
+            new = jax.tree.map(lambda a, b: jnp.where(
+                jnp.reshape(done, done.shape + (1,) * (a.ndim - 1)), a, b), fresh, new)
+        due = new.lidar_age >= self.sensors.lidar_every
+        cap = min(n, int(np.ceil(refresh_capacity * n)) + 1)
+        idx = jnp.nonzero(due, size=cap, fill_value=n)[0]
+        sub = jax.tree.map(lambda a: a[jnp.clip(idx, 0, n - 1)], new)
+        scanned = jax.vmap(self._scan, in_axes=(0, None))(sub, params)
+        new = jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), new, scanned)
+        obs = jax.vmap(self._obs, in_axes=(0, None))(new, params)
+        return obs, new, r, term, trunc, info
 
 
 def batch_reset(env: JaxRacecar, key, params, n: int):
-    return jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(key, n), params)
+    return env.batch_reset(key, params, n)
 
 
 # ------------------------------------------------------------------------------ gymnasium
@@ -456,7 +519,7 @@ class JaxVectorEnv:
         self.single_observation_space = observation_space(self.sim)
         self.single_action_space = action_space()
         self._reset = jax.jit(lambda k, p: batch_reset(self.sim, k, p, num_envs))
-        self._step = jax.jit(jax.vmap(self.sim.step_autoreset, in_axes=(0, 0, None)))
+        self._step = jax.jit(self.sim.batch_step)
         self.state = None
 
     def reset(self, seed: int = 0):
@@ -475,35 +538,47 @@ class JaxVectorEnv:
 # ------------------------------------------------------------------------------ scripted driver
 
 
-def gap_follower(lidar, motor: float = 0.3, gain: float = 1.0, window: int = 41,
-                 fov_deg: float = 100.0, centre_gain: float = 1.5):
+def gap_follower(lidar, speed=None, motor: float = 0.3, gain: float = 1.0, window: int = 41,
+                 fov_deg: float = 100.0, centre_gain: float = 1.5, v_max: float = 3.5):
     """A lidar-only scripted driver (works on any backend's scan, numpy or jax): steer
     toward the most open direction within ±fov_deg of the nose, pushed away from the
-    nearer side wall; returns [motor, steering]."""
+    nearer side wall; with `speed` (m/s) it also brakes for what lies ahead (target
+    0.45 s per metre of free road, 1-v_max m/s). Returns [motor, steering]."""
     n = lidar.shape[-1]
     ang = jnp.asarray(spec.lidar_angles()[:: spec.LIDAR_RAYS // n], jnp.float32)
+    raw = jnp.asarray(lidar, jnp.float32)
     kern = jnp.ones(window, jnp.float32) / window
-    sm = jnp.convolve(jnp.asarray(lidar, jnp.float32), kern, mode="same")
+    sm = jnp.convolve(raw, kern, mode="same")
     sm = jnp.where(jnp.abs(ang) < np.deg2rad(fov_deg), sm, 0.0)
     theta = ang[jnp.argmax(sm)]
-    raw = jnp.asarray(lidar, jnp.float32)
     side = (jnp.abs(ang) > np.deg2rad(30)) & (jnp.abs(ang) < np.deg2rad(120))
     left = jnp.min(jnp.where(side & (ang > 0), raw, 99.0))
     right = jnp.min(jnp.where(side & (ang < 0), raw, 99.0))
     centre = (right - left) / jnp.maximum(right + left, 1e-3)  # > 0: left wall nearer
-    steer = spec.STEER_SIGN * gain * theta / spec.STEER_MAX_RAD + centre_gain * centre
+    # keep off the walls just ahead: repelled by the nearer front quarter
+    fl = jnp.min(jnp.where((ang > np.deg2rad(10)) & (ang < np.deg2rad(70)), raw, 99.0))
+    fr = jnp.min(jnp.where((ang < -np.deg2rad(10)) & (ang > -np.deg2rad(70)), raw, 99.0))
+    repel = 0.4 * (1.0 / jnp.maximum(fl, 0.1) - 1.0 / jnp.maximum(fr, 0.1))
+    steer = (spec.STEER_SIGN * gain * theta / spec.STEER_MAX_RAD + centre_gain * centre
+             + repel)
     steer = jnp.clip(steer, -1.0, 1.0)
-    return jnp.stack([jnp.float32(motor), steer])
+    m = jnp.float32(motor)
+    if speed is not None:
+        front = jnp.min(jnp.where(jnp.abs(ang) < np.deg2rad(8), raw, 99.0))
+        target = jnp.clip(0.45 * front, 1.0, v_max)
+        m = jnp.where(speed > target + 0.2, -0.5, jnp.where(speed > target, 0.0, m))
+    return jnp.stack([m, steer])
 
 
 def drive(env: JaxRacecar, params: TrackParams, key, n_steps: int, policy=gap_follower):
-    """Scan one car for n_steps under `policy(lidar)`; returns per-step (x, y, yaw),
+    """Scan one car for n_steps under `policy(lidar, forward_speed)`; returns per-step (x, y, yaw),
     progress, lap, reward, collision, terminated, truncated (no auto-reset)."""
     obs, state = env.reset(key, params)
 
     def body(carry, _):
         obs, state = carry
-        obs, state, r, te, tr, info = env.step(state, policy(obs["lidar"]), params)
+        act = policy(obs["lidar"], obs["velocity"][0])
+        obs, state, r, te, tr, info = env.step(state, act, params)
         out = (jnp.stack([state.pos[0], state.pos[1], state.yaw]), state.progress, state.lap,
                r, state.collision, te, tr)
         return (obs, state), out

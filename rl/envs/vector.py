@@ -18,6 +18,7 @@ vector env only.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import gymnasium as gym
@@ -43,6 +44,7 @@ def make_bullet_vector_env(
     (``task``, ``camera``, ``lidar``, ``actuator``, ``reset_mode``, ...). A list of tracks
     (one per env) gives each env its own track."""
     tracks = list(track) if isinstance(track, list | tuple) else [track] * num_envs
+    tracks = [os.fspath(t) if isinstance(t, os.PathLike) else t for t in tracks]
     if len(tracks) != num_envs:
         raise ValueError(f"{len(tracks)} tracks for {num_envs} envs")
     fns = [functools.partial(_make_env, t, dict(env_kwargs)) for t in tracks]

@@ -1,0 +1,674 @@
+"""Evaluate a racing policy in the protocol of Brunnbauer et al. (ICRA 2022, racecar_gym).
+
+    python -m rl.evaluate --ckpt runs/<run>/ckpt --tracks austria,berlin,montreal,torino \
+        [--backend jax|bullet|racecar_gym] [--episodes 10] [--time-limit 160] [--out DIR]
+    python -m rl.evaluate --scripted --backend bullet --tracks austria --time-limit 160
+
+Protocol: grid start, the deterministic policy (the Gaussian mean clipped to [-1, 1]), the
+training config's observation featurization, ``obs_rms`` normalization and action repeat,
+``--episodes`` episodes per track, a time limit (default: the training config's) and an
+effectively unbounded lap count, so an episode runs to the time limit unless a wall contact
+ends it. ``--collision both`` (the default) runs the protocol twice: ``terminate`` (a wall
+contact ends the episode, as racecar_gym's evaluation and as our training default) and
+``continue`` (the car keeps driving after contacts, so collisions per km and laps within the
+time limit are both meaningful); ``--collision config`` runs only the training config's rule.
+
+Metrics per episode, per track and overall (metrics.json):
+
+* ``laps`` — progress in laps within the time limit: lap + progress − 1 at the end (negative
+  or fractional values mean what they say; the racecar_gym definition, as in training logs),
+* ``lap_times`` — each completed lap's duration: the difference of successive start-line
+  crossing times (a car that starts on lap 1 starts its first lap at t = 0, standing start
+  included; a car spawned behind the line starts lap 1 at its first crossing),
+* ``collisions_per_km`` — wall-contact events (rising edges of ``wall_collision`` at the
+  100 Hz physics rate) per km driven (pooled over episodes in aggregates),
+* ``collision_free_fraction`` — episodes without a wall contact,
+* ``mean_speed`` — metres driven / seconds driven.
+
+Seeds. A deterministic policy from the grid start is deterministic in the JAX backend up to
+the lidar's ±3 % noise, so the episodes differ only through the noise seed: episode ``i`` is
+seeded with ``--seed + i`` (the JAX key / ``env.reset(seed=…)`` of the host backends). In the
+PyBullet backend the same seed gives the same episode too.
+
+Any backend, any policy. :func:`evaluate_policy` accepts any callable ``obs -> action`` (one
+observation dict, no batch axis; the action a [motor, steering] array or a dict of them), so
+a policy trained in the JAX backend runs in PyBullet or racecar_gym and vice versa (zero-shot
+transfer between simulators), and so do the backends' scripted gap followers (``--scripted``).
+The JAX backend runs all episodes of a track as one jitted, vmapped ``lax.scan`` (policy steps
+outside, the action repeat's physics steps inside, every physics step recorded); a policy that
+cannot be traced (numpy code) falls back to a host loop over the same simulator. The host
+backends run a Python loop.
+
+Writes ``metrics.json`` and PNGs into ``--out`` (default ``runs/<run>/eval``): per track and
+protocol the trajectories coloured by speed over the track map, and the run's learning curves
+from ``runs/<run>/metrics.jsonl`` when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BIG_LAPS = 100_000  # "laps = a large number": only the time limit (or a collision) ends it
+DEFAULT_TRACKS = "austria,berlin,montreal,torino"
+PHYSICS_DT = 0.01  # s (rl.envs.spec.PHYSICS_DT; repeated so metric helpers import nothing)
+TRACE_KEYS = ("time", "x", "y", "speed", "lap", "total", "collision")
+
+
+def log(msg: str) -> None:
+    print(f"[evaluate] {msg}", file=sys.stderr, flush=True)
+
+
+# =========================================================================== metric arithmetic
+def rising_edges(flags: Sequence[bool] | np.ndarray) -> int:
+    """Number of False→True transitions (a trace that starts True counts one)."""
+    f = np.asarray(flags, bool).reshape(-1)
+    if f.size == 0:
+        return 0
+    return int(f[0]) + int(np.sum(f[1:] & ~f[:-1]))
+
+
+def crossing_times(lap: np.ndarray, t: np.ndarray) -> dict[int, float]:
+    """Start time of each lap number: the first time the lap counter reaches a new maximum.
+
+    ``lap[0]`` is the counter after reset; a car already on lap ≥ 1 starts that lap at
+    ``t[0]``. A counter that drops (driving back over the line) and rises again does not
+    restart a lap: only new maxima count."""
+    lap = np.asarray(lap).astype(np.int64).reshape(-1)
+    t = np.asarray(t, np.float64).reshape(-1)
+    out: dict[int, float] = {}
+    if lap.size == 0:
+        return out
+    if lap[0] >= 1:
+        out[int(lap[0])] = float(t[0])
+    best = lap[0]
+    for i in np.nonzero(np.diff(lap) > 0)[0] + 1:
+        if lap[i] > best:
+            for k in range(best + 1, lap[i] + 1):
+                if k >= 1:
+                    out[int(k)] = float(t[i])
+            best = lap[i]
+    return out
+
+
+def lap_times(lap: np.ndarray, t: np.ndarray) -> list[float]:
+    """Durations of the completed laps: differences of successive crossing times."""
+    c = crossing_times(lap, t)
+    return [c[k + 1] - c[k] for k in sorted(c) if k + 1 in c]
+
+
+def path_length(x: np.ndarray, y: np.ndarray) -> float:
+    """Metres driven along a sampled path."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return float(np.sum(np.hypot(np.diff(x), np.diff(y))))
+
+
+def collisions_per_km(contacts: float, distance_m: float) -> float:
+    """Wall-contact events per km; NaN when nothing was driven (undefined, not zero)."""
+    if distance_m <= 0:
+        return 0.0 if contacts == 0 else float("nan")
+    return float(contacts) / (distance_m / 1000.0)
+
+
+def episode_metrics(trace: dict[str, np.ndarray], end: str = "") -> dict[str, Any]:
+    """One episode's metrics from its physics-rate trace (index 0 = the reset state)."""
+    t = np.asarray(trace["time"], np.float64)
+    dist = path_length(trace["x"], trace["y"])
+    duration = float(t[-1] - t[0])
+    contacts = rising_edges(trace["collision"])
+    lt = lap_times(trace["lap"], t)
+    speed = np.asarray(trace["speed"], np.float64)
+    return {
+        "laps": float(trace["total"][-1]) - 1.0,
+        "completed_laps": len(lt),
+        "lap_times": [round(v, 4) for v in lt],
+        "best_lap_time": min(lt) if lt else None,
+        "duration_s": round(duration, 4),
+        "distance_m": dist,
+        "contacts": contacts,
+        "collision_steps": int(np.sum(np.asarray(trace["collision"], bool))),
+        "collisions_per_km": collisions_per_km(contacts, dist),
+        "collision_free": contacts == 0,
+        "mean_speed": dist / duration if duration > 0 else 0.0,
+        "max_speed": float(speed.max()) if speed.size else 0.0,
+        "end": end,
+    }
+
+
+def _mean_std(v: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(v, np.float64)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std())
+
+
+def aggregate(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-track summary of episode metrics (means ± std; collisions/km pooled)."""
+    laps_m, laps_s = _mean_std([e["laps"] for e in episodes])
+    all_laps = [t for e in episodes for t in e["lap_times"]]
+    lt_m, lt_s = _mean_std(all_laps)
+    km = sum(e["distance_m"] for e in episodes) / 1000.0
+    contacts = sum(e["contacts"] for e in episodes)
+    n = max(len(episodes), 1)
+    return {
+        "episodes": len(episodes),
+        "laps_mean": laps_m,
+        "laps_std": laps_s,
+        "laps_min": min((e["laps"] for e in episodes), default=float("nan")),
+        "laps_max": max((e["laps"] for e in episodes), default=float("nan")),
+        "completed_laps_mean": _mean_std([e["completed_laps"] for e in episodes])[0],
+        "lap_time_mean": lt_m,
+        "lap_time_std": lt_s,
+        "best_lap_time": min(all_laps) if all_laps else None,
+        "lap_times": all_laps,
+        "contacts": contacts,
+        "distance_km": km,
+        "collisions_per_km": collisions_per_km(contacts, km * 1000.0),
+        "collision_free_fraction": sum(bool(e["collision_free"]) for e in episodes) / n,
+        "terminated_by_collision_fraction": sum(e["end"] == "collision" for e in episodes) / n,
+        "mean_speed": _mean_std([e["mean_speed"] for e in episodes])[0],
+        "duration_s_mean": _mean_std([e["duration_s"] for e in episodes])[0],
+    }
+
+
+def overall(per_track: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Across tracks: the mean of per-track means, collisions/km pooled over all episodes."""
+    aggs = [r["aggregate"] for r in per_track.values()]
+    eps = [e for r in per_track.values() for e in r["episodes"]]
+    pooled = aggregate(eps) if eps else {}
+    return {
+        "tracks": list(per_track),
+        "laps_mean_over_tracks": _mean_std([a["laps_mean"] for a in aggs])[0],
+        "laps_mean": pooled.get("laps_mean"),
+        "laps_std": pooled.get("laps_std"),
+        "completed_laps_mean": pooled.get("completed_laps_mean"),
+        "collisions_per_km": pooled.get("collisions_per_km"),
+        "collision_free_fraction": pooled.get("collision_free_fraction"),
+        "mean_speed": pooled.get("mean_speed"),
+        "episodes": len(eps),
+    }
+
+
+# =========================================================================== policies
+def _action_array(a, xp=np):
+    """A policy's output → a (2,) [motor, steering] array (numpy or jax.numpy)."""
+    if isinstance(a, dict):
+        motor = a["motor"] if "motor" in a else a["speed"]
+        return xp.stack([xp.reshape(xp.asarray(motor), (-1,))[0],
+                         xp.reshape(xp.asarray(a["steering"]), (-1,))[0]]).astype(xp.float32)
+    return xp.reshape(xp.asarray(a, xp.float32), (-1,))[:2]
+
+
+def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
+    """The deterministic policy of a trained agent: one raw observation dict → clip(mean).
+
+    Pure JAX (traceable: it runs inside the JAX backend's scan) and jitted on the host. The
+    observation gets a batch axis of one, goes through the training featurization and the
+    training observation normalization, and the Gaussian mean is clipped to [-1, 1]."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def act(obs: dict):
+        batched = {k: jnp.asarray(v)[None] for k, v in obs.items()}
+        x = featurize(batched)
+        if obs_rms is not None:
+            x = obs_rms.normalize(x)
+        mean, _, _ = nnx.merge(graphdef, state)(x)
+        return jnp.clip(mean[0], -1.0, 1.0)
+
+    return jax.jit(act)
+
+
+def scripted_policy(driver: str) -> Callable:
+    """A backend's scripted gap follower as an ``obs -> action`` callable."""
+    if driver == "jax":
+        from rl.envs.jax_env import gap_follower
+
+        return lambda obs: gap_follower(obs["lidar"])
+    if driver == "bullet":
+        from rl.envs.bullet import gap_follower as bullet_gap_follower
+
+        return bullet_gap_follower
+    raise ValueError(f"unknown scripted driver {driver!r} (jax | bullet)")
+
+
+# =========================================================================== rollouts
+def _task(time_limit: float, terminate_on_collision: bool, camera: bool):
+    from rl.envs.spec import TaskConfig
+
+    return TaskConfig(laps=BIG_LAPS, time_limit=float(time_limit),
+                      terminate_on_collision=bool(terminate_on_collision), reset_mode="grid",
+                      observe_camera=bool(camera))  # fmt: skip
+
+
+def _episode_key(seed: int):
+    """The key JaxRacecarEnv.reset(seed=seed) would use, so scan and host paths agree."""
+    import jax
+
+    return jax.random.split(jax.random.PRNGKey(seed))[1]
+
+
+def _jax_rollout(env, policy_fn: Callable, n_policy_steps: int, action_repeat: int):
+    """jit(vmap(episode)) over keys: every physics step recorded, frozen once done."""
+    import jax
+    import jax.numpy as jnp
+
+    def record(st):
+        return {"time": st.time, "x": st.pos[0], "y": st.pos[1], "speed": st.v,
+                "lap": st.lap, "total": st.total, "collision": st.collision}  # fmt: skip
+
+    def episode(key, params):
+        obs, st = env.reset(key, params)
+
+        def policy_step(carry, _):
+            a = _action_array(policy_fn(carry[1]), jnp)
+
+            def physics(c, _):
+                st, obs, done = c
+                o2, s2, _, te, tr, _ = env.step(st, a, params)
+                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(done, o, n), new, old)  # noqa: E731
+                rec = record(s2)
+                rec.update(valid=~done, terminated=te & ~done, truncated=tr & ~done)
+                return (keep(s2, st), keep(o2, obs), done | te | tr), rec
+
+            return jax.lax.scan(physics, carry, None, action_repeat)
+
+        _, recs = jax.lax.scan(policy_step, (st, obs, jnp.bool_(False)), None, n_policy_steps)
+        recs = jax.tree.map(lambda r: r.reshape(-1), recs)
+        return record(st), recs
+
+    return jax.jit(jax.vmap(episode, in_axes=(0, None)))
+
+
+def _traces_from_jax(first: dict, recs: dict) -> list[tuple[dict, str]]:
+    first = {k: np.asarray(v) for k, v in first.items()}
+    recs = {k: np.asarray(v) for k, v in recs.items()}
+    out = []
+    for i in range(recs["valid"].shape[0]):
+        m = recs["valid"][i]
+        tr = {k: np.concatenate([first[k][i : i + 1], recs[k][i][m]]) for k in TRACE_KEYS}
+        end = ("collision" if recs["terminated"][i].any()
+               else "time_limit" if recs["truncated"][i].any() else "none")  # fmt: skip
+        out.append((tr, end))
+    return out
+
+
+def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
+                terminate_on_collision=False, camera=False) -> list[tuple[dict, str]]:
+    """All episodes of one track in the JAX backend as one jitted, vmapped scan."""
+    import jax.numpy as jnp
+
+    from rl.envs.jax_env import JaxRacecar, SensorConfig, make_params
+
+    env = JaxRacecar(_task(time_limit, terminate_on_collision, camera),
+                     sensors=SensorConfig(camera=camera))
+    params = make_params(track)
+    n_physics = int(round(time_limit / PHYSICS_DT))
+    n_policy = -(-n_physics // action_repeat)
+    keys = jnp.stack([_episode_key(int(s)) for s in seeds])
+    fn = _jax_rollout(env, policy_fn, n_policy, action_repeat)
+    first, recs = fn(keys, params)
+    return _traces_from_jax(first, recs)
+
+
+def make_gym_env(backend: str, track, time_limit: float, terminate_on_collision: bool,
+                 camera: bool = False):
+    """One raw (physics-rate) environment of a host backend, grid start, many laps."""
+    task = _task(time_limit, terminate_on_collision, camera)
+    if backend == "bullet":
+        from rl.envs.bullet import BulletRacecarEnv
+
+        return BulletRacecarEnv(track, task, camera=camera)
+    if backend == "racecar_gym":
+        from rl.envs.racecar_gym_env import make_racecar_gym_env
+
+        name = track if isinstance(track, str) else track.name
+        return make_racecar_gym_env(name, task, camera=camera)
+    if backend == "jax":
+        from rl.envs.jax_env import JaxRacecarEnv, SensorConfig
+
+        return JaxRacecarEnv(track, task, sensors=SensorConfig(camera=camera))
+    raise ValueError(f"unknown backend {backend!r} (jax | bullet | racecar_gym)")
+
+
+def _host_record(obs: dict, info: dict) -> tuple:
+    pose = np.asarray(obs["pose"], np.float64).reshape(-1)
+    vel = np.asarray(obs["velocity"], np.float64).reshape(-1)
+    lap = int(info.get("lap", 1))
+    return (float(np.asarray(info.get("time", obs["time"])).reshape(-1)[0]), pose[0], pose[1],
+            math.hypot(vel[0], vel[1]), lap, lap + float(info.get("progress", 0.0)),
+            bool(info.get("wall_collision", False)))  # fmt: skip
+
+
+def rollout_gym(env, policy_fn, seeds, action_repeat=1) -> list[tuple[dict, str]]:
+    """Episodes of a gymnasium env (physics rate, one step per call) in a Python loop, the
+    action held for ``action_repeat`` physics steps; every physics step recorded."""
+    out = []
+    for s in seeds:
+        obs, info = env.reset(seed=int(s), options={"mode": "grid"})
+        rows = [_host_record(obs, info)]
+        end, done = "none", False
+        while not done:
+            a = np.asarray(_action_array(policy_fn(obs)), np.float32)
+            act = {"motor": a[0:1], "steering": a[1:2]}
+            for _ in range(action_repeat):
+                obs, _, term, trunc, info = env.step(act)
+                rows.append(_host_record(obs, info))
+                if term or trunc:
+                    done = True
+                    collided = bool(info.get("wall_collision", False))
+                    end = "collision" if term and collided else "time_limit" if trunc else "laps"
+                    break
+        cols = list(zip(*rows, strict=True))
+        out.append(({k: np.asarray(v) for k, v in zip(TRACE_KEYS, cols, strict=True)}, end))
+    return out
+
+
+def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: int = 10,
+                    time_limit: float = 60.0, seed: int = 0, *, action_repeat: int = 1,
+                    terminate_on_collision: bool = False, camera: bool = False,
+                    rollout: str = "auto") -> dict[str, Any]:
+    """Run ``episodes`` grid-start episodes of ``policy_fn`` (one obs dict → action) on
+    ``track`` (a name, path, ``procedural:<seed>`` or :class:`rl.tracks.Track`).
+
+    Episode ``i`` is seeded ``seed + i``. ``rollout``: ``"scan"`` (JAX backend only: one
+    jitted scan; the policy must be traceable), ``"host"`` (a Python loop) or ``"auto"``
+    (scan for the JAX backend, falling back to the host loop for an untraceable policy).
+    Returns ``{"track", "backend", "episodes": [metrics…], "aggregate": {…},
+    "traces": [{time, x, y, speed, lap, total, collision} arrays…]}``."""
+    import jax
+
+    from rl.tracks import Track, load_track
+
+    trk = track if isinstance(track, Track) else load_track(track)
+    seeds = [seed + i for i in range(episodes)]
+    t0 = time.perf_counter()
+    results = None
+    if backend == "jax" and rollout in ("auto", "scan"):
+        try:
+            results = rollout_jax(policy_fn, trk, seeds, time_limit, action_repeat,
+                                  terminate_on_collision, camera)  # fmt: skip
+            used = "scan"
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+                jax.errors.TracerIntegerConversionError, TypeError) as e:  # fmt: skip
+            if rollout == "scan":
+                raise
+            log(f"policy is not traceable ({type(e).__name__}); host loop instead")
+    if results is None:
+        env = make_gym_env(backend, trk if backend != "racecar_gym" else track, time_limit,
+                           terminate_on_collision, camera)  # fmt: skip
+        try:
+            results = rollout_gym(env, policy_fn, seeds, action_repeat)
+        finally:
+            env.close()
+        used = "host"
+    eps = [episode_metrics(tr, end) for tr, end in results]
+    for s, e in zip(seeds, eps, strict=True):
+        e["seed"] = s
+    return {
+        "track": trk.name if not isinstance(track, str) else track,
+        "backend": backend,
+        "lap_length_m": trk.lap_length_m,
+        "rollout": used,
+        "wall_s": time.perf_counter() - t0,
+        "episodes": eps,
+        "aggregate": aggregate(eps),
+        "traces": [tr for tr, _ in results],
+    }
+
+
+# =========================================================================== plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trajectories(track, result: dict, out: Path, title: str = "") -> Path:
+    """Every episode's path over the drivable area, coloured by speed."""
+    from matplotlib.collections import LineCollection
+
+    plt = _plt()
+    rows, cols = np.nonzero(track.drivable)
+    r0, r1 = max(rows.min() - 10, 0), min(rows.max() + 10, track.shape[0])
+    c0, c1 = max(cols.min() - 10, 0), min(cols.max() + 10, track.shape[1])
+    ox, oy = track.origin
+    res, h = track.resolution, track.shape[0]
+    extent = (ox + c0 * res, ox + c1 * res, oy + (h - r1) * res, oy + (h - r0) * res)
+    fig, ax = plt.subplots(figsize=(9, 7.5))
+    ax.imshow(track.drivable[r0:r1, c0:c1], cmap="gray", extent=extent, vmin=-0.6, vmax=1.3)
+    vmax = max([float(np.max(t["speed"])) for t in result["traces"] if len(t["speed"])] + [0.1])
+    lc = None
+    for tr in result["traces"]:
+        step = max(len(tr["x"]) // 4000, 1)
+        xy = np.stack([tr["x"][::step], tr["y"][::step]], 1)
+        if len(xy) < 2:
+            continue
+        seg = np.stack([xy[:-1], xy[1:]], 1)
+        lc = LineCollection(seg, cmap="plasma", linewidths=1.2, alpha=0.8)
+        lc.set_array(np.asarray(tr["speed"][::step][1:], np.float64))
+        lc.set_clim(0.0, vmax)
+        ax.add_collection(lc)
+        hits = np.asarray(tr["collision"], bool)
+        if hits.any():
+            edge = np.nonzero(hits & ~np.r_[False, hits[:-1]])[0]
+            ax.plot(tr["x"][edge], tr["y"][edge], "x", color="cyan", ms=6, mew=1.5)
+    if lc is not None:
+        fig.colorbar(lc, ax=ax, fraction=0.046, label="speed [m/s]")
+    ax.plot([0], [0], ">", color="lime", ms=10)
+    a = result["aggregate"]
+    lt = f", lap {a['lap_time_mean']:.1f} s" if a["lap_times"] else ""
+    ax.set_title(title or f"{result['track']} ({result['backend']}): "
+                 f"{a['laps_mean']:.2f} ± {a['laps_std']:.2f} laps{lt}, "
+                 f"{a['collisions_per_km']:.1f} collisions/km (x = contact)")  # fmt: skip
+    ax.set_xlabel("x [m]")
+    ax.set_ylabel("y [m]")
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+CURVES = (
+    ("episode return", ("episode/ep_return",)),
+    ("laps driven per episode", ("episode/progress", "episode/laps_driven")),
+    ("collision steps per episode", ("episode/collisions",)),
+)
+
+
+def plot_learning_curves(metrics_jsonl: Path, out: Path) -> Path | None:
+    """Episode return, laps and collisions vs env steps from a run's metrics.jsonl."""
+    recs = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut off by preemption
+    recs = [r for r in recs if "env_steps" in r]
+    if not recs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
+    x = np.asarray([r["env_steps"] for r in recs], np.float64)
+    for ax, (label, keys) in zip(axes, CURVES, strict=True):
+        key = next((k for k in keys if any(k in r for r in recs)), None)
+        if key is not None:
+            y = np.asarray([r.get(key, np.nan) if r.get(key) is not None else np.nan
+                            for r in recs], np.float64)  # fmt: skip
+            ok = np.isfinite(y)
+            ax.plot(x[ok], y[ok], "-o", ms=2)
+            ax.set_title(f"{label}\n({key})", fontsize=9)
+        else:
+            ax.set_title(f"{label}: not logged", fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(Path(metrics_jsonl).parent.name))
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# =========================================================================== CLI
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
+
+
+def _modes(choice: str, trained: bool) -> dict[str, bool]:
+    if choice == "both":
+        return {"terminate": True, "continue": False}
+    if choice == "config":
+        return {"terminate" if trained else "continue": trained}
+    return {choice: choice == "terminate"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="runs/<run>/ckpt of a PPO run")
+    src.add_argument("--scripted", action="store_true", help="the backend's gap follower")
+    ap.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    ap.add_argument("--tracks", default=DEFAULT_TRACKS, help="comma-separated track names")
+    ap.add_argument("--backend", choices=("jax", "bullet", "racecar_gym"),
+                    help="default: the training config's (jax for --scripted)")
+    ap.add_argument("--episodes", type=int, default=10)
+    ap.add_argument("--time-limit", type=float, help="seconds (default: the training config's)")
+    ap.add_argument("--collision", default="both",
+                    choices=("both", "config", "terminate", "continue"),
+                    help="terminate episodes on a wall contact, or not, or both protocols")
+    ap.add_argument("--action-repeat", type=int,
+                    help="physics steps per action (default: training config's; scripted 1)")
+    ap.add_argument("--driver", choices=("jax", "bullet"),
+                    help="--scripted: whose gap follower (default: the backend's)")
+    ap.add_argument("--seed", type=int, default=0, help="episode i uses seed + i")
+    ap.add_argument("--out", help="output folder (default runs/<run>/eval)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+
+    from rl.config import RLConfig
+
+    run_dir = None
+    step = None
+    if args.scripted:
+        cfg = RLConfig()
+        backend = args.backend or "jax"
+        driver = args.driver or ("jax" if backend == "jax" else "bullet")
+        policy = scripted_policy(driver)
+        repeat = args.action_repeat or 1
+        out = Path(args.out or f"runs/scripted_{driver}/eval_{backend}")
+        source = {"policy": f"scripted gap_follower ({driver})"}
+    else:
+        from rl.ppo import make_agent, restore_policy
+        from train.checkpoint import Checkpointer
+
+        ckpt = Path(args.ckpt)
+        c = Checkpointer(ckpt)
+        step = args.step if args.step is not None else c.latest_step()
+        c.close()
+        cfg, model, obs_rms = restore_policy(ckpt, step)
+        _, featurize, _ = make_agent(cfg, cfg.seed)
+        policy = checkpoint_policy(model, featurize, obs_rms)
+        backend = args.backend or cfg.env.backend
+        repeat = args.action_repeat or cfg.env.action_repeat
+        run_dir = ckpt.parent
+        out = Path(args.out) if args.out else run_dir / "eval"
+        source = {"checkpoint": str(ckpt), "checkpoint_step": step, "run": cfg.run_name,
+                  "policy": cfg.model.policy, "trained_backend": cfg.env.backend,
+                  "trained_track": cfg.env.track}  # fmt: skip
+    time_limit = args.time_limit if args.time_limit is not None else cfg.env.time_limit
+    modes = _modes(args.collision, cfg.env.terminate_on_collision)
+    tracks = [t.strip() for t in args.tracks.split(",") if t.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+
+    from rl.tracks import load_track
+
+    report: dict[str, Any] = {
+        "command": "python -m rl.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "backend": backend,
+        **source,
+        "checkpoint_step": step,
+        "protocol": {
+            "episodes": args.episodes, "time_limit_s": time_limit, "laps": BIG_LAPS,
+            "start": "grid", "action": "deterministic: clip(Gaussian mean, -1, 1)",
+            "action_repeat": repeat, "seeds": [args.seed + i for i in range(args.episodes)],
+            "seed_note": "episode i uses seed + i; with a deterministic policy and the grid "
+                         "start, episodes differ only through the lidar noise",
+            "collision_modes": {m: {"terminate_on_collision": v} for m, v in modes.items()},
+            "trained_terminate_on_collision": cfg.env.terminate_on_collision,
+        },  # fmt: skip
+        "results": {},
+    }
+    pngs = []
+    for mode, term in modes.items():
+        per_track = {}
+        for name in tracks:
+            trk = load_track(name)
+            log(f"{name} ({trk.lap_length_m:.0f} m), {backend}, {mode}: "
+                f"{args.episodes} × {time_limit:.0f} s …")  # fmt: skip
+            try:
+                res = evaluate_policy(policy, name if backend == "racecar_gym" else trk, backend,
+                                      args.episodes, time_limit, args.seed,
+                                      action_repeat=repeat, terminate_on_collision=term,
+                                      camera=cfg.env.camera)  # fmt: skip
+            except ImportError as e:
+                print(f"rl.evaluate: {e}", file=sys.stderr)
+                return 2
+            a = res["aggregate"]
+            log(f"  laps {a['laps_mean']:.2f} ± {a['laps_std']:.2f}, "
+                f"lap time {a['lap_time_mean']:.2f} s (best {a['best_lap_time']}), "
+                f"{a['collisions_per_km']:.2f} collisions/km, "
+                f"collision-free {a['collision_free_fraction']:.0%}, "
+                f"{a['mean_speed']:.2f} m/s  [{res['wall_s']:.0f} s, {res['rollout']}]")
+            if not args.no_plots:
+                pngs.append(str(plot_trajectories(
+                    trk, res, out / f"traj_{_slug(name)}_{backend}_{mode}.png")))
+            res.pop("traces")
+            per_track[name] = res
+        report["results"][mode] = {"tracks": per_track, "overall": overall(per_track)}
+    if run_dir is not None and (run_dir / "metrics.jsonl").exists() and not args.no_plots:
+        p = plot_learning_curves(run_dir / "metrics.jsonl", out / "learning_curves.png")
+        if p is not None:
+            pngs.append(str(p))
+    report["plots"] = pngs
+    path = out / "metrics.json"
+    path.write_text(json.dumps(_json_safe(report), indent=2))
+    log(f"wrote {path}" + (f" and {len(pngs)} PNGs" if pngs else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""rl.evaluate: metric arithmetic by hand, the scripted gap follower through the CLI in the JAX
+backend (metrics, JSON, PNG), a short PyBullet episode through the same code, the JAX scan
+against the host loop, and the checkpoint path (a saved untrained runner; a real tiny PPO run
+under the ``slow`` marker)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rl import evaluate as ev
+
+TRACK = "procedural:0"  # ~61 m; the JAX gap follower laps it in ~18 s
+
+
+# ----------------------------------------------------------------------------- arithmetic
+def test_lap_times_from_crossing_times():
+    t = np.arange(8) * 1.0
+    # starts on lap 1 at t=0: lap 1 ends at the first crossing (t=3), lap 2 at t=6
+    assert ev.lap_times([1, 1, 1, 2, 2, 2, 3, 3], t) == [3.0, 3.0]
+    # spawned behind the line (lap 0): lap 1 starts at its first crossing
+    assert ev.crossing_times([0, 0, 1, 1, 1, 2, 2, 2], t) == {1: 2.0, 2: 5.0}
+    assert ev.lap_times([0, 0, 1, 1, 1, 2, 2, 2], t) == [3.0]
+    # backing over the line and crossing again does not restart the lap
+    assert ev.lap_times([1, 1, 2, 1, 2, 2, 3, 3], t) == [2.0, 4.0]
+    assert ev.lap_times([1] * 8, t) == []
+    assert ev.lap_times([0, 0, 1, 1, 1, 1, 1, 1], t) == []  # crossed, no lap completed
+
+
+def test_collisions_per_km_from_a_synthetic_trace():
+    assert ev.rising_edges([0, 1, 1, 0, 1, 0, 0, 1]) == 3
+    assert ev.rising_edges([1, 1, 0]) == 1 and ev.rising_edges([]) == 0
+    n = 1001  # 10 s at 100 Hz along +x at 2 m/s: 20 m
+    t = np.arange(n) * 0.01
+    coll = np.zeros(n, bool)
+    coll[100:120] = True  # one contact held for 20 steps
+    coll[500] = coll[502] = True  # two more events
+    lap = np.where(t < 4.0, 1, np.where(t < 9.0, 2, 3))
+    trace = {"time": t, "x": 2.0 * t, "y": np.zeros(n), "speed": np.full(n, 2.0),
+             "lap": lap, "total": lap + 0.5, "collision": coll}  # fmt: skip
+    m = ev.episode_metrics(trace, "time_limit")
+    assert m["contacts"] == 3 and m["collision_steps"] == 22
+    assert m["distance_m"] == pytest.approx(20.0)
+    assert m["collisions_per_km"] == pytest.approx(3 / 0.020)
+    assert m["mean_speed"] == pytest.approx(2.0)
+    assert m["lap_times"] == pytest.approx([4.0, 5.0]) and m["laps"] == pytest.approx(2.5)
+    assert not m["collision_free"]
+    # aggregates pool contacts over distance; zero distance with a contact is undefined
+    clean = dict(m, contacts=0, collision_free=True, collisions_per_km=0.0, laps=1.5,
+                 lap_times=[])  # fmt: skip
+    a = ev.aggregate([m, clean])
+    assert a["collisions_per_km"] == pytest.approx(3 / 0.040)
+    assert a["collision_free_fraction"] == 0.5
+    assert a["laps_mean"] == pytest.approx(2.0) and a["laps_std"] == pytest.approx(0.5)
+    assert a["lap_times"] == pytest.approx([4.0, 5.0])
+    assert math.isnan(ev.collisions_per_km(1, 0.0)) and ev.collisions_per_km(0, 0.0) == 0.0
+    assert json.loads(json.dumps(ev._json_safe({"x": float("nan"), "y": np.float32(1)}))) == {
+        "x": None, "y": 1.0}
+
+
+# ----------------------------------------------------------------------------- scripted, JAX
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_scripted")
+    code = ev.main(["--scripted", "--backend", "jax", "--tracks", TRACK, "--episodes", "2",
+                    "--time-limit", "24", "--collision", "continue",
+                    "--out", str(out)])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_scripted_driver_metrics_json_and_png(scripted_run):
+    rep = json.loads((scripted_run / "metrics.json").read_text())
+    assert rep["backend"] == "jax" and rep["command"].startswith("python -m rl.evaluate")
+    assert rep["protocol"]["seeds"] == [0, 1] and rep["protocol"]["time_limit_s"] == 24.0
+    res = rep["results"]["continue"]["tracks"][TRACK]
+    assert res["rollout"] == "scan"
+    agg = res["aggregate"]
+    assert agg["episodes"] == 2 and len(res["episodes"]) == 2
+    assert agg["laps_mean"] > 1.0  # the gap follower laps the track within 24 s
+    for e in res["episodes"]:
+        assert e["completed_laps"] >= 1 and len(e["lap_times"]) == e["completed_laps"]
+        assert 10.0 < e["lap_times"][0] < 24.0
+        assert e["duration_s"] == pytest.approx(24.0) and e["end"] == "time_limit"
+        assert math.isfinite(e["collisions_per_km"]) and e["distance_m"] > 60.0
+        assert 1.0 < e["mean_speed"] < 4.0
+    assert math.isfinite(agg["collisions_per_km"]) and agg["lap_time_mean"] > 10.0
+    assert rep["results"]["continue"]["overall"]["episodes"] == 2
+    pngs = [Path(p) for p in rep["plots"]]
+    assert len(pngs) == 1 and pngs[0].exists() and pngs[0].stat().st_size > 10_000
+    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jax_scan_matches_host_loop():
+    """The scanned rollout records the same physics steps as a Python loop over the same
+    simulator (JaxRacecarEnv), seeded alike."""
+    from rl.envs.jax_env import gap_follower
+
+    pol = lambda obs: gap_follower(obs["lidar"])  # noqa: E731
+    kw = dict(episodes=1, time_limit=1.2, seed=3, action_repeat=4)
+    scan = ev.evaluate_policy(pol, TRACK, "jax", rollout="scan", **kw)
+    host = ev.evaluate_policy(pol, TRACK, "jax", rollout="host", **kw)
+    assert scan["rollout"] == "scan" and host["rollout"] == "host"
+    a, b = scan["traces"][0], host["traces"][0]
+    assert len(a["time"]) == len(b["time"]) == 121
+    np.testing.assert_allclose(a["time"], b["time"], atol=1e-5)
+    np.testing.assert_allclose(a["x"], b["x"], atol=2e-3)
+    np.testing.assert_allclose(a["y"], b["y"], atol=2e-3)
+    assert scan["episodes"][0]["laps"] == pytest.approx(host["episodes"][0]["laps"], abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- bullet
+def test_short_bullet_episode_through_the_same_code():
+    res = ev.evaluate_policy(ev.scripted_policy("bullet"), TRACK, "bullet", episodes=1,
+                             time_limit=2.0, seed=0, action_repeat=4)  # fmt: skip
+    assert res["rollout"] == "host"
+    e = res["episodes"][0]
+    assert e["end"] == "time_limit" and e["duration_s"] == pytest.approx(2.0)
+    assert e["distance_m"] > 1.0 and e["laps"] > 0.0 and e["contacts"] == 0
+    assert math.isfinite(e["collisions_per_km"]) and e["seed"] == 0
+    assert len(res["traces"][0]["time"]) == 201  # reset + 200 physics steps recorded
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _check_ckpt_report(out: Path, step: int):
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["checkpoint_step"] == step and rep["backend"] == "jax"
+    assert rep["protocol"]["action_repeat"] == 4
+    (mode,) = rep["results"]
+    agg = rep["results"][mode]["tracks"][TRACK]["aggregate"]
+    assert agg["episodes"] == 2 and math.isfinite(agg["laps_mean"])
+    assert all(Path(p).stat().st_size > 0 for p in rep["plots"])
+    return rep
+
+
+def test_checkpoint_policy_path(tmp_path):
+    """A gymnasium-runner (PyBullet-trained) checkpoint with non-trivial observation statistics
+    → restore_policy → the deterministic policy (training featurization + obs normalization,
+    clipped mean) → evaluation in the JAX backend (transfer between simulators). The state is
+    laid out as rl.gym_train saves it; the real format is covered by the slow test below."""
+    import jax
+    import jax.numpy as jnp
+
+    from etl import configlib
+    from rl.agent import lidar_features
+    from rl.config import load_config
+    from rl.ppo import make_agent, restore_policy
+    from rl.ppo_core import RunningMeanStd
+    from rl.runners import make_optimizer, split_agent
+    from train.checkpoint import Checkpointer
+
+    cfg = load_config(None, [f"runs_dir={tmp_path}", "run_name=tiny", f"env.track={TRACK}",
+                             "env.backend=bullet", "ppo.num_envs=2", "ppo.num_steps=8",
+                             "ppo.num_minibatches=2"])  # fmt: skip
+    model, _, trainable = make_agent(cfg, 1)
+    agent = split_agent(model, trainable)
+    rng = np.random.default_rng(0)
+    dim = cfg.model.lidar_beams + 6
+    rms = RunningMeanStd(jnp.asarray(rng.normal(size=dim), jnp.float32),
+                         jnp.asarray(rng.uniform(0.5, 2.0, dim), jnp.float32), jnp.asarray(50.0))
+    state = {"params": agent.params, "opt_state": make_optimizer(cfg.ppo, 1).init(agent.params),
+             "obs_rms": rms, "ret_rms": RunningMeanStd.create(()),
+             "key": jax.random.PRNGKey(0)}  # fmt: skip
+    ckpt_dir = tmp_path / "tiny" / "ckpt"
+    ck = Checkpointer(ckpt_dir)
+    ck.save(7, state, {"update": 7}, {"rl": configlib.to_dict(cfg), "kind": "ppo"})
+    ck.close()
+
+    _, restored, rrms = restore_policy(ckpt_dir)
+    np.testing.assert_allclose(np.asarray(rrms.mean), np.asarray(rms.mean))
+    policy = ev.checkpoint_policy(restored, lambda o: lidar_features(o, 108), rrms)
+    obs = {"lidar": rng.uniform(0.3, 15.0, 1080).astype(np.float32),
+           "velocity": rng.normal(size=6).astype(np.float32)}  # fmt: skip
+    x = rms.normalize(lidar_features({k: v[None] for k, v in obs.items()}, 108))
+    mean = np.asarray(model(x)[0][0])
+    np.testing.assert_allclose(np.asarray(policy(obs)), np.clip(mean, -1, 1), atol=1e-5)
+
+    out = tmp_path / "eval"
+    assert ev.main(["--ckpt", str(ckpt_dir), "--tracks", TRACK, "--backend", "jax",
+                    "--episodes", "2", "--time-limit", "2", "--collision", "config",
+                    "--out", str(out)]) == 0  # fmt: skip
+    rep = _check_ckpt_report(out, 7)
+    assert rep["trained_backend"] == "bullet"
+
+
+@pytest.mark.slow
+def test_trained_tiny_run_end_to_end(tmp_path):
+    """`python -m rl.ppo` trains a tiny run in a subprocess; `python -m rl.evaluate` on it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    train = [sys.executable, "-m", "rl.ppo", "--set", "run_name=tiny", "--set",
+             f"runs_dir={tmp_path}", "--set", f"env.track={TRACK}", "--set", "ppo.num_envs=8",
+             "--set", "ppo.num_steps=16", "--set", "ppo.total_timesteps=256", "--set",
+             "ppo.num_minibatches=2"]  # fmt: skip
+    r = subprocess.run(train, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "rl.evaluate", "--ckpt", str(tmp_path / "tiny" / "ckpt"),
+           "--tracks", TRACK, "--episodes", "2", "--time-limit", "3", "--collision", "config",
+           "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = _check_ckpt_report(out, 2)
+    assert any(p.endswith("learning_curves.png") for p in rep["plots"])
