@@ -28,9 +28,20 @@ STEPS: list[tuple[str, list[str]]] = [
                                   "--out", "data_cache", "--workers", "2"]),
     ("masked multimodal pretraining (tiny)", [PY, "-m", "train.pretrain", "--config",
                                               "configs/pretrain_tiny.toml",
-                                              "--set", "run_name=demo_pretrain"]),
-    ("reconstructions", [PY, "-m", "train.visualize", "--ckpt", "runs/demo_pretrain/ckpt",
+                                              "--set", "run_name=demo_pretrain",
+                                              "--set", "data.path=data_cache"]),
+    ("reconstructions", [PY, "-m", "train.visualize", "--ckpt", "runs/demo_pretrain",
                          "--out", "runs/demo_pretrain/vis"]),
+    ("linear probe vs random init", [PY, "-m", "train.probe", "--ckpt", "runs/demo_pretrain"]),
+    ("PPO, lidar policy, JAX simulator", [PY, "-m", "rl.ppo", "--config", "configs/rl_tiny.toml",
+                                          "--set", "run_name=demo_ppo"]),
+    ("PPO, multimodal policy from the pretrained encoders",
+     [PY, "-m", "rl.ppo", "--config", "configs/rl_tiny.toml", "--set", "run_name=demo_ppo_mm",
+      "--set", "model.policy=multimodal", "--set", "finetune.init=pretrained",
+      "--set", "finetune.pretrained_ckpt=runs/demo_pretrain/ckpt"]),
+    ("evaluation (racecar_gym protocol)", [PY, "-m", "rl.evaluate", "--ckpt",
+                                           "runs/demo_ppo/ckpt", "--tracks", "procedural:0",
+                                           "--episodes", "2"]),
 ]  # fmt: skip
 
 

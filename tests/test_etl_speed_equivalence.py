@@ -27,8 +27,13 @@ from etl.schema import IMAGENET_MEAN, IMAGENET_STD
 
 # --------------------------------------------------------------------------- RGB table
 @pytest.mark.parametrize(
-    "shape,size", [((720, 1280, 3), (224, 224)), ((40, 30, 3), (64, 48)), ((37, 91, 3), (12, 20)),
-                   ((16, 16, 3), (16, 16))]  # fmt: skip
+    "shape,size",
+    [
+        ((720, 1280, 3), (224, 224)),
+        ((40, 30, 3), (64, 48)),
+        ((37, 91, 3), (12, 20)),
+        ((16, 16, 3), (16, 16)),
+    ],  # fmt: skip
 )
 def test_rgb_lut_is_bit_identical_to_the_arithmetic(shape, size):
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
@@ -39,7 +44,7 @@ def test_rgb_lut_is_bit_identical_to_the_arithmetic(shape, size):
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     every_level = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
     got = preprocess_rgb(every_level, ImageConfig(rgb_size=(16, 16)))
-    want = ((every_level.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD)
+    want = (every_level.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
@@ -47,8 +52,8 @@ def test_rgb_lut_is_bit_identical_to_the_arithmetic(shape, size):
 def test_codec_float16_cast_is_bit_identical_to_numpy():
     bits = np.random.default_rng(1).integers(0, 2**32, 2_000_000, dtype=np.uint64)
     a = bits.astype(np.uint32).view(np.float32)
-    special = np.array([0.0, -0.0, 65504, 65519.99, 65520, 1e9, -1e9, 6e-8, -6e-8, 2.98e-8,
-                        5.96e-8, 1e-40, -1e-40, np.inf, -np.inf, 0.1, 2.0 / 3.0], np.float32)  # fmt: skip
+    special = [0.0, -0.0, 65504, 65519.99, 65520, 1e9, -1e9, 6e-8, -6e-8, 2.98e-8, 5.96e-8]
+    special = np.array([*special, 1e-40, -1e-40, np.inf, -np.inf, 0.1, 2 / 3], np.float32)
     a = np.concatenate([a[np.isfinite(a)], special])
     with np.errstate(over="ignore"):
         want = a.astype(np.float16)
@@ -182,4 +187,5 @@ def test_bad_compression_is_a_config_error(tmp_path, capsys):
     rc = B.main(["--src", str(tmp_path), "--out", str(tmp_path / "o"),
                  "--set", "output.compression=lz4"])  # fmt: skip
     assert rc == 2 and "output.compression" in capsys.readouterr().err
-    assert load_config(None, ["output.reduced_jpeg_decode=false"]).output.reduced_jpeg_decode is False
+    cfg = load_config(None, ["output.reduced_jpeg_decode=false"])
+    assert cfg.output.reduced_jpeg_decode is False

@@ -193,8 +193,9 @@ def test_real_sample_gps_imu_on_a_10hz_clock():
     step = np.linalg.norm(np.diff(enu[:, :2], axis=0), axis=1)
     assert np.abs(enu[0, :2]).max() < 50  # near the first fix
     # Without dedupe (legacy): the real receiver holds its fix for ~4 s (the files repeat it),
-    # so the interpolated track is a staircase; still, no step may exceed the largest jump between raw fixes (~120 m),
-    # whereas interpolating ddmm.mmmm or wrapping degrees would jump by kilometres.
+    # so the interpolated track is a staircase; still, no step may exceed the largest jump
+    # between raw fixes (~120 m), whereas interpolating ddmm.mmmm or wrapping degrees would
+    # jump by kilometres.
     raw = gps_to_enu(drive.gps.values)
     assert step.max() <= np.linalg.norm(np.diff(raw[:, :2], axis=0), axis=1).max() + 1e-6
     assert np.abs(enu).max() < 20_000
