@@ -2,6 +2,7 @@
 
     uv run python -m benchmarks.envs                      # JAX on the default device
     uv run python -m benchmarks.envs --envs 1024 4096 --steps 100 --camera
+    uv run python -m benchmarks.envs --calibrate          # car figures, both backends
 
 bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of the batched,
 auto-resetting step (JaxRacecar.batch_step: lidar traced only for the cars whose 25 Hz
@@ -103,6 +104,19 @@ def bench_bullet(steps: int = 2000, camera: bool = False, track: str = "procedur
             "cpu_steps_per_s": steps / max(cpu, 1e-9), "scan_ms": scan_ms, "camera_ms": cam_ms}
 
 
+def calibration_table() -> list[tuple[str, float, float]]:
+    """rl.envs.bullet.calibrate() (open floor at the tracks' friction) next to the same
+    protocol run on the JAX car's Dynamics (rl.envs.jax_env.calibrate)."""
+    from rl.envs import bullet, jax_env
+
+    b, j = bullet.calibrate(), jax_env.calibrate()
+    rows = [(k, b[k], j[k]) for k in b]
+    print(f"{'figure':38} {'pybullet':>9} {'jax':>9}")
+    for k, x, y in rows:
+        print(f"{k:38} {x:9.3f} {y:9.3f}")
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'backend':8} {'device':6} {'envs':>6} {'steps':>6} {'camera':>6} "
           f"{'run s':>8} {'compile s':>9} {'steps/s':>12}")
@@ -123,7 +137,12 @@ def main(argv=None) -> None:
                     help="also run the PyBullet backend (one car per core), and the ratio")
     ap.add_argument("--bullet-steps", type=int, default=2000)
     ap.add_argument("--no-jax", action="store_true", help="skip bench_jax")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="print the car's calibration figures in both backends and exit")
     args = ap.parse_args(argv)
+    if args.calibrate:
+        calibration_table()
+        return
     rows = []
     if args.bullet:
         for cam in (False, True):

@@ -119,7 +119,10 @@ def _imdecode_flag(data: bytes, mode: str) -> int:
     info = jpeg_info(data)
     if info is None or info[3] != 8:
         return full
-    r = jpeg_reduction(info[:2], sizes[mode])
+    target = sizes[mode]
+    if b"Exif\x00" in data[:65536]:  # OpenCV applies an EXIF rotation: cover either orientation
+        target = (max(target), max(target))
+    r = jpeg_reduction(info[:2], target)
     if r == 1:
         return full
     return _REDUCED[r, mode == "rgb" or info[2] >= 3]

@@ -9,9 +9,10 @@ training config's observation featurization, ``obs_rms`` normalization and actio
 ``--episodes`` episodes per track, a time limit (default: the training config's) and an
 effectively unbounded lap count, so an episode runs to the time limit unless a wall contact
 ends it. ``--collision both`` (the default) runs the protocol twice: ``terminate`` (a wall
-contact ends the episode, as racecar_gym's evaluation and as our training default) and
-``continue`` (the car keeps driving after contacts, so collisions per km and laps within the
-time limit are both meaningful); ``--collision config`` runs only the training config's rule.
+contact ends the episode, racecar_gym's ``terminate_on_collision`` and our training default)
+and ``continue`` (the car keeps driving after contacts, so collisions per km and laps within
+the time limit are both meaningful); ``--collision config`` runs only the training config's
+rule, ``terminate`` / ``continue`` only that one. Collisions are reported in both.
 
 Metrics per episode, per track and overall (metrics.json):
 
@@ -22,6 +23,9 @@ Metrics per episode, per track and overall (metrics.json):
   included; a car spawned behind the line starts lap 1 at its first crossing),
 * ``collisions_per_km`` — wall-contact events (rising edges of ``wall_collision`` at the
   100 Hz physics rate) per km driven (pooled over episodes in aggregates),
+  and ``collisions_per_km_debounced``, where a contact that follows the previous one after
+  less than ``DEBOUNCE_S`` = 0.5 s without contact is the same event (in the JAX backend a
+  car pinned against a wall flickers in and out of contact, every flicker a rising edge),
 * ``collision_free_fraction`` — episodes without a wall contact,
 * ``mean_speed`` — metres driven / seconds driven.
 
@@ -61,6 +65,7 @@ import numpy as np
 BIG_LAPS = 100_000  # "laps = a large number": only the time limit (or a collision) ends it
 DEFAULT_TRACKS = "austria,berlin,montreal,torino"
 PHYSICS_DT = 0.01  # s (rl.envs.spec.PHYSICS_DT; repeated so metric helpers import nothing)
+DEBOUNCE_S = 0.5  # contacts closer than this (contact-free time) also count as one event
 TRACE_KEYS = ("time", "x", "y", "speed", "lap", "total", "collision")
 
 
@@ -69,12 +74,21 @@ def log(msg: str) -> None:
 
 
 # =========================================================================== metric arithmetic
-def rising_edges(flags: Sequence[bool] | np.ndarray) -> int:
-    """Number of False→True transitions (a trace that starts True counts one)."""
+def rising_edges(flags: Sequence[bool] | np.ndarray, min_gap: int = 1) -> int:
+    """Number of False→True transitions (a trace that starts True counts one).
+
+    ``min_gap`` > 1 debounces: a contact that follows the previous one after fewer than
+    ``min_gap`` contact-free steps is the same event (a car pinned against a wall in the JAX
+    backend flickers in and out of contact, its pose rolled back every other step)."""
     f = np.asarray(flags, bool).reshape(-1)
     if f.size == 0:
         return 0
-    return int(f[0]) + int(np.sum(f[1:] & ~f[:-1]))
+    starts = np.nonzero(f & ~np.r_[False, f[:-1]])[0]
+    if min_gap <= 1 or len(starts) < 2:
+        return len(starts)
+    ends = np.nonzero(f & ~np.r_[f[1:], False])[0]  # last contact step of each run
+    gaps = starts[1:] - ends[:-1] - 1  # contact-free steps before each later run
+    return 1 + int(np.sum(gaps >= min_gap))
 
 
 def crossing_times(lap: np.ndarray, t: np.ndarray) -> dict[int, float]:
@@ -125,6 +139,7 @@ def episode_metrics(trace: dict[str, np.ndarray], end: str = "") -> dict[str, An
     dist = path_length(trace["x"], trace["y"])
     duration = float(t[-1] - t[0])
     contacts = rising_edges(trace["collision"])
+    debounced = rising_edges(trace["collision"], int(round(DEBOUNCE_S / PHYSICS_DT)))
     lt = lap_times(trace["lap"], t)
     speed = np.asarray(trace["speed"], np.float64)
     return {
@@ -137,6 +152,8 @@ def episode_metrics(trace: dict[str, np.ndarray], end: str = "") -> dict[str, An
         "contacts": contacts,
         "collision_steps": int(np.sum(np.asarray(trace["collision"], bool))),
         "collisions_per_km": collisions_per_km(contacts, dist),
+        "contacts_debounced": debounced,
+        "collisions_per_km_debounced": collisions_per_km(debounced, dist),
         "collision_free": contacts == 0,
         "mean_speed": dist / duration if duration > 0 else 0.0,
         "max_speed": float(speed.max()) if speed.size else 0.0,
@@ -173,6 +190,8 @@ def aggregate(episodes: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "contacts": contacts,
         "distance_km": km,
         "collisions_per_km": collisions_per_km(contacts, km * 1000.0),
+        "collisions_per_km_debounced": collisions_per_km(
+            sum(e["contacts_debounced"] for e in episodes), km * 1000.0),
         "collision_free_fraction": sum(bool(e["collision_free"]) for e in episodes) / n,
         "terminated_by_collision_fraction": sum(e["end"] == "collision" for e in episodes) / n,
         "mean_speed": _mean_std([e["mean_speed"] for e in episodes])[0],
@@ -192,6 +211,7 @@ def overall(per_track: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "laps_std": pooled.get("laps_std"),
         "completed_laps_mean": pooled.get("completed_laps_mean"),
         "collisions_per_km": pooled.get("collisions_per_km"),
+        "collisions_per_km_debounced": pooled.get("collisions_per_km_debounced"),
         "collision_free_fraction": pooled.get("collision_free_fraction"),
         "mean_speed": pooled.get("mean_speed"),
         "episodes": len(eps),
@@ -212,8 +232,9 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
     """The deterministic policy of a trained agent: one raw observation dict → clip(mean).
 
     Pure JAX (traceable: it runs inside the JAX backend's scan) and jitted on the host. The
-    observation gets a batch axis of one, goes through the training featurization and the
-    training observation normalization, and the Gaussian mean is clipped to [-1, 1]."""
+    observation goes through the training featurization (``featurize`` maps ONE observation,
+    as make_agent's does — the runners vmap it), gets a batch axis of one, the training
+    observation normalization, and the Gaussian mean is clipped to [-1, 1]."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -221,8 +242,8 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
     graphdef, state = nnx.split(model)
 
     def act(obs: dict):
-        batched = {k: jnp.asarray(v)[None] for k, v in obs.items()}
-        x = featurize(batched)
+        feats = featurize({k: jnp.asarray(v) for k, v in obs.items()})
+        x = jax.tree.map(lambda a: a[None], feats)
         if obs_rms is not None:
             x = obs_rms.normalize(x)
         mean, _, _ = nnx.merge(graphdef, state)(x)
@@ -650,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
             a = res["aggregate"]
             log(f"  laps {a['laps_mean']:.2f} ± {a['laps_std']:.2f}, "
                 f"lap time {a['lap_time_mean']:.2f} s (best {a['best_lap_time']}), "
-                f"{a['collisions_per_km']:.2f} collisions/km, "
+                f"{a['collisions_per_km']:.2f} collisions/km "
+                f"({a['collisions_per_km_debounced']:.2f} debounced), "
                 f"collision-free {a['collision_free_fraction']:.0%}, "
                 f"{a['mean_speed']:.2f} m/s  [{res['wall_s']:.0f} s, {res['rollout']}]")
             if not args.no_plots:

@@ -119,6 +119,24 @@ def test_reduced_decode_only_inside_the_context_and_only_for_jpeg():
     assert decode_image(jpg, "rgb").shape == (720, 1280, 3)
 
 
+def test_reduced_decode_never_below_target_with_exif_rotation():
+    img = _smooth_image()
+    jpg = cv2.imencode(".jpg", img)[1].tobytes()
+    # an APP1 Exif segment saying "rotate 90°" (orientation 6), right after SOI
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00"
+    tiff += b"\x00\x00\x00\x00"
+    app1 = b"Exif\x00\x00" + tiff
+    exif = jpg[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpg[2:]
+    full = decode_image(exif, "rgb")
+    with decode_at_least(rgb=(224, 400)):
+        small = decode_image(exif, "rgb")
+        plain = decode_image(jpg, "rgb")
+    assert plain.shape == (360, 640, 3)  # no EXIF: 224 ≤ 360 and 400 ≤ 640
+    assert full.shape == (1280, 720, 3)  # OpenCV applied the rotation
+    # 1/2 scale would give 640 × 360 after rotation: too narrow for 400 → decoded in full
+    assert small.shape[0] >= 224 and small.shape[1] >= 400
+
+
 @pytest.mark.parametrize("quality", [75, 95])
 @pytest.mark.parametrize("kind,mean_max,p99_max", [("smooth", 0.5, 3), ("hard", 2.0, 12)])
 def test_reduced_decode_within_tolerance_of_full_decode(kind, mean_max, p99_max, quality):
@@ -189,3 +207,33 @@ def test_bad_compression_is_a_config_error(tmp_path, capsys):
     assert rc == 2 and "output.compression" in capsys.readouterr().err
     cfg = load_config(None, ["output.reduced_jpeg_decode=false"])
     assert cfg.output.reduced_jpeg_decode is False
+
+
+# --------------------------------------------------------------------------- LiDAR BEV
+def _bev_lidar_reference(points, grid, valid=None):
+    """bev_lidar as first written: weighted bincount and a masked maximum.at."""
+    from etl.preprocess import _cell_index, _log_density, _scatter
+
+    h, w = grid.shape
+    flat, inside = _cell_index(points, grid, valid, np)
+    count = _scatter(flat, inside.astype(np.float32), h * w, "add", np)
+    zmax = _scatter(flat, np.where(inside, points[:, 2], -np.inf), h * w, "max", np)
+    height = np.where(count > 0, (zmax - grid.z_min) / (grid.z_max - grid.z_min), 0.0)
+    out = np.stack([_log_density(count, grid, np), np.clip(height, 0.0, 1.0)], axis=-1)
+    return out.reshape(h, w, 2).astype(np.float32)
+
+
+def test_bev_lidar_fast_path_is_bit_identical():
+    from etl.config import BEVGrid
+    from etl.preprocess import bev_lidar
+
+    rng = np.random.default_rng(4)
+    p = rng.uniform(-40, 40, (20000, 4)).astype(np.float32)
+    p[:, 2] = rng.uniform(-4, 4, len(p))
+    bad = p.copy()
+    bad[::7, 0], bad[::11, 2], bad[::13, 1] = np.nan, np.inf, -np.inf
+    for pts in (p, bad, p.astype(np.float64), np.zeros((0, 3), np.float32)):
+        for grid in (BEVGrid(), BEVGrid(resolution=0.25, z_min=-1, z_max=1, density_max=4)):
+            for valid in (None, rng.random(len(pts)) > 0.3):
+                got, want = bev_lidar(pts, grid, valid), _bev_lidar_reference(pts, grid, valid)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -37,6 +37,10 @@ def test_lap_times_from_crossing_times():
 def test_collisions_per_km_from_a_synthetic_trace():
     assert ev.rising_edges([0, 1, 1, 0, 1, 0, 0, 1]) == 3
     assert ev.rising_edges([1, 1, 0]) == 1 and ev.rising_edges([]) == 0
+    # debounced: runs separated by fewer than min_gap clear steps are one event
+    assert ev.rising_edges([1, 0, 1, 0, 0, 0, 1, 1, 0, 1], min_gap=3) == 2
+    assert ev.rising_edges([1, 0, 1, 0, 0, 0, 1, 1, 0, 1], min_gap=4) == 1
+    assert ev.rising_edges([0, 1, 0, 0], min_gap=50) == 1
     n = 1001  # 10 s at 100 Hz along +x at 2 m/s: 20 m
     t = np.arange(n) * 0.01
     coll = np.zeros(n, bool)
@@ -47,16 +51,18 @@ def test_collisions_per_km_from_a_synthetic_trace():
              "lap": lap, "total": lap + 0.5, "collision": coll}  # fmt: skip
     m = ev.episode_metrics(trace, "time_limit")
     assert m["contacts"] == 3 and m["collision_steps"] == 22
+    assert m["contacts_debounced"] == 2  # 500 and 502 are 1 clear step apart (< 0.5 s)
     assert m["distance_m"] == pytest.approx(20.0)
     assert m["collisions_per_km"] == pytest.approx(3 / 0.020)
     assert m["mean_speed"] == pytest.approx(2.0)
     assert m["lap_times"] == pytest.approx([4.0, 5.0]) and m["laps"] == pytest.approx(2.5)
     assert not m["collision_free"]
     # aggregates pool contacts over distance; zero distance with a contact is undefined
-    clean = dict(m, contacts=0, collision_free=True, collisions_per_km=0.0, laps=1.5,
-                 lap_times=[])  # fmt: skip
+    clean = dict(m, contacts=0, contacts_debounced=0, collision_free=True,
+                 collisions_per_km=0.0, laps=1.5, lap_times=[])  # fmt: skip
     a = ev.aggregate([m, clean])
     assert a["collisions_per_km"] == pytest.approx(3 / 0.040)
+    assert a["collisions_per_km_debounced"] == pytest.approx(2 / 0.040)
     assert a["collision_free_fraction"] == 0.5
     assert a["laps_mean"] == pytest.approx(2.0) and a["laps_std"] == pytest.approx(0.5)
     assert a["lap_times"] == pytest.approx([4.0, 5.0])

@@ -46,7 +46,8 @@ def baseline(tmp_path_factory, shards):
     """An uninterrupted 8-step run: (tmp dir, step → loss)."""
     tmp = tmp_path_factory.mktemp("baseline")
     cfg = tiny_config(tmp, shards, "base")
-    assert run_pretrain(["--config", str(cfg)]) == 0
+    # image metrics on: a forward pass that must not change the losses
+    assert run_pretrain(["--config", str(cfg), "--set", "training.image_metrics_every=4"]) == 0
     return tmp, read_losses(tmp / "runs" / "base")
 
 
@@ -105,6 +106,10 @@ def test_uninterrupted_run_logs_and_checkpoints(baseline):
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for k in ("loss/lidar", "loss/rgb", "samples_per_s_per_device", "mfu", "lr", "grad_norm"):
         assert k in rec
+    images = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    images = [r for r in images if "psnr/rgb" in r]
+    assert [r["step"] for r in images] == [4, 8]
+    assert all(np.isfinite(r["psnr/rgb"]) and np.isfinite(r["ssim/ir"]) for r in images)
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert json.loads((run / "config.json").read_text())["model"]["embed_dim"] == 16
 
@@ -173,6 +178,8 @@ def test_resume_after_kill_9_is_exact(four_devices, baseline, capsys):
     assert sorted(got) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
                                rtol=1e-6)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) == list(range(1, 9))  # step 5, logged before the kill, once
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +249,35 @@ def test_nan_loss_stops_without_checkpoint(preempted, tmp_path, capsys):
     assert rc == pretrain.EXIT_NONFINITE
     assert "non-finite loss nan (gradient norm nan) at step 5" in capsys.readouterr().err
     assert _ckpt_steps(runs / "pre") == before
+
+
+# --------------------------------------------------------------------------- helpers
+def test_reconstruction_inverts_the_models_patchify():
+    import jax.numpy as jnp
+
+    from train.encoders import patchify
+    from train.metrics import reconstruction
+
+    x = np.random.default_rng(0).random((2, 16, 24, 3)).astype(np.float32)
+    patches = np.asarray(patchify(jnp.asarray(x), 8))  # (2, 6, 192)
+    mask = np.zeros((2, 6), bool)
+    mask[:, 1] = True
+    pred, pix_mask = reconstruction({"pred/rgb": patches, "mask/rgb": mask}, {"rgb": x}, "rgb", 8)
+    np.testing.assert_allclose(pred, x, rtol=1e-6)
+    assert pix_mask.shape == (2, 16, 24, 1)
+    assert pix_mask[:, :8, 8:16].all() and pix_mask.sum() == 2 * 64
+
+
+def test_probe_targets_pool_vehicle_boxes_to_patches():
+    from etl.config import BEVGrid
+    from etl.schema import BOX_CLASSES
+    from train.probe import iou, occupancy_targets
+
+    grid = BEVGrid(x_min=-8, x_max=8, y_min=-8, y_max=8, resolution=0.5)  # 32×32 cells
+    boxes = np.zeros((1, 2, 7), np.float32)
+    boxes[0, 0] = [6.0, 6.0, 0, 2.0, 2.0, 1.5, 0.0]  # a car in the front-left corner
+    boxes[0, 1] = [-6.0, -6.0, 0, 2.0, 2.0, 1.5, 0.0]  # a pedestrian: not a vehicle
+    cls = np.array([[BOX_CLASSES.index("Car"), BOX_CLASSES.index("Pedestrian")]], np.int32)
+    occ = occupancy_targets(boxes, cls, grid, patch=8).reshape(4, 4)
+    assert occ[0, 0] == 1 and occ.sum() == 1
+    assert iou(np.array([1, 1, 0]) > 0, np.array([1, 0, 0]) > 0) == 0.5

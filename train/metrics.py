@@ -181,3 +181,13 @@ class Logger:
                 self.bar.close()
             self.jsonl.close()
             self.tb.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (logged by a run that then died before its next
+    checkpoint): a resumed run logs those steps again, with the same values."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))

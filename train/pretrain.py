@@ -184,6 +184,8 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
             ckpt.close()
             raise
         log(f"resumed from step {start} ({ckpt.directory})")
+        if jax.process_index() == 0:
+            metricslib.truncate_jsonl(run_dir / "metrics.jsonl", start)
     config_rec = ckptlib.config_record(cfg, pre)
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(json.dumps(config_rec, indent=2))

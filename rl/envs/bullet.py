@@ -597,7 +597,13 @@ class BulletRacecarEnv(gym.Env):
 
 
 # --------------------------------------------------------------------------- calibration
-def calibrate(seconds: float = 15.0) -> dict[str, float]:
+# Scene floors loaded from a racecar_gym sdf (or a mesh) carry PyBullet's default lateral
+# friction, 0.5; pybullet_data's plane.urdf has 1.0, on which the car accelerates ~30 % harder.
+TRACK_FLOOR_FRICTION = 0.5
+
+
+def calibrate(seconds: float = 15.0, floor_friction: float = TRACK_FLOOR_FRICTION,
+              ) -> dict[str, float]:
     """Dynamics facts of this backend on an open floor (no walls), for the JAX backend's tuning.
 
     Speeds are planar speeds of the base (the chassis centre of mass, 0.2 m ahead of the rear
@@ -606,14 +612,16 @@ def calibrate(seconds: float = 15.0) -> dict[str, float]:
     speed lost in 1 s of coasting (motor 0); steady speeds of the ``speed`` actuator on a
     straight; the yaw rate, speed and turning radius at steering ±1 while holding ≈ 2 m/s
     (speed actuator, command for 2 m/s), and the time for the yaw rate to reach 90 % of that
-    after a step in steering.
+    after a step in steering. The floor gets the tracks' friction (``floor_friction``).
     """
     v = VehicleParams()
     cid = p.connect(p.DIRECT)
     try:
         p.setGravity(0, 0, -GRAVITY, physicsClientId=cid)
         p.setTimeStep(DT, physicsClientId=cid)
-        p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"), physicsClientId=cid)
+        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
+                           physicsClientId=cid)
+        p.changeDynamics(plane, -1, lateralFriction=floor_friction, physicsClientId=cid)
         env = _OpenFloorCar(cid, v)
         out: dict[str, float] = {}
         n = int(seconds / DT)

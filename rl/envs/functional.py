@@ -44,23 +44,24 @@ class RacecarFunctional:
         state, collisions, distance = carry
 
         def body(c, _):
-            st, obs, rew, term, trunc, hit, dist = c
-            o2, st2, r, te, tr, info = env.step(st, action, params)
+            st, rew, term, trunc, hit, dist = c
+            st2, r, te, tr = env._advance(st, action, params)  # physics only, no lidar
             done = term | trunc
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(done, b, a), new, old)  # noqa: E731
-            st = keep(st2, st)
-            obs = keep(o2, obs)
+            st = jax.tree.map(lambda a, b: jnp.where(done, b, a), st2, st)
             rew = rew + jnp.where(done, 0.0, r)
-            hit = hit + jnp.where(done, 0.0, info["wall_collision"].astype(jnp.float32))
+            hit = hit + jnp.where(done, 0.0, st2.collision.astype(jnp.float32))
             dist = dist + jnp.where(done, 0.0, st2.v * env.dynamics.dt)
-            return (st, obs, rew, term | te, trunc | tr, hit, dist), None
+            return (st, rew, term | te, trunc | tr, hit, dist), None
 
-        obs0 = env._obs(state, params)
-        init = (state, obs0, jnp.zeros(()), jnp.bool_(False), jnp.bool_(False), jnp.zeros(()),
-                jnp.zeros(()))  # fmt: skip
-        (state, obs, reward, term, trunc, hit, dist), _ = jax.lax.scan(
+        z = jnp.zeros(())
+        init = (state, z, jnp.bool_(False), jnp.bool_(False), z, z)
+        (state, reward, term, trunc, hit, dist), _ = jax.lax.scan(
             body, init, None, self.action_repeat
         )
+        # one lidar scan per policy step: with action_repeat = the lidar period (4 physics
+        # steps at 25 Hz) the scan is due exactly here, as if refreshed every physics step
+        state = env._refresh(state, params)
+        obs = env._obs(state, params)
         trunc = trunc & ~term
         collisions, distance = collisions + hit, distance + dist
         info = {

@@ -41,31 +41,148 @@ from rl.tracks import Track, load_track
 
 @dataclass(frozen=True)
 class Dynamics:
-    """Car constants of the JAX model; calibrate against the PyBullet backend.
+    """Car constants of the JAX model, fitted to the PyBullet car (`fit_dynamics`, figures
+    side by side: ``python -m benchmarks.envs --calibrate``).
 
-    Longitudinal: dv/dt = accel_max * m * (1 - (v / v_cap) ** drag_power) - rolling
-    for m >= 0 (steady speeds: m=1 -> ~3.77 m/s, m=0.3 -> ~3.5 m/s), and
-    dv/dt = -(brake_max * |m| + rolling) for m < 0; v is clipped at 0 (no reverse)."""
+    Pose = the chassis centre of mass, `com_offset` ahead of the rear axle (PyBullet's base);
+    the bicycle model runs about the rear axle. Longitudinal, v = forward speed, u = the
+    wheels' target speed (motor: 5 m/s; speed actuator: 1.25 x the commanded m/s):
+
+        motor m > 0:  dv/dt = min(accel_max * m ** motor_gamma * (1 - force_fade * v / u),
+                                  slip_gain * (u - v) / u)
+        speed:        dv/dt = clip(slip_gain * (u - v) / u, -brake_max, accel_max)
+        brake m < 0:  dv/dt = -min(brake_max * |m| ** brake_gamma, brake_slip * v)
+        always        - drag * v - rolling (while moving); v >= 0, no reverse.
+
+    The wheel traction saturates with relative slip: that is why motor 0.3 ends at 3.36 m/s
+    rather than near 3.8, and why the speed actuator overshoots its target (u = 1.25 x).
+    Steering: the wheel angle lags its command (first order, `steer_tau`, and `steer_rate`),
+    and the tyres saturate: yaw rate = w / (1 + understeer * (v w) ** 2), w = v tan(delta) / L
+    (about none at steering 0.4, 14 % less than kinematic at full lock and 2.2 m/s)."""
 
     dt: float = spec.PHYSICS_DT
     wheelbase: float = spec.WHEELBASE
+    com_offset: float = spec.COM_AHEAD_OF_REAR_AXLE  # pose ahead of the rear axle, m
     max_steer: float = spec.STEER_MAX_RAD
-    steer_rate: float = 8.0  # rad/s, wheel-angle slew limit
-    accel_max: float = 6.0  # m/s^2 at motor = 1, standing start
-    v_cap: float = 3.85  # m/s, speed where the drive force vanishes
-    drag_power: float = 8.0
-    rolling: float = 0.96  # m/s^2, constant resistance while moving (=0.16 * accel_max)
-    brake_max: float = 8.0  # m/s^2 at motor = -1
+    steer_tau: float = 0.114  # s, first-order lag of the wheel angle
+    steer_rate: float = 4.0  # rad/s, wheel-angle slew limit
+    understeer: float = 0.0131  # s^4/m^2, per (lateral acceleration) ** 2
+    accel_max: float = 4.07  # m/s^2 at motor = 1 (traction permitting)
+    motor_gamma: float = 0.167  # drive ~ m ** gamma (motor 0.3 still gives 82 %)
+    slip_gain: float = 17.7  # m/s^2 per unit relative slip
+    drag: float = 0.88  # 1/s, linear resistance
+    rolling: float = 0.0  # m/s^2, constant resistance while moving
+    brake_max: float = 1.62  # m/s^2 at motor = -1
+    brake_gamma: float = 0.349
+    force_fade: float = 0.204  # the drive force falls by this fraction of v / motor_target
+    brake_slip: float = 4.37  # 1/s: braking decel is at most brake_slip * v (locked wheels)
+    motor_target: float = spec.MOTOR_TARGET_WHEEL_SPEED * spec.WHEEL_RADIUS  # 5 m/s
+    speed_scale: float = spec.SPEED_VELOCITY_MULTIPLIER * spec.WHEEL_RADIUS  # 1.25
     actuator: str = "motor"  # "motor" | "speed" (target (a+1)/2 * 3.5 m/s)
-    speed_gain: float = 4.0  # 1/s, speed actuator: dv/dt = gain * (target - v), clipped
-    # footprint: circles along the body x axis (rear axle = 0), radius = half width
-    footprint_x: tuple[float, ...] = (0.075, 0.2, 0.325)
+    # footprint: circles along the body x axis (pose = 0), radius = half the width; they
+    # cover the 0.5 m chassis from 0.25 m behind to 0.25 m ahead of the pose
+    footprint_x: tuple[float, ...] = (-0.125, 0.0, 0.125)
     footprint_r: float = spec.CAR_WIDTH / 2
+
+
+def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp):
+    """One physics step of the speed and wheel angle (numpy or jax arrays): returns
+    (v_new, steer_new, yaw_rate) where yaw_rate is that of the step (midpoint speed).
+    speed_mode: None -> dyn.actuator, else a bool (array) selecting the speed actuator."""
+    dt = dyn.dt
+    target = spec.STEER_SIGN * dyn.max_steer * a_steer
+    ds = (target - steer) * (1.0 - np.exp(-dt / dyn.steer_tau))
+    steer_new = steer + xp.clip(ds, -dyn.steer_rate * dt, dyn.steer_rate * dt)
+    resist = dyn.drag * v + dyn.rolling * (v > 0)
+
+    def motor():
+        u = dyn.motor_target
+        slip = dyn.slip_gain * (u - v) / u
+        force = dyn.accel_max * xp.maximum(a_motor, 0.0) ** dyn.motor_gamma
+        drive = xp.minimum(force * (1.0 - dyn.force_fade * v / u), slip)
+        brake = -xp.minimum(dyn.brake_max * xp.abs(a_motor) ** dyn.brake_gamma,
+                            dyn.brake_slip * v)
+        return xp.where(a_motor > 0, drive, xp.where(a_motor < 0, brake, 0.0))
+
+    def speed():
+        u = xp.maximum((a_motor + 1.0) / 2.0 * spec.SPEED_MAX_VELOCITY * dyn.speed_scale, 0.05)
+        return xp.clip(dyn.slip_gain * (u - v) / u, -dyn.brake_max, dyn.accel_max)
+
+    if speed_mode is None:
+        acc = speed() if dyn.actuator == "speed" else motor()
+    else:
+        acc = xp.where(speed_mode, speed(), motor())
+    v_new = xp.maximum(v + (acc - resist) * dt, 0.0)
+    v_mid = 0.5 * (v + v_new)
+    w = v_mid * xp.tan(steer_new) / dyn.wheelbase  # kinematic yaw rate
+    return v_new, steer_new, w / (1.0 + dyn.understeer * (v_mid * w) ** 2)
+
+
+def _open_floor(dyn: Dynamics, policy, n: int) -> np.ndarray:
+    """(n, 5) rows of x, y, yaw, planar CoM speed, yaw rate of the model on an open floor
+    under ``policy(i) -> (kind, a, steering)`` (numpy; the protocol of bullet.calibrate)."""
+    v = steer = yaw = 0.0
+    rear = np.zeros(2)
+    out = np.zeros((n, 5))
+    b = dyn.com_offset
+    for i in range(n):
+        kind, a, s = policy(i)
+        v0 = v
+        v, steer, w = car_step(dyn, v, steer, a, s, kind == "speed", xp=np)
+        v, steer, w = float(v), float(steer), float(w)
+        ym = yaw + 0.5 * w * dyn.dt
+        rear = rear + 0.5 * (v0 + v) * dyn.dt * np.array([np.cos(ym), np.sin(ym)])
+        yaw += w * dyn.dt
+        pos = rear + b * np.array([np.cos(yaw), np.sin(yaw)])
+        out[i] = pos[0], pos[1], yaw, np.hypot(v, b * w), w
+    return out
+
+
+def calibrate(dyn: Dynamics | None = None, seconds: float = 15.0) -> dict[str, float]:
+    """The figures of rl.envs.bullet.calibrate, measured on this model (same protocol)."""
+    dyn = dyn or Dynamics()
+    dt = dyn.dt
+    out: dict[str, float] = {}
+    n = int(seconds / dt)
+
+    def first(cond):
+        return float((np.nonzero(cond)[0][0] + 1) * dt) if cond.any() else float("nan")
+
+    for m in (1.0, 0.3):
+        tr = _open_floor(dyn, lambda _i, m=m: ("motor", m, 0.0), n)
+        out[f"top_speed_motor_{m}"] = float(tr[-int(1.0 / dt):, 3].mean())
+        out[f"time_to_2mps_motor_{m}"] = first(tr[:, 3] >= 2.0)
+        out[f"time_to_3mps_motor_{m}"] = first(tr[:, 3] >= 3.0)
+    k = int(5.0 / dt)
+    for m in (-1.0, -0.3, 0.0):
+        tr = _open_floor(dyn, lambda i, m=m: ("motor", 1.0 if i < k else m, 0.0), k + 400)
+        if m < 0:
+            out[f"stop_time_motor_{m}"] = first(tr[k:, 3] < 0.05)
+        else:
+            out["coast_speed_loss_1s"] = float(tr[k - 1, 3] - tr[k + int(1.0 / dt), 3])
+    for vt in (1.0, 2.0, 3.0):
+        cmd = vt / spec.SPEED_MAX_VELOCITY * 2.0 - 1.0
+        tr = _open_floor(dyn, lambda _i, c=cmd: ("speed", c, 0.0), int(6.0 / dt))
+        out[f"speed_actuator_target_{vt}_steady"] = float(tr[-int(1.0 / dt):, 3].mean())
+    target = 2.0 / spec.SPEED_MAX_VELOCITY * 2.0 - 1.0
+    step_at = 300
+    for sgn in (1.0, -1.0):
+        tr = _open_floor(dyn, lambda i, s=sgn: ("speed", target, s if i >= step_at else 0.0), n)
+        last = tr[-int(3.0 / dt):]
+        yaw_rate, speed = float(last[:, 4].mean()), float(last[:, 3].mean())
+        key = "right" if sgn > 0 else "left"
+        out[f"yaw_rate_steer_{key}"] = yaw_rate
+        out[f"speed_steer_{key}"] = speed
+        out[f"turn_radius_steer_{key}"] = speed / max(abs(yaw_rate), 1e-9)
+        out[f"yaw_rate_rise_90pct_{key}"] = first(np.abs(tr[step_at:, 4]) >= 0.9 * abs(yaw_rate))
+    return out
 
 
 @dataclass(frozen=True)
 class SensorConfig:
     lidar_iters: int = 24  # sphere-tracing iterations per ray
+    lidar_min_step: float = 0.03  # relaxed step: at least this fraction of the distance so far
+    lidar_refine: int = 2  # bisection steps on a hit (overshoot <= min_step / 4 of the range)
     lidar_rays: int = spec.LIDAR_RAYS
     lidar_noise: float = spec.LIDAR_NOISE
     lidar_every: int = int(round(1.0 / (spec.LIDAR_HZ * spec.PHYSICS_DT)))  # 4 steps
@@ -164,20 +281,54 @@ def _lookup(grid, params: TrackParams, x, y):
     return grid[jnp.clip(r, 0, h - 1), jnp.clip(c, 0, w - 1)]
 
 
-def sphere_trace(params: TrackParams, x, y, angles, iters: int, max_dist: float):
+def _hash_uniform(key, n: int):
+    """n uniform [0, 1) floats from one key: a 32-bit integer hash (lowbias32) of the ray
+    index plus a seed drawn from `key` — ~10x cheaper on CPU than jax.random.uniform's
+    threefry per element, and as reproducible (the seed comes from the env's key)."""
+    seed = jax.random.bits(key, (), jnp.uint32)
+    h = jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) + seed
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    h = h ^ (h >> 16)
+    return (h >> 8).astype(jnp.float32) * jnp.float32(2.0 ** -24)
+
+
+def sphere_trace(params: TrackParams, x, y, angles, iters: int, max_dist: float,
+                 min_step: float = 0.015, refine: int = 0):
     """Distance along world-frame rays from (x, y) to the wall, by sphere tracing the
     metric distance field; an unconverged ray reports where it stopped plus the
-    remaining clearance."""
+    remaining clearance.
+
+    Relaxed: a step is never shorter than `min_step` times the distance covered (grazing
+    rays would otherwise crawl along a wall), so a ray may stop up to that step past the
+    wall; `refine` bisection steps on the last step then shrink that overshoot 2x each."""
     dx, dy = jnp.cos(angles), jnp.sin(angles)
     eps = 0.5 * params.resolution
 
-    def body(_, t):
+    def body(_, c):
+        t, prev = c
         d = _lookup(params.obstacle_m, params, x + t * dx, y + t * dy)
-        return jnp.minimum(t + jnp.where(d < eps, 0.0, d), max_dist)
+        hit = d < eps
+        t_new = jnp.minimum(t + jnp.where(hit, 0.0, jnp.maximum(d, min_step * t)), max_dist)
+        return t_new, jnp.where(hit, prev, t)
 
-    t = jax.lax.fori_loop(0, iters, body, jnp.zeros_like(angles), unroll=False)
+    z = jnp.zeros_like(angles)
+    t, prev = jax.lax.fori_loop(0, iters, body, (z, z), unroll=False)
     d = _lookup(params.obstacle_m, params, x + t * dx, y + t * dy)
-    return jnp.minimum(t + jnp.where(d < eps, 0.0, d), max_dist)
+    hit = d < eps
+    if refine:
+        def bisect(_, c):
+            lo, hi = c
+            mid = 0.5 * (lo + hi)
+            dm = _lookup(params.obstacle_m, params, x + mid * dx, y + mid * dy)
+            inside = dm < eps
+            return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
+
+        lo, hi = jax.lax.fori_loop(0, refine, bisect, (prev, t), unroll=True)
+        return jnp.where(hit, hi, jnp.minimum(t + d, max_dist))
+    return jnp.minimum(t + jnp.where(hit, 0.0, d), max_dist)
 
 
 # ------------------------------------------------------------------------------ env
@@ -197,9 +348,9 @@ class JaxRacecar:
         lx, ly = pos[0] + c * mx - si * my, pos[1] + si * mx + c * my
         angles = yaw + jnp.asarray(spec.lidar_angles()[:: spec.LIDAR_RAYS // s.lidar_rays],
                                    jnp.float32)
-        d = sphere_trace(params, lx, ly, angles, s.lidar_iters, spec.LIDAR_RANGE)
-        noise = jax.random.uniform(key, d.shape, jnp.float32, 1 - s.lidar_noise,
-                                   1 + s.lidar_noise)
+        d = sphere_trace(params, lx, ly, angles, s.lidar_iters, spec.LIDAR_RANGE,
+                         s.lidar_min_step, s.lidar_refine)
+        noise = 1.0 + s.lidar_noise * (2.0 * _hash_uniform(key, d.shape[-1]) - 1.0)
         return spec.lidar_scan(d, noise, xp=jnp)
 
     def _camera(self, params, pos, yaw):
@@ -307,24 +458,16 @@ class JaxRacecar:
         a_motor = jnp.clip(a_motor, -1.0, 1.0)
         a_steer = jnp.clip(a_steer, -1.0, 1.0)
         dt = dyn.dt
-        # steering: rate-limited toward the commanded wheel angle (positive = right)
-        target = spec.STEER_SIGN * dyn.max_steer * a_steer
-        steer = state.steer + jnp.clip(target - state.steer, -dyn.steer_rate * dt,
-                                       dyn.steer_rate * dt)
-        v = state.v
-        if dyn.actuator == "speed":
-            vt = (a_motor + 1.0) / 2.0 * spec.SPEED_MAX_VELOCITY
-            acc = jnp.clip(dyn.speed_gain * (vt - v), -dyn.brake_max, dyn.accel_max)
-        else:
-            drive = dyn.accel_max * a_motor * (1.0 - (v / dyn.v_cap) ** dyn.drag_power)
-            acc = jnp.where(a_motor >= 0, drive, dyn.brake_max * a_motor)
-        acc = acc - dyn.rolling * (v > 0)
-        v_new = jnp.maximum(v + acc * dt, 0.0)
-        v_mid = 0.5 * (v + v_new)
-        yaw_rate = v_mid * jnp.tan(steer) / dyn.wheelbase
+        v_new, steer, yaw_rate = car_step(dyn, state.v, state.steer, a_motor, a_steer)
+        v_mid = 0.5 * (state.v + v_new)
+        # the bicycle model moves the rear axle; the pose (CoM) rides com_offset ahead of it
+        b = dyn.com_offset
+        c0, s0 = jnp.cos(state.yaw), jnp.sin(state.yaw)
         yaw_new = state.yaw + yaw_rate * dt
         yaw_mid = state.yaw + 0.5 * yaw_rate * dt
-        pos_new = state.pos + v_mid * dt * jnp.stack([jnp.cos(yaw_mid), jnp.sin(yaw_mid)])
+        rear = state.pos - b * jnp.stack([c0, s0])
+        rear = rear + v_mid * dt * jnp.stack([jnp.cos(yaw_mid), jnp.sin(yaw_mid)])
+        pos_new = rear + b * jnp.stack([jnp.cos(yaw_new), jnp.sin(yaw_new)])
         yaw_new = jnp.arctan2(jnp.sin(yaw_new), jnp.cos(yaw_new))
         # walls: on contact keep only the motion along the wall (slide), else roll back
         # a move that touches but does not dig deeper is allowed (steering off a wall)
@@ -345,7 +488,8 @@ class JaxRacecar:
         yaw_new = jnp.where(stuck, state.yaw, yaw_new)
         v_new = jnp.where(ok_slide, v_new * keep, jnp.where(stuck, 0.0, v_new))
         yaw_rate = jnp.where(stuck, 0.0, yaw_rate)
-        vel = jnp.stack([v_new, 0.0, 0.0, 0.0, 0.0, yaw_rate]).astype(jnp.float32)
+        # body-frame velocity of the CoM: forward v, sideways com_offset * yaw rate
+        vel = jnp.stack([v_new, b * yaw_rate, 0.0, 0.0, 0.0, yaw_rate]).astype(jnp.float32)
         accel = (vel - state.vel) / dt
         # race bookkeeping
         prog = _lookup(params.progress, params, pos_new[0], pos_new[1])
@@ -384,10 +528,16 @@ class JaxRacecar:
 
     # ---- batched
     def batch_reset(self, key, params, n: int):
-        return jax.vmap(self.reset, in_axes=(0, None))(jax.random.split(key, n), params)
+        """N fresh envs; their 25 Hz lidar phases are staggered (env i's next scan is due
+        after (i mod lidar_every) + 1 steps), so that about N / lidar_every scans are due
+        each step of batch_step instead of all N every lidar_every-th step."""
+        obs, state = jax.vmap(self.reset, in_axes=(0, None))(jax.random.split(key, n), params)
+        every = self.sensors.lidar_every
+        age = (every - 1 - jnp.arange(n, dtype=jnp.int32) % every).astype(jnp.int32)
+        return obs, state._replace(lidar_age=age)
 
     def batch_step(self, states: EnvState, actions, params, autoreset: bool = True,
-                   refresh_capacity: float = 0.4):
+                   refresh_capacity: float = 0.3):
         """N envs at once (states/actions with a leading N axis; actions (N, 2)).
 
         With autoreset, an env whose episode ended comes back freshly reset (obs and

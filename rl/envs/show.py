@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         d = scripted_lap(track, args.seconds)
         traj = d["pose"][:, :2]
         t = len(traj) * 0.01
-        title = (f"scripted lap: {t:.1f} s, laps {int(d['lap'][-1])}, "
+        title = (f"scripted drive: {t:.1f} s, laps completed {max(int(d['lap'][-1]) - 1, 0)}, "
                  f"collision steps {int(d['collision'].sum())}, "
                  f"Σreward {float(d['reward'].sum()):.1f}")
         print(title)

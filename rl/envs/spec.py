@@ -42,11 +42,14 @@ SPEED_MAX_FORCE = 0.5
 
 # ---------------------------------------------------------------- vehicle geometry
 WHEEL_RADIUS = 0.05  # m
-WHEELBASE = 0.325  # m, rear axle (chassis origin) to front axle
+WHEELBASE = 0.325  # m, rear axle to front axle
+# The pose (PyBullet's base frame, racecar_gym's `pose`) is the chassis centre of mass, 0.2 m
+# ahead of the rear axle (front axle +0.125 m); every body-frame offset below is from it.
+COM_AHEAD_OF_REAR_AXLE = 0.2  # m
 TRACK_WIDTH = 0.2  # m, left to right wheel centres
 CAR_LENGTH = 0.50  # m, footprint used for map-based collision (approx. chassis + bumpers)
 CAR_WIDTH = 0.25  # m
-CAR_REAR_OVERHANG = 0.05  # m behind the rear axle (chassis origin)
+CAR_REAR_OVERHANG = 0.05  # m behind the rear axle (the footprint spans pose ± 0.25 m)
 START_Z = 0.05  # m, spawn height used by racecar_gym
 
 # ---------------------------------------------------------------- lidar (hokuyo)
@@ -58,7 +61,7 @@ LIDAR_RANGE = 15.0  # m, ray length
 LIDAR_MAX = LIDAR_MIN_RANGE + LIDAR_RANGE  # 15.25, top of the observation space
 LIDAR_NOISE = 0.03  # multiplicative, uniform in [1 - 0.03, 1 + 0.03]
 LIDAR_HZ = 25.0  # refreshed every 4 physics steps, held in between
-LIDAR_MOUNT = (0.265, 0.0, 0.075)  # m, in the body frame
+LIDAR_MOUNT = (0.065, 0.0, 0.075)  # m, body frame, from the pose (the hokuyo link)
 # Upstream range model (racecar_gym bullet/sensors.py): the ray runs 15 m from the sensor;
 # scan = clip((15 * hit_fraction + 0.25) * U(0.97, 1.03), 0.25, 15.0). We keep the +0.25 offset
 # (it is what racecar_gym policies saw) but clip to the space's top, 15.25, not 15.0.
@@ -86,7 +89,7 @@ CAMERA_WIDTH = 128
 CAMERA_HEIGHT = 128
 CAMERA_FOV_DEG = 90.0
 CAMERA_HZ = 30.0
-CAMERA_MOUNT = (0.39, 0.0, 0.04)  # m, in the body frame
+CAMERA_MOUNT = (0.19, 0.0, 0.04)  # m, body frame, from the pose (the zed link)
 CAMERA_NEAR = 0.01
 CAMERA_FAR = 100.0
 
