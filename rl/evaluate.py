@@ -46,6 +46,11 @@ backends run a Python loop.
 Writes ``metrics.json`` and PNGs into ``--out`` (default ``runs/<run>/eval``): per track and
 protocol the trajectories coloured by speed over the track map, and the run's learning curves
 from ``runs/<run>/metrics.jsonl`` when present.
+
+Cost on a CPU: about 2 ms per episode per physics step in the JAX scan (10 × 160 s on Austria
+≈ 5 CPU-minutes), a few ms per physics step in PyBullet; on a GPU the vmapped scan is the
+fast path. Reference (PyBullet, bullet's scripted gap follower, Austria, 160 s, continue):
+3.65 laps, 43.4 s laps, ~2.1 m/s, 21 (debounced) wall contacts per km at two hairpins.
 """
 
 from __future__ import annotations

@@ -296,33 +296,46 @@ def _hash_uniform(key, n: int):
 
 
 def sphere_trace(params: TrackParams, x, y, angles, iters: int, max_dist: float,
-                 min_step: float = 0.015, refine: int = 0):
+                 min_step: float = 0.015, refine: int = 0, dirs=None):
     """Distance along world-frame rays from (x, y) to the wall, by sphere tracing the
     metric distance field; an unconverged ray reports where it stopped plus the
     remaining clearance.
 
     Relaxed: a step is never shorter than `min_step` times the distance covered (grazing
     rays would otherwise crawl along a wall), so a ray may stop up to that step past the
-    wall; `refine` bisection steps on the last step then shrink that overshoot 2x each."""
-    dx, dy = jnp.cos(angles), jnp.sin(angles)
+    wall; `refine` bisection steps on the last step then shrink that overshoot 2x each.
+    `dirs` = (cos, sin) of the angles, if the caller has them cheaper (then angles unused)."""
+    dx, dy = (jnp.cos(angles), jnp.sin(angles)) if dirs is None else dirs
     eps = 0.5 * params.resolution
+    grid = params.obstacle_m
+    h, w = grid.shape
+    flat = grid.reshape(-1)
+    inv = 1.0 / params.resolution
+    # pixel of (x + t dx, y + t dy): row = h - (y - oy) / res, col = (x - ox) / res
+    r0, c0 = h - (y - params.origin[1]) * inv, (x - params.origin[0]) * inv
+    rdy, cdx = -dy * inv, dx * inv
+
+    def look(t):
+        r = jnp.clip(jnp.floor(r0 + t * rdy).astype(jnp.int32), 0, h - 1)
+        c = jnp.clip(jnp.floor(c0 + t * cdx).astype(jnp.int32), 0, w - 1)
+        return flat[r * w + c]
 
     def body(_, c):
         t, prev = c
-        d = _lookup(params.obstacle_m, params, x + t * dx, y + t * dy)
+        d = look(t)
         hit = d < eps
         t_new = jnp.minimum(t + jnp.where(hit, 0.0, jnp.maximum(d, min_step * t)), max_dist)
         return t_new, jnp.where(hit, prev, t)
 
-    z = jnp.zeros_like(angles)
+    z = jnp.zeros_like(dx)
     t, prev = jax.lax.fori_loop(0, iters, body, (z, z), unroll=False)
-    d = _lookup(params.obstacle_m, params, x + t * dx, y + t * dy)
+    d = look(t)
     hit = d < eps
     if refine:
         def bisect(_, c):
             lo, hi = c
             mid = 0.5 * (lo + hi)
-            dm = _lookup(params.obstacle_m, params, x + mid * dx, y + mid * dy)
+            dm = look(mid)
             inside = dm < eps
             return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
 
@@ -346,10 +359,11 @@ class JaxRacecar:
         mx, my, _ = spec.LIDAR_MOUNT
         c, si = jnp.cos(yaw), jnp.sin(yaw)
         lx, ly = pos[0] + c * mx - si * my, pos[1] + si * mx + c * my
-        angles = yaw + jnp.asarray(spec.lidar_angles()[:: spec.LIDAR_RAYS // s.lidar_rays],
-                                   jnp.float32)
-        d = sphere_trace(params, lx, ly, angles, s.lidar_iters, spec.LIDAR_RANGE,
-                         s.lidar_min_step, s.lidar_refine)
+        body = spec.lidar_angles()[:: spec.LIDAR_RAYS // s.lidar_rays]
+        bc, bs = (jnp.asarray(np.cos(body), jnp.float32), jnp.asarray(np.sin(body), jnp.float32))
+        dirs = (c * bc - si * bs, si * bc + c * bs)  # rotate the body-frame rays by yaw
+        d = sphere_trace(params, lx, ly, None, s.lidar_iters, spec.LIDAR_RANGE,
+                         s.lidar_min_step, s.lidar_refine, dirs=dirs)
         noise = 1.0 + s.lidar_noise * (2.0 * _hash_uniform(key, d.shape[-1]) - 1.0)
         return spec.lidar_scan(d, noise, xp=jnp)
 
@@ -736,3 +750,46 @@ def drive(env: JaxRacecar, params: TrackParams, key, n_steps: int, policy=gap_fo
     _, outs = jax.lax.scan(body, (obs, state), None, length=n_steps)
     keys = ("pose", "progress", "lap", "reward", "collision", "terminated", "truncated")
     return dict(zip(keys, outs, strict=True))
+
+
+def centreline_driver(centreline, pose, speed, xp=np, lookahead: float = 0.5,
+                      lookahead_per_mps: float = 0.25, v_max: float = 3.2,
+                      v_min: float = 1.4, a_lat: float = 2.2, preview_m: float = 2.5):
+    """A privileged scripted "expert" for either backend: pure pursuit on the track's
+    centreline (`Track.centreline`, (N, 2) ordered by progress) from the rear axle, with the
+    speed set by the curvature ahead. pose = (x, y, yaw) of the car (its CoM, as both
+    backends report it); speed = forward m/s. Returns [motor, steering] (numpy or jax via xp).
+
+    Steering: the wheel angle that puts the rear axle on the circle through the point
+    lookahead + lookahead_per_mps * v ahead on the centreline. Speed: the target is
+    sqrt(a_lat / curvature) over the next preview_m, clipped to [v_min, v_max]; full
+    throttle below it, a brake proportional to the excess above it."""
+    cl = xp.asarray(centreline, xp.float32)
+    n = cl.shape[0]
+    seg = xp.sqrt(((xp.roll(cl, -1, 0) - cl) ** 2).sum(1))
+    spacing = seg.mean()
+    x, y, yaw = pose[0], pose[1], pose[2]
+    c, s = xp.cos(yaw), xp.sin(yaw)
+    rx, ry = x - spec.COM_AHEAD_OF_REAR_AXLE * c, y - spec.COM_AHEAD_OF_REAR_AXLE * s
+    i0 = xp.argmin((cl[:, 0] - x) ** 2 + (cl[:, 1] - y) ** 2)
+    ld = lookahead + lookahead_per_mps * speed
+    k = xp.maximum(xp.round((ld + spec.COM_AHEAD_OF_REAR_AXLE) / spacing), 1).astype(xp.int32)
+    tx, ty = cl[(i0 + k) % n, 0], cl[(i0 + k) % n, 1]
+    dx, dy = tx - rx, ty - ry
+    lx, ly = c * dx + s * dy, -s * dx + c * dy  # target in the body frame
+    curv = 2.0 * ly / xp.maximum(lx * lx + ly * ly, 1e-6)
+    delta = xp.arctan(curv * spec.WHEELBASE)
+    steer = xp.clip(spec.STEER_SIGN * delta / spec.STEER_MAX_RAD, -1.0, 1.0)
+    # curvature ahead: heading change over the preview window / its length
+    m = int(np.ceil(preview_m / 0.2))  # samples
+    idx = (i0 + xp.arange(m) * xp.maximum(xp.round(0.2 / spacing), 1).astype(xp.int32)) % n
+    p = cl[idx]
+    d = p[1:] - p[:-1]
+    h = xp.arctan2(d[:, 1], d[:, 0])
+    dh = xp.abs(xp.angle(xp.exp(1j * (h[1:] - h[:-1])))) if xp is np else xp.abs(
+        xp.arctan2(xp.sin(h[1:] - h[:-1]), xp.cos(h[1:] - h[:-1])))
+    kappa = (dh / xp.maximum(xp.sqrt((d[1:] ** 2).sum(1)), 1e-3)).max()
+    v_t = xp.clip(xp.sqrt(a_lat / xp.maximum(kappa, 1e-3)), v_min, v_max)
+    motor = xp.where(speed < v_t, 1.0, xp.where(speed < v_t + 0.15, 0.0,
+                                                   -xp.clip(2.0 * (speed - v_t), 0.2, 1.0)))
+    return xp.stack([motor, steer]).astype(xp.float32)
