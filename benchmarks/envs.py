@@ -3,12 +3,15 @@
     uv run python -m benchmarks.envs                      # JAX on the default device
     uv run python -m benchmarks.envs --envs 1024 4096 --steps 100 --camera
     uv run python -m benchmarks.envs --calibrate          # car figures, both backends
+    uv run python -m benchmarks.envs --fit                # refit jax_env.Dynamics to PyBullet
+    uv run python -m benchmarks.envs --bullet --envs 1024 # PyBullet per core vs JAX, the ratio
 
 bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of the batched,
 auto-resetting step (JaxRacecar.batch_step: lidar traced only for the cars whose 25 Hz
 scan is due) (random resets, a fixed steering/motor pattern), lidar only and
 optionally with the column-cast RGB camera. Compile time is excluded and reported.
-(bench_bullet, the PyBullet backend per core, is added alongside by its author.)
+bench_bullet: one PyBullet car per core, the same driving pattern; with both, the per-core
+ratio (issue 4 §5 goal: JAX on CPU >= 50x PyBullet per core).
 """
 
 from __future__ import annotations
@@ -117,6 +120,76 @@ def calibration_table() -> list[tuple[str, float, float]]:
     return rows
 
 
+# open-floor protocols for fit_dynamics: name -> (steps, policy(i) -> (actuator, a, steering))
+_SPEED_2 = 2.0 / 3.5 * 2.0 - 1.0  # speed-actuator command for 2 m/s
+FIT_PROTOCOLS = {
+    "motor_1": (800, lambda i: ("motor", 1.0, 0.0)),
+    "motor_0.3": (800, lambda i: ("motor", 0.3, 0.0)),
+    **{f"brake_{m}": (900, lambda i, m=m: ("motor", 1.0 if i < 500 else m, 0.0))
+       for m in (-1.0, -0.3, 0.0)},
+    **{f"speed_{v}": (600, lambda i, c=v / 3.5 * 2.0 - 1.0: ("speed", c, 0.0))
+       for v in (1.0, 2.0, 3.0)},
+    **{f"steer_{s}": (900, lambda i, s=s: ("speed", _SPEED_2, s if i >= 300 else 0.0))
+       for s in (1.0, -1.0)},
+    "motor_0.5_steer_1": (600, lambda i: ("motor", 0.5, 1.0 if i >= 200 else 0.0)),
+}
+FIT_FIELDS = ("steer_tau", "understeer", "accel_max", "motor_gamma", "slip_gain", "drag",
+              "rolling", "brake_max", "brake_gamma", "force_fade", "brake_slip")
+
+
+def fit_dynamics(max_nfev: int = 300) -> dict:
+    """Least-squares fit of jax_env.Dynamics to PyBullet open-floor traces (speed curves,
+    and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction; prints and
+    returns the fitted fields (then check them with --calibrate and the parity tests)."""
+    import os
+    from dataclasses import replace
+
+    import numpy as np
+    import pybullet as p
+    import pybullet_data
+    from scipy.optimize import least_squares
+
+    from rl.envs import bullet
+    from rl.envs.jax_env import Dynamics, _open_floor
+
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setGravity(0, 0, -bullet.GRAVITY, physicsClientId=cid)
+        p.setTimeStep(bullet.DT, physicsClientId=cid)
+        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
+                           physicsClientId=cid)
+        p.changeDynamics(plane, -1, lateralFriction=bullet.TRACK_FLOOR_FRICTION,
+                         physicsClientId=cid)
+        car = bullet._OpenFloorCar(cid, bullet.VehicleParams())
+        ref = {k: car.run(pol, n) for k, (n, pol) in FIT_PROTOCOLS.items()}
+    finally:
+        p.disconnect(physicsClientId=cid)
+
+    def smooth(x):
+        return np.convolve(x, np.ones(15) / 15, mode="same")
+
+    def resid(x):
+        dyn = replace(Dynamics(), **dict(zip(FIT_FIELDS, x, strict=True)))
+        out = []
+        for k, (n, pol) in FIT_PROTOCOLS.items():
+            sim, tr = _open_floor(dyn, pol, n), ref[k]
+            if k.startswith("steer") or "steer" in k:
+                out += [(smooth(tr[:, 4]) - sim[:, 4])[::5], 0.5 * (tr[:, 3] - sim[:, 3])[::5]]
+            else:
+                out.append((tr[:, 3] - sim[:, 3])[::5])
+        return np.concatenate(out)
+
+    x0 = [getattr(Dynamics(), f) for f in FIT_FIELDS]
+    lb = [0.005, 0, 1, 0, 1, 0, 0, 0, 0.2, 0, 0.5]
+    ub = [0.5, 0.1, 20, 1.5, 200, 3, 3, 20, 3, 1, 50]
+    res = least_squares(resid, x0, bounds=(lb, ub), x_scale="jac", max_nfev=max_nfev)
+    fitted = {k: round(float(v), 4) for k, v in zip(FIT_FIELDS, res.x, strict=True)}
+    print(f"rms residual {np.sqrt(np.mean(resid(x0) ** 2)):.3f} (current Dynamics) -> "
+          f"{np.sqrt(np.mean(res.fun ** 2)):.3f} (fitted)")
+    print(fitted)
+    return fitted
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'backend':8} {'device':6} {'envs':>6} {'steps':>6} {'camera':>6} "
           f"{'run s':>8} {'compile s':>9} {'steps/s':>12}")
@@ -139,7 +212,12 @@ def main(argv=None) -> None:
     ap.add_argument("--no-jax", action="store_true", help="skip bench_jax")
     ap.add_argument("--calibrate", action="store_true",
                     help="print the car's calibration figures in both backends and exit")
+    ap.add_argument("--fit", action="store_true",
+                    help="least-squares fit of the JAX car's Dynamics to PyBullet, and exit")
     args = ap.parse_args(argv)
+    if args.fit:
+        fit_dynamics()
+        return
     if args.calibrate:
         calibration_table()
         return

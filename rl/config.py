@@ -21,6 +21,9 @@ class EnvConfig:
     reset_mode: str = "random"  # "grid" | "random"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)
     camera: bool = False  # render rgb_camera (needed by a policy that reads rgb)
+    # JAX backend only: rays actually cast (1080 = racecar_gym's scan; 108 = every 10th ray,
+    # ~10× less lidar work, what the lidar MLP's 108 sectors need at minimum)
+    lidar_rays: int = 1080
     world_scale: float = 10.0  # sim metres → real-car metres, for the observation adapter
     bullet_workers: int = 0  # gymnasium runner: 0 = envs in this process, else subprocesses
 
@@ -29,7 +32,7 @@ class EnvConfig:
 class ModelConfig:
     policy: str = "lidar_mlp"  # "lidar_mlp" | "multimodal"
     hidden: tuple[int, ...] = (256, 256)
-    lidar_beams: int = 108  # the lidar MLP's input: min-pooled sectors of the 1080-ray scan
+    lidar_beams: int = 108  # the lidar MLP's input: every (1080 / lidar_beams)-th ray
     modalities: tuple[str, ...] = ("lidar", "gps", "imu")  # multimodal policy's inputs
 
 

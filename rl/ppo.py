@@ -138,8 +138,9 @@ def build_fast(cfg: RLConfig):
     from rl.tracks import load_track
 
     track = load_track(cfg.env.track)
-    params = make_params(track)
-    env = JaxRacecar(task_config(cfg), Dynamics(), SensorConfig(camera=cfg.env.camera))
+    params = make_params(track.cropped())  # same track, cache-sized maps
+    sensors = SensorConfig(camera=cfg.env.camera, lidar_rays=cfg.env.lidar_rays)
+    env = JaxRacecar(task_config(cfg), Dynamics(), sensors)
     model, featurize, trainable = make_agent(cfg, cfg.seed)
     fenv = RacecarFunctional(env, featurize, cfg.env.action_repeat)
     mesh = None
@@ -197,6 +198,7 @@ def run(cfg: RLConfig, max_updates: int | None = None) -> int:
                 f"update {update}/{total}  steps {env_steps}  return {m['episode/ep_return']:.1f}  "
                 f"laps {m.get('episode/progress', float('nan')):.2f}  "
                 f"collisions {m.get('episode/collisions', float('nan')):.2f}  "
+                f"lap time {m.get('episode/lap_time', float('nan')):.1f} s  "
                 f"sps {m['sps']:.0f}"
             )
             if not np.isfinite(m["loss/total"]):

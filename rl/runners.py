@@ -210,6 +210,11 @@ class FastRunner:
             update=jnp.zeros((), jnp.int32),
             env_params=env_params,
         )
+        # distinct buffers for every leaf: outputs of one computation may alias, and the
+        # whole state is donated to each chunk
+        state = jax.tree.map(
+            lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, state
+        )
         return self.shard(state)
 
     def shard(self, state: RunnerState) -> RunnerState:
@@ -288,10 +293,12 @@ class FastRunner:
         n_done = done.sum()
         metrics["episodes"] = n_done
         for k, v in stats.items():
-            if k != "done":
-                metrics[f"episode/{k}"] = jnp.where(
-                    n_done > 0, (v * done).sum() / jnp.maximum(n_done, 1), jnp.nan
-                )
+            if k != "done":  # mean over the episodes that ended (NaN entries skipped)
+                ok = done & jnp.isfinite(v)
+                n_ok = ok.sum()
+                total = jnp.where(ok, v, 0.0).sum()
+                mean = total / jnp.maximum(n_ok, 1)
+                metrics[f"episode/{k}"] = jnp.where(n_ok > 0, mean, jnp.nan)
         metrics["reward_mean"] = traj.reward.mean()
         rs = rs._replace(params=params, opt_state=opt_state, key=key, update=rs.update + 1)
         return rs, metrics

@@ -16,6 +16,10 @@ Tracks start at the origin facing +x; progress grows in that direction.
     track = load_track("path/to/berlin")     # no maps.npz: compiled once, cached
     track = load_track("procedural:7")       # rl.procedural, seeded
 
+The compiler rasterizes the whole ground footprint of the wall mesh (floor caps filled,
+side faces and outlines drawn as lines, so neither thin walls nor missing side faces leak),
+grows the start's free region past the wall line without changing its topology, and checks
+that the drivable area is a ring: one component around one island (`ring_topology`).
 Compiled maps follow the conventions measured on racecar_gym's own Austria maps:
 progress is an 8-connected (Chebyshev) wavefront from the start pixel with the start
 line as a barrier behind it, normalized by its maximum; norm_distance_to the octile
@@ -33,7 +37,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +46,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
-COMPILER_VERSION = 7
+COMPILER_VERSION = 8
 # racecar_gym's drivable_area extends this many pixels beyond the wall line (measured on
 # Austria: pixels whose centre lies 1.5 px outside are drivable, 1.94 px are not).
 WALL_MARGIN_PX = 1.75
@@ -95,6 +99,29 @@ class Track:
     def world_to_pixel_array(self, x, y, xp=np):
         """Vectorized world_to_pixel for numpy or jax.numpy, clipped into the map."""
         return world_to_pixel_array(x, y, self.origin, self.resolution, self.drivable.shape, xp)
+
+    def cropped(self, margin_m: float = 2.0) -> Track:
+        """The same track on the smallest map window holding its drivable area plus
+        ``margin_m`` (walls included): identical lookups for every drivable position, and
+        maps small enough to stay in cache (Austria: 2000² → ~600² pixels, ~10× faster
+        random lookups in the JAX backend). World coordinates do not change."""
+        rows, cols = np.nonzero(self.drivable)
+        m = int(np.ceil(margin_m / self.resolution))
+        h, w = self.drivable.shape
+        r0, r1 = max(0, rows.min() - m), min(h, rows.max() + 1 + m)
+        c0, c1 = max(0, cols.min() - m), min(w, cols.max() + 1 + m)
+        ox, oy = self.origin
+        origin = (ox + c0 * self.resolution, oy + (h - r1) * self.resolution)
+        crop = lambda a: np.ascontiguousarray(a[r0:r1, c0:c1])  # noqa: E731
+        return replace(
+            self,
+            origin=origin,
+            drivable=crop(self.drivable),
+            progress=crop(self.progress),
+            dist_to=crop(self.dist_to),
+            obstacle=crop(self.obstacle),
+            obstacle_m=crop(self.obstacle_m),
+        )
 
     def value(self, grid: np.ndarray, x, y):
         r, c = self.world_to_pixel_array(x, y)
@@ -399,6 +426,149 @@ def _rasterize_segments(segs, origin, res, shape, sub: int):
     return grid
 
 
+def wall_footprint_triangles(verts: np.ndarray, tris: np.ndarray):
+    """The ground-plane footprint of a wall mesh: (caps (C, 3, 2) triangles with area,
+    edges (E, 2, 2) segments). Caps are the flat faces at or below mid height (the extruded
+    solid's floor polygon, triangulated); edges are the projections of all non-flat faces
+    (the wall outline) plus the boundary edges of the caps — so a wall whose side faces are
+    missing from the mesh (torino, x = -5.3..-4.6, y = 0.87) is still outlined by its cap."""
+    t = verts[tris]  # (T, 3, 3)
+    z = t[:, :, 2]
+    flat = (z.max(1) - z.min(1)) < 1e-6
+    zmid = 0.5 * (verts[:, 2].min() + verts[:, 2].max())
+    caps = flat & (z.max(1) <= zmid + 1e-9)
+    if not caps.any():
+        caps = flat
+    cap2 = t[caps][:, :, :2]
+    area = 0.5 * np.abs((cap2[:, 1, 0] - cap2[:, 0, 0]) * (cap2[:, 2, 1] - cap2[:, 0, 1])
+                        - (cap2[:, 1, 1] - cap2[:, 0, 1]) * (cap2[:, 2, 0] - cap2[:, 0, 0]))
+    edges = []
+    side = t[~flat][:, :, :2]
+    for a, b in ((0, 1), (1, 2), (2, 0)):
+        edges.append(np.stack([side[:, a], side[:, b]], 1))
+    # boundary edges of the caps: used by exactly one cap triangle
+    ct = tris[caps]
+    e = np.concatenate([ct[:, [0, 1]], ct[:, [1, 2]], ct[:, [2, 0]]], 0)
+    key = np.round(verts[e][:, :, :2], 5).reshape(len(e), 4)
+    # an undirected key: order the two endpoints
+    swap = (key[:, 0] > key[:, 2]) | ((key[:, 0] == key[:, 2]) & (key[:, 1] > key[:, 3]))
+    key[swap] = key[swap][:, [2, 3, 0, 1]]
+    _, inv, cnt = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    once = cnt[inv.ravel()] == 1
+    edges.append(verts[e[once]][:, :, :2])
+    segs = np.concatenate(edges, 0)
+    length = np.linalg.norm(segs[:, 1] - segs[:, 0], axis=1)
+    return cap2[area > 0], segs[length > 0]
+
+
+def _rasterize_triangles(tri2, origin, fres, shape) -> np.ndarray:
+    """Fine pixels whose centre lies in any triangle (closed), by a vectorized scanline."""
+    h, w = shape
+    grid = np.zeros((h, w + 1), np.int32)
+    if len(tri2) == 0:
+        return grid[:, :w] > 0
+    ox, oy = origin
+    # continuous row coordinate of y: pixel r has its centre at u = r + 0.5
+    u = h - (tri2[:, :, 1] - oy) / fres  # (C, 3)
+    v = (tri2[:, :, 0] - ox) / fres
+    r_lo = np.clip(np.ceil(u.min(1) - 0.5), 0, h).astype(np.int64)
+    r_hi = np.clip(np.floor(u.max(1) - 0.5), -1, h - 1).astype(np.int64)
+    n = np.maximum(r_hi - r_lo + 1, 0)
+    ti = np.repeat(np.arange(len(tri2)), n)
+    rows = np.repeat(r_lo, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+    uc = rows + 0.5
+    lo = np.full(len(ti), np.inf)
+    hi = np.full(len(ti), -np.inf)
+    for a, b in ((0, 1), (1, 2), (2, 0)):
+        ua, ub, va, vb = u[ti, a], u[ti, b], v[ti, a], v[ti, b]
+        umin, umax = np.minimum(ua, ub), np.maximum(ua, ub)
+        hit = (uc >= umin) & (uc <= umax)
+        du = ub - ua
+        s = np.where(du != 0, (uc - ua) / np.where(du != 0, du, 1.0), 0.0)
+        x = va + s * (vb - va)
+        # a horizontal edge on the scanline contributes both its ends
+        xa = np.where(du != 0, x, np.minimum(va, vb))
+        xb = np.where(du != 0, x, np.maximum(va, vb))
+        lo = np.where(hit, np.minimum(lo, xa), lo)
+        hi = np.where(hit, np.maximum(hi, xb), hi)
+    c0 = np.clip(np.ceil(lo - 0.5), 0, w).astype(np.int64)
+    c1 = np.clip(np.floor(hi - 0.5), -1, w - 1).astype(np.int64)
+    ok = np.isfinite(lo) & (c1 >= c0)
+    np.add.at(grid, (rows[ok], c0[ok]), 1)
+    np.add.at(grid, (rows[ok], c1[ok] + 1), -1)
+    return np.cumsum(grid, axis=1)[:, :w] > 0
+
+
+# neighbours counter-clockwise from east: (dr, dc), bit k of a pattern = neighbour k solid
+_N8 = ((0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1, 0), (1, 1))
+
+
+def _simple_luts() -> tuple[np.ndarray, np.ndarray]:
+    """For each 8-neighbour pattern (bit k: neighbour k solid): whether the centre solid
+    pixel may turn free without changing the topology (8-connected solid, 4-connected
+    free: Yokoi's connectivity number is 1), and whether it is the end of a line (one
+    solid neighbour)."""
+    simple = np.zeros(256, bool)
+    end = np.zeros(256, bool)
+    for code in range(256):
+        x = [(code >> k) & 1 for k in range(8)]
+        xb = [1 - a for a in x]
+        n8 = sum(xb[k] - xb[k] * xb[(k + 1) % 8] * xb[(k + 2) % 8] for k in (0, 2, 4, 6))
+        simple[code] = n8 == 1
+        end[code] = sum(x) == 1
+    return simple, end
+
+
+_SIMPLE, _LINE_END = _simple_luts()
+
+
+def _grow_topology_preserving(free: np.ndarray, thr: float, settle: int = 12,
+                              keep_ends_px: float = 6.0) -> np.ndarray:
+    """Grow `free` into the solid up to Euclidean distance `thr` (racecar_gym's drivable
+    area reaches ~1.75 px past the wall line), layer by layer, turning only simple pixels
+    in four 2x2 subfields: the free region keeps its topology, so a wall thinner than
+    twice the margin thins to a line instead of opening a shortcut. Line ends farther than
+    `keep_ends_px` from the wall that stays solid (the tips of thin walls) are kept too, so
+    thin walls do not shrink away from their ends; near thick walls they are not (the
+    one-pixel spurs a growth front leaves on a diagonal wall go)."""
+    free = np.pad(free, 1, constant_values=False)
+    dist = ndimage.distance_transform_edt(~free)
+    core = ~free & (dist > thr)
+    far = ndimage.distance_transform_edt(~core) > keep_ends_px if core.any() \
+        else np.ones_like(free)
+    layers = int(np.ceil(thr))
+    cand_r, cand_c = np.nonzero(~free & (dist <= thr))
+    cand_d = dist[cand_r, cand_c]
+    for k in list(range(1, layers + 1)) + [layers] * settle:
+        changed = False
+        for pr in (0, 1):
+            for pc in (0, 1):
+                sel = (cand_d <= min(k, thr)) & (cand_r % 2 == pr) & (cand_c % 2 == pc)
+                r, c = cand_r[sel], cand_c[sel]
+                keep = ~free[r, c]
+                r, c = r[keep], c[keep]
+                if len(r) == 0:
+                    continue
+                code = np.zeros(len(r), np.int64)
+                for bit, (dr, dc) in enumerate(_N8):
+                    code |= (~free[r + dr, c + dc]).astype(np.int64) << bit
+                flip = _SIMPLE[code] & ~(_LINE_END[code] & far[r, c])
+                if flip.any():
+                    free[r[flip], c[flip]] = True
+                    changed = True
+        if not changed and k >= layers:
+            break
+    return free[1:-1, 1:-1]
+
+
+def ring_topology(drivable: np.ndarray) -> tuple[int, int]:
+    """(8-connected components of the drivable area, 4-connected components of the rest):
+    (1, 2) for a ring — one track around one inner island, inside a closed outer wall."""
+    _, n_in = ndimage.label(drivable, structure=np.ones((3, 3), bool))
+    _, n_out = ndimage.label(np.pad(~drivable, 1, constant_values=True))
+    return int(n_in), int(n_out)
+
+
 def _pixel_graph(mask: np.ndarray, diag_weight: float, cut: list[tuple[int, int, int, int]]):
     """Sparse 8-neighbour graph over the True pixels of mask, minus the directed-free cut
     edges (both directions) given as (r0, c0, r1, c1) pixel pairs."""
@@ -445,38 +615,32 @@ def _line_cut(drivable: np.ndarray, seed: tuple[int, int], left_col: int):
     return cut
 
 
-def _grow_past_walls(free, walls, labels, lab, thr, extra):
-    """racecar_gym's drivable area reaches ~1.75 px past the wall line. Grow the free
-    region that far into the solid beyond a wall — but never through a wall that has
-    track on both sides: solid thinner than twice the margin (torino's inner sliver,
-    ~0.17 m) stays solid, and so do wall lines not bordering grown solid."""
-    dist = ndimage.distance_transform_edt(~free)
-    near = dist <= thr
-    solid = ~walls & (labels != lab)
-    # solid reaching beyond the margin (+0.5 coarse px); thin slivers have none of it
-    reach = thr + extra
-    deep = solid & (dist > reach)
-    allowed = solid & (ndimage.distance_transform_edt(~deep) <= reach + 1.5) if deep.any() \
-        else np.zeros_like(solid)
-    allowed_walls = walls & ndimage.binary_dilation(allowed, iterations=2)
-    return free | (near & (allowed | allowed_walls))
-
-
 def compile_maps(walls_obj: Path, resolution: float = 0.05, origin=(-50.0, -50.0),
                  shape=(2000, 2000), start_pose=(0.0, 0.0), sub: int = 3,
-                 margin_px: float = WALL_MARGIN_PX, verbose: bool = False) -> dict:
+                 margin_px: float = WALL_MARGIN_PX, min_island_m2: float = 0.05,
+                 require_ring: bool = True,
+                 verbose: bool = False) -> dict:
     """The four racecar_gym maps of a scene from its wall mesh alone.
 
-    Walls are cut at z = 0.5 m, rasterized on a grid `sub` times finer than `resolution`
-    and a pixel is drivable when its centre's fine cell is reachable (4-connected flood
-    fill) from the start. Progress / distance-to are graph wavefronts around the track
+    Every wall triangle's footprint on the ground plane is rasterized on a grid `sub` times
+    finer than `resolution`: the floor caps of the extruded wall solid filled (pixel
+    centres inside), the projected side faces, the z = 0.5 m cross-section and the caps'
+    outline drawn as lines. The free cells reachable from the start (4-connected flood
+    fill) are grown past the wall line by `margin_px` without ever changing their topology
+    (thin walls thin to a line, they never open), and a pixel is drivable when its
+    centre's fine cell is. Solid specks under `min_island_m2` inside the track are mesh
+    debris, not walls. The result must be a ring (one drivable component around one
+    island; `require_ring`). Progress / distance-to are graph wavefronts around the track
     with the start line (the column through start_pose, the car facing +x) as the barrier.
     """
     t0 = time.perf_counter()
-    verts, tris = read_obj(Path(walls_obj))
+    walls_obj = Path(walls_obj)
+    verts, tris = read_obj(walls_obj)
+    caps, edges = wall_footprint_triangles(verts, tris)
     segs = wall_segments(verts, tris, z=0.5 * 1.0)
+    segs = np.concatenate([segs.reshape(-1, 2, 2), edges], 0)
     if len(segs) == 0:
-        raise TrackError(f"{walls_obj}: the mesh has no wall faces crossing z = 0.5 m")
+        raise TrackError(f"{walls_obj}: the mesh has no wall faces")
     h, w = shape
     # work in a window around the walls (a few pixels of padding), then paste back
     pad = int(np.ceil(margin_px)) + 4
@@ -488,8 +652,10 @@ def compile_maps(walls_obj: Path, resolution: float = 0.05, origin=(-50.0, -50.0
     r1, c1 = min(int(r_hi) + pad + 1, h), min(int(c_hi) + pad + 1, w)
     wshape = (r1 - r0, c1 - c0)
     worigin = (origin[0] + c0 * resolution, origin[1] + (h - r1) * resolution)
-    walls_fine = _rasterize_segments(segs, worigin, resolution, wshape, sub)
     fres = resolution / sub
+    fshape = (wshape[0] * sub, wshape[1] * sub)
+    walls_fine = _rasterize_segments(segs, worigin, resolution, wshape, sub)
+    walls_fine |= _rasterize_triangles(caps, worigin, fres, fshape)
     sr, sc = world_to_pixel_array(np.float64(start_pose[0]), np.float64(start_pose[1]),
                                   worigin, fres, walls_fine.shape)
     labels, _ = ndimage.label(~walls_fine)
@@ -501,18 +667,53 @@ def compile_maps(walls_obj: Path, resolution: float = 0.05, origin=(-50.0, -50.0
             or free_fine[:, -1].any():
         raise TrackError(f"{walls_obj}: the track is not closed (the flood fill from the start "
                          f"reaches the map border)")
+    # debris: solid specks inside the track far smaller than any wall (montreal's SVG
+    # leaves seven of 0.01-0.02 m^2 a few cm off its walls) are not walls
+    islands, n_isl = ndimage.label(~free_fine, structure=np.ones((3, 3), bool))
+    if n_isl > 1:
+        size = np.bincount(islands.ravel())
+        border = np.unique(np.concatenate([islands[0], islands[-1], islands[:, 0],
+                                           islands[:, -1]]))
+        small = size < min_island_m2 / fres**2
+        small[0] = False
+        small[border] = False
+        if small.any():
+            free_fine |= small[islands]
+    thr = margin_px * sub + 0.5
     if margin_px > 0:
-        free_fine = _grow_past_walls(free_fine, walls_fine, labels, lab, margin_px * sub + 0.5,
-                                     0.5 * sub)
+        free_fine = _grow_topology_preserving(free_fine, thr)
     off = sub // 2  # the fine cell holding each coarse pixel's centre (sub odd: exact)
     coarse = free_fine[off::sub, off::sub][: wshape[0], : wshape[1]]
-    # walls that stayed walls (thin ones with track on both sides) must not vanish between
-    # the sampled centres: block every coarse pixel they touch, 8-connected-tight
-    blocked = (walls_fine & ~free_fine).reshape(wshape[0], sub, wshape[1], sub).any((1, 3))
+    # walls too thin for the centre sampling (under ~5 fine cells: thin walls the growth
+    # thinned to a line, or the thin core of one just thicker than twice the margin) must
+    # not break between the sampled centres: block every coarse pixel they touch,
+    # 8-connected-tight
+    solid = ~free_fine
+    # (thin: more than a cell off every 5x5 square of solid — the staircase fringe of a
+    # thick wall is not thin; then back 3 cells into whatever thick wall it joins)
+    thick = ndimage.binary_dilation(ndimage.binary_opening(solid, np.ones((5, 5), bool)),
+                                    np.ones((3, 3), bool))
+    thin = solid & ~thick
+    if thin.any():
+        thin = solid & ndimage.binary_dilation(thin, np.ones((7, 7), bool))
+    blocked = thin.reshape(wshape[0], sub, wshape[1], sub).any((1, 3))
     if blocked.any():
         blocked = ndimage.binary_dilation(blocked, structure=np.ones((2, 2), bool))
+    coarse = coarse & ~blocked
+    # what the sampling cut off from the start's region (single cells in cracks) is not track
+    comp, _ = ndimage.label(coarse, structure=np.ones((3, 3), bool))
+    scr, scc = world_to_pixel_array(np.float64(start_pose[0]), np.float64(start_pose[1]),
+                                    worigin, resolution, wshape)
+    if comp[int(scr), int(scc)] == 0:
+        raise TrackError(f"{walls_obj}: the start {start_pose} is not drivable")
     drivable = np.zeros(shape, bool)
-    drivable[r0:r1, c0:c1] = coarse & ~blocked
+    drivable[r0:r1, c0:c1] = comp == comp[int(scr), int(scc)]
+    if require_ring:
+        n_in, n_out = ring_topology(drivable)
+        if (n_in, n_out) != (1, 2):
+            raise TrackError(f"{walls_obj}: the compiled drivable area is not a ring "
+                             f"({n_in} drivable components, {n_out} non-drivable ones; "
+                             f"want 1 and 2: the outside and the inner island)")
     t1 = time.perf_counter()
     out = wavefront_maps(drivable, resolution, origin, start_pose)
     out["drivable_area"] = drivable

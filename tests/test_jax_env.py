@@ -16,6 +16,7 @@ from rl.envs.jax_env import (
     JaxVectorEnv,
     SensorConfig,
     drive,
+    drive_line,
     make_params,
     sphere_trace,
 )
@@ -83,6 +84,24 @@ def test_scripted_driver_completes_a_lap(track, params):
     assert 2.0 < speed < 4.0
 
 
+def centreline_lap(track, params, n: int = 3000):
+    """The privileged centreline driver (pure pursuit on Track.centreline) for n steps."""
+    env = JaxRacecar(TaskConfig(laps=1, time_limit=60.0))
+    out = jax.jit(drive_line, static_argnums=(0, 3))(env, params, jax.random.PRNGKey(0), n,
+                                                      track.centreline)
+    return (np.asarray(out[k]) for k in ("collision", "terminated", "reward"))
+
+
+def test_centreline_driver_clean_lap(track, params):
+    """procedural:0: a clean lap in 19.71 s (PyBullet: 19.76 s, tests/test_bullet_env.py)."""
+    col, term, rew = centreline_lap(track, params)
+    assert term.any(), "no lap in 30 s"
+    end = int(np.argmax(term))
+    assert col[: end + 1].sum() == 0
+    assert 17.0 < end * spec.PHYSICS_DT < 23.0
+    assert rew[: end + 1].sum() == pytest.approx(100.0, abs=3.0)
+
+
 def test_collision_terminates_and_penalizes(grid_env, track, params):
     env, reset, step = grid_env
     obs, st = reset(jax.random.PRNGKey(0), params)
@@ -133,8 +152,10 @@ def test_truncation_at_time_limit(grid_env, params):
 def test_lidar_matches_brute_force(track, params):
     x, y = 1.0, 0.2
     ang = jnp.asarray(np.linspace(-np.pi, np.pi, 90, endpoint=False), jnp.float32)
-    d = np.asarray(jax.jit(sphere_trace, static_argnums=(4, 5))(
-        params, jnp.float32(x), jnp.float32(y), ang, 24, 15.0))
+    sc = SensorConfig()
+    d = np.asarray(jax.jit(sphere_trace, static_argnums=(4, 5, 6, 7))(
+        params, jnp.float32(x), jnp.float32(y), ang, sc.lidar_iters, 15.0, sc.lidar_min_step,
+        sc.lidar_refine))
     # brute force: march 1 cm steps until the metric field says "in the wall"
     t = np.arange(0.0, 15.0, 0.01)
     ref = []
@@ -143,7 +164,10 @@ def test_lidar_matches_brute_force(track, params):
         hit = np.nonzero(v < 0.025)[0]
         ref.append(t[hit[0]] if len(hit) else 15.0)
     err = np.abs(d - np.asarray(ref))
-    assert np.median(err) < 0.03 and np.percentile(err, 90) < 0.15, err
+    # relaxed steps + 2 bisections: over 40 random poses x 1080 rays (procedural:0) the
+    # error is median 0.005 / p90 0.025 / p99 0.57 m (the p99: 15 m corridor rays that do
+    # not converge in 24 steps of <= 1 m and so read short)
+    assert np.median(err) < 0.02 and np.percentile(err, 90) < 0.1, err
 
 
 def test_camera_and_vector_env(params):

@@ -15,6 +15,7 @@ from rl.tracks import (
     compile_maps,
     load_track,
     read_scene_config,
+    ring_topology,
     tracks_dir,
     world_to_pixel_array,
 )
@@ -92,6 +93,7 @@ def test_compiler_matches_real_austria(austria):
     assert diff.mean() < 2e-3 and np.percentile(diff, 99) < 5e-3, (diff.mean(), diff.max())
     ob = np.abs(m["norm_distance_to_obstacle"][both] - austria.obstacle[both])
     assert ob.mean() < 0.02
+    assert ring_topology(d) == ring_topology(real) == (1, 2)
 
 
 # torino: its inner wall is a 0.18 m solid sliver and its mesh lacks 0.675 m of wall
@@ -111,6 +113,85 @@ def test_compile_mesh_only_scenes(name):
     # the compiled scene is a full scene in the cache, never written into shared/
     assert (t.scene_dir / "maps" / "maps.npz").exists() and DATA not in t.scene_dir.parents
     assert 40 < t.lap_length_m < 200
+
+
+def _mesh_only(name):
+    if not (DATA / name).exists():
+        pytest.skip(f"racecar_gym scene absent: {DATA / name}")
+    return load_track(name)  # compiled once per module (the cache fixture above)
+
+
+# montreal's compile once leaked across its thin, ragged spiral wall into one blob (a
+# scripted car looped backwards through it: -9.72 laps, no collisions): every compiled
+# track must be a ring, of a sane width, with progress rising once around its centreline.
+@pytest.mark.parametrize("name", ["berlin", "montreal", "torino"])
+def test_mesh_only_scenes_are_rings(name):
+    t = _mesh_only(name)
+    assert ring_topology(t.drivable) == (1, 2)  # one track; outside and one inner island
+    c = t.centreline
+    assert t.value(t.drivable, c[:, 0], c[:, 1]).all()
+    width = 2 * t.value(t.obstacle_m, c[:, 0], c[:, 1])
+    assert 1.0 < np.median(width) < 6.0 and np.percentile(width, 5) > 0.8, \
+        np.percentile(width, [5, 50, 95])
+    p, dp = _monotone_along_centreline(t)
+    # monotone up to small local dips (the widest-point centreline swings through the
+    # wide hairpin pocket of montreal: at most ~0.03 there) and exactly one wrap
+    assert p[0] < 0.02 and p[-1] > 0.98, (p[0], p[-1])
+    assert dp.min() > -0.04 and (dp < -1e-3).mean() < 0.05, (dp.min(), (dp < -1e-3).sum())
+    assert dp[dp > 0].sum() < 1.1
+    steps = np.linalg.norm(np.diff(c, axis=0), axis=1)
+    assert steps.max() < 5.0  # a continuous loop, no jumps across a wall
+    assert 0.8 < steps.sum() / t.lap_length_m < 1.25
+
+
+def _prism_obj(path, rects, sides=True, height=1.0):
+    """An OBJ of axis-aligned wall blocks (x0, y0, x1, y1), as an SVG extrusion has them:
+    floor and top caps as triangles, side faces as quads (left out: sides=False)."""
+    v, f = [], []
+    for x0, y0, x1, y1 in rects:
+        b = len(v) + 1
+        for z in (0.0, height):
+            v += [(x0, y0, z), (x1, y0, z), (x1, y1, z), (x0, y1, z)]
+        f += [(b, b + 1, b + 2), (b, b + 2, b + 3), (b + 4, b + 6, b + 5), (b + 4, b + 7, b + 6)]
+        if sides:
+            f += [(b + k, b + (k + 1) % 4, b + 4 + (k + 1) % 4, b + 4 + k) for k in range(4)]
+    path.write_text("".join(f"v {x} {y} {z}\n" for x, y, z in v)
+                    + "".join("f " + " ".join(map(str, q)) + "\n" for q in f))
+    return path
+
+
+# a square circuit around a 0.1 m thin plate (thinner than twice the wall margin): the
+# margin must thin it, never open it; walls given by their floor caps alone still count
+@pytest.mark.parametrize("sides", [True, False])
+def test_compiler_thin_island_and_cap_only_walls(tmp_path, sides):
+    frame = [(-10.5, 2.0, 10.5, 2.5), (-10.5, -16.5, 10.5, -16.0),
+             (-10.5, -16.0, -10.0, 2.0), (10.0, -16.0, 10.5, 2.0)]
+    plate = [(-7.0, -7.05, 7.0, -6.95)]
+    obj = _prism_obj(tmp_path / "Walls.obj", frame + plate, sides=sides)
+    m = compile_maps(obj, 0.05, (-12.0, -18.0), (440, 480), (0.0, 0.0))
+    d = m["drivable_area"]
+    assert ring_topology(d) == (1, 2)
+    area = d.sum() * 0.05**2
+    # 20 m x 18 m, less the plate, plus the ~0.09 m margin along 76 m of wall
+    assert 20 * 18 + 2.0 < area < 20 * 18 + 8.0, area
+    # the plate is still there, all along its length (8-connected-tight, one coarse
+    # line at least), and not thicker than it is
+    rows = slice(440 - int((-6.85 + 18) / 0.05), 440 - int((-7.15 + 18) / 0.05) + 1)
+    cols = slice(int((-6.9 + 12) / 0.05), int((6.9 + 12) / 0.05))
+    band = ~d[rows, cols]
+    assert band.any(0).all() and band.sum(0).max() <= 4
+    assert d[440 - int((-6.75 + 18) / 0.05), cols].all()
+    assert d[440 - int((-7.25 + 18) / 0.05), cols].all()
+
+
+def test_compiler_rejects_a_non_ring(tmp_path):
+    frame = [(-10.5, 2.0, 10.5, 2.5), (-10.5, -16.5, 10.5, -16.0),
+             (-10.5, -16.0, -10.0, 2.0), (10.0, -16.0, 10.5, 2.0)]
+    obj = _prism_obj(tmp_path / "Walls.obj", frame)  # an empty box, no island
+    with pytest.raises(TrackError, match="not a ring"):
+        compile_maps(obj, 0.05, (-12.0, -18.0), (440, 480), (0.0, 0.0))
+    m = compile_maps(obj, 0.05, (-12.0, -18.0), (440, 480), (0.0, 0.0), require_ring=False)
+    assert ring_topology(m["drivable_area"]) == (1, 1)
 
 
 def _monotone_along_centreline(t):

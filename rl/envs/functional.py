@@ -25,7 +25,16 @@ import jax.numpy as jnp
 
 from rl.envs.jax_env import JaxRacecar
 
-INFO_KEYS = ("progress", "lap", "wall_collision", "wrong_way", "speed", "collisions", "distance")
+INFO_KEYS = (
+    "progress",
+    "lap",
+    "wall_collision",
+    "wrong_way",
+    "speed",
+    "collisions",
+    "distance",
+    "lap_time",
+)
 
 
 class RacecarFunctional:
@@ -36,12 +45,12 @@ class RacecarFunctional:
 
     def reset(self, key: jax.Array, params) -> tuple[Any, Any]:
         obs, state = self.env.reset(key, params)
-        return self.featurize(obs), (state, jnp.zeros(()), jnp.zeros(()))
+        return self.featurize(obs), (state, jnp.zeros(()), jnp.zeros(()), state.total)
 
     def step(self, key: jax.Array, carry, action: jax.Array, params):
         """One policy step = ``action_repeat`` physics steps (fewer if the episode ends)."""
         env = self.env
-        state, collisions, distance = carry
+        state, collisions, distance, start_total = carry
 
         def body(c, _):
             st, rew, term, trunc, hit, dist = c
@@ -64,19 +73,28 @@ class RacecarFunctional:
         obs = env._obs(state, params)
         trunc = trunc & ~term
         collisions, distance = collisions + hit, distance + dist
+        driven = state.total - start_total  # laps driven since the reset, signed
+        laps_done = jnp.floor(driven)
         info = {
-            "progress": state.total - 1.0,  # laps driven since the start line, signed
+            "progress": driven,
             "lap": state.lap.astype(jnp.float32),
             "wall_collision": (hit > 0).astype(jnp.float32),
             "wrong_way": state.wrong_way.astype(jnp.float32),
             "speed": state.v,
             "collisions": collisions,
             "distance": distance,
+            # mean time per completed lap (NaN until a lap is completed)
+            "lap_time": jnp.where(laps_done >= 1, state.time / jnp.maximum(laps_done, 1), jnp.nan),
         }
         final_obs = self.featurize(obs)
         done = term | trunc
-        obs_r, (state_r, _, _) = self.reset(key, params)
+        obs_r, (state_r, _, _, total_r) = self.reset(key, params)
         state = jax.tree.map(lambda a, b: jnp.where(done, a, b), state_r, state)
         out_obs = jax.tree.map(lambda a, b: jnp.where(done, a, b), obs_r, final_obs)
-        carry = (state, jnp.where(done, 0.0, collisions), jnp.where(done, 0.0, distance))
+        carry = (
+            state,
+            jnp.where(done, 0.0, collisions),
+            jnp.where(done, 0.0, distance),
+            jnp.where(done, total_r, start_total),
+        )
         return out_obs, carry, reward, term, trunc, final_obs, info

@@ -8,18 +8,21 @@
 `action` is a (2,) array [motor, steering] (or a dict with those keys). Batch with
 jax.vmap(env.step, in_axes=(0, 0, None)); `rollout` scans a batch with auto-reset.
 
-Model (issue 4 §3c). The car is a kinematic bicycle about the rear axle (racecar_gym's
-pose is the chassis origin, which sits on the rear axle), integrated once per 10 ms
-step. Motor >= 0 is a force-limited drive toward a fixed wheel-speed target, so the
-value sets the acceleration and even 0.3 ends near top speed; motor < 0 brakes to a
-stop, never reverses; steering is a rate-limited wheel angle, +1 = 0.21 rad to the
-right. All constants live in `Dynamics`, to be calibrated against the PyBullet car.
-Sensing works on the track's metric distance field (`Track.obstacle_m`): lidar rays and
-camera columns are sphere-traced with a fixed number of iterations; the scan is held
-between 25 Hz refreshes. Walls: a footprint circle (3 along the body, radius = half the
-car's width) closer to the wall than its radius is a collision; a move that does not dig
-deeper is allowed, else the car keeps only the part of its motion along the wall (the
-speed scaled alike) or, failing that, is rolled back and stopped.
+Model (issue 4 §3c). A kinematic bicycle about the rear axle, integrated once per 10 ms
+step; the pose is the chassis centre of mass 0.2 m ahead of it (PyBullet's base frame,
+racecar_gym's `pose`), and the lidar/camera/footprint are placed from the pose as on the
+PyBullet car. Motor >= 0 drives toward a fixed wheel speed with traction that saturates in
+slip (even 0.3 ends at 3.3 m/s, motor 1 at 3.8); motor < 0 brakes, never reverses;
+steering is a lagged wheel angle, +1 = 0.21 rad to the right, with tyre saturation at
+high lateral acceleration. The constants in `Dynamics` are fitted to the PyBullet car
+(`calibrate` here vs rl.envs.bullet.calibrate; `python -m benchmarks.envs --calibrate`).
+Sensing works on the track's metric distance field (`Track.obstacle_m`, a float16 copy for
+the lidar): lidar rays and camera columns are sphere-traced with a fixed number of relaxed
+iterations and a final bisection; the scan is held between 25 Hz refreshes. Walls: a
+footprint circle (3 along the body, radius = half the car's width) closer to the wall than
+its radius is a collision; a move that does not dig deeper is allowed, else the car keeps
+only the part of its motion along the wall (the speed scaled alike) or, failing that, is
+rolled back and stopped.
 Progress, checkpoints, laps and wrong-way come from the progress map; the reward is
 100 * Δ(lap + progress), signed; the time limit truncates, never terminates.
 """
@@ -193,6 +196,11 @@ class SensorConfig:
     camera_fov_deg: float = spec.CAMERA_FOV_DEG
 
 
+# The lidar traces a float16 copy of the distance field (values <= ~1.2 m: steps of <= 1 mm,
+# far below the 5 cm pixels): half the cache footprint of float32 (Austria's 2000² field).
+LIDAR_MAP_DTYPE = jnp.float16
+
+
 class TrackParams(NamedTuple):
     """The track as a pytree of device arrays (pass it as an argument, not a constant)."""
 
@@ -202,6 +210,7 @@ class TrackParams(NamedTuple):
     resolution: jax.Array  # () f32
     grid_pose: jax.Array  # (3,) x y yaw
     rand_pose: jax.Array  # (M, 3) x y yaw, spawn candidates for reset mode "random"
+    lidar_map: jax.Array | None = None  # (H*W,) obstacle_m flattened, in LIDAR_MAP_DTYPE
 
 
 class EnvState(NamedTuple):
@@ -271,6 +280,7 @@ def make_params(track: Track | str, max_random: int = 20000) -> TrackParams:
         resolution=jnp.asarray(res, jnp.float32),
         grid_pose=jnp.asarray(grid_pose),
         rand_pose=jnp.asarray(rand_pose),
+        lidar_map=jnp.asarray(track.obstacle_m.reshape(-1), LIDAR_MAP_DTYPE),
     )
 
 
@@ -309,7 +319,7 @@ def sphere_trace(params: TrackParams, x, y, angles, iters: int, max_dist: float,
     eps = 0.5 * params.resolution
     grid = params.obstacle_m
     h, w = grid.shape
-    flat = grid.reshape(-1)
+    flat = grid.reshape(-1) if params.lidar_map is None else params.lidar_map
     inv = 1.0 / params.resolution
     # pixel of (x + t dx, y + t dy): row = h - (y - oy) / res, col = (x - ox) / res
     r0, c0 = h - (y - params.origin[1]) * inv, (x - params.origin[0]) * inv
@@ -318,7 +328,7 @@ def sphere_trace(params: TrackParams, x, y, angles, iters: int, max_dist: float,
     def look(t):
         r = jnp.clip(jnp.floor(r0 + t * rdy).astype(jnp.int32), 0, h - 1)
         c = jnp.clip(jnp.floor(c0 + t * cdx).astype(jnp.int32), 0, w - 1)
-        return flat[r * w + c]
+        return flat[r * w + c].astype(jnp.float32)
 
     def body(_, c):
         t, prev = c
@@ -551,7 +561,7 @@ class JaxRacecar:
         return obs, state._replace(lidar_age=age)
 
     def batch_step(self, states: EnvState, actions, params, autoreset: bool = True,
-                   refresh_capacity: float = 0.3):
+                   refresh_capacity: float = 0.28):
         """N envs at once (states/actions with a leading N axis; actions (N, 2)).
 
         With autoreset, an env whose episode ended comes back freshly reset (obs and
@@ -793,3 +803,50 @@ def centreline_driver(centreline, pose, speed, xp=np, lookahead: float = 0.5,
     motor = xp.where(speed < v_t, 1.0, xp.where(speed < v_t + 0.15, 0.0,
                                                    -xp.clip(2.0 * (speed - v_t), 0.2, 1.0)))
     return xp.stack([motor, steer]).astype(xp.float32)
+
+
+def racing_line(track: Track, margin: float = 0.45, iters: int = 600,
+                spacing: float = 0.2) -> np.ndarray:
+    """A smooth closed line for `centreline_driver` (numpy, once per track): the centreline
+    resampled every `spacing` m, then relaxed toward its neighbours' midpoints (which
+    lowers curvature: hairpins are taken outside-inside-outside) while every point is
+    pushed back to at least `margin` m from the walls along the distance field's gradient."""
+    cl = np.asarray(track.centreline, np.float64)
+    seg = np.linalg.norm(np.roll(cl, -1, 0) - cl, axis=1)
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    q = np.arange(0.0, s[-1], spacing)
+    closed = np.vstack([cl, cl[:1]])
+    p = np.stack([np.interp(q, s, closed[:, 0]), np.interp(q, s, closed[:, 1])], 1)
+    h = 2.0 * track.resolution
+    f = track.obstacle_m
+
+    def val(a):
+        return track.value(f, a[:, 0], a[:, 1])
+
+    for _ in range(iters):
+        p = p + 0.5 * (0.5 * (np.roll(p, 1, 0) + np.roll(p, -1, 0)) - p)
+        d = val(p)
+        low = d < margin
+        if low.any():
+            a = p[low]
+            g = np.stack([val(a + [h, 0]) - val(a - [h, 0]), val(a + [0, h]) - val(a - [0, h])], 1)
+            g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-9)
+            p[low] = a + g * np.minimum(margin - d[low], 0.1)[:, None]
+    return p.astype(np.float32)
+
+
+def drive_line(env: JaxRacecar, params: TrackParams, key, n_steps: int, line, **driver_kw):
+    """Scan one car for n_steps under `centreline_driver` on `line` ((N, 2), e.g.
+    Track.centreline); returns per-step collision, terminated and reward (no auto-reset)."""
+    line = jnp.asarray(line, jnp.float32)
+    obs, state = env.reset(key, params)
+
+    def body(carry, _):
+        obs, state = carry
+        pose = jnp.stack([obs["pose"][0], obs["pose"][1], obs["pose"][5]])
+        act = centreline_driver(line, pose, obs["velocity"][0], xp=jnp, **driver_kw)
+        obs, state, r, te, tr, _ = env.step(state, act, params)
+        return (obs, state), (state.collision, te, r)
+
+    _, (col, term, rew) = jax.lax.scan(body, (obs, state), None, length=n_steps)
+    return {"collision": col, "terminated": term, "reward": rew}
