@@ -153,9 +153,10 @@ def test_lidar_matches_brute_force(track, params):
     x, y = 1.0, 0.2
     ang = jnp.asarray(np.linspace(-np.pi, np.pi, 90, endpoint=False), jnp.float32)
     sc = SensorConfig()
-    d = np.asarray(jax.jit(sphere_trace, static_argnums=(4, 5, 6, 7))(
-        params, jnp.float32(x), jnp.float32(y), ang, sc.lidar_iters, 15.0, sc.lidar_min_step,
-        sc.lidar_refine))
+    d = np.asarray(jax.jit(lambda p, x, y, a: sphere_trace(
+        p, x, y, a, sc.lidar_iters, 15.0, sc.lidar_min_step, sc.lidar_refine,
+        first=sc.lidar_first, compact=sc.lidar_compact))(
+        params, jnp.float32(x), jnp.float32(y), ang))
     # brute force: march 1 cm steps until the metric field says "in the wall"
     t = np.arange(0.0, 15.0, 0.01)
     ref = []
