@@ -122,27 +122,3 @@ def run_gym(cfg: RLConfig, run_dir: Path, max_updates: int | None = None) -> int
         logger.close()
         runner.envs.close()
     return code
-
-
-def restore_gym_policy(cfg: RLConfig, ckpt, step=None):
-    """(model, obs_rms) of a gymnasium-runner checkpoint, without starting simulators."""
-    from flax import nnx
-
-    from rl.ppo import make_agent
-    from rl.runners import make_optimizer, split_agent
-
-    model, featurize, trainable = make_agent(cfg, cfg.seed)
-    agent = split_agent(model, trainable)
-    tx = make_optimizer(cfg.ppo, 1)
-    feat_dim = None
-    if cfg.model.policy == "lidar_mlp":
-        feat_dim = cfg.model.lidar_beams + 6
-    from rl.ppo_core import RunningMeanStd
-
-    target = {
-        "params": agent.params, "opt_state": tx.init(agent.params),
-        "obs_rms": RunningMeanStd.create((feat_dim,)) if feat_dim and cfg.ppo.norm_obs else None,
-        "ret_rms": RunningMeanStd.create(()), "key": jax.random.PRNGKey(0),
-    }  # fmt: skip
-    restored, _, _ = ckpt.restore(target, step=step)
-    return nnx.merge(agent.graphdef, restored["params"], agent.frozen), restored["obs_rms"]

@@ -219,27 +219,43 @@ def run(cfg: RLConfig, max_updates: int | None = None) -> int:
 
 
 def restore_policy(ckpt_dir: str | Path, step: int | None = None):
-    """(config, model) of a PPO checkpoint: the policy for evaluation."""
-    from train.checkpoint import Checkpointer
+    """(config, model, obs_rms) of a PPO checkpoint: the policy for evaluation.
+
+    Restores only the policy's parameters (and the observation statistics) — a partial Orbax
+    restore — so no simulator is built and checkpoints stay loadable when the simulator's
+    internal state changes between versions.
+    """
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from rl.ppo_core import RunningMeanStd
+    from rl.runners import split_agent
+    from train.checkpoint import Checkpointer, abstract
 
     ckpt = Checkpointer(ckpt_dir)
-    if ckpt.latest_step() is None:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
         raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
     rec = ckpt.saved_config(step)
     if rec.get("kind") != "ppo":
         raise ValueError(f"{ckpt_dir}: not a PPO checkpoint")
     cfg = configlib.from_dict(RLConfig, rec["rl"])
+    model, _, trainable = make_agent(cfg, cfg.seed)
+    agent = split_agent(model, trainable)
+    target = {"params": agent.params}
     if cfg.env.backend == "jax":
-        runner, state = build_fast(cfg)
-        state, _, _ = ckpt.restore(state, step=step)
-        model = runner.model(state)
-        obs_rms = state.obs_rms
-    else:
-        from rl.gym_train import restore_gym_policy
-
-        model, obs_rms = restore_gym_policy(cfg, ckpt, step)
+        target["frozen"] = agent.frozen  # the fast runner saves the frozen part too
+    if cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs:
+        target["obs_rms"] = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
+    out = ckpt.manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(abstract(target), partial_restore=True)
+        ),
+    )["state"]
     ckpt.close()
-    return cfg, model, obs_rms
+    frozen = out.get("frozen", agent.frozen)
+    return cfg, nnx.merge(agent.graphdef, out["params"], frozen), out.get("obs_rms")
 
 
 def main(argv: list[str] | None = None) -> int:
