@@ -71,7 +71,10 @@ SPLITS = ("train", "val")
 GUARD = -1  # split code of a sweep dropped as a guard between train and val blocks
 OPENERS = {"scene": "etl.scene:open_scene", "bag": "etl.bag:open_bag"}
 FINDERS = {"scene": "etl.scene:find_scenes", "bag": "etl.bag:find_bags"}
-PRELOAD = ["etl.build", "etl.scene", "etl.bag", "array_record.python.array_record_module"]
+# (not etl.build itself: under `python -m etl.build` that makes runpy warn in every worker)
+PRELOAD = [
+    "etl.scene", "etl.bag", "etl.sync", "etl.codec", "array_record.python.array_record_module",
+]  # fmt: skip
 LINES_PER_DRIVE = 20  # bad-frame lines printed per drive (all are counted)
 COMPRESSIONS = ("snappy", "uncompressed", "zstd", "brotli")
 

@@ -187,3 +187,25 @@ def test_camera_and_vector_env(params):
     for _ in range(6):  # auto-reset after the 0.05 s limit
         obs, r, term, trunc, info = venv.step(np.tile([[0.5, 0.0]], (8, 1)))
     assert r.shape == (8,) and float(obs["time"][0, 0]) < 0.05
+
+
+@pytest.mark.parametrize("angle,steer", [(45.0, 0.0), (90.0, 1.0)])
+def test_wall_contact_scrapes_along_the_wall(angle, steer):
+    """Nose-first into a straight wall (motor 0.3, the gap follower's push): the speed into
+    the wall is removed, the contact pivots the car along the wall and it drives on (as the
+    PyBullet car does, `wall_contact_probe("bullet", ...)`: escape ~1.2-1.5 s); the
+    footprint never enters the wall and the contact flag holds while it touches."""
+    from rl.envs.jax_env import wall_contact_probe
+
+    out = wall_contact_probe("jax", angle_deg=angle, motor=0.3, steer_after=steer,
+                             seconds=2.5)
+    tr = out["trace"]
+    assert out["contact"] and out["impact_speed"] > 1.5
+    assert out["min_clearance"] > -2e-3  # no penetration (bilinear field, float32)
+    assert np.isfinite(out["escape_s"]) and out["escape_s"] < 2.0, out
+    # it ends up moving along the wall, not stuck and not through it
+    assert np.hypot(tr[-1, 4], tr[-1, 5]) > 1.0 and abs(np.sin(tr[-1, 3])) < 0.5
+    assert tr[:, 2].max() < 1.5 - spec.CAR_WIDTH / 2 + 2e-3  # the pose stays off the face
+    k = int(np.argmax(tr[:, 6] > 0))
+    pinned = tr[k:k + 20]  # the first 0.2 s after impact: pressed against the wall
+    assert (pinned[:, 6] > 0).all()

@@ -86,6 +86,13 @@ class Dynamics:
     # cover the 0.5 m chassis from 0.25 m behind to 0.25 m ahead of the pose
     footprint_x: tuple[float, ...] = (-0.125, 0.0, 0.125)
     footprint_r: float = spec.CAR_WIDTH / 2
+    # wall contact (`JaxRacecar._wall`; fitted with `wall_contact_probe`)
+    wall_friction: float = 0.45  # Coulomb: speed along the wall lost per unit speed into it
+    wall_pivot_rate: float = 1.2  # rad/s, yaw rate of a car pushing into a wall
+    wall_pivot_taper: float = 0.26  # ... tapering below this sin(angle to the wall)
+    wall_steer_pick: float = 0.3  # |steering| above which it picks the pivot's direction
+    wall_iters: int = 3  # push-out passes
+    wall_skin: float = 0.01  # m: a footprint this close to the wall still counts as contact
 
 
 def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp):
@@ -472,21 +479,74 @@ class JaxRacecar:
         return self._obs(state, params), state
 
     # ---- step
+    def _clearance(self, params, px, py):
+        """Bilinear metric distance to the wall at points (px, py) (pixel centres)."""
+        f = params.obstacle_m
+        h, w = f.shape
+        fr = h - (py - params.origin[1]) / params.resolution - 0.5
+        fc = (px - params.origin[0]) / params.resolution - 0.5
+        r0, c0 = jnp.floor(fr), jnp.floor(fc)
+        wr, wc = fr - r0, fc - c0
+        r0 = jnp.clip(r0.astype(jnp.int32), 0, h - 1)
+        c0 = jnp.clip(c0.astype(jnp.int32), 0, w - 1)
+        r1, c1 = jnp.minimum(r0 + 1, h - 1), jnp.minimum(c0 + 1, w - 1)
+        top = f[r0, c0] * (1.0 - wc) + f[r0, c1] * wc
+        bot = f[r1, c0] * (1.0 - wc) + f[r1, c1] * wc
+        return top * (1.0 - wr) + bot * wr
+
     def _contact(self, params, pos, yaw):
-        """(smallest circle clearance to the wall, unit wall normal into the track there)."""
+        """(smallest footprint-circle clearance to the wall, unit wall normal into the track
+        there, that circle's offset along the body x axis)."""
         dyn = self.dynamics
         xs = jnp.asarray(dyn.footprint_x, jnp.float32)
         px = pos[0] + jnp.cos(yaw) * xs
         py = pos[1] + jnp.sin(yaw) * xs
-        d = _lookup(params.obstacle_m, params, px, py)
+        d = self._clearance(params, px, py)
         i = jnp.argmin(d)
-        h = 2.0 * params.resolution
-        f = params.obstacle_m
-        gx = _lookup(f, params, px[i] + h, py[i]) - _lookup(f, params, px[i] - h, py[i])
-        gy = _lookup(f, params, px[i], py[i] + h) - _lookup(f, params, px[i], py[i] - h)
-        g = jnp.stack([gx, gy])
+        e = params.resolution
+        q = jnp.stack([px[i] + e, px[i] - e, px[i], px[i]])
+        r = jnp.stack([py[i], py[i], py[i] + e, py[i] - e])
+        g4 = self._clearance(params, q, r)
+        g = jnp.stack([g4[0] - g4[1], g4[2] - g4[3]])
         normal = g / jnp.maximum(jnp.linalg.norm(g), 1e-6)
-        return d[i], normal
+        return d[i], normal, xs[i]
+
+    def _wall(self, params, pos, yaw, v, yaw_rate, a_steer):
+        """Wall contact of the free move's pose (see the module docstring): the speed into
+        the wall is removed and the speed along it pays Coulomb friction; a car still
+        pushing into the wall pivots about its contact circle toward the wall's tangent
+        (the one its steering asks for, else the nearer); the footprint is then pushed out
+        along the wall normal. Returns pos, yaw, v, yaw_rate, contact."""
+        dyn = self.dynamics
+        r_car = dyn.footprint_r
+        d, n, xi = self._contact(params, pos, yaw)
+        pen = d < r_car
+        c, s = jnp.cos(yaw), jnp.sin(yaw)
+        hn = c * n[0] + s * n[1]  # < 0: heading into the wall
+        into = pen & (hn < 0.0) & (v > 0.0)
+        sin_t = jnp.clip(-hn, 0.0, 1.0)
+        cos_t = jnp.sqrt(jnp.maximum(1.0 - sin_t * sin_t, 0.0))
+        v_new = jnp.where(into, jnp.maximum(v * (cos_t - dyn.wall_friction * sin_t), 0.0), v)
+        # pivot: turn toward a tangent t = ±(-n_y, n_x); CCW is +
+        hxn = c * n[1] - s * n[0]  # h x n: > 0 -> the nearer tangent is counter-clockwise
+        near = jnp.sign(jnp.where(hxn == 0.0, 1.0, hxn))
+        want = jnp.sign(spec.STEER_SIGN * a_steer)
+        turn = jnp.where(jnp.abs(a_steer) > dyn.wall_steer_pick, want, near)
+        rate = dyn.wall_pivot_rate * jnp.minimum(1.0, sin_t / dyn.wall_pivot_taper)
+        dpsi = jnp.where(into, turn * rate * dyn.dt, 0.0)
+        cx, cy = pos[0] + c * xi, pos[1] + s * xi  # the contact circle's centre
+        cp, sp = jnp.cos(dpsi), jnp.sin(dpsi)
+        rx, ry = pos[0] - cx, pos[1] - cy
+        pos = jnp.stack([cx + cp * rx - sp * ry, cy + sp * rx + cp * ry])
+        yaw = yaw + dpsi
+        yaw_rate = yaw_rate + dpsi / dyn.dt
+        # push the footprint out of the wall (deepest circle first, a few passes)
+        for _ in range(dyn.wall_iters):
+            d, n, _ = self._contact(params, pos, yaw)
+            pos = pos + jnp.maximum(r_car - d, 0.0) * n
+        d, _, _ = self._contact(params, pos, yaw)
+        contact = pen | (d < r_car + dyn.wall_skin)
+        return pos, yaw, v_new, yaw_rate, contact
 
     def _advance(self, state: EnvState, action, params: TrackParams):
         """Physics and race bookkeeping of one step; the lidar is left as it was."""
@@ -510,26 +570,9 @@ class JaxRacecar:
         rear = state.pos - b * jnp.stack([c0, s0])
         rear = rear + v_mid * dt * jnp.stack([jnp.cos(yaw_mid), jnp.sin(yaw_mid)])
         pos_new = rear + b * jnp.stack([jnp.cos(yaw_new), jnp.sin(yaw_new)])
+        pos_new, yaw_new, v_new, yaw_rate, hit = self._wall(params, pos_new, yaw_new, v_new,
+                                                            yaw_rate, a_steer)
         yaw_new = jnp.arctan2(jnp.sin(yaw_new), jnp.cos(yaw_new))
-        # walls: on contact keep only the motion along the wall (slide), else roll back
-        # a move that touches but does not dig deeper is allowed (steering off a wall)
-        r_car = dyn.footprint_r
-        d_old, _ = self._contact(params, state.pos, state.yaw)
-        d_new, normal = self._contact(params, pos_new, yaw_new)
-        hit = d_new < r_car
-        floor_d = jnp.minimum(d_old, r_car) - 1e-4
-        blocked = hit & (d_new < floor_d)
-        disp = pos_new - state.pos
-        slide = disp - jnp.minimum(jnp.dot(disp, normal), 0.0) * normal
-        pos_slide = state.pos + slide
-        d_slide, _ = self._contact(params, pos_slide, yaw_new)
-        keep = jnp.linalg.norm(slide) / jnp.maximum(jnp.linalg.norm(disp), 1e-9)
-        ok_slide = blocked & (d_slide >= floor_d)
-        stuck = blocked & ~ok_slide
-        pos_new = jnp.where(ok_slide, pos_slide, jnp.where(stuck, state.pos, pos_new))
-        yaw_new = jnp.where(stuck, state.yaw, yaw_new)
-        v_new = jnp.where(ok_slide, v_new * keep, jnp.where(stuck, 0.0, v_new))
-        yaw_rate = jnp.where(stuck, 0.0, yaw_rate)
         # body-frame velocity of the CoM: forward v, sideways com_offset * yaw rate
         vel = jnp.stack([v_new, b * yaw_rate, 0.0, 0.0, 0.0, yaw_rate]).astype(jnp.float32)
         accel = (vel - state.vel) / dt
@@ -868,3 +911,118 @@ def drive_line(env: JaxRacecar, params: TrackParams, key, n_steps: int, line, **
 
     _, (col, term, rew) = jax.lax.scan(body, (obs, state), None, length=n_steps)
     return {"collision": col, "terminated": term, "reward": rew}
+
+
+# ------------------------------------------------------------------------------ wall probe
+
+
+def wall_params(wall_y: float = 1.5, x_range=(-6.0, 10.0), y_min: float = -3.0,
+                res: float = 0.05) -> TrackParams:
+    """An open floor with one straight wall, its face the line y = wall_y (the car's side is
+    y < wall_y): the JAX half of `wall_contact_probe`."""
+    w = int(round((x_range[1] - x_range[0]) / res))
+    h = int(round((wall_y + 0.5 - y_min) / res))
+    yc = y_min + (h - np.arange(h) - 0.5) * res  # pixel-centre y of each row
+    d = np.maximum(wall_y - yc, 0.0).astype(np.float32)[:, None] * np.ones((1, w), np.float32)
+    return TrackParams(
+        obstacle_m=jnp.asarray(d), progress=jnp.zeros((h, w), jnp.float32),
+        origin=jnp.asarray([x_range[0], y_min], jnp.float32),
+        resolution=jnp.asarray(res, jnp.float32),
+        grid_pose=jnp.zeros(3, jnp.float32), rand_pose=jnp.zeros((1, 3), jnp.float32),
+        lidar_map=jnp.asarray(d.reshape(-1), LIDAR_MAP_DTYPE))
+
+
+def _probe_trace_jax(dyn: Dynamics, angle_deg, motor, steer_after, seconds, wall_y):
+    env = JaxRacecar(TaskConfig(time_limit=1e6), dyn)
+    params = wall_params(wall_y)
+    st = env._spawn(jax.random.PRNGKey(0), params)
+    st = st._replace(yaw=jnp.float32(np.deg2rad(angle_deg)))
+    r = dyn.footprint_r
+
+    def body(carry, _):
+        st, hit = carry
+        act = jnp.stack([jnp.float32(motor), jnp.where(hit, jnp.float32(steer_after), 0.0)])
+        new, *_ = env._advance(st, act, params)
+        c, s = jnp.cos(new.yaw), jnp.sin(new.yaw)
+        clear = min(env._contact(params, new.pos, new.yaw)[0] for _ in (0,))
+        row = jnp.stack([new.time, new.pos[0], new.pos[1], new.yaw, new.v * c, new.v * s,
+                         new.collision.astype(jnp.float32), clear - r])
+        return (new, hit | new.collision), row
+
+    n = int(round(seconds / dyn.dt))
+    _, rows = jax.jit(lambda st: jax.lax.scan(body, (st, jnp.bool_(False)), None, length=n))(st)
+    return np.asarray(rows, np.float64)
+
+
+def _probe_trace_bullet(angle_deg, motor, steer_after, seconds, wall_y):
+    import os
+
+    import pybullet as p
+    import pybullet_data
+
+    from rl.envs import bullet as B
+
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setGravity(0, 0, -B.GRAVITY, physicsClientId=cid)
+        p.setTimeStep(B.DT, physicsClientId=cid)
+        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
+                           physicsClientId=cid)
+        p.changeDynamics(plane, -1, lateralFriction=B.TRACK_FLOOR_FRICTION, physicsClientId=cid)
+        box = p.createCollisionShape(p.GEOM_BOX, halfExtents=[20, 0.25, 0.5], physicsClientId=cid)
+        wall = p.createMultiBody(0, box, -1, [0, wall_y + 0.25, 0.5], physicsClientId=cid)
+        env = B._OpenFloorCar(cid, B.VehicleParams()).env
+        env.actuator = "motor"
+        quat = p.getQuaternionFromEuler([0, 0, np.deg2rad(angle_deg)])
+        p.resetBasePositionAndOrientation(env.car, [0, 0, spec.START_Z], quat, physicsClientId=cid)
+        rows, hit = [], False
+        for i in range(int(round(seconds / B.DT))):
+            env._apply_action(motor, steer_after if hit else 0.0)
+            p.stepSimulation(physicsClientId=cid)
+            pos, orn, lin, _ = env._kinematics()
+            c = len(p.getContactPoints(bodyA=env.car, bodyB=wall, physicsClientId=cid)) > 0
+            hit |= c
+            yaw = p.getEulerFromQuaternion(orn.tolist())[2]
+            rows.append(((i + 1) * B.DT, pos[0], pos[1], yaw, lin[0], lin[1], float(c), np.nan))
+        return np.asarray(rows)
+    finally:
+        p.disconnect(physicsClientId=cid)
+
+
+def wall_contact_probe(backend: str = "jax", angle_deg: float = 45.0, motor: float = 0.3,
+                       steer_after: float = 0.0, seconds: float = 3.0, wall_y: float = 1.5,
+                       dyn: Dynamics | None = None) -> dict:
+    """Drive a car from the origin at `angle_deg` (0 = along the wall, 90 = straight at it) at
+    `motor` into a straight wall y = wall_y on an open floor (track-floor friction in
+    PyBullet), steering `steer_after` from the first contact on; the same protocol in either
+    backend ("jax" | "bullet"). Returns the trace (rows: t, x, y, yaw, vx = speed along the
+    wall, vy = speed into it, contact, footprint clearance - radius (jax)) and a summary:
+    speed and angle at the impact, then at +0.1 … +2 s the angle to the wall (deg, +: CCW
+    of the +x direction), the speed along the wall, and the contact fraction so far;
+    `escape_s`: the first time after the impact at which the car runs along the wall
+    (within 15°, either way) at > 0.3 m/s; `min_clearance` (jax): the deepest footprint
+    penetration (negative) over the run."""
+    if backend == "jax":
+        tr = _probe_trace_jax(dyn or Dynamics(), angle_deg, motor, steer_after, seconds, wall_y)
+    elif backend == "bullet":
+        tr = _probe_trace_bullet(angle_deg, motor, steer_after, seconds, wall_y)
+    else:
+        raise ValueError(f"backend must be 'jax' or 'bullet', got {backend!r}")
+    c = tr[:, 6] > 0
+    out: dict[str, Any] = {"trace": tr, "contact": bool(c.any())}
+    if not c.any():
+        return out
+    k = int(np.argmax(c))
+    kb = max(k - 1, 0)
+    out["impact_speed"] = float(np.hypot(tr[kb, 4], tr[kb, 5]))
+    out["impact_angle_deg"] = float(np.rad2deg(tr[kb, 3]))
+    for dt_ in (0.1, 0.3, 0.5, 1.0, 2.0):
+        j = min(k + int(round(dt_ / 0.01)), len(tr) - 1)
+        out[f"+{dt_}s"] = {"angle_deg": float(np.rad2deg(tr[j, 3])),
+                           "v_along": float(tr[j, 4]), "v_into": float(tr[j, 5]),
+                           "contact_frac": float(c[k:j + 1].mean())}
+    yaw, speed = tr[k:, 3], np.hypot(tr[k:, 4], tr[k:, 5])
+    along = (np.abs(np.sin(yaw)) < np.sin(np.deg2rad(15.0))) & (speed > 0.3)
+    out["escape_s"] = float(np.argmax(along) * 0.01) if along.any() else float("nan")
+    out["min_clearance"] = float(np.nanmin(tr[:, 7])) if backend == "jax" else float("nan")
+    return out
