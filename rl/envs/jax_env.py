@@ -91,7 +91,7 @@ class Dynamics:
     wall_pivot_rate: float = 1.2  # rad/s, yaw rate of a car pushing into a wall
     wall_pivot_taper: float = 0.26  # ... tapering below this sin(angle to the wall)
     wall_steer_pick: float = 0.3  # |steering| above which it picks the pivot's direction
-    wall_iters: int = 3  # push-out passes
+    wall_iters: int = 2  # push-out passes
     wall_skin: float = 0.01  # m: a footprint this close to the wall still counts as contact
 
 
@@ -541,10 +541,10 @@ class JaxRacecar:
         yaw = yaw + dpsi
         yaw_rate = yaw_rate + dpsi / dyn.dt
         # push the footprint out of the wall (deepest circle first, a few passes)
+        # (the last pass's clearance, before its push, says whether it still touches)
         for _ in range(dyn.wall_iters):
             d, n, _ = self._contact(params, pos, yaw)
             pos = pos + jnp.maximum(r_car - d, 0.0) * n
-        d, _, _ = self._contact(params, pos, yaw)
         contact = pen | (d < r_car + dyn.wall_skin)
         return pos, yaw, v_new, yaw_rate, contact
 
