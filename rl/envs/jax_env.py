@@ -18,11 +18,18 @@ high lateral acceleration. The constants in `Dynamics` are fitted to the PyBulle
 (`calibrate` here vs rl.envs.bullet.calibrate; `python -m benchmarks.envs --calibrate`).
 Sensing works on the track's metric distance field (`Track.obstacle_m`, a float16 copy for
 the lidar): lidar rays and camera columns are sphere-traced with a fixed number of relaxed
-iterations and a final bisection; the scan is held between 25 Hz refreshes. Walls: a
-footprint circle (3 along the body, radius = half the car's width) closer to the wall than
-its radius is a collision; a move that does not dig deeper is allowed, else the car keeps
-only the part of its motion along the wall (the speed scaled alike) or, failing that, is
-rolled back and stopped.
+iterations and a final bisection; the scan is held between 25 Hz refreshes. Walls
+(`JaxRacecar._wall`): the footprint is 3 circles along the body (radius = half the car's
+width) against the bilinear distance field; a circle closer to the wall than its radius is a
+contact, and so is one within `wall_skin` of it (`collision` holds while the car rests or
+slides on a wall). On contact the speed into the wall is removed (v -> v cos θ, θ = the
+heading's angle into the wall), on the impact step less Coulomb friction
+(v -> v (cos θ - μ sin θ), μ = `wall_friction`); a car still driving into the wall pivots
+about its contact circle at `wall_pivot_rate` (tapering as it comes parallel) toward the
+wall's tangent its steering asks for, else the nearer one, so a nose-in car turns along the
+wall and drives on instead of freezing; finally the footprint is pushed out along the wall
+normal, so it never digs in. Fitted to the PyBullet car with `wall_contact_probe` (a
+straight wall on an open floor, either backend).
 Progress, checkpoints, laps and wrong-way come from the progress map; the reward is
 100 * Δ(lap + progress), signed; the time limit truncates, never terminates.
 """
@@ -87,7 +94,7 @@ class Dynamics:
     footprint_x: tuple[float, ...] = (-0.125, 0.0, 0.125)
     footprint_r: float = spec.CAR_WIDTH / 2
     # wall contact (`JaxRacecar._wall`; fitted with `wall_contact_probe`)
-    wall_friction: float = 0.45  # Coulomb: speed along the wall lost per unit speed into it
+    wall_friction: float = 0.45  # Coulomb, at impact: speed along the wall lost per unit into it
     wall_pivot_rate: float = 1.2  # rad/s, yaw rate of a car pushing into a wall
     wall_pivot_taper: float = 0.26  # ... tapering below this sin(angle to the wall)
     wall_steer_pick: float = 0.3  # |steering| above which it picks the pivot's direction
@@ -511,9 +518,10 @@ class JaxRacecar:
         normal = g / jnp.maximum(jnp.linalg.norm(g), 1e-6)
         return d[i], normal, xs[i]
 
-    def _wall(self, params, pos, yaw, v, yaw_rate, a_steer):
+    def _wall(self, params, pos, yaw, v, yaw_rate, a_steer, was_in_contact):
         """Wall contact of the free move's pose (see the module docstring): the speed into
-        the wall is removed and the speed along it pays Coulomb friction; a car still
+        the wall is removed, and on the impact (the first step of a contact) the speed along
+        it pays Coulomb friction on the speed removed; a car still
         pushing into the wall pivots about its contact circle toward the wall's tangent
         (the one its steering asks for, else the nearer); the footprint is then pushed out
         along the wall normal. Returns pos, yaw, v, yaw_rate, contact."""
@@ -526,7 +534,8 @@ class JaxRacecar:
         into = pen & (hn < 0.0) & (v > 0.0)
         sin_t = jnp.clip(-hn, 0.0, 1.0)
         cos_t = jnp.sqrt(jnp.maximum(1.0 - sin_t * sin_t, 0.0))
-        v_new = jnp.where(into, jnp.maximum(v * (cos_t - dyn.wall_friction * sin_t), 0.0), v)
+        mu = jnp.where(was_in_contact, 0.0, dyn.wall_friction)
+        v_new = jnp.where(into, jnp.maximum(v * (cos_t - mu * sin_t), 0.0), v)
         # pivot: turn toward a tangent t = ±(-n_y, n_x); CCW is +
         hxn = c * n[1] - s * n[0]  # h x n: > 0 -> the nearer tangent is counter-clockwise
         near = jnp.sign(jnp.where(hxn == 0.0, 1.0, hxn))
@@ -571,7 +580,7 @@ class JaxRacecar:
         rear = rear + v_mid * dt * jnp.stack([jnp.cos(yaw_mid), jnp.sin(yaw_mid)])
         pos_new = rear + b * jnp.stack([jnp.cos(yaw_new), jnp.sin(yaw_new)])
         pos_new, yaw_new, v_new, yaw_rate, hit = self._wall(params, pos_new, yaw_new, v_new,
-                                                            yaw_rate, a_steer)
+                                                            yaw_rate, a_steer, state.collision)
         yaw_new = jnp.arctan2(jnp.sin(yaw_new), jnp.cos(yaw_new))
         # body-frame velocity of the CoM: forward v, sideways com_offset * yaw rate
         vel = jnp.stack([v_new, b * yaw_rate, 0.0, 0.0, 0.0, yaw_rate]).astype(jnp.float32)
@@ -944,7 +953,7 @@ def _probe_trace_jax(dyn: Dynamics, angle_deg, motor, steer_after, seconds, wall
         act = jnp.stack([jnp.float32(motor), jnp.where(hit, jnp.float32(steer_after), 0.0)])
         new, *_ = env._advance(st, act, params)
         c, s = jnp.cos(new.yaw), jnp.sin(new.yaw)
-        clear = min(env._contact(params, new.pos, new.yaw)[0] for _ in (0,))
+        clear = env._contact(params, new.pos, new.yaw)[0]
         row = jnp.stack([new.time, new.pos[0], new.pos[1], new.yaw, new.v * c, new.v * s,
                          new.collision.astype(jnp.float32), clear - r])
         return (new, hit | new.collision), row
