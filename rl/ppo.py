@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from etl import configlib
 from rl.config import RLConfig, load_config
+from train.preempt import Preemption
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3
 
@@ -71,23 +71,6 @@ def make_agent(cfg: RLConfig, key_seed: int):
     from rl.agent import build_multimodal_agent
 
     return build_multimodal_agent(cfg, rngs)
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 → finish the current chunk, save, exit ``EXIT_PREEMPTED``."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-
-    def _handler(self, signum, frame):
-        self.signal = signum
-
-    def restore(self):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
 
 
 class Logger:

@@ -26,44 +26,12 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm/logs/%x-%j.out
 
-set -uo pipefail
-cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}" || exit 1
 mkdir -p slurm/logs
 
 CONFIG="${1:-configs/pretrain_cmht.toml}"
 shift $(( $# > 0 ? 1 : 0 ))
 
-export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-export PYTHONUNBUFFERED=1
-
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    # the CUDA build of jaxlib (uv.lock pins it); --frozen: never re-resolve on a compute node
-    uv sync --frozen --extra cuda13 || exit 1
-    LAUNCH=(srun --kill-on-bad-exit=1 uv run --frozen --extra cuda13)
-    echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $CONFIG $*"
-else
-    LAUNCH=(uv run)
-fi
-
-"${LAUNCH[@]}" python -m train.pretrain --config "$CONFIG" "$@" &
-TRAINER=$!
-
-forward() {
-    echo "$(date -u +%FT%TZ) got $1: asking the trainer to checkpoint and stop"
-    kill -s "$1" "$TRAINER" 2>/dev/null
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-
-# `wait` returns early when a trapped signal arrives: keep waiting for the trainer itself.
-while true; do
-    wait "$TRAINER"
-    CODE=$?
-    kill -0 "$TRAINER" 2>/dev/null || break
-done
-
-if [[ $CODE -eq 3 && -n "${SLURM_JOB_ID:-}" ]]; then
-    echo "checkpoint saved; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-fi
-exit "$CODE"
+source slurm/lib.sh
+run_requeueable python -m train.pretrain --config "$CONFIG" "$@"
+exit $?

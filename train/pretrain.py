@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from train import data as datalib
 from train import metrics as metricslib
 from train import sharding as shardlib
 from train.config import PretrainConfig, load_pretrain_config
+from train.preempt import Preemption
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3
 
@@ -135,23 +135,6 @@ def log(msg: str):
 
 
 # --------------------------------------------------------------------------- the run
-class _Preemption:
-    """SIGTERM / SIGUSR1 → finish the current step, save, exit EXIT_PREEMPTED."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
-
-    def _handler(self, signum, frame):
-        self.signal = signum
-
-    def restore(self):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-
 def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
           hooks: Sequence[Callable[[int, dict], None]] = ()) -> int:
     """Run (or resume) the configured pretraining; returns the process exit code."""
@@ -159,7 +142,7 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
         default_cls, default_flops = default_model()
         model_cls, flops_fn = model_cls or default_cls, flops_fn or default_flops
     tc = cfg.training
-    preempt = _Preemption()
+    preempt = Preemption()
     shardlib.maybe_initialize_distributed(cfg.mesh)
     mesh = shardlib.make_mesh(cfg.mesh)
     local_bs = shardlib.local_batch_size(tc.batch_size, mesh)
