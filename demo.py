@@ -26,7 +26,7 @@ STEPS: list[tuple[str, list[str]]] = [
                               "--frames", "60", "--format", "both"]),
     ("ETL → ArrayRecord shards", [PY, "-m", "etl.build", "--src", "cmht_raw",
                                   "--out", "data_cache", "--workers", "2",
-                                  "--set", "output.block_s=2.0"]),
+                                  "--set", "output.split=drive"]),
     ("masked multimodal pretraining (tiny)", [PY, "-m", "train.pretrain", "--config",
                                               "configs/pretrain_tiny.toml",
                                               "--set", "run_name=demo_pretrain",
