@@ -470,14 +470,9 @@ def plot_trajectories(track, result: dict, out: Path, title: str = "") -> Path:
     from matplotlib.collections import LineCollection
 
     plt = _plt()
-    rows, cols = np.nonzero(track.drivable)
-    r0, r1 = max(rows.min() - 10, 0), min(rows.max() + 10, track.shape[0])
-    c0, c1 = max(cols.min() - 10, 0), min(cols.max() + 10, track.shape[1])
-    ox, oy = track.origin
-    res, h = track.resolution, track.shape[0]
-    extent = (ox + c0 * res, ox + c1 * res, oy + (h - r1) * res, oy + (h - r0) * res)
+    sl, extent = track.plot_window()
     fig, ax = plt.subplots(figsize=(9, 7.5))
-    ax.imshow(track.drivable[r0:r1, c0:c1], cmap="gray", extent=extent, vmin=-0.6, vmax=1.3)
+    ax.imshow(track.drivable[sl], cmap="gray", extent=extent, vmin=-0.6, vmax=1.3)
     vmax = max([float(np.max(t["speed"])) for t in result["traces"] if len(t["speed"])] + [0.1])
     lc = None
     for tr in result["traces"]:

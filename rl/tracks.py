@@ -100,6 +100,18 @@ class Track:
         """Vectorized world_to_pixel for numpy or jax.numpy, clipped into the map."""
         return world_to_pixel_array(x, y, self.origin, self.resolution, self.drivable.shape, xp)
 
+    def plot_window(self, pad_px: int = 10):
+        """(row slice, col slice) around the drivable area plus ``pad_px``, and its matplotlib
+        ``extent`` (left, right, bottom, top) in world metres — for drawing maps."""
+        rows, cols = np.nonzero(self.drivable)
+        h, w = self.drivable.shape
+        r0, r1 = max(rows.min() - pad_px, 0), min(rows.max() + pad_px, h)
+        c0, c1 = max(cols.min() - pad_px, 0), min(cols.max() + pad_px, w)
+        ox, oy = self.origin
+        res = self.resolution
+        extent = (ox + c0 * res, ox + c1 * res, oy + (h - r1) * res, oy + (h - r0) * res)
+        return (slice(r0, r1), slice(c0, c1)), extent
+
     def cropped(self, margin_m: float = 2.0) -> Track:
         """The same track on the smallest map window holding its drivable area plus
         ``margin_m`` (walls included): identical lookups for every drivable position, and

@@ -39,14 +39,8 @@ def scripted_lap(track: Track, seconds: float = 90.0, seed: int = 0) -> dict:
 
 
 def draw(track: Track, out: Path, traj: np.ndarray | None = None, title: str = "") -> Path:
-    rows, cols = np.nonzero(track.drivable)
-    r0, r1 = max(rows.min() - 10, 0), min(rows.max() + 10, track.shape[0])
-    c0, c1 = max(cols.min() - 10, 0), min(cols.max() + 10, track.shape[1])
-    ox, oy = track.origin
-    res, h = track.resolution, track.shape[0]
-    extent = (ox + c0 * res, ox + c1 * res, oy + (h - r1) * res, oy + (h - r0) * res)
+    sl, extent = track.plot_window()
     fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
-    sl = (slice(r0, r1), slice(c0, c1))
     axes[0].imshow(track.drivable[sl], cmap="gray", extent=extent)
     axes[0].set_title(f"{track.name}: drivable area (lap ≈ {track.lap_length_m:.0f} m)")
     pm = np.where(track.drivable, track.progress, np.nan)[sl]
