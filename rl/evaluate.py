@@ -340,7 +340,7 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
 
     env = JaxRacecar(_task(time_limit, terminate_on_collision, camera),
                      sensors=SensorConfig(camera=camera))
-    params = make_params(track.cropped())  # same lookups, cache-sized maps
+    params = make_params(track)
     n_physics = int(round(time_limit / PHYSICS_DT))
     n_policy = -(-n_physics // action_repeat)
     keys = jnp.stack([_episode_key(int(s)) for s in seeds])

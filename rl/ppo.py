@@ -121,7 +121,7 @@ def build_fast(cfg: RLConfig):
     from rl.tracks import load_track
 
     track = load_track(cfg.env.track)
-    params = make_params(track.cropped())  # same track, cache-sized maps
+    params = make_params(track)
     sensors = SensorConfig(camera=cfg.env.camera, lidar_rays=cfg.env.lidar_rays)
     env = JaxRacecar(task_config(cfg), Dynamics(), sensors)
     model, featurize, trainable = make_agent(cfg, cfg.seed)

@@ -113,18 +113,26 @@ class Track:
         return (slice(r0, r1), slice(c0, c1)), extent
 
     def cropped(self, margin_m: float = 2.0) -> Track:
-        """The same track on the smallest map window holding its drivable area plus
-        ``margin_m`` (walls included): identical lookups for every drivable position, and
-        maps small enough to stay in cache (Austria: 2000² → ~600² pixels, ~10× faster
-        random lookups in the JAX backend). World coordinates do not change."""
+        """The same track on the map window holding its drivable area plus ``margin_m`` on
+        every side (walls included): identical lookups for every drivable position, and maps
+        small enough to stay in cache (Austria: 2000² → ~600² pixels, ~10× faster random
+        lookups in the JAX backend). Where the map has less margin than that it is padded
+        with wall (not drivable, zero distances and progress). World coordinates do not
+        change."""
         rows, cols = np.nonzero(self.drivable)
         m = int(np.ceil(margin_m / self.resolution))
         h, w = self.drivable.shape
-        r0, r1 = max(0, rows.min() - m), min(h, rows.max() + 1 + m)
-        c0, c1 = max(0, cols.min() - m), min(w, cols.max() + 1 + m)
+        r0, r1 = rows.min() - m, rows.max() + 1 + m
+        c0, c1 = cols.min() - m, cols.max() + 1 + m
+        pads = ((max(0, -r0), max(0, r1 - h)), (max(0, -c0), max(0, c1 - w)))
         ox, oy = self.origin
         origin = (ox + c0 * self.resolution, oy + (h - r1) * self.resolution)
-        crop = lambda a: np.ascontiguousarray(a[r0:r1, c0:c1])  # noqa: E731
+
+        def crop(a):
+            a = np.pad(a, pads) if any(sum(p) for p in pads) else a
+            return np.ascontiguousarray(a[r0 + pads[0][0]:r1 + pads[0][0],
+                                          c0 + pads[1][0]:c1 + pads[1][0]])
+
         return replace(
             self,
             origin=origin,

@@ -154,8 +154,7 @@ def test_lidar_matches_brute_force(track, params):
     ang = jnp.asarray(np.linspace(-np.pi, np.pi, 90, endpoint=False), jnp.float32)
     sc = SensorConfig()
     d = np.asarray(jax.jit(lambda p, x, y, a: sphere_trace(
-        p, x, y, a, sc.lidar_iters, 15.0, sc.lidar_min_step, sc.lidar_refine,
-        first=sc.lidar_first, compact=sc.lidar_compact))(
+        p, x, y, a, sc.lidar_iters, 15.0, sc.lidar_min_step, sc.lidar_refine))(
         params, jnp.float32(x), jnp.float32(y), ang))
     # brute force: march 1 cm steps until the metric field says "in the wall"
     t = np.arange(0.0, 15.0, 0.01)
@@ -209,3 +208,49 @@ def test_wall_contact_scrapes_along_the_wall(angle, steer):
     k = int(np.argmax(tr[:, 6] > 0))
     pinned = tr[k:k + 20]  # the first 0.2 s after impact: pressed against the wall
     assert (pinned[:, 6] > 0).all()
+
+
+def test_batch_step_matches_per_env_step(params):
+    """batch_step (lidar traced only for the envs whose 25 Hz scan is due, compacted) gives
+    exactly the states, observations and rewards of the per-env step (lax.cond per env)."""
+    env = JaxRacecar(TaskConfig(reset_mode="random"), sensors=SensorConfig(lidar_rays=270))
+    n = 12
+    obs, st = env.batch_reset(jax.random.PRNGKey(3), params, n)
+    st_b = st_p = st
+    step_b = jax.jit(lambda s, a: env.batch_step(s, a, params, autoreset=False))
+    step_p = jax.jit(jax.vmap(lambda s, a: env.step(s, a, params)))
+    acts = jnp.stack([jnp.full((n,), 0.6), jnp.linspace(-0.5, 0.5, n)], 1)
+    scanned = np.zeros(n, int)
+    for _ in range(9):
+        ob_b, st_b, r_b, *_ = step_b(st_b, acts)
+        ob_p, st_p, r_p, *_ = step_p(st_p, acts)
+        scanned += np.asarray(st_b.lidar_age) == 0
+        for a, b in zip(jax.tree.leaves(st_b), jax.tree.leaves(st_p), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(ob_b["lidar"]), np.asarray(ob_p["lidar"]))
+        np.testing.assert_array_equal(np.asarray(r_b), np.asarray(r_p))
+    assert scanned.min() >= 2  # every env rescanned at 25 Hz (9 steps = 2 periods + 1)
+
+
+def test_params_pad_a_map_without_wall_margin(track, params):
+    """A map cut right at the drivable area (no wall beyond it) is padded with wall by
+    make_params, so the lidar (which skips bounds checks) reads the same as on the full map."""
+    tight = track.cropped(0.0)
+    rows, cols = np.nonzero(tight.drivable)
+    assert rows.min() == 0 and cols.min() == 0  # drivable pixels on the map's edge
+    p2 = make_params(tight)
+    assert p2.obstacle_m.shape == params.obstacle_m.shape
+    env = JaxRacecar(TaskConfig(reset_mode="random"))
+    reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
+    keys = jax.random.split(jax.random.PRNGKey(0), 16)
+    np.testing.assert_array_equal(np.asarray(reset(keys, params)[0]["lidar"]),
+                                  np.asarray(reset(keys, p2)[0]["lidar"]))
+
+
+def test_params_reject_a_distance_field_off_the_track(track):
+    bad = track.obstacle_m.copy()
+    bad[~track.drivable] = 0.3
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="non-drivable pixel to be wall"):
+        make_params(replace(track, obstacle_m=bad))

@@ -200,8 +200,6 @@ class SensorConfig:
     lidar_iters: int = 24  # sphere-tracing iterations per ray
     lidar_min_step: float = 0.03  # relaxed step: at least this fraction of the distance so far
     lidar_refine: int = 2  # bisection steps on a hit (overshoot <= min_step / 4 of the range)
-    lidar_first: int = 8  # steps for every ray; the rest only for rays still open after them
-    lidar_compact: float = 0.3  # ... at most this fraction of the rays (~19 % open after 8)
     lidar_rays: int = spec.LIDAR_RAYS
     lidar_noise: float = spec.LIDAR_NOISE
     lidar_every: int = int(round(1.0 / (spec.LIDAR_HZ * spec.PHYSICS_DT)))  # 4 steps
@@ -215,6 +213,10 @@ class SensorConfig:
 # The lidar traces a float16 copy of the distance field (values <= ~1.2 m: steps of <= 1 mm,
 # far below the 5 cm pixels): half the cache footprint of float32 (Austria's 2000² field).
 LIDAR_MAP_DTYPE = jnp.float16
+# Wall kept around the drivable area on the JAX maps (make_params): more than any lidar step
+# can jump past a wall pixel (a relaxed step is <= lidar_min_step * range), so rays never
+# sample outside the map and sphere_trace needs no bounds checks.
+LIDAR_WALL_BAND_M = 2.0
 
 
 class TrackParams(NamedTuple):
@@ -255,9 +257,16 @@ class EnvState(NamedTuple):
 
 
 def make_params(track: Track | str, max_random: int = 20000) -> TrackParams:
-    """Device arrays of a track (numpy work done once here)."""
+    """Device arrays of a track (numpy work done once here), on the track's cropped map
+    (Track.cropped: the drivable area plus 2 m of wall on every side, the same lookups for
+    every drivable position): cache-sized, and the wall band lets the lidar skip bounds
+    checks (a ray stops in the first wall pixel it samples; no step crosses 2 m of wall)."""
     if not isinstance(track, Track):
         track = load_track(track)
+    track = track.cropped(LIDAR_WALL_BAND_M)
+    if np.any(track.obstacle_m[~track.drivable] > 0.0):
+        raise ValueError(f"track {track.name!r}: obstacle_m is non-zero off the drivable area; "
+                         "the JAX backend needs every non-drivable pixel to be wall")
     ox, oy = track.origin
     res = track.resolution
     # grid start as racecar_gym's AutomaticGridStrategy, single agent
@@ -322,65 +331,51 @@ def _hash_uniform(key, n: int):
 
 
 def sphere_trace(params: TrackParams, x, y, angles, iters: int, max_dist: float,
-                 min_step: float = 0.015, refine: int = 0, dirs=None, first: int = 0,
-                 compact: float = 0.25):
+                 min_step: float = 0.015, refine: int = 0, dirs=None):
     """Distance along world-frame rays from (x, y) to the wall, by sphere tracing the
-    metric distance field; an unconverged ray reports where it stopped plus the
-    remaining clearance.
+    metric distance field; an unconverged ray reports where it stopped plus the remaining
+    clearance.
 
     Relaxed: a step is never shorter than `min_step` times the distance covered (grazing
     rays would otherwise crawl along a wall), so a ray may stop up to that step past the
-    wall; `refine` bisection steps on the last step then shrink that overshoot 2x each.
-    `dirs` = (cos, sin) of the angles, if the caller has them cheaper (then angles unused).
-    With 0 < first < iters, all rays take `first` steps, then only the still-open ones (up
-    to a `compact` fraction of them: ~19 % are open after 8 steps) take the rest."""
+    wall; `refine` bisection steps on [t / (1 + min_step), t] then shrink that overshoot 2x
+    each (no per-ray "last free point" is carried through the loop: the loop state is t
+    alone). Every ray takes all `iters` steps: on the CPU a fixed, fused loop beat
+    compacting the still-open rays after a few steps, and on an accelerator it is the
+    natural form. `dirs` = (cos, sin) of the angles, if the caller has them cheaper (then
+    `angles` is unused)."""
     dx, dy = (jnp.cos(angles), jnp.sin(angles)) if dirs is None else dirs
     eps = 0.5 * params.resolution
-    grid = params.obstacle_m
-    h, w = grid.shape
-    flat = grid.reshape(-1) if params.lidar_map is None else params.lidar_map
+    h, w = params.obstacle_m.shape
     inv = 1.0 / params.resolution
+    flat = params.obstacle_m.reshape(-1) if params.lidar_map is None else params.lidar_map
     # pixel of (x + t dx, y + t dy): row = h - (y - oy) / res, col = (x - ox) / res
     r0, c0 = h - (y - params.origin[1]) * inv, (x - params.origin[0]) * inv
-
-    def look(t, rdy, cdx):
-        r = jnp.clip(jnp.floor(r0 + t * rdy).astype(jnp.int32), 0, h - 1)
-        c = jnp.clip(jnp.floor(c0 + t * cdx).astype(jnp.int32), 0, w - 1)
-        return flat[r * w + c].astype(jnp.float32)
-
-    def march(t, prev, rdy, cdx, n):
-        def body(_, c):
-            t, prev = c
-            d = look(t, rdy, cdx)
-            hit = d < eps
-            t_new = jnp.minimum(t + jnp.where(hit, 0.0, jnp.maximum(d, min_step * t)),
-                                max_dist)
-            return t_new, jnp.where(hit, prev, t)
-
-        return jax.lax.fori_loop(0, n, body, (t, prev), unroll=False)
-
     rdy, cdx = -dy * inv, dx * inv
-    z = jnp.zeros_like(dx)
-    if 0 < first < iters:
-        t, prev = march(z, z, rdy, cdx, first)
-        n = t.shape[-1]
-        open_ = (look(t, rdy, cdx) >= eps) & (t < max_dist)
-        idx = jnp.nonzero(open_, size=max(1, int(np.ceil(compact * n))), fill_value=n)[0]
-        j = jnp.minimum(idx, n - 1)
-        ts, ps = march(t[j], prev[j], rdy[j], cdx[j], iters - first)
-        t, prev = t.at[idx].set(ts, mode="drop"), prev.at[idx].set(ps, mode="drop")
-    else:
-        t, prev = march(z, z, rdy, cdx, iters)
-    d = look(t, rdy, cdx)
+
+    def look(t):
+        r = (r0 + t * rdy).astype(jnp.int32)
+        c = (c0 + t * cdx).astype(jnp.int32)
+        # in bounds by construction (make_params keeps LIDAR_WALL_BAND_M of wall around the
+        # track); truncation is floor for the non-negative pixel coordinates inside the map
+        return flat.at[r * w + c].get(mode="promise_in_bounds").astype(jnp.float32)
+
+    def body(_, t):
+        d = look(t)
+        return jnp.minimum(t + jnp.where(d < eps, 0.0, jnp.maximum(d, min_step * t)), max_dist)
+
+    t = jax.lax.fori_loop(0, iters, body, jnp.zeros_like(dx))
+    d = look(t)
     hit = d < eps
     if refine:
         def bisect(_, c):
             lo, hi = c
             mid = 0.5 * (lo + hi)
-            inside = look(mid, rdy, cdx) < eps
+            inside = look(mid) < eps
             return jnp.where(inside, lo, mid), jnp.where(inside, mid, hi)
 
-        lo, hi = jax.lax.fori_loop(0, refine, bisect, (prev, t), unroll=True)
+        # the last step was either safe (t is at the wall) or a relaxed one of min_step * t
+        _, hi = jax.lax.fori_loop(0, refine, bisect, (t / (1.0 + min_step), t), unroll=True)
         return jnp.where(hit, hi, jnp.minimum(t + d, max_dist))
     return jnp.minimum(t + jnp.where(hit, 0.0, d), max_dist)
 
@@ -404,8 +399,7 @@ class JaxRacecar:
         bc, bs = (jnp.asarray(np.cos(body), jnp.float32), jnp.asarray(np.sin(body), jnp.float32))
         dirs = (c * bc - si * bs, si * bc + c * bs)  # rotate the body-frame rays by yaw
         d = sphere_trace(params, lx, ly, None, s.lidar_iters, spec.LIDAR_RANGE,
-                         s.lidar_min_step, s.lidar_refine, dirs=dirs, first=s.lidar_first,
-                         compact=s.lidar_compact)
+                         s.lidar_min_step, s.lidar_refine, dirs=dirs)
         noise = 1.0 + s.lidar_noise * (2.0 * _hash_uniform(key, d.shape[-1]) - 1.0)
         return spec.lidar_scan(d, noise, xp=jnp)
 
@@ -631,7 +625,7 @@ class JaxRacecar:
         return obs, state._replace(lidar_age=age)
 
     def batch_step(self, states: EnvState, actions, params, autoreset: bool = True,
-                   refresh_capacity: float = 0.28):
+                   refresh_capacity: float = 0.26):
         """N envs at once (states/actions with a leading N axis; actions (N, 2)).
 
         With autoreset, an env whose episode ended comes back freshly reset (obs and
@@ -652,9 +646,14 @@ class JaxRacecar:
         due = new.lidar_age >= self.sensors.lidar_every
         cap = min(n, int(np.ceil(refresh_capacity * n)) + 1)
         idx = jnp.nonzero(due, size=cap, fill_value=n)[0]
-        sub = jax.tree.map(lambda a: a[jnp.clip(idx, 0, n - 1)], new)
-        scanned = jax.vmap(self._scan, in_axes=(0, None))(sub, params)
-        new = jax.tree.map(lambda a, b: a.at[idx].set(b, mode="drop"), new, scanned)
+        # as vmap(_scan) on the due envs, touching only the fields a scan reads and writes
+        j = jnp.clip(idx, 0, n - 1)
+        k = jax.vmap(jax.random.split)(new.key[j])
+        scans = jax.vmap(self._lidar, in_axes=(None, 0, 0, 0))(params, new.pos[j], new.yaw[j],
+                                                               k[:, 0])
+        new = new._replace(lidar=new.lidar.at[idx].set(scans, mode="drop"),
+                           lidar_age=new.lidar_age.at[idx].set(0, mode="drop"),
+                           key=new.key.at[idx].set(k[:, 1], mode="drop"))
         obs = jax.vmap(self._obs, in_axes=(0, None))(new, params)
         return obs, new, r, term, trunc, info
 
