@@ -11,7 +11,9 @@ from rl.ppo_core import PPOConfig
 @dataclass(frozen=True)
 class EnvConfig:
     backend: str = "jax"  # "jax" (fast runner) | "bullet" | "racecar_gym" (gymnasium runner)
-    track: str = "procedural:0"  # a name in the racecar_tracks folder, a path, procedural:<seed>
+    # a name in the racecar_tracks folder, a path, procedural:<seed>; or a comma-separated
+    # list ("austria,procedural:1-8": seeds 1..8) to train on all of them at once
+    track: str = "procedural:0"
     laps: int = 1
     time_limit: float = 60.0  # simulated seconds; reaching it truncates the episode
     terminate_on_collision: bool = True

@@ -40,7 +40,11 @@ def make_env_fn(cfg: RLConfig, track: str):
 
 
 def make_vector_env(cfg: RLConfig, num_envs: int, track: str | None = None):
-    fns = [make_env_fn(cfg, track or cfg.env.track) for _ in range(num_envs)]
+    """``num_envs`` envs; a track list ("a,b,procedural:1-4") gives env i track i mod n."""
+    from rl.tracks import track_names
+
+    names = track_names(track or cfg.env.track)
+    fns = [make_env_fn(cfg, names[i % len(names)]) for i in range(num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if cfg.env.bullet_workers > 0:
         return gym.vector.AsyncVectorEnv(fns, context="forkserver", autoreset_mode=mode)

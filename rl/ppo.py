@@ -118,10 +118,8 @@ def build_fast(cfg: RLConfig):
     from rl.envs.functional import INFO_KEYS, RacecarFunctional
     from rl.envs.jax_env import Dynamics, JaxRacecar, SensorConfig, make_params
     from rl.runners import FastRunner
-    from rl.tracks import load_track
 
-    track = load_track(cfg.env.track)
-    params = make_params(track)
+    params = make_params(cfg.env.track)  # one track, or a list tiled into one map
     sensors = SensorConfig(camera=cfg.env.camera, lidar_rays=cfg.env.lidar_rays)
     env = JaxRacecar(task_config(cfg), Dynamics(), sensors)
     model, featurize, trainable = make_agent(cfg, cfg.seed)

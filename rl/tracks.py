@@ -289,6 +289,75 @@ def _load_optional(path: Path, key: str):
         return z[key] if key in z.files else None
 
 
+def track_names(spec: str) -> list[str]:
+    """A comma-separated list of tracks, ``procedural:a-b`` expanding to seeds a..b
+    (inclusive): ``"austria,procedural:1-3"`` → austria, procedural:1, procedural:2,
+    procedural:3. A single name (or path) is a list of one."""
+    names: list[str] = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            raise TrackError(f"{spec!r}: empty entry in the track list")
+        if part.startswith("procedural:") and "-" in part.split(":", 1)[1]:
+            lo, _, hi = part.split(":", 1)[1].partition("-")
+            try:
+                a, b = int(lo), int(hi)
+            except ValueError as e:
+                raise TrackError(f"{part!r}: expected procedural:<seed>-<seed>") from e
+            if b < a:
+                raise TrackError(f"{part!r}: empty seed range")
+            names += [f"procedural:{i}" for i in range(a, b + 1)]
+        else:
+            names.append(part)
+    return names
+
+
+def tile_tracks(tracks: list[Track], margin_m: float = 2.0) -> tuple[Track, np.ndarray]:
+    """Several tracks side by side in one map, each on its own tile (its drivable area plus
+    ``margin_m`` of wall): one world in which a car spawned on a tile races that track — the
+    JAX backend trains on many tracks at once with no per-env track index. Tiles are packed
+    in shelves of ceil(sqrt(n)); track 0 keeps its world coordinates. Returns the combined
+    Track (starts, centreline, lap length and checkpoints of track 0) and the (n, 2) world
+    offset (x, y) that was added to each track's coordinates."""
+    if not tracks:
+        raise TrackError("tile_tracks: no tracks")
+    res = tracks[0].resolution
+    for t in tracks[1:]:
+        if abs(t.resolution - res) > 1e-9:
+            raise TrackError(f"tile_tracks: {t.name} has resolution {t.resolution}, "
+                             f"{tracks[0].name} {res}")
+        if t.checkpoints != tracks[0].checkpoints:
+            raise TrackError(f"tile_tracks: {t.name} has {t.checkpoints} checkpoints, "
+                             f"{tracks[0].name} {tracks[0].checkpoints}")
+    tiles = [t.cropped(margin_m) for t in tracks]
+    per_shelf = int(np.ceil(np.sqrt(len(tiles))))
+    shelves = [tiles[i:i + per_shelf] for i in range(0, len(tiles), per_shelf)]
+    width = max(sum(t.shape[1] for t in shelf) for shelf in shelves)
+    height = sum(max(t.shape[0] for t in shelf) for shelf in shelves)
+    place = []  # (bottom row offset from the map's bottom, left column) per tile
+    bottom = 0
+    for shelf in shelves:
+        left = 0
+        for t in shelf:
+            place.append((bottom, left))
+            left += t.shape[1]
+        bottom += max(t.shape[0] for t in shelf)
+    ox, oy = tiles[0].origin  # tile 0 at the bottom-left corner keeps its coordinates
+    maps = {k: np.zeros((height, width), getattr(tiles[0], k).dtype)
+            for k in ("drivable", "progress", "dist_to", "obstacle", "obstacle_m")}
+    offsets = np.zeros((len(tiles), 2))
+    for i, (t, (b, c)) in enumerate(zip(tiles, place, strict=True)):
+        h, w = t.shape
+        for k, m in maps.items():
+            m[height - b - h:height - b, c:c + w] = getattr(t, k)
+        offsets[i] = (ox + c * res - t.origin[0], oy + b * res - t.origin[1])
+    return replace(
+        tiles[0],
+        name="+".join(t.name for t in tracks),
+        origin=(ox, oy),
+        **maps,
+    ), offsets
+
+
 def load_track(name_or_path: str | os.PathLike, *, verbose: bool = False) -> Track:
     """Load a scene by name, folder, .zip, or ``procedural:<seed>``."""
     s = str(name_or_path)

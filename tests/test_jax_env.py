@@ -230,6 +230,29 @@ def test_batch_step_matches_per_env_step(params):
         np.testing.assert_array_equal(np.asarray(ob_b["lidar"]), np.asarray(ob_p["lidar"]))
         np.testing.assert_array_equal(np.asarray(r_b), np.asarray(r_p))
     assert scanned.min() >= 2  # every env rescanned at 25 Hz (9 steps = 2 periods + 1)
+    # and the vmapped step (custom batching rule of _refresh) is the one-env step (lax.cond)
+    step_1 = jax.jit(lambda s, a: env.step(s, a, params))
+    for i in (0, 5):
+        s1 = jax.tree.map(lambda x, i=i: x[i], st)
+        for _ in range(9):
+            ob1, s1, *_ = step_1(s1, acts[i])
+        np.testing.assert_array_equal(np.asarray(ob1["lidar"]), np.asarray(ob_p["lidar"][i]))
+        np.testing.assert_array_equal(np.asarray(s1.key), np.asarray(st_p.key[i]))
+
+
+def test_vmapped_step_does_not_copy_the_maps_per_env(params):
+    """vmap of lax.cond with a batched predicate broadcasts every operand to the batch; the
+    lidar refresh must not do that to the track maps (it did: 100x slower PPO rollouts)."""
+    env = JaxRacecar(TaskConfig(), sensors=SensorConfig(lidar_rays=108))
+    n = 64
+    _, st = env.batch_reset(jax.random.PRNGKey(0), params, n)
+    hlo = jax.jit(jax.vmap(env.step, in_axes=(0, 0, None))).lower(
+        st, jnp.zeros((n, 2)), params).compile().as_text()
+    import re
+
+    sizes = [np.prod([int(d) for d in dims.split(",")])
+             for dims in re.findall(r"(?:f16|f32|s32|pred)\[([0-9,]+)\]", hlo)]
+    assert max(sizes) < 2 * params.obstacle_m.size, max(sizes)
 
 
 def test_params_pad_a_map_without_wall_margin(track, params):
@@ -254,3 +277,46 @@ def test_params_reject_a_distance_field_off_the_track(track):
 
     with pytest.raises(ValueError, match="non-drivable pixel to be wall"):
         make_params(replace(track, obstacle_m=bad))
+
+
+def test_several_tracks_in_one_map():
+    """make_params on a track list: spawns on every track about equally, each heading
+    along its own track's progress, and a gap-following car stays on (and makes progress
+    around) the track it spawned on."""
+    from rl.tracks import tile_tracks
+
+    tracks = [load_track(f"procedural:{i}") for i in range(3)]
+    params = make_params("procedural:0,procedural:1,procedural:2")
+    tiled, offsets = tile_tracks(tracks, 2.0)
+    pose = np.asarray(params.rand_pose)
+
+    def tile_of(x, y):
+        """Index of the track whose drivable area holds world point (x, y), else -1."""
+        out = np.full(len(x), -1)
+        for i, (t, (dx, dy)) in enumerate(zip(tracks, offsets, strict=True)):
+            h, w = t.shape
+            r = np.floor(h - (y - dy - t.origin[1]) / t.resolution).astype(int)
+            c = np.floor((x - dx - t.origin[0]) / t.resolution).astype(int)
+            inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+            on = np.zeros(len(x), bool)
+            on[inside] = t.drivable[r[inside], c[inside]]
+            out[on] = i
+        return out
+
+    tiles = tile_of(pose[:, 0], pose[:, 1])
+    counts = np.bincount(tiles, minlength=3)
+    assert (tiles >= 0).all() and counts.min() > 0.3 * len(pose) and counts.sum() == len(pose)
+    step = 0.3  # a short step along the spawn heading gains progress on the spawn's track
+    ahead = tiled.value(tiled.progress, pose[:, 0] + step * np.cos(pose[:, 2]),
+                        pose[:, 1] + step * np.sin(pose[:, 2]))
+    here = tiled.value(tiled.progress, pose[:, 0], pose[:, 1])
+    gain = (ahead - here + 0.5) % 1.0 - 0.5
+    assert np.mean(gain > 0) > 0.95
+    env = JaxRacecar(TaskConfig(reset_mode="random", time_limit=30.0))
+    keys = jax.random.split(jax.random.PRNGKey(1), 12)
+    out = jax.jit(jax.vmap(lambda k: drive(env, params, k, 800)))(keys)
+    x0, y0 = np.asarray(out["pose"][:, 0, 0]), np.asarray(out["pose"][:, 0, 1])
+    x1, y1 = np.asarray(out["pose"][:, -1, 0]), np.asarray(out["pose"][:, -1, 1])
+    np.testing.assert_array_equal(tile_of(x0, y0), tile_of(x1, y1))
+    assert len(set(tile_of(x0, y0))) >= 2
+    assert np.asarray(out["reward"]).sum(1).min() > 10  # every car gains > 0.1 lap in 8 s

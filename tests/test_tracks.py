@@ -217,3 +217,37 @@ def test_procedural_closed_drivable_deterministic(tmp_path):
     shutil.rmtree(tmp_path / "b")
     t2 = load_track(a)  # a written scene loads like any scene folder
     assert np.array_equal(t2.progress, t.progress)
+
+
+def test_track_lists():
+    from rl.tracks import track_names
+
+    assert track_names("austria") == ["austria"]
+    assert track_names("austria, procedural:2-4") == [
+        "austria", "procedural:2", "procedural:3", "procedural:4"]
+    for bad in ("austria,,berlin", "procedural:5-2", "procedural:a-b"):
+        with pytest.raises(TrackError, match="procedural|empty"):
+            track_names(bad)
+
+
+def test_tile_tracks_keeps_every_track_and_track_0_in_place():
+    from rl.tracks import tile_tracks
+
+    tracks = [load_track(f"procedural:{i}") for i in range(3)]
+    tiled, offsets = tile_tracks(tracks)
+    assert np.allclose(offsets[0], 0.0)
+    assert tiled.drivable.sum() == sum(t.drivable.sum() for t in tracks)
+    for t, (dx, dy) in zip(tracks, offsets, strict=True):
+        # every track's drivable pixels, progress and clearance land where its offset says
+        rows, cols = np.nonzero(t.drivable)
+        x, y = t.pixel_to_world(rows, cols)
+        np.testing.assert_array_equal(tiled.value(tiled.progress, x + dx, y + dy),
+                                      t.progress[rows, cols])
+        np.testing.assert_array_equal(tiled.value(tiled.obstacle_m, x + dx, y + dy),
+                                      t.obstacle_m[rows, cols])
+    # islands: no drivable pixel of one tile touches another tile's
+    from scipy import ndimage
+
+    assert ndimage.label(tiled.drivable)[1] == 3
+    with pytest.raises(TrackError, match="tile_tracks: no tracks"):
+        tile_tracks([])

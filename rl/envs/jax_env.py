@@ -46,7 +46,7 @@ import numpy as np
 
 from rl.envs import spec
 from rl.envs.spec import TaskConfig
-from rl.tracks import Track, load_track
+from rl.tracks import Track, load_track, tile_tracks, track_names
 
 
 @dataclass(frozen=True)
@@ -256,20 +256,55 @@ class EnvState(NamedTuple):
 # ------------------------------------------------------------------------------ track
 
 
-def make_params(track: Track | str, max_random: int = 20000) -> TrackParams:
+def make_params(track: Track | str | list, max_random: int = 20000) -> TrackParams:
     """Device arrays of a track (numpy work done once here), on the track's cropped map
     (Track.cropped: the drivable area plus 2 m of wall on every side, the same lookups for
     every drivable position): cache-sized, and the wall band lets the lidar skip bounds
-    checks (a ray stops in the first wall pixel it samples; no step crosses 2 m of wall)."""
-    if not isinstance(track, Track):
-        track = load_track(track)
-    track = track.cropped(LIDAR_WALL_BAND_M)
+    checks (a ray stops in the first wall pixel it samples; no step crosses 2 m of wall).
+
+    Several tracks (a list of Tracks or names, or a "a,b,procedural:1-8" string) are tiled
+    into one map (rl.tracks.tile_tracks), each a walled island: random resets spawn on every
+    track equally often (max_random / n candidates each) and a car races the track it
+    spawned on; the grid start is track 0's."""
+    names = track_names(track) if isinstance(track, str) else None
+    if names is not None and len(names) == 1:
+        track = load_track(names[0])
+    elif names is not None or isinstance(track, list | tuple):
+        tracks = [t if isinstance(t, Track) else load_track(t) for t in (names or track)]
+        tiled, offsets = tile_tracks(tracks, LIDAR_WALL_BAND_M)
+        per = max(1, max_random // len(tracks))
+        spawns = []
+        for t, off in zip(tracks, offsets, strict=True):
+            pose = _random_spawns(t.cropped(LIDAR_WALL_BAND_M), per)
+            spawns.append(pose + np.array([off[0], off[1], 0.0], np.float32))
+        return _params(_checked(tiled), _grid_pose(tiled), np.concatenate(spawns))
+    track = _checked(track.cropped(LIDAR_WALL_BAND_M))
+    return _params(track, _grid_pose(track), _random_spawns(track, max_random))
+
+
+def _checked(track: Track) -> Track:
     if np.any(track.obstacle_m[~track.drivable] > 0.0):
         raise ValueError(f"track {track.name!r}: obstacle_m is non-zero off the drivable area; "
                          "the JAX backend needs every non-drivable pixel to be wall")
+    return track
+
+
+def _params(track: Track, grid_pose: np.ndarray, rand_pose: np.ndarray) -> TrackParams:
+    return TrackParams(
+        obstacle_m=jnp.asarray(track.obstacle_m, jnp.float32),
+        progress=jnp.asarray(track.progress, jnp.float32),
+        origin=jnp.asarray(track.origin, jnp.float32),
+        resolution=jnp.asarray(track.resolution, jnp.float32),
+        grid_pose=jnp.asarray(grid_pose),
+        rand_pose=jnp.asarray(rand_pose),
+        lidar_map=jnp.asarray(track.obstacle_m.reshape(-1), LIDAR_MAP_DTYPE),
+    )
+
+
+def _grid_pose(track: Track) -> np.ndarray:
+    """The grid start as racecar_gym's AutomaticGridStrategy, single agent: (x, y, yaw)."""
     ox, oy = track.origin
     res = track.resolution
-    # grid start as racecar_gym's AutomaticGridStrategy, single agent
     pr, pc = track.world_to_pixel(0.0, 0.0)
     win = track.obstacle[pr:pr + 20, pc - 20:pc + 20]
     ir, ic = np.unravel_index(int(np.argmax(win)), win.shape)
@@ -277,10 +312,14 @@ def make_params(track: Track | str, max_random: int = 20000) -> TrackParams:
     cx = ox + (pc - 20 + ic) * res  # GridMap.to_meter: the pixel's corner
     cy = oy + (h - (pr + ir)) * res
     gx, gy = cx + 1.0 * (1 - 0) / 2, cy + 0.4  # agent 0 of 1
-    grid_pose = np.array([gx, gy, 0.0], np.float32)
     if not track.drivable[track.world_to_pixel(gx, gy)]:
-        grid_pose = np.array([*track.starts[0, :2], track.starts[0, 5]], np.float32)
-    # random spawns: obstacle > margin, heading toward the progress bin 2.5-5 % ahead
+        return np.array([*track.starts[0, :2], track.starts[0, 5]], np.float32)
+    return np.array([gx, gy, 0.0], np.float32)
+
+
+def _random_spawns(track: Track, max_random: int) -> np.ndarray:
+    """(M, 3) x y yaw spawn candidates: obstacle > margin, heading toward the mean position
+    of the progress bin 2.5-5 % ahead (one track: the bins would mix tracks otherwise)."""
     rows, cols = np.nonzero(track.drivable & (track.obstacle > 0.5))
     if len(rows) == 0:
         rows, cols = np.nonzero(track.drivable & (track.obstacle >= 0.5 * track.obstacle.max()))
@@ -297,16 +336,7 @@ def make_params(track: Track | str, max_random: int = 20000) -> TrackParams:
     px, py = track.pixel_to_world(rows, cols)
     tb = (np.minimum((track.progress[rows, cols] * nb).astype(int), nb - 1) + nb * 3 // 80) % nb
     yaw = np.arctan2(my[tb] - py, mx[tb] - px)
-    rand_pose = np.stack([px, py, yaw], 1).astype(np.float32)
-    return TrackParams(
-        obstacle_m=jnp.asarray(track.obstacle_m, jnp.float32),
-        progress=jnp.asarray(track.progress, jnp.float32),
-        origin=jnp.asarray([ox, oy], jnp.float32),
-        resolution=jnp.asarray(res, jnp.float32),
-        grid_pose=jnp.asarray(grid_pose),
-        rand_pose=jnp.asarray(rand_pose),
-        lidar_map=jnp.asarray(track.obstacle_m.reshape(-1), LIDAR_MAP_DTYPE),
-    )
+    return np.stack([px, py, yaw], 1).astype(np.float32)
 
 
 def _lookup(grid, params: TrackParams, x, y):
@@ -471,9 +501,36 @@ class JaxRacecar:
                               lidar_age=jnp.int32(0), key=k_next)
 
     def _refresh(self, state: EnvState, params) -> EnvState:
-        """Scan if the 25 Hz period is due, else hold (lax.cond: skipped work unbatched)."""
-        due = state.lidar_age >= self.sensors.lidar_every
-        return jax.lax.cond(due, lambda s: self._scan(s, params), lambda s: s, state)
+        """Scan if the 25 Hz period is due, else hold.
+
+        One env: lax.cond, so a held step costs no tracing. Under vmap (a custom batching
+        rule): every env is traced and the due ones keep the scan — what vmap of lax.cond
+        would do, except that vmap of lax.cond with a batched predicate broadcasts *every*
+        operand, the track maps included, to the batch (a per-step copy of N maps: 100x
+        slower on Austria with 256 envs, and worse on tiled multi-track maps)."""
+        every = self.sensors.lidar_every
+        scan = self._scan
+
+        @jax.custom_batching.custom_vmap
+        def refresh(state, params):
+            return jax.lax.cond(state.lidar_age >= every, lambda s: scan(s, params),
+                                lambda s: s, state)
+
+        @refresh.def_vmap
+        def _batched(axis_size, in_batched, state, params):
+            state_b, params_b = in_batched
+            state = jax.tree.map(
+                lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
+                state, state_b)
+            axes = jax.tree.map(lambda b: 0 if b else None, params_b)
+            scanned = jax.vmap(scan, in_axes=(0, axes))(state, params)
+            due = state.lidar_age >= every
+            out = jax.tree.map(
+                lambda a, b: jnp.where(jnp.reshape(due, due.shape + (1,) * (a.ndim - 1)), a, b),
+                scanned, state)
+            return out, jax.tree.map(lambda _: True, out)
+
+        return refresh(state, params)
 
     def reset(self, key, params: TrackParams):
         state = self._scan(self._spawn(key, params), params)
