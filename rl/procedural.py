@@ -194,15 +194,28 @@ def write_scene(out: Path, seed: int, params: CircuitParams = CircuitParams()) -
     return out
 
 
-def scene_path(seed: int, params: CircuitParams = CircuitParams()) -> Path:
-    """The cached scene folder of `seed` (built on first use)."""
-    name = f"procedural_{seed}"
+# Named families of circuits: "procedural:<seed>" is the default family,
+# "procedural:<family>:<seed>" another. "tight": narrower roads and sharper corners — the
+# tightest centreline radius is 1.5-4.6 m over seeds 0-7 (default family: 4-10 m). Still
+# star-shaped, so no hairpin as sharp as Austria's (~0.6 m racing line).
+FAMILIES = {
+    "": CircuitParams(),
+    "tight": CircuitParams(radius=(7.0, 12.0), n_ctrl=(8, 13), jitter=0.45, width=(1.9, 2.6),
+                           min_turn_radius=0.5),
+}
+
+
+def scene_path(seed: int, family: str = "") -> Path:
+    """The cached scene folder of `seed` in circuit `family` (built on first use)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown procedural family {family!r}; known: {sorted(FAMILIES)}")
+    name = f"procedural_{family + '_' if family else ''}{seed}"
     out = cache_dir() / f"procedural-v{VERSION}" / name
     if (out / "maps" / "maps.npz").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-")) / name
-    write_scene(tmp, seed, params)
+    write_scene(tmp, seed, FAMILIES[family])
     try:
         tmp.rename(out)
     except OSError:  # built concurrently

@@ -290,22 +290,24 @@ def _load_optional(path: Path, key: str):
 
 
 def track_names(spec: str) -> list[str]:
-    """A comma-separated list of tracks, ``procedural:a-b`` expanding to seeds a..b
-    (inclusive): ``"austria,procedural:1-3"`` → austria, procedural:1, procedural:2,
+    """A comma-separated list of tracks, ``procedural:[<family>:]a-b`` expanding to seeds
+    a..b (inclusive): ``"austria,procedural:1-3"`` → austria, procedural:1, procedural:2,
     procedural:3. A single name (or path) is a list of one."""
     names: list[str] = []
     for part in (p.strip() for p in str(spec).split(",")):
         if not part:
             raise TrackError(f"{spec!r}: empty entry in the track list")
         if part.startswith("procedural:") and "-" in part.split(":", 1)[1]:
-            lo, _, hi = part.split(":", 1)[1].partition("-")
+            family, _, seeds = part.split(":", 1)[1].rpartition(":")
+            prefix = f"procedural:{family + ':' if family else ''}"
+            lo, _, hi = seeds.partition("-")
             try:
                 a, b = int(lo), int(hi)
             except ValueError as e:
-                raise TrackError(f"{part!r}: expected procedural:<seed>-<seed>") from e
+                raise TrackError(f"{part!r}: expected procedural:[<family>:]<seed>-<seed>") from e
             if b < a:
                 raise TrackError(f"{part!r}: empty seed range")
-            names += [f"procedural:{i}" for i in range(a, b + 1)]
+            names += [f"{prefix}{i}" for i in range(a, b + 1)]
         else:
             names.append(part)
     return names
@@ -359,16 +361,21 @@ def tile_tracks(tracks: list[Track], margin_m: float = 2.0) -> tuple[Track, np.n
 
 
 def load_track(name_or_path: str | os.PathLike, *, verbose: bool = False) -> Track:
-    """Load a scene by name, folder, .zip, or ``procedural:<seed>``."""
+    """Load a scene by name, folder, .zip, or ``procedural:[<family>:]<seed>``
+    (rl.procedural.FAMILIES)."""
     s = str(name_or_path)
     if s.startswith("procedural:"):
         from rl import procedural
 
+        family, _, seed_s = s.split(":", 1)[1].rpartition(":")
         try:
-            seed = int(s.split(":", 1)[1])
+            seed = int(seed_s)
         except ValueError as e:
-            raise TrackError(f"{s!r}: expected procedural:<int seed>") from e
-        return load_track(procedural.scene_path(seed), verbose=verbose)
+            raise TrackError(f"{s!r}: expected procedural:[<family>:]<int seed>") from e
+        if family not in procedural.FAMILIES:
+            raise TrackError(f"{s!r}: unknown procedural family {family!r}; known: "
+                             f"{sorted(k for k in procedural.FAMILIES if k)}")
+        return load_track(procedural.scene_path(seed, family), verbose=verbose)
     src = resolve_scene(name_or_path)
     scene = _extract_zip(src) if src.suffix == ".zip" else src
     if not scene.is_dir():

@@ -225,9 +225,27 @@ def test_track_lists():
     assert track_names("austria") == ["austria"]
     assert track_names("austria, procedural:2-4") == [
         "austria", "procedural:2", "procedural:3", "procedural:4"]
+    assert track_names("procedural:tight:1-2") == ["procedural:tight:1", "procedural:tight:2"]
     for bad in ("austria,,berlin", "procedural:5-2", "procedural:a-b"):
         with pytest.raises(TrackError, match="procedural|empty"):
             track_names(bad)
+
+
+def test_procedural_families():
+    """procedural:<family>:<seed> is another generator preset, cached apart from the
+    default family's seed; unknown families and bad seeds fail with the name."""
+    def _min_turn_radius_of(t):
+        return procedural._min_turn_radius(np.asarray(t.centreline, np.float64))
+
+    tight = [load_track(f"procedural:tight:{i}") for i in (1, 2)]
+    default = [load_track(f"procedural:{i}") for i in (1, 2)]
+    assert all(t.scene_dir != d.scene_dir for t, d in zip(tight, default, strict=True))
+    assert max(_min_turn_radius_of(t) for t in tight) < min(_min_turn_radius_of(d)
+                                                            for d in default)
+    with pytest.raises(TrackError, match="unknown procedural family 'hairpin'"):
+        load_track("procedural:hairpin:1")
+    with pytest.raises(TrackError, match="expected procedural"):
+        load_track("procedural:tight:x")
 
 
 def test_tile_tracks_keeps_every_track_and_track_0_in_place():

@@ -1,0 +1,267 @@
+"""Compare PPO variants over seeds: train each (or reuse its run), evaluate each in the
+standard protocol, and report per variant the mean ± std over seeds.
+
+    python -m rl.compare --config configs/rl_multimodal_tiny.toml \
+        --variant pretrained:finetune.init=pretrained \
+        --variant scratch:finetune.init=scratch \
+        --seeds 0,1,2 --tracks austria,berlin --episodes 5 --out runs/compare_init
+
+The question the project exists to answer — does pretraining help? — is a comparison of
+this kind: the same config, architecture, budget and seeds, differing only in
+``finetune.init`` (or ``freeze_encoders``, or the modalities). A variant is
+``NAME:KEY=VALUE[,KEY=VALUE...]`` (any ``--set`` override of rl.ppo). Each variant × seed is
+the run ``<run_name>_<NAME>_s<SEED>`` under ``runs_dir``: trained by rl.ppo (resumed if it
+stopped early, skipped if complete — so on a cluster the runs can be separate jobs and this
+command, with ``--no-train``, only evaluates and aggregates), then evaluated by rl.evaluate
+(``--collision`` protocol, grid start, deterministic policy).
+
+Writes to ``--out``: ``compare.json`` (every run's evaluation and the aggregates),
+``compare.md`` (a table: laps, lap time, collisions per km per track; mean ± std over seeds,
+and the final training return), and ``curves.png`` (learning curves per variant: the mean
+over seeds with the min-max band).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from etl import configlib
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", flush=True)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``name:k=v,k=v`` → (name, ["k=v", "k=v"]); a bare ``name`` is the config as is."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise configlib.ConfigError(f"--variant {text!r}: the name must be [A-Za-z0-9._-]+")
+    sets = [s.strip() for s in rest.split(",") if s.strip()] if rest else []
+    for s in sets:
+        if "=" not in s:
+            raise configlib.ConfigError(f"--variant {text!r}: {s!r} is not KEY=VALUE")
+    return name, sets
+
+
+def read_curve(metrics_jsonl: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    if not metrics_jsonl.exists():
+        return np.zeros(0), np.zeros(0)
+    for line in metrics_jsonl.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by preemption
+        v = r.get(key)
+        if "env_steps" in r and v is not None and np.isfinite(v):
+            xs.append(r["env_steps"])
+            ys.append(v)
+    return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+
+
+def _ms(v: list[float]) -> dict[str, float | None]:
+    a = np.asarray([x for x in v if x is not None and np.isfinite(x)], np.float64)
+    if a.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size)}
+
+
+def aggregate(runs: dict[str, dict[int, dict]], mode: str) -> dict[str, Any]:
+    """Per variant and track: mean ± std over seeds of each run's per-track aggregate."""
+    out: dict[str, Any] = {}
+    for variant, by_seed in runs.items():
+        tracks: dict[str, dict] = {}
+        for rec in by_seed.values():
+            for name, res in rec["eval"]["results"][mode]["tracks"].items():
+                a = res["aggregate"]
+                t = tracks.setdefault(name, {"laps": [], "lap_time": [], "collisions_per_km": [],
+                                             "collision_free_fraction": []})
+                t["laps"].append(a["laps_mean"])
+                t["lap_time"].append(a["lap_time_mean"])
+                t["collisions_per_km"].append(a["collisions_per_km"])
+                t["collision_free_fraction"].append(a["collision_free_fraction"])
+        out[variant] = {
+            "tracks": {n: {k: _ms(v) for k, v in t.items()} for n, t in tracks.items()},
+            "final_return": _ms([rec["final_return"] for rec in by_seed.values()]),
+            "seeds": sorted(by_seed),
+        }
+    return out
+
+
+def _fmt(s: dict, digits: int = 2) -> str:
+    if s["mean"] is None:
+        return "–"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def markdown(agg: dict[str, Any], mode: str, header: str) -> str:
+    tracks = sorted({t for v in agg.values() for t in v["tracks"]})
+    lines = [header, "", f"Evaluation protocol: `{mode}` (mean ± std over seeds)", "",
+             "| variant | seeds | final train return | "
+             + " | ".join(f"{t}: laps / lap s / coll/km" for t in tracks) + " |",
+             "|---|---|---|" + "---|" * len(tracks)]
+    for name, v in agg.items():
+        cells = []
+        for t in tracks:
+            s = v["tracks"].get(t)
+            cells.append("–" if s is None else
+                         f"{_fmt(s['laps'])} / {_fmt(s['lap_time'], 1)} / "
+                         f"{_fmt(s['collisions_per_km'], 0)}")
+        lines.append(f"| {name} | {len(v['seeds'])} | {_fmt(v['final_return'], 1)} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path,
+                title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(5.5 * len(CURVE_KEYS), 3.8))
+    drawn = False
+    for ax, (label, key) in zip(np.atleast_1d(axes), CURVE_KEYS, strict=True):
+        for variant, per_seed in curves.items():
+            per_seed = [c[key] for c in per_seed if len(c[key][0])]
+            if not per_seed:
+                continue
+            grid = np.unique(np.concatenate([x for x, _ in per_seed]))
+            ys = np.stack([np.interp(grid, x, y, left=np.nan, right=np.nan)
+                           for x, y in per_seed])
+            ok = np.isfinite(ys).all(0)  # the steps every seed has reached
+            if not ok.any():
+                continue
+            m = ys[:, ok].mean(0)
+            line, = ax.plot(grid[ok], m, label=f"{variant} (n={len(per_seed)})")
+            ax.fill_between(grid[ok], ys[:, ok].min(0), ys[:, ok].max(0),
+                            color=line.get_color(), alpha=0.2)
+            drawn = True
+        ax.set_title(f"{label} ({key})", fontsize=9)
+        ax.set_xlabel("env steps")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if not drawn:
+        plt.close(fig)
+        return None
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+CURVE_KEYS = (("episode return", "episode/ep_return"), ("laps per episode", "episode/progress"),
+              ("collision steps per episode", "episode/collisions"))
+
+
+def run_is_complete(cfg, run_dir: Path) -> bool:
+    from train.checkpoint import Checkpointer
+
+    ckpt = run_dir / "ckpt"
+    if not ckpt.exists():
+        return False
+    c = Checkpointer(ckpt)
+    try:
+        step = c.latest_step()
+    finally:
+        c.close()
+    per_update = cfg.ppo.num_envs * cfg.ppo.num_steps  # as rl.runners' num_updates
+    return step is not None and step >= max(1, cfg.ppo.total_timesteps // per_update)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="the base rl.ppo TOML config")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every variant (e.g. ppo.total_timesteps=1000000)")
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME:K=V,...",
+                    help="a variant: its name and its overrides of the base config")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    ap.add_argument("--tracks", default="austria", help="evaluation tracks")
+    ap.add_argument("--backend", default="jax", choices=("jax", "bullet", "racecar_gym"),
+                    help="evaluation backend")
+    ap.add_argument("--episodes", type=int, default=5)
+    ap.add_argument("--time-limit", type=float, help="evaluation seconds (default: config's)")
+    ap.add_argument("--collision", default="config",
+                    choices=("config", "terminate", "continue", "both"))
+    ap.add_argument("--no-train", action="store_true",
+                    help="only evaluate and aggregate runs that exist (trained elsewhere)")
+    ap.add_argument("--out", required=True, help="output folder")
+    args = ap.parse_args(argv)
+
+    from rl import evaluate, ppo
+    from rl.config import load_config
+
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if len({n for n, _ in variants}) != len(variants):
+            raise configlib.ConfigError("--variant: two variants share a name")
+        base = load_config(args.config, args.set)
+        cfgs = {(name, seed): load_config(args.config, [
+            *args.set, *sets, f"seed={seed}", f"run_name={base.run_name}_{name}_s{seed}"])
+            for name, sets in variants for seed in seeds}  # fmt: skip
+    except (configlib.ConfigError, ValueError) as e:
+        print(f"rl.compare: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, dict[int, dict]] = {}
+    curves: dict[str, list[dict]] = {}
+    for (name, seed), cfg in cfgs.items():
+        run_dir = Path(cfg.runs_dir) / cfg.run_name
+        if not args.no_train and not run_is_complete(cfg, run_dir):
+            log(f"train {cfg.run_name}")
+            code = ppo.run(cfg)
+            if code != 0:
+                log(f"{cfg.run_name}: rl.ppo exited {code}; stopping")
+                return code
+        if not (run_dir / "ckpt").exists():
+            print(f"rl.compare: {run_dir}/ckpt: no checkpoint (train it, or drop --no-train)",
+                  file=sys.stderr)
+            return 1
+        ev_dir = out / "eval" / cfg.run_name
+        ev_args = ["--ckpt", str(run_dir / "ckpt"), "--tracks", args.tracks,
+                   "--backend", args.backend, "--episodes", str(args.episodes),
+                   "--collision", args.collision, "--out", str(ev_dir), "--no-plots"]
+        if args.time_limit is not None:
+            ev_args += ["--time-limit", str(args.time_limit)]
+        log(f"evaluate {cfg.run_name}")
+        code = evaluate.main(ev_args)
+        if code != 0:
+            return code
+        report = json.loads((ev_dir / "metrics.json").read_text())
+        metrics = run_dir / "metrics.jsonl"
+        _, ret = read_curve(metrics, "episode/ep_return")
+        runs.setdefault(name, {})[seed] = {
+            "run": str(run_dir), "eval": report,
+            "final_return": float(ret[-5:].mean()) if len(ret) else None}
+        curves.setdefault(name, []).append({k: read_curve(metrics, k) for _, k in CURVE_KEYS})
+    modes = list(next(iter(next(iter(runs.values())).values()))["eval"]["results"])
+    result = {"command": "python -m rl.compare " + " ".join(sys.argv[1:] if argv is None
+                                                              else argv),
+              "variants": {n: s for n, s in variants}, "seeds": seeds,
+              "aggregate": {m: aggregate(runs, m) for m in modes},
+              "runs": {n: {str(s): r for s, r in by.items()} for n, by in runs.items()}}
+    (out / "compare.json").write_text(json.dumps(evaluate._json_safe(result), indent=2))
+    md = "".join(markdown(result["aggregate"][m], m, f"# {base.run_name}: "
+                          + " vs ".join(n for n, _ in variants)) for m in modes)
+    (out / "compare.md").write_text(md)
+    png = plot_curves(curves, out / "curves.png", base.run_name)
+    print(md)
+    log(f"wrote {out}/compare.json, compare.md" + (", curves.png" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
