@@ -115,3 +115,17 @@ def test_bullet_backend_runs_checkpoints_and_restores(tmp_path):
     assert rcfg.env.backend == "bullet" and float(obs_rms.count) > 1  # the trained statistics
     mean, log_std, value = model(np.zeros((1, 108 + 6), np.float32))
     assert mean.shape == (1, 2) and np.isfinite(np.asarray(value)).all()
+
+
+def test_gymnasium_runner_gives_each_env_a_track_of_the_list(tmp_path):
+    from rl.gym_train import make_vector_env
+
+    cfg = load_config(ROOT / "configs/rl_tiny.toml",
+                      [f"runs_dir='{tmp_path}'", "env.backend='bullet'",
+                       "env.track='procedural:0,procedural:1'"])
+    envs = make_vector_env(cfg, 3)
+    try:
+        names = [e.unwrapped.track.name for e in envs.envs]
+    finally:
+        envs.close()
+    assert names == ["procedural_0", "procedural_1", "procedural_0"], names
