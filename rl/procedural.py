@@ -202,6 +202,9 @@ FAMILIES = {
     "": CircuitParams(),
     "tight": CircuitParams(radius=(7.0, 12.0), n_ctrl=(8, 13), jitter=0.45, width=(1.9, 2.6),
                            min_turn_radius=0.5),
+    # "wide": 3.5-6 m roads (the default family's are 2-3 m; montreal's reaches ~8 m)
+    "wide": CircuitParams(radius=(11.0, 17.0), n_ctrl=(7, 12), jitter=0.4, width=(3.5, 6.0),
+                          min_turn_radius=1.0),
 }
 
 

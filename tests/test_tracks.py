@@ -242,6 +242,9 @@ def test_procedural_families():
     assert all(t.scene_dir != d.scene_dir for t, d in zip(tight, default, strict=True))
     assert max(_min_turn_radius_of(t) for t in tight) < min(_min_turn_radius_of(d)
                                                             for d in default)
+    wide = load_track("procedural:wide:1")
+    half_width = [t.obstacle_m[t.drivable].max() for t in (wide, *default, *tight)]
+    assert half_width[0] > 1.2 * max(half_width[1:])  # wide: 3.5-6 m roads, others <= 3 m
     with pytest.raises(TrackError, match="unknown procedural family 'hairpin'"):
         load_track("procedural:hairpin:1")
     with pytest.raises(TrackError, match="expected procedural"):
