@@ -220,7 +220,12 @@ LIDAR_WALL_BAND_M = 2.0
 
 
 class TrackParams(NamedTuple):
-    """The track as a pytree of device arrays (pass it as an argument, not a constant)."""
+    """The track as a pytree of device arrays (pass it as an argument, not a constant).
+
+    Invariant the lidar relies on (it does not bounds-check its lookups): the map is
+    surrounded by wall (distance 0) wider than a relaxed lidar step, so no ray samples
+    outside it. make_params guarantees it (LIDAR_WALL_BAND_M); build TrackParams by hand only
+    with such a band (see wall_params)."""
 
     obstacle_m: jax.Array  # (H, W) f32, metres to the wall
     progress: jax.Array  # (H, W) f32
@@ -991,6 +996,9 @@ def wall_params(wall_y: float = 1.5, x_range=(-6.0, 10.0), y_min: float = -3.0,
     h = int(round((wall_y + 0.5 - y_min) / res))
     yc = y_min + (h - np.arange(h) - 0.5) * res  # pixel-centre y of each row
     d = np.maximum(wall_y - yc, 0.0).astype(np.float32)[:, None] * np.ones((1, w), np.float32)
+    # a wall band around the floor (sphere_trace does not bounds-check: see TrackParams)
+    band = int(np.ceil(spec.LIDAR_RANGE * SensorConfig().lidar_min_step / res)) + 1
+    d[:band], d[-band:], d[:, :band], d[:, -band:] = 0.0, 0.0, 0.0, 0.0
     return TrackParams(
         obstacle_m=jnp.asarray(d), progress=jnp.zeros((h, w), jnp.float32),
         origin=jnp.asarray([x_range[0], y_min], jnp.float32),
