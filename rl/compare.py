@@ -52,14 +52,12 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def read_curve(metrics_jsonl: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    from rl.evaluate import read_metrics
+
     xs, ys = [], []
     if not metrics_jsonl.exists():
         return np.zeros(0), np.zeros(0)
-    for line in metrics_jsonl.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by preemption
+    for r in read_metrics(metrics_jsonl):
         v = r.get(key)
         if "env_steps" in r and v is not None and np.isfinite(v):
             xs.append(r["env_steps"])
@@ -122,11 +120,9 @@ def markdown(agg: dict[str, Any], mode: str, header: str) -> str:
 
 def plot_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path,
                 title: str) -> Path | None:
-    import matplotlib
+    from rl.evaluate import _plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(5.5 * len(CURVE_KEYS), 3.8))
     drawn = False
     for ax, (label, key) in zip(np.atleast_1d(axes), CURVE_KEYS, strict=True):
@@ -154,10 +150,7 @@ def plot_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Pat
         plt.close(fig)
         return None
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 CURVE_KEYS = (("episode return", "episode/ep_return"), ("laps per episode", "episode/progress"),

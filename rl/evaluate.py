@@ -465,6 +465,29 @@ def _plt():
     return plt
 
 
+def save_figure(fig, out: Path, dpi: int = 100) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _plt().close(fig)
+    return out
+
+
+def read_metrics(metrics_jsonl: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (a line cut off by preemption is skipped)."""
+    recs = []
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return recs
+
+
 def plot_trajectories(track, result: dict, out: Path, title: str = "") -> Path:
     """Every episode's path over the drivable area, coloured by speed."""
     from matplotlib.collections import LineCollection
@@ -500,12 +523,7 @@ def plot_trajectories(track, result: dict, out: Path, title: str = "") -> Path:
     ax.set_xlabel("x [m]")
     ax.set_ylabel("y [m]")
     ax.set_aspect("equal")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 CURVES = (
@@ -517,15 +535,7 @@ CURVES = (
 
 def plot_learning_curves(metrics_jsonl: Path, out: Path) -> Path | None:
     """Episode return, laps and collisions vs env steps from a run's metrics.jsonl."""
-    recs = []
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut off by preemption
-    recs = [r for r in recs if "env_steps" in r]
+    recs = [r for r in read_metrics(metrics_jsonl) if "env_steps" in r]
     if not recs:
         return None
     plt = _plt()
@@ -544,12 +554,7 @@ def plot_learning_curves(metrics_jsonl: Path, out: Path) -> Path | None:
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
     fig.suptitle(str(Path(metrics_jsonl).parent.name))
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 # =========================================================================== CLI
