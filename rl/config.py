@@ -45,6 +45,11 @@ class FinetuneConfig:
     pretrain_config: str = ""  # the pretraining TOML; "" = the config saved in the checkpoint
     freeze_encoders: bool = True  # no gradients and no optimizer state for encoders + fusion
     absent: str = "zeros"  # radar/ir in the simulator: "zeros" (masked out) | "token" (learned)
+    # warm start: the policy (and observation statistics) of another PPO run's checkpoint,
+    # runs/<run>/ckpt, latest step; fresh optimizer, reward statistics and environments. For
+    # training in stages (e.g. first contacts allowed, then contacts end the episode). The
+    # [model] section must match the checkpoint's. Ignored when this run resumes.
+    init_policy: str = ""
 
 
 @dataclass(frozen=True)

@@ -257,8 +257,16 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
     return jax.jit(act)
 
 
-def scripted_policy(driver: str) -> Callable:
-    """A backend's scripted gap follower as an ``obs -> action`` callable."""
+def scripted_policy(driver: str, track=None) -> Callable:
+    """A scripted driver as an ``obs -> action`` callable: a backend's gap follower
+    (``jax``, ``bullet``), or ``line``: :class:`rl.plan.LineFollower` on the clean lap planned
+    for ``track`` (a driver that knows the way — the reference for learned policies)."""
+    if driver == "line":
+        if track is None:
+            raise ValueError("the line driver needs the track it plans")
+        from rl.plan import line_driver
+
+        return line_driver(track)
     if driver == "jax":
         from rl.envs.jax_env import gap_follower
 
@@ -267,7 +275,7 @@ def scripted_policy(driver: str) -> Callable:
         from rl.envs.bullet import gap_follower as bullet_gap_follower
 
         return bullet_gap_follower
-    raise ValueError(f"unknown scripted driver {driver!r} (jax | bullet)")
+    raise ValueError(f"unknown scripted driver {driver!r} (jax | bullet | line)")
 
 
 # =========================================================================== rollouts
@@ -598,8 +606,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="terminate episodes on a wall contact, or not, or both protocols")
     ap.add_argument("--action-repeat", type=int,
                     help="physics steps per action (default: training config's; scripted 1)")
-    ap.add_argument("--driver", choices=("jax", "bullet"),
-                    help="--scripted: whose gap follower (default: the backend's)")
+    ap.add_argument("--driver", choices=("jax", "bullet", "line"),
+                    help="--scripted: whose gap follower (default: the backend's), or 'line': "
+                         "follow the clean lap rl.plan finds for each track")
     ap.add_argument("--seed", type=int, default=0, help="episode i uses seed + i")
     ap.add_argument("--out", help="output folder (default runs/<run>/eval)")
     ap.add_argument("--no-plots", action="store_true")
@@ -613,10 +622,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = RLConfig()
         backend = args.backend or "jax"
         driver = args.driver or ("jax" if backend == "jax" else "bullet")
-        policy = scripted_policy(driver)
+        policy = None if driver == "line" else scripted_policy(driver)
         repeat = args.action_repeat or 1
         out = Path(args.out or f"runs/scripted_{driver}/eval_{backend}")
-        source = {"policy": f"scripted gap_follower ({driver})"}
+        source = {"policy": "scripted line follower (rl.plan)" if driver == "line"
+                  else f"scripted gap_follower ({driver})"}
     else:
         from rl.ppo import make_agent, restore_policy
         from train.checkpoint import Checkpointer
@@ -663,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         per_track = {}
         for name in tracks:
             trk = load_track(name)
+            if args.scripted and driver == "line":
+                policy = scripted_policy("line", trk)
             log(f"{name} ({trk.lap_length_m:.0f} m), {backend}, {mode}: "
                 f"{args.episodes} × {time_limit:.0f} s …")  # fmt: skip
             try:

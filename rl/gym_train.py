@@ -90,6 +90,11 @@ def run_gym(cfg: RLConfig, run_dir: Path, max_updates: int | None = None) -> int
         st["update"] = int(data["update"])
         st["obs"], _ = runner.envs.reset(seed=cfg.seed + 1000 * st["update"])
         log(f"resumed {run_dir} at update {st['update']} (environments restart their episodes)")
+    elif cfg.finetune.init_policy:
+        from rl.ppo import warm_start_policy
+
+        st["params"], st["frozen"], st["obs_rms"] = warm_start_policy(cfg)
+        log(f"policy initialised from {cfg.finetune.init_policy}")
     total = runner.num_updates if max_updates is None else min(runner.num_updates, max_updates)
     logger = Logger(run_dir)
     preempt = Preemption()

@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -151,6 +152,10 @@ def run(cfg: RLConfig, max_updates: int | None = None) -> int:
     if start is not None:
         state, _, _ = ckpt.restore(state, step=start)
         log(f"resumed {run_dir} at update {start}")
+    elif cfg.finetune.init_policy:
+        params, frozen, obs_rms = warm_start_policy(cfg)
+        state = runner.shard(state._replace(params=params, frozen=frozen, obs_rms=obs_rms))
+        log(f"policy initialised from {cfg.finetune.init_policy}")
     update = int(state.update)
     total = runner.num_updates if max_updates is None else min(runner.num_updates, max_updates)
     steps_per_update = cfg.ppo.num_envs * cfg.ppo.num_steps
@@ -237,6 +242,29 @@ def restore_policy(ckpt_dir: str | Path, step: int | None = None):
     ckpt.close()
     frozen = out.get("frozen", agent.frozen)
     return cfg, nnx.merge(agent.graphdef, out["params"], frozen), out.get("obs_rms")
+
+
+def warm_start_policy(cfg: RLConfig) -> tuple[Any, Any, Any]:
+    """(params, frozen, obs_rms) of the PPO checkpoint ``cfg.finetune.init_policy``, checked
+    against this run's agent: the [model] sections must match, and so must the observation
+    normalization. Raises ValueError naming the mismatch."""
+    from rl.runners import split_agent
+
+    src = cfg.finetune.init_policy
+    src_cfg, model, obs_rms = restore_policy(Path(src))
+    mine, theirs = configlib.to_dict(cfg.model), configlib.to_dict(src_cfg.model)
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        raise ValueError(f"finetune.init_policy {src}: [model] differs from this config in "
+                         + ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)"
+                                     for k in diff))
+    if (obs_rms is not None) != (cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs):
+        raise ValueError(f"finetune.init_policy {src}: ppo.norm_obs differs "
+                         f"({src_cfg.ppo.norm_obs} there, {cfg.ppo.norm_obs} here)")
+    _, _, trainable = make_agent(cfg, cfg.seed)
+    agent = split_agent(model, trainable)
+    own = lambda t: jax.tree.map(lambda x: jax.numpy.array(x, copy=True), t)  # noqa: E731
+    return own(agent.params), own(agent.frozen), own(obs_rms)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,7 +197,8 @@ def write_scene(out: Path, seed: int, params: CircuitParams = CircuitParams()) -
 # Named families of circuits: "procedural:<seed>" is the default family,
 # "procedural:<family>:<seed>" another. "tight": narrower roads and sharper corners — the
 # tightest centreline radius is 1.5-4.6 m over seeds 0-7 (default family: 4-10 m). Still
-# star-shaped, so no hairpin as sharp as Austria's (~0.6 m racing line).
+# star-shaped, so no hairpin as sharp as Austria's (`python -m rl.plan` checks whether a
+# circuit can be lapped cleanly by this car at all).
 FAMILIES = {
     "": CircuitParams(),
     "tight": CircuitParams(radius=(7.0, 12.0), n_ctrl=(8, 13), jitter=0.45, width=(1.9, 2.6),

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -129,3 +130,32 @@ def test_gymnasium_runner_gives_each_env_a_track_of_the_list(tmp_path):
     finally:
         envs.close()
     assert names == ["procedural_0", "procedural_1", "procedural_0"], names
+
+
+def test_warm_start_takes_the_policy_of_another_run(tmp_path):
+    """finetune.init_policy: the new run starts from the other run's policy and observation
+    statistics (with a zero learning rate its parameters stay exactly those), fresh
+    otherwise; a [model] mismatch is an error naming the key."""
+    from rl.ppo import restore_policy
+
+    assert run(_cfg(tmp_path, "src"), max_updates=2) == EXIT_OK
+    src = str(tmp_path / "src" / "ckpt")
+    frozen_lr = ["ppo.learning_rate=0.0", "env.terminate_on_collision=false"]
+    assert run(_cfg(tmp_path, "warm", [f"finetune.init_policy='{src}'", *frozen_lr]),
+               max_updates=1) == EXIT_OK
+    assert run(_cfg(tmp_path, "cold", frozen_lr), max_updates=1) == EXIT_OK
+    _, m_src, rms_src = restore_policy(tmp_path / "src" / "ckpt")
+    _, m_warm, rms_warm = restore_policy(tmp_path / "warm" / "ckpt")
+    _, m_cold, _ = restore_policy(tmp_path / "cold" / "ckpt")
+    from flax import nnx
+
+    leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))  # noqa: E731
+    for a, b in zip(leaves(m_src), leaves(m_warm), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(leaves(m_src), leaves(m_cold), strict=True))
+    # the statistics continued from the source run's, not from scratch
+    assert float(rms_warm.count) > float(rms_src.count)
+    bad = _cfg(tmp_path, "bad", [f"finetune.init_policy='{src}'", "model.hidden=[16]"])
+    with pytest.raises(ValueError, match=r"init_policy .*hidden"):
+        run(bad, max_updates=1)
