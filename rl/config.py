@@ -19,6 +19,10 @@ class EnvConfig:
     terminate_on_collision: bool = True
     collision_penalty: float = 1.0  # subtracted per policy step touching a wall
     frame_reward: float = 0.0  # per physics step
+    # per physics step with the footprint inside the wall_margin band, scaled by the depth
+    # (0 at the band's edge, 1 touching): keeping off the walls before touching them
+    proximity_penalty: float = 0.0
+    wall_margin: float = 0.3  # m
     progress_reward: float = 100.0  # × Δ(lap + progress), signed
     reset_mode: str = "random"  # "grid" | "random"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)

@@ -53,6 +53,8 @@ def task_config(cfg: RLConfig):
         progress_reward=e.progress_reward,
         collision_reward=-e.collision_penalty,
         frame_reward=e.frame_reward,
+        proximity_reward=-e.proximity_penalty,
+        wall_margin=e.wall_margin,
         reset_mode=e.reset_mode,
         observe_camera=e.camera,
     )

@@ -320,3 +320,36 @@ def test_several_tracks_in_one_map():
     np.testing.assert_array_equal(tile_of(x0, y0), tile_of(x1, y1))
     assert len(set(tile_of(x0, y0))) >= 2
     assert np.asarray(out["reward"]).sum(1).min() > 10  # every car gains > 0.1 lap in 8 s
+
+
+def _footprint_clearance(track, x, y, yaw):
+    """Independent check: the footprint circles' distance to the wall, nearest pixel."""
+    return min(float(track.value(track.obstacle_m, np.array([x + np.cos(yaw) * fx]),
+                                 np.array([y + np.sin(yaw) * fx]))[0]) - spec.FOOTPRINT_R
+               for fx in spec.FOOTPRINT_X)
+
+
+def test_proximity_reward_scales_with_depth_into_the_wall_band(track, params):
+    """Driving at full lock into the wall: with proximity_reward the reward differs from the
+    plain one by proximity_reward * depth, depth = (margin - clearance) / margin in [0, 1] —
+    nothing outside the band, more the closer the car gets."""
+    margin = 0.3
+    plain = JaxRacecar(TaskConfig(time_limit=10.0))
+    near = JaxRacecar(TaskConfig(time_limit=10.0, proximity_reward=-1.0, wall_margin=margin))
+    _, s0 = jax.jit(plain.reset)(jax.random.PRNGKey(0), params)
+    step_p, step_n = jax.jit(plain.step), jax.jit(near.step)
+    a = jnp.array([0.4, 0.6])
+    st, diffs, depths = s0, [], []
+    for _ in range(300):
+        _, st_p, r_p, *_ = step_p(st, a, params)
+        _, st_n, r_n, *_ = step_n(st, a, params)
+        assert np.array_equal(np.asarray(st_p.pos), np.asarray(st_n.pos))  # same dynamics
+        st = st_p
+        diffs.append(float(r_n - r_p))
+        c = _footprint_clearance(track, float(st.pos[0]), float(st.pos[1]), float(st.yaw))
+        depths.append(min(max((margin - c) / margin, 0.0), 1.0))
+    diffs, depths = np.array(diffs), np.array(depths)
+    assert (diffs <= 0).all()
+    assert depths.max() > 0.5 and (depths == 0).any()  # the run crosses the band
+    # bilinear (env) vs nearest-pixel (here) distances: within a pixel of each other
+    np.testing.assert_allclose(-diffs, depths, atol=0.05 / margin + 1e-3)

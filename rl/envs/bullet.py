@@ -396,6 +396,9 @@ class BulletRacecarEnv(gym.Env):
         reward = task.progress_reward * delta + task.frame_reward
         if collided:
             reward += task.collision_reward
+        if task.proximity_reward:
+            depth = (task.wall_margin - self._clearance(pos, obs["pose"][5])) / task.wall_margin
+            reward += task.proximity_reward * min(max(depth, 0.0), 1.0)
         terminated = bool((task.terminate_on_collision and collided) or s["lap"] > task.laps)
         truncated = bool(not terminated and self._time > task.time_limit - 1e-6)
         return obs, float(reward), terminated, truncated, info
@@ -462,6 +465,17 @@ class BulletRacecarEnv(gym.Env):
     def _wall_contact(self) -> bool:
         pts = p.getContactPoints(bodyA=self.car, bodyB=self.walls_id, physicsClientId=self._cid)
         return len(pts) > 0
+
+    def _clearance(self, pos, yaw: float) -> float:
+        """The footprint's distance to the nearest wall from the track's distance map (m;
+        spec.FOOTPRINT_X/R, nearest pixel; <= 0 touching or off the map)."""
+        t, best = self.track, math.inf
+        h, w = t.obstacle_m.shape
+        for fx in spec.FOOTPRINT_X:
+            r, c = self._pixel(pos[0] + fx * math.cos(yaw), pos[1] + fx * math.sin(yaw))
+            d = float(t.obstacle_m[r, c]) if 0 <= r < h and 0 <= c < w else 0.0
+            best = min(best, d - spec.FOOTPRINT_R)
+        return best
 
     def _pixel(self, x: float, y: float) -> tuple[int, int]:
         t = self.track
@@ -612,17 +626,11 @@ def calibrate(seconds: float = 15.0, floor_friction: float = TRACK_FLOOR_FRICTIO
     speed lost in 1 s of coasting (motor 0); steady speeds of the ``speed`` actuator on a
     straight; the yaw rate, speed and turning radius at steering ±1 while holding ≈ 2 m/s
     (speed actuator, command for 2 m/s), and the time for the yaw rate to reach 90 % of that
-    after a step in steering. The floor gets the tracks' friction (``floor_friction``).
+    after a step in steering; the yaw change while braking and steering from top speed
+    (``spec.BRAKE_TURN_*``). The floor gets the tracks' friction (``floor_friction``).
     """
     v = VehicleParams()
-    cid = p.connect(p.DIRECT)
-    try:
-        p.setGravity(0, 0, -GRAVITY, physicsClientId=cid)
-        p.setTimeStep(DT, physicsClientId=cid)
-        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
-                           physicsClientId=cid)
-        p.changeDynamics(plane, -1, lateralFriction=floor_friction, physicsClientId=cid)
-        env = _OpenFloorCar(cid, v)
+    with open_floor(floor_friction) as env:
         out: dict[str, float] = {}
         n = int(seconds / DT)
         first = lambda cond: float((np.nonzero(cond)[0][0] + 1) * DT) if cond.any() else math.nan
@@ -655,7 +663,24 @@ def calibrate(seconds: float = 15.0, floor_friction: float = TRACK_FLOOR_FRICTIO
             out[f"yaw_rate_rise_90pct_{key}"] = first(
                 np.abs(tr[step_at:, 4]) >= 0.9 * abs(yaw_rate)
             )
+        for m in spec.BRAKE_TURN_MOTOR:
+            tr = env.run(spec.brake_turn_policy(m), spec.BRAKE_TURN_STEPS)
+            out[f"brake_turn_yaw_motor_{m}"] = float(tr[-1, 2] - tr[spec.BRAKE_TURN_AT - 1, 2])
         return out
+
+
+@contextlib.contextmanager
+def open_floor(floor_friction: float = TRACK_FLOOR_FRICTION):
+    """This backend's car alone on a plane (own PyBullet client), for calibration runs:
+    ``with open_floor() as car: trace = car.run(policy, n)`` (see :class:`_OpenFloorCar`)."""
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setGravity(0, 0, -GRAVITY, physicsClientId=cid)
+        p.setTimeStep(DT, physicsClientId=cid)
+        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
+                           physicsClientId=cid)
+        p.changeDynamics(plane, -1, lateralFriction=floor_friction, physicsClientId=cid)
+        yield _OpenFloorCar(cid, VehicleParams())
     finally:
         p.disconnect(physicsClientId=cid)
 

@@ -86,13 +86,22 @@ class Dynamics:
     brake_gamma: float = 0.349
     force_fade: float = 0.204  # the drive force falls by this fraction of v / motor_target
     brake_slip: float = 4.37  # 1/s: braking decel is at most brake_slip * v (locked wheels)
+    # yaw rate lost while braking (motor < 0): (loss + slope * |motor|) * min(1, v / loss_v).
+    # PyBullet's braked wheels slide and its car turns far less than the steering says — a
+    # light brake most of all: from 3.7 m/s at full lock and motor -0.1 it yaws 0.60 rad in
+    # 1.5 s where a kinematic car yaws 1.28. Fitted to 20 brake-and-turn runs (entry 2.3 and
+    # 3.7 m/s, motor -1 ... -0.03, steering 1 and -0.5; calibrate's brake_turn_yaw_*): mean
+    # squared yaw error 0.063 -> 0.008 rad^2.
+    brake_yaw_loss: float = 0.8
+    brake_yaw_loss_slope: float = -0.55
+    brake_yaw_loss_v: float = 3.0  # m/s
     motor_target: float = spec.MOTOR_TARGET_WHEEL_SPEED * spec.WHEEL_RADIUS  # 5 m/s
     speed_scale: float = spec.SPEED_VELOCITY_MULTIPLIER * spec.WHEEL_RADIUS  # 1.25
     actuator: str = "motor"  # "motor" | "speed" (target (a+1)/2 * 3.5 m/s)
     # footprint: circles along the body x axis (pose = 0), radius = half the width; they
     # cover the 0.5 m chassis from 0.25 m behind to 0.25 m ahead of the pose
-    footprint_x: tuple[float, ...] = (-0.125, 0.0, 0.125)
-    footprint_r: float = spec.CAR_WIDTH / 2
+    footprint_x: tuple[float, ...] = spec.FOOTPRINT_X
+    footprint_r: float = spec.FOOTPRINT_R
     # wall contact (`JaxRacecar._wall`; fitted with `wall_contact_probe`)
     wall_friction: float = 0.45  # Coulomb, at impact: speed along the wall lost per unit into it
     wall_pivot_rate: float = 1.2  # rad/s, yaw rate of a car pushing into a wall
@@ -132,7 +141,13 @@ def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp)
     v_new = xp.maximum(v + (acc - resist) * dt, 0.0)
     v_mid = 0.5 * (v + v_new)
     w = v_mid * xp.tan(steer_new) / dyn.wheelbase  # kinematic yaw rate
-    return v_new, steer_new, w / (1.0 + dyn.understeer * (v_mid * w) ** 2)
+    w = w / (1.0 + dyn.understeer * (v_mid * w) ** 2)
+    # braking wheels lose lateral grip: the car ploughs on (the motor actuator's brake only)
+    loss = xp.clip(dyn.brake_yaw_loss + dyn.brake_yaw_loss_slope * xp.abs(a_motor), 0.0, 1.0)
+    loss = loss * xp.minimum(v_mid / dyn.brake_yaw_loss_v, 1.0)
+    braking = a_motor < 0 if speed_mode is None and dyn.actuator == "motor" else (
+        (a_motor < 0) & ~xp.asarray(speed_mode) if speed_mode is not None else False)
+    return v_new, steer_new, xp.where(braking, w * (1.0 - loss), w)
 
 
 def _open_floor(dyn: Dynamics, policy, n: int) -> np.ndarray:
@@ -192,6 +207,9 @@ def calibrate(dyn: Dynamics | None = None, seconds: float = 15.0) -> dict[str, f
         out[f"speed_steer_{key}"] = speed
         out[f"turn_radius_steer_{key}"] = speed / max(abs(yaw_rate), 1e-9)
         out[f"yaw_rate_rise_90pct_{key}"] = first(np.abs(tr[step_at:, 4]) >= 0.9 * abs(yaw_rate))
+    for m in spec.BRAKE_TURN_MOTOR:
+        tr = _open_floor(dyn, spec.brake_turn_policy(m), spec.BRAKE_TURN_STEPS)
+        out[f"brake_turn_yaw_motor_{m}"] = float(tr[-1, 2] - tr[spec.BRAKE_TURN_AT - 1, 2])
     return out
 
 
@@ -666,8 +684,12 @@ class JaxRacecar:
                              lidar_age=state.lidar_age + 1, lap=lap, checkpoint=cp,
                              progress=prog, total=total, wrong_ema=ema, wrong_way=wrong,
                              collision=hit)
-        reward = (task.progress_reward * delta + task.collision_reward * hit
-                  + task.frame_reward).astype(jnp.float32)
+        reward = task.progress_reward * delta + task.collision_reward * hit + task.frame_reward
+        if task.proximity_reward:
+            d, _, _ = self._contact(params, pos_new, yaw_new)
+            depth = (task.wall_margin - (d - dyn.footprint_r)) / task.wall_margin
+            reward = reward + task.proximity_reward * jnp.clip(depth, 0.0, 1.0)
+        reward = reward.astype(jnp.float32)
         terminated = (lap > task.laps) | (task.terminate_on_collision & hit)
         truncated = (tick >= int(round(task.time_limit / dt))) & ~terminated
         return new, reward, terminated, truncated

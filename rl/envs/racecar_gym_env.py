@@ -108,6 +108,9 @@ def make_racecar_gym_env(
     if render_mode == "human":
         raise ValueError("render_mode='human' opens a GUI; this factory runs headless")
     task = task if task is not None else spec.TaskConfig()
+    if task.proximity_reward:
+        raise ValueError("TaskConfig.proximity_reward is this project's extension; racecar_gym's "
+                         "maximize_progress task has no such term (set env.proximity_penalty 0)")
     sensors = ["pose", "velocity", "acceleration", "lidar"] + (["rgb_camera"] if camera else [])
     scenario = {
         "world": {"name": track},

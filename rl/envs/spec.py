@@ -40,6 +40,16 @@ SPEED_MAX_VELOCITY = 3.5
 SPEED_VELOCITY_MULTIPLIER = 25.0
 SPEED_MAX_FORCE = 0.5
 
+# Brake-and-turn protocol of both backends' calibrate(): 3 s at full throttle (~3.7 m/s), then
+# 1.5 s of full right steering with the motor at m < 0; reported: the yaw change (rad).
+BRAKE_TURN_AT, BRAKE_TURN_STEPS, BRAKE_TURN_MOTOR = 300, 450, (-1.0, -0.3, -0.1)
+
+
+def brake_turn_policy(m: float):
+    """Step i -> (actuator, motor, steering) of the brake-and-turn protocol."""
+    return lambda i: ("motor", 1.0, 0.0) if i < BRAKE_TURN_AT else ("motor", m, 1.0)
+
+
 # ---------------------------------------------------------------- vehicle geometry
 WHEEL_RADIUS = 0.05  # m
 WHEELBASE = 0.325  # m, rear axle to front axle
@@ -51,6 +61,10 @@ CAR_LENGTH = 0.50  # m, footprint used for map-based collision (approx. chassis 
 CAR_WIDTH = 0.25  # m
 CAR_REAR_OVERHANG = 0.05  # m behind the rear axle (the footprint spans pose ± 0.25 m)
 START_Z = 0.05  # m, spawn height used by racecar_gym
+# footprint for map-based clearance: circles of radius FOOTPRINT_R centred along the body x
+# axis at FOOTPRINT_X from the pose (they cover pose ± 0.25 m × the car's width)
+FOOTPRINT_X = (-0.125, 0.0, 0.125)
+FOOTPRINT_R = CAR_WIDTH / 2
 
 # ---------------------------------------------------------------- lidar (hokuyo)
 LIDAR_RAYS = 1080
@@ -119,8 +133,11 @@ class TaskConfig:
     reward = progress_reward * Δ(lap + progress) — SIGNED: driving backwards costs what
     driving forwards earns, and a crossing of the start line in either direction is
     unwrapped (|Δ| > 0.5 -> Δ ∓ 1) — + collision_reward on a wall contact + frame_reward
-    every step. terminated on collision (if terminate_on_collision) or once
-    lap > laps (laps completed); truncated at time > time_limit (never terminated).
+    every step + proximity_reward * clip((wall_margin - clearance) / wall_margin, 0, 1),
+    clearance = the car footprint's distance to the nearest wall (FOOTPRINT_X/R; an extension
+    of ours: it rewards keeping off the walls before touching them). terminated on collision
+    (if terminate_on_collision) or once lap > laps (laps completed); truncated at
+    time > time_limit (never terminated).
     Lap and checkpoint bookkeeping: checkpoint = floor(progress * checkpoints); entering
     checkpoint 0 from checkpoints-1 completes a lap; going from c to c-1 (or 0 to last)
     sets wrong_way until the car moves forward again. lap starts at 1 as upstream.
@@ -132,6 +149,8 @@ class TaskConfig:
     progress_reward: float = 100.0
     collision_reward: float = 0.0
     frame_reward: float = 0.0
+    proximity_reward: float = 0.0  # per physics step at full depth (wall_margin into the band)
+    wall_margin: float = 0.3  # m
     checkpoints: int = 5
     reset_mode: str = "grid"  # "grid" | "random"
     random_min_obstacle: float = 0.5  # normalized obstacle distance for random spawns
@@ -141,6 +160,8 @@ class TaskConfig:
         if self.reset_mode not in ("grid", "random"):
             raise ValueError(f"TaskConfig.reset_mode must be 'grid' or 'random', "
                              f"got {self.reset_mode!r}")
+        if self.wall_margin <= 0:
+            raise ValueError("TaskConfig.wall_margin must be > 0")
         if self.laps < 1 or self.checkpoints < 1:
             raise ValueError("TaskConfig.laps and .checkpoints must be >= 1")
 
