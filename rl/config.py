@@ -23,6 +23,9 @@ class EnvConfig:
     # (0 at the band's edge, 1 touching): keeping off the walls before touching them
     proximity_penalty: float = 0.0
     wall_margin: float = 0.3  # m
+    # end the episode (paying collision_penalty) after stall_time s below stall_speed; 0 = off
+    stall_time: float = 0.0
+    stall_speed: float = 0.1  # m/s
     progress_reward: float = 100.0  # × Δ(lap + progress), signed
     reset_mode: str = "random"  # "grid" | "random"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)

@@ -269,12 +269,13 @@ class LineFollower:
         return {"motor": motor.reshape(1), "steering": steer.reshape(1)}
 
 
-def line_driver(track, **kw) -> LineFollower:
-    """Plan ``track`` (name or Track) and return its :class:`LineFollower`."""
+def line_driver(track, clearance: float = 0.05, **follower) -> LineFollower:
+    """Plan ``track`` (name or Track) keeping ``clearance`` from the walls and return its
+    :class:`LineFollower` (``follower``: its keyword arguments)."""
     from rl.tracks import Track, load_track
 
     trk = track if isinstance(track, Track) else load_track(track)
-    return LineFollower(plan_lap(trk))
+    return LineFollower(plan_lap(trk, clearance=clearance), **follower)
 
 
 def plot_plan(track, plan: LapPlan, out: Path) -> Path:

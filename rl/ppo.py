@@ -55,6 +55,8 @@ def task_config(cfg: RLConfig):
         frame_reward=e.frame_reward,
         proximity_reward=-e.proximity_penalty,
         wall_margin=e.wall_margin,
+        stall_time=e.stall_time,
+        stall_speed=e.stall_speed,
         reset_mode=e.reset_mode,
         observe_camera=e.camera,
     )

@@ -369,6 +369,14 @@ def test_racecar_gym_factory_message():
         make_racecar_gym_env("austria")
 
 
+@pytest.mark.parametrize("extra", [{"stall_time": 1.0}, {"proximity_reward": -0.1}])
+def test_racecar_gym_rejects_our_task_extensions(extra):
+    from rl.envs.racecar_gym_env import make_racecar_gym_env
+
+    with pytest.raises(ValueError, match="extensions; racecar_gym"):
+        make_racecar_gym_env("austria", spec.TaskConfig(**extra))
+
+
 # ----------------------------------------------------------------------------- parity (b)↔(c)
 # The same track, start and open-loop actions in both backends: 1 s straight at motor 0.5,
 # 1 s at steering +0.4 (right), 1 s at −0.4. The JAX car's Dynamics are fitted to this car
@@ -499,3 +507,17 @@ def test_proximity_reward_in_pybullet(track):
     depths, diffs = np.array(depths), np.array(diffs)
     assert depths.max() > 0.5 and (depths == 0).any()
     np.testing.assert_allclose(-diffs, depths, atol=1e-5)
+
+
+def test_stall_ends_the_episode_in_pybullet(track):
+    env = BulletRacecarEnv(track, spec.TaskConfig(time_limit=10.0, collision_reward=-10.0,
+                                                  stall_time=0.5))
+    env.reset(seed=0)
+    ends = []
+    for _ in range(60):
+        _, r, term, trunc, _ = env.step(_act(-1.0, 0.0))
+        ends.append(term)
+        if term:
+            break
+    env.close()
+    assert ends.index(True) == 49 and r < -9.0  # 0.5 s at 100 Hz, then the penalty

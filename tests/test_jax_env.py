@@ -353,3 +353,25 @@ def test_proximity_reward_scales_with_depth_into_the_wall_band(track, params):
     assert depths.max() > 0.5 and (depths == 0).any()  # the run crosses the band
     # bilinear (env) vs nearest-pixel (here) distances: within a pixel of each other
     np.testing.assert_allclose(-diffs, depths, atol=0.05 / margin + 1e-3)
+
+
+def test_stall_ends_the_episode_like_a_crash(params):
+    """stall_time: standing still (braking from the grid) for that long terminates the
+    episode and pays collision_reward once; moving on, the counter resets; off by default."""
+    task = dict(time_limit=10.0, collision_reward=-10.0)
+    env = JaxRacecar(TaskConfig(**task, stall_time=0.5))
+    off = JaxRacecar(TaskConfig(**task))
+    _, st = jax.jit(env.reset)(jax.random.PRNGKey(0), params)
+    step, step_off = jax.jit(env.step), jax.jit(off.step)
+    st_off = st
+    for i in range(1, 51):
+        _, st, r, term, *_ = step(st, jnp.array([-1.0, 0.0]), params)
+        _, st_off, r_off, term_off, *_ = step_off(st_off, jnp.array([-1.0, 0.0]), params)
+        assert not bool(term_off)
+        assert bool(term) == (i == 50), i
+    assert float(r) == pytest.approx(float(r_off) - 10.0)
+    # driving, the counter stays at zero
+    _, st = jax.jit(env.reset)(jax.random.PRNGKey(0), params)
+    for _ in range(100):
+        _, st, r, term, *_ = step(st, jnp.array([0.5, 0.0]), params)
+    assert not bool(term) and int(st.still) == 0

@@ -369,6 +369,7 @@ class BulletRacecarEnv(gym.Env):
             "total": lap0 + prog,  # lap + progress, continuous across the line
             "ema": 0.0,
             "wrong_way": False,
+            "still": 0,  # physics steps in a row below task.stall_speed
         }
         self._lidar = np.full(self.n_rays, spec.LIDAR_MAX, np.float32)
         self._rgb = np.zeros((self.cam_h, self.cam_w, 3), np.uint8)
@@ -400,6 +401,12 @@ class BulletRacecarEnv(gym.Env):
             depth = (task.wall_margin - self._clearance(pos, obs["pose"][5])) / task.wall_margin
             reward += task.proximity_reward * min(max(depth, 0.0), 1.0)
         terminated = bool((task.terminate_on_collision and collided) or s["lap"] > task.laps)
+        if task.stall_time > 0:
+            slow = math.hypot(v_world[0], v_world[1]) < task.stall_speed
+            s["still"] = s["still"] + 1 if slow else 0
+            if s["still"] >= int(round(task.stall_time / DT)):
+                reward += 0.0 if collided else task.collision_reward
+                terminated = True
         truncated = bool(not terminated and self._time > task.time_limit - 1e-6)
         return obs, float(reward), terminated, truncated, info
 

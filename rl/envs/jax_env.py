@@ -272,6 +272,7 @@ class EnvState(NamedTuple):
     wrong_ema: jax.Array
     wrong_way: jax.Array  # bool
     collision: jax.Array  # bool, this step
+    still: jax.Array  # int32 physics steps in a row below task.stall_speed
     lidar: jax.Array  # (rays,) held scan
     key: jax.Array
 
@@ -514,7 +515,7 @@ class JaxRacecar:
             tick=jnp.int32(0), lidar_age=jnp.int32(self.sensors.lidar_every), lap=lap0,
             checkpoint=jnp.minimum(jnp.floor(prog * k), k - 1).astype(jnp.int32),
             progress=prog, total=lap0 + prog, wrong_ema=z, wrong_way=jnp.bool_(False),
-            collision=jnp.bool_(False),
+            collision=jnp.bool_(False), still=jnp.int32(0),
             lidar=jnp.zeros(self.sensors.lidar_rays, jnp.float32), key=k_next,
         )
 
@@ -683,14 +684,19 @@ class JaxRacecar:
                              yaw_rate=yaw_rate, vel=vel, acc=accel, time=time, tick=tick,
                              lidar_age=state.lidar_age + 1, lap=lap, checkpoint=cp,
                              progress=prog, total=total, wrong_ema=ema, wrong_way=wrong,
-                             collision=hit)
+                             collision=hit,
+                             still=jnp.where(v_new < task.stall_speed, state.still + 1, 0))
         reward = task.progress_reward * delta + task.collision_reward * hit + task.frame_reward
         if task.proximity_reward:
             d, _, _ = self._contact(params, pos_new, yaw_new)
             depth = (task.wall_margin - (d - dyn.footprint_r)) / task.wall_margin
             reward = reward + task.proximity_reward * jnp.clip(depth, 0.0, 1.0)
-        reward = reward.astype(jnp.float32)
         terminated = (lap > task.laps) | (task.terminate_on_collision & hit)
+        if task.stall_time > 0:
+            stalled = new.still >= int(round(task.stall_time / dt))
+            reward = reward + jnp.where(stalled & ~hit, task.collision_reward, 0.0)
+            terminated = terminated | stalled
+        reward = reward.astype(jnp.float32)
         truncated = (tick >= int(round(task.time_limit / dt))) & ~terminated
         return new, reward, terminated, truncated
 

@@ -101,16 +101,17 @@ def make_racecar_gym_env(
 
     Raises ImportError with installation instructions when racecar_gym is not importable.
     """
+    task = task if task is not None else spec.TaskConfig()
+    if task.proximity_reward or task.stall_time:
+        raise ValueError("TaskConfig.proximity_reward and stall_time are this project's "
+                         "extensions; racecar_gym's maximize_progress task has neither (set "
+                         "env.proximity_penalty and env.stall_time to 0)")
     try:
         import racecar_gym.envs.gym_api  # noqa: F401 - registers SingleAgentRaceEnv-v0
     except Exception as e:  # noqa: BLE001
         raise ImportError(INSTALL_HINT) from e
     if render_mode == "human":
         raise ValueError("render_mode='human' opens a GUI; this factory runs headless")
-    task = task if task is not None else spec.TaskConfig()
-    if task.proximity_reward:
-        raise ValueError("TaskConfig.proximity_reward is this project's extension; racecar_gym's "
-                         "maximize_progress task has no such term (set env.proximity_penalty 0)")
     sensors = ["pose", "velocity", "acceleration", "lidar"] + (["rgb_camera"] if camera else [])
     scenario = {
         "world": {"name": track},

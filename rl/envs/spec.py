@@ -136,7 +136,8 @@ class TaskConfig:
     every step + proximity_reward * clip((wall_margin - clearance) / wall_margin, 0, 1),
     clearance = the car footprint's distance to the nearest wall (FOOTPRINT_X/R; an extension
     of ours: it rewards keeping off the walls before touching them). terminated on collision
-    (if terminate_on_collision) or once lap > laps (laps completed); truncated at
+    (if terminate_on_collision), on a stall (if stall_time > 0) or once lap > laps (laps
+    completed); truncated at
     time > time_limit (never terminated).
     Lap and checkpoint bookkeeping: checkpoint = floor(progress * checkpoints); entering
     checkpoint 0 from checkpoints-1 completes a lap; going from c to c-1 (or 0 to last)
@@ -151,6 +152,11 @@ class TaskConfig:
     frame_reward: float = 0.0
     proximity_reward: float = 0.0  # per physics step at full depth (wall_margin into the band)
     wall_margin: float = 0.3  # m
+    # a car slower than stall_speed for stall_time seconds has failed like a crash: the episode
+    # is terminated and collision_reward paid (0 = off; ours: with no reverse gear, a car
+    # stopped nose to a wall never moves again)
+    stall_time: float = 0.0  # s
+    stall_speed: float = 0.1  # m/s
     checkpoints: int = 5
     reset_mode: str = "grid"  # "grid" | "random"
     random_min_obstacle: float = 0.5  # normalized obstacle distance for random spawns

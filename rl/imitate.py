@@ -1,0 +1,207 @@
+"""Behaviour cloning (DAgger) of a scripted teacher into the lidar MLP: an initialisation for
+PPO (``finetune.init_policy``), written as a PPO checkpoint.
+
+The teacher is :class:`rl.plan.LineFollower` — privileged: it knows the pose and a planned
+clean line; the student sees only what the PPO policy sees (108 lidar sectors and the body
+velocity). DAgger: round 0 drives the teacher; each later round drives the student (its
+Gaussian mean plus ``noise``), and every visited state is labelled with the teacher's action
+and added to the data set, so the student learns to recover from its own mistakes. Rollouts
+run in the JAX backend with random starts, ``envs`` cars × ``steps`` policy steps a round.
+
+    python -m rl.imitate --config configs/rl_austria_clean.toml --set run_name=austria_bc
+    python -m rl.ppo --config configs/rl_austria_clean.toml  # PPO from it (init_policy)
+
+The config gives the track (one track), the task and the model; the result is
+``runs/<run_name>/ckpt`` (a checkpoint ``rl.evaluate`` and ``finetune.init_policy`` read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from etl import configlib
+from rl.config import RLConfig, load_config
+
+
+def log(msg: str) -> None:
+    print(f"[imitate] {msg}", flush=True)
+
+
+def _setup(cfg: RLConfig, clearance: float = 0.15):
+    from rl.agent import lidar_features
+    from rl.envs.functional import RacecarFunctional
+    from rl.envs.jax_env import Dynamics, JaxRacecar, SensorConfig, make_params
+    from rl.plan import line_driver
+    from rl.ppo import make_agent, task_config
+    from rl.tracks import load_track, track_names
+
+    if cfg.model.policy != "lidar_mlp":
+        raise ValueError(f"model.policy: rl.imitate trains the lidar MLP, not {cfg.model.policy!r}")
+    names = track_names(cfg.env.track)
+    if len(names) != 1:
+        raise ValueError(f"env.track: rl.imitate plans one track, got {len(names)} ({names})")
+    track = load_track(names[0])
+    teacher = line_driver(track, clearance=clearance)
+    beams = cfg.model.lidar_beams
+
+    def featurize(obs):
+        return {"x": lidar_features(obs, beams), "pose": obs["pose"], "velocity": obs["velocity"]}
+
+    env = JaxRacecar(task_config(cfg), Dynamics(),
+                     SensorConfig(lidar_rays=cfg.env.lidar_rays))  # fmt: skip
+    fenv = RacecarFunctional(env, featurize, cfg.env.action_repeat)
+    model, _, _ = make_agent(cfg, cfg.seed)
+    return make_params(track), fenv, teacher, model
+
+
+def _teacher_action(teacher, obs) -> jax.Array:
+    a = teacher(obs)
+    return jnp.concatenate([jnp.reshape(a["motor"], (1,)), jnp.reshape(a["steering"], (1,))])
+
+
+def make_rollout(fenv, teacher, graphdef, n_envs: int, n_steps: int, noise: float):
+    """jit(params, rest, rms, key, env_params, use_teacher) -> (features, teacher actions,
+    stats)."""
+    from flax import nnx
+
+    def rollout(params, rest, rms, key, env_params, use_teacher):
+        model = nnx.merge(graphdef, params, rest)
+        k_reset, k_run = jax.random.split(key)
+        obs, carry = jax.vmap(fenv.reset, in_axes=(0, None))(
+            jax.random.split(k_reset, n_envs), env_params)
+
+        def step(c, k):
+            obs, carry = c
+            label = jax.vmap(lambda o: _teacher_action(teacher, o))(obs)
+            mean, _, _ = model(rms.normalize(obs["x"]))
+            k_noise, k_env = jax.random.split(k)
+            own = mean + noise * jax.random.normal(k_noise, mean.shape)
+            act = jnp.clip(jnp.where(use_teacher, label, own), -1.0, 1.0)
+            obs2, carry2, _, term, _, _, info = jax.vmap(
+                fenv.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(k_env, n_envs), carry, act, env_params)
+            return (obs2, carry2), (obs["x"], label, info["wall_collision"], term,
+                                    info["speed"])
+
+        _, (x, y, hit, term, speed) = jax.lax.scan(step, (obs, carry),
+                                                   jax.random.split(k_run, n_steps))
+        stats = {"contact_rate": hit.mean(), "episode_ends": term.sum(),
+                 "mean_speed": speed.mean()}
+        return x.reshape(-1, x.shape[-1]), y.reshape(-1, 2), stats
+
+    return jax.jit(rollout)
+
+
+def make_fit(graphdef, lr: float, batch: int):
+    from flax import nnx
+
+    tx = optax.adam(lr)
+
+    def loss_fn(params, rest, rms, x, y):
+        mean, _, _ = nnx.merge(graphdef, params, rest)(rms.normalize(x))
+        return jnp.mean((mean - y) ** 2)
+
+    def fit(params, rest, opt_state, rms, x, y, key, epochs: int):
+        n = x.shape[0] // batch * batch
+
+        def epoch(c, k):
+            params, opt_state = c
+            idx = jax.random.permutation(k, x.shape[0])[:n].reshape(-1, batch)
+
+            def mb(c, i):
+                params, opt_state = c
+                loss, g = jax.value_and_grad(loss_fn)(params, rest, rms, x[i], y[i])
+                upd, opt_state = tx.update(g, opt_state, params)
+                return (optax.apply_updates(params, upd), opt_state), loss
+
+            (params, opt_state), losses = jax.lax.scan(mb, (params, opt_state), idx)
+            return (params, opt_state), losses.mean()
+
+        (params, opt_state), losses = jax.lax.scan(epoch, (params, opt_state),
+                                                   jax.random.split(key, epochs))
+        return params, opt_state, losses
+
+    return tx, jax.jit(fit, static_argnames="epochs")
+
+
+def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epochs: int = 10,
+        noise: float = 0.2, lr: float = 1e-3, batch: int = 1024,
+        max_samples: int = 1_000_000, clearance: float = 0.15) -> Path:
+    """DAgger rounds; returns the checkpoint folder. The data set keeps the newest
+    ``max_samples`` labelled states. The teacher's line keeps ``clearance`` (m) from the
+    walls (more than the planner's default: room for the student's errors)."""
+    from flax import nnx
+
+    from rl.ppo_core import RunningMeanStd
+    from train.checkpoint import Checkpointer
+
+    t0 = time.perf_counter()
+    env_params, fenv, teacher, model = _setup(cfg, clearance)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rollout = make_rollout(fenv, teacher, graphdef, envs, steps, noise)
+    tx, fit = make_fit(graphdef, lr, batch)
+    opt_state = tx.init(params)
+    rms = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
+    key = jax.random.PRNGKey(cfg.seed)
+    xs, ys = [], []
+    for r in range(rounds):
+        key, k_roll, k_fit = jax.random.split(key, 3)
+        x, y, stats = rollout(params, rest, rms, k_roll, env_params, jnp.bool_(r == 0))
+        driver = "teacher" if r == 0 else "student"
+        log(f"round {r} ({driver} drives): {x.shape[0]} states, contacts "
+            f"{float(stats['contact_rate']):.3f}/step, {int(stats['episode_ends'])} episode "
+            f"ends, {float(stats['mean_speed']):.2f} m/s")
+        xs.append(np.asarray(x))
+        ys.append(np.asarray(y))
+        X, Y = np.concatenate(xs)[-max_samples:], np.concatenate(ys)[-max_samples:]
+        if r == 0:
+            rms = rms.update(jnp.asarray(X))
+        params, opt_state, losses = fit(params, rest, opt_state, rms, jnp.asarray(X),
+                                        jnp.asarray(Y), k_fit, epochs)
+        log(f"  fit on {X.shape[0]} states: MSE {float(losses[0]):.4f} -> {float(losses[-1]):.4f}")
+    model = nnx.merge(graphdef, params, rest)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from rl.runners import split_agent
+
+    agent = split_agent(model, nnx.Param)
+    ckpt = Checkpointer(run_dir / "ckpt", keep=1)
+    ckpt.save(0, {"params": agent.params, "frozen": agent.frozen, "obs_rms": rms},
+              {"update": 0, "imitation_rounds": rounds},
+              {"rl": configlib.to_dict(cfg), "kind": "ppo"})
+    ckpt.close()
+    log(f"wrote {run_dir / 'ckpt'} in {time.perf_counter() - t0:.0f} s")
+    return run_dir / "ckpt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="TOML config (the PPO run's: track, task, model)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--rounds", type=int, default=8, help="DAgger rounds (round 0: teacher)")
+    ap.add_argument("--envs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=256, help="policy steps per env per round")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--noise", type=float, default=0.2, help="student's action noise (std)")
+    ap.add_argument("--clearance", type=float, default=0.15, help="teacher line's, m")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except configlib.ConfigError as e:
+        print(f"rl.imitate: config error: {e}", file=sys.stderr)
+        return 2
+    run(cfg, args.rounds, args.envs, args.steps, args.epochs, args.noise,
+        clearance=args.clearance)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""rl.imitate: DAgger of the line follower into the lidar MLP, saved as a PPO checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rl.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("imitate")
+    mp.setenv("RACEFORMER_CACHE", str(tmp / "cache"))
+    yield load_config(ROOT / "configs/rl_tiny.toml",
+                      [f"runs_dir='{tmp}'", "run_name='bc'", "env.track='procedural:0'",
+                       "model.hidden=[64, 64]", "env.lidar_rays=108"])
+    mp.undo()
+
+
+def test_student_imitates_the_teacher_and_loads_as_a_ppo_policy(cfg):
+    from flax import nnx
+
+    from rl.imitate import _setup, make_rollout, run
+    from rl.ppo import make_agent, restore_policy
+    from rl.ppo_core import RunningMeanStd
+
+    ckpt = run(cfg, rounds=2, envs=16, steps=64, epochs=6, noise=0.2, batch=256)
+    cfg2, student, rms = restore_policy(ckpt)
+    assert cfg2.run_name == "bc" and rms is not None
+    # fresh teacher-driven states (another key): the student's actions are far closer to
+    # the teacher's than an untrained network's
+    env_params, fenv, teacher, _ = _setup(cfg)
+    fresh, _, _ = make_agent(cfg, 123)
+    graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
+    rollout = make_rollout(fenv, teacher, graphdef, 16, 64, 0.0)
+    x, y, _ = rollout(params, rest, RunningMeanStd.create(x_dim := (cfg.model.lidar_beams + 6,)),
+                      jax.random.PRNGKey(99), env_params, jnp.bool_(True))
+    assert x.shape == (16 * 64, *x_dim) and y.shape == (16 * 64, 2)
+
+    def mse(model, stats):
+        mean, _, _ = model(stats.normalize(x))
+        return float(jnp.mean((jnp.clip(mean, -1, 1) - y) ** 2))
+
+    trained, untrained = mse(student, rms), mse(fresh, rms)
+    assert trained < 0.5 * untrained, (trained, untrained)
+
+
+def test_imitate_wants_one_track_and_the_lidar_mlp(cfg):
+    import dataclasses
+
+    from rl.imitate import _setup
+
+    with pytest.raises(ValueError, match="plans one track"):
+        _setup(dataclasses.replace(cfg, env=dataclasses.replace(cfg.env,
+                                                                track="procedural:0-1")))
+    with pytest.raises(ValueError, match="lidar MLP"):
+        _setup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                  policy="multimodal")))
