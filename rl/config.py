@@ -33,6 +33,9 @@ class EnvConfig:
     # JAX backend only: rays actually cast (1080 = racecar_gym's scan; 108 = every 10th ray,
     # ~10× less lidar work, what the lidar MLP's 108 sectors need at minimum)
     lidar_rays: int = 1080
+    # JAX backend only: noise on the observed yaw rate, std = this × speed² (rad/s); PyBullet's
+    # chassis wobbles at speed (measured ~0.016: 0.10 rad/s at 2.3 m/s, 0.22 at 3.8)
+    yaw_rate_noise: float = 0.0
     world_scale: float = 10.0  # sim metres → real-car metres, for the observation adapter
     bullet_workers: int = 0  # gymnasium runner: 0 = envs in this process, else subprocesses
 

@@ -56,7 +56,8 @@ def _setup(cfg: RLConfig, clearance: float = 0.15):
         return {"x": lidar_features(obs, beams), "pose": obs["pose"], "velocity": obs["velocity"]}
 
     env = JaxRacecar(task_config(cfg), Dynamics(),
-                     SensorConfig(lidar_rays=cfg.env.lidar_rays))  # fmt: skip
+                     SensorConfig(lidar_rays=cfg.env.lidar_rays,
+                                  yaw_rate_noise=cfg.env.yaw_rate_noise))  # fmt: skip
     fenv = RacecarFunctional(env, featurize, cfg.env.action_repeat)
     model, _, _ = make_agent(cfg, cfg.seed)
     return make_params(track), fenv, teacher, model

@@ -125,7 +125,8 @@ def build_fast(cfg: RLConfig):
     from rl.runners import FastRunner
 
     params = make_params(cfg.env.track)  # one track, or a list tiled into one map
-    sensors = SensorConfig(camera=cfg.env.camera, lidar_rays=cfg.env.lidar_rays)
+    sensors = SensorConfig(camera=cfg.env.camera, lidar_rays=cfg.env.lidar_rays,
+                           yaw_rate_noise=cfg.env.yaw_rate_noise)
     env = JaxRacecar(task_config(cfg), Dynamics(), sensors)
     model, featurize, trainable = make_agent(cfg, cfg.seed)
     fenv = RacecarFunctional(env, featurize, cfg.env.action_repeat)

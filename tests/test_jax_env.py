@@ -375,3 +375,22 @@ def test_stall_ends_the_episode_like_a_crash(params):
     for _ in range(100):
         _, st, r, term, *_ = step(st, jnp.array([0.5, 0.0]), params)
     assert not bool(term) and int(st.still) == 0
+
+
+def test_yaw_rate_noise_is_observation_only(params):
+    """SensorConfig.yaw_rate_noise perturbs the observed yaw rate (std ∝ speed², none at rest),
+    never the car: poses are identical with and without it."""
+    exact = JaxRacecar(TaskConfig(time_limit=10.0))
+    noisy = JaxRacecar(TaskConfig(time_limit=10.0), sensors=SensorConfig(yaw_rate_noise=0.016))
+    _, st = jax.jit(exact.reset)(jax.random.PRNGKey(0), params)
+    o, _ = jax.jit(noisy.reset)(jax.random.PRNGKey(0), params)
+    assert float(o["velocity"][5]) == 0.0  # at rest: no noise
+    step_e, step_n = jax.jit(exact.step), jax.jit(noisy.step)
+    st_n, dw = st, []
+    for _ in range(200):
+        o_e, st, *_ = step_e(st, jnp.array([1.0, 0.0]), params)
+        o_n, st_n, *_ = step_n(st_n, jnp.array([1.0, 0.0]), params)
+        np.testing.assert_array_equal(np.asarray(st.pos), np.asarray(st_n.pos))
+        dw.append(float(o_n["velocity"][5] - o_e["velocity"][5]) / max(float(st.v), 1e-3) ** 2)
+    late = np.array(dw[100:])  # at speed
+    assert 0.008 < late.std() < 0.03, late.std()
