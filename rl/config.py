@@ -108,3 +108,15 @@ class RLConfig:
 
 def load_config(path=None, overrides=()) -> RLConfig:
     return configlib.load(RLConfig, path, overrides)
+
+
+def cli_config(prog: str, path=None, overrides=()) -> RLConfig | None:
+    """load_config for a command line: a config error is printed as one line naming the key
+    (``prog: config error: …``) and None returned (the caller exits with code 2)."""
+    import sys
+
+    try:
+        return load_config(path, overrides)
+    except configlib.ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return None

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from etl import configlib
-from rl.config import RLConfig, load_config
+from rl.config import RLConfig, cli_config
 
 
 def log(msg: str) -> None:
@@ -194,10 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=0.2, help="student's action noise (std)")
     ap.add_argument("--clearance", type=float, default=0.15, help="teacher line's, m")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except configlib.ConfigError as e:
-        print(f"rl.imitate: config error: {e}", file=sys.stderr)
+    cfg = cli_config("rl.imitate", args.config, args.set)
+    if cfg is None:
         return 2
     run(cfg, args.rounds, args.envs, args.steps, args.epochs, args.noise,
         clearance=args.clearance)

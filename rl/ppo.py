@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from etl import configlib
-from rl.config import RLConfig, load_config
+from rl.config import RLConfig, cli_config
 from train.preempt import Preemption
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3
@@ -279,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="override one key, e.g. --set ppo.num_envs=256")  # fmt: skip
     ap.add_argument("--max-updates", type=int, help="stop after this many updates (in total)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except configlib.ConfigError as e:
-        print(f"rl.ppo: config error: {e}", file=sys.stderr)
+    cfg = cli_config("rl.ppo", args.config, args.set)
+    if cfg is None:
         return 2
     return run(cfg, args.max_updates)
 

@@ -15,15 +15,6 @@ from rl.plan import (
     smooth_line,
     speed_profile,
 )
-from rl.tracks import load_track
-
-
-@pytest.fixture(scope="module")
-def track(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RACEFORMER_CACHE", str(tmp_path_factory.mktemp("rfcache")))
-    yield load_track("procedural:0")
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
