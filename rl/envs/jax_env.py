@@ -145,8 +145,8 @@ def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp)
     # braking wheels lose lateral grip: the car ploughs on (the motor actuator's brake only)
     loss = xp.clip(dyn.brake_yaw_loss + dyn.brake_yaw_loss_slope * xp.abs(a_motor), 0.0, 1.0)
     loss = loss * xp.minimum(v_mid / dyn.brake_yaw_loss_v, 1.0)
-    braking = a_motor < 0 if speed_mode is None and dyn.actuator == "motor" else (
-        (a_motor < 0) & ~xp.asarray(speed_mode) if speed_mode is not None else False)
+    speed_actuator = dyn.actuator == "speed" if speed_mode is None else speed_mode
+    braking = (a_motor < 0) & ~xp.asarray(speed_actuator)
     return v_new, steer_new, xp.where(braking, w * (1.0 - loss), w)
 
 
