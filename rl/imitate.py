@@ -8,6 +8,12 @@ Gaussian mean plus ``noise``), and every visited state is labelled with the teac
 and added to the data set, so the student learns to recover from its own mistakes. Rollouts
 run in the JAX backend with random starts, ``envs`` cars × ``steps`` policy steps a round.
 
+``bullet_rounds`` more rounds then let the student drive the PyBullet backend (a vector env,
+random starts, ``bullet_envs`` cars in worker processes), labelled the same way: the states
+PyBullet's car gets into (its chassis wobbles at speed, its braked wheels slide) are not the
+JAX car's, and a student that has never seen them weaves on the straights. Each PyBullet state
+counts ``bullet_weight`` times in the fit.
+
     python -m rl.imitate --config configs/rl_austria_clean.toml --set run_name=austria_bc
     python -m rl.ppo --config configs/rl_austria_clean.toml  # PPO from it (init_policy)
 
@@ -35,7 +41,7 @@ def log(msg: str) -> None:
     print(f"[imitate] {msg}", flush=True)
 
 
-def _setup(cfg: RLConfig, clearance: float = 0.15):
+def _setup(cfg: RLConfig, clearance: float = 0.15, teacher_kw: dict | None = None):
     from rl.agent import lidar_features
     from rl.envs.functional import RacecarFunctional
     from rl.envs.jax_env import Dynamics, JaxRacecar, SensorConfig, make_params
@@ -49,7 +55,7 @@ def _setup(cfg: RLConfig, clearance: float = 0.15):
     if len(names) != 1:
         raise ValueError(f"env.track: rl.imitate plans one track, got {len(names)} ({names})")
     track = load_track(names[0])
-    teacher = line_driver(track, clearance=clearance)
+    teacher = line_driver(track, clearance=clearance, **(teacher_kw or {}))
     beams = cfg.model.lidar_beams
 
     def featurize(obs):
@@ -60,7 +66,7 @@ def _setup(cfg: RLConfig, clearance: float = 0.15):
                                   yaw_rate_noise=cfg.env.yaw_rate_noise))  # fmt: skip
     fenv = RacecarFunctional(env, featurize, cfg.env.action_repeat)
     model, _, _ = make_agent(cfg, cfg.seed)
-    return make_params(track), fenv, teacher, model
+    return make_params(track), fenv, teacher, model, names[0]
 
 
 def _teacher_action(teacher, obs) -> jax.Array:
@@ -101,6 +107,54 @@ def make_rollout(fenv, teacher, graphdef, n_envs: int, n_steps: int, noise: floa
     return jax.jit(rollout)
 
 
+def bullet_rollout(cfg: RLConfig, track: str, teacher, graphdef, params, rest, rms, seed: int,
+                   n_envs: int, n_steps: int, noise: float, workers: bool = True,
+                   use_teacher: bool = False):
+    """The student (Gaussian mean + ``noise``; the teacher if ``use_teacher``) drives
+    ``n_envs`` PyBullet cars for ``n_steps`` policy steps from random starts; returns
+    (features, teacher actions, stats) of every visited state. ``workers``: one process per
+    car (else all in this process)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from rl.agent import lidar_features
+    from rl.gym_train import make_vector_env, to_env_action
+
+    env_cfg = dataclasses.replace(cfg.env, backend="bullet", reset_mode="random",
+                                  bullet_workers=int(workers))  # fmt: skip
+    envs = make_vector_env(dataclasses.replace(cfg, env=env_cfg), n_envs, track)
+    beams = cfg.model.lidar_beams
+    feats = jax.jit(lambda o: lidar_features(o, beams))
+    label = jax.jit(jax.vmap(lambda o: _teacher_action(teacher, o)))
+
+    @jax.jit
+    def act(x, k):
+        mean, _, _ = nnx.merge(graphdef, params, rest)(rms.normalize(x))
+        return jnp.clip(mean + noise * jax.random.normal(k, mean.shape), -1.0, 1.0)
+
+    xs, ys, hits, ends, speeds = [], [], 0, 0, []
+    key = jax.random.PRNGKey(seed)
+    try:
+        obs, _ = envs.reset(seed=seed)
+        for _ in range(n_steps):
+            x = feats({"lidar": obs["lidar"], "velocity": obs["velocity"]})
+            y = label({"pose": obs["pose"], "velocity": obs["velocity"]})
+            key, k = jax.random.split(key)
+            a = np.asarray(y) if use_teacher else np.asarray(act(x, k))
+            xs.append(np.asarray(x))
+            ys.append(np.asarray(y))
+            speeds.append(np.hypot(obs["velocity"][:, 0], obs["velocity"][:, 1]).mean())
+            obs, _, term, trunc, info = envs.step(to_env_action(a))
+            hits += int(np.sum(info.get("wall_collision", 0)))
+            ends += int(np.sum(term | trunc))
+    finally:
+        envs.close()
+    stats = {"contact_rate": hits / (n_envs * n_steps), "episode_ends": ends,
+             "mean_speed": float(np.mean(speeds))}
+    return np.concatenate(xs), np.concatenate(ys), stats
+
+
 def make_fit(graphdef, lr: float, batch: int):
     from flax import nnx
 
@@ -135,17 +189,22 @@ def make_fit(graphdef, lr: float, batch: int):
 
 def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epochs: int = 10,
         noise: float = 0.2, lr: float = 1e-3, batch: int = 1024,
-        max_samples: int = 1_000_000, clearance: float = 0.15) -> Path:
-    """DAgger rounds; returns the checkpoint folder. The data set keeps the newest
-    ``max_samples`` labelled states. The teacher's line keeps ``clearance`` (m) from the
-    walls (more than the planner's default: room for the student's errors)."""
+        max_samples: int = 1_000_000, clearance: float = 0.15, teacher_kw: dict | None = None,
+        bullet_rounds: int = 0, bullet_envs: int = 2, bullet_steps: int = 1000,
+        bullet_noise: float | None = None, bullet_weight: int = 8) -> Path:
+    """DAgger rounds (``rounds`` in the JAX backend, then ``bullet_rounds`` in PyBullet);
+    returns the checkpoint folder. The JAX data set keeps the newest ``max_samples`` labelled
+    states; every PyBullet state is kept and counts ``bullet_weight`` times. The teacher's line
+    keeps ``clearance`` (m) from the walls (more than the planner's default: room for the
+    student's errors); ``teacher_kw`` go to :class:`rl.plan.LineFollower` (its speed profile:
+    ``a_lat``, ``a_brake``, ``v_max``, ``speed_scale``, ...)."""
     from flax import nnx
 
     from rl.ppo_core import RunningMeanStd
     from train.checkpoint import Checkpointer
 
     t0 = time.perf_counter()
-    env_params, fenv, teacher, model = _setup(cfg, clearance)
+    env_params, fenv, teacher, model, track = _setup(cfg, clearance, teacher_kw)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rollout = make_rollout(fenv, teacher, graphdef, envs, steps, noise)
     tx, fit = make_fit(graphdef, lr, batch)
@@ -168,6 +227,29 @@ def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epoch
         params, opt_state, losses = fit(params, rest, opt_state, rms, jnp.asarray(X),
                                         jnp.asarray(Y), k_fit, epochs)
         log(f"  fit on {X.shape[0]} states: MSE {float(losses[0]):.4f} -> {float(losses[-1]):.4f}")
+    X_jax, Y_jax = (np.concatenate(xs)[-max_samples:], np.concatenate(ys)[-max_samples:]) if xs \
+        else (np.zeros((0, cfg.model.lidar_beams + 6), np.float32), np.zeros((0, 2), np.float32))
+    bx, by = [], []
+    for r in range(bullet_rounds):
+        key, k_fit = jax.random.split(key)
+        x, y, stats = bullet_rollout(
+            cfg, track, teacher, graphdef, params, rest, rms, cfg.seed + 7919 * (r + 1),
+            bullet_envs, bullet_steps, noise if bullet_noise is None else bullet_noise,
+            workers=bullet_envs > 1, use_teacher=not xs and r == 0)
+        driver = "teacher" if not xs and r == 0 else "student"
+        log(f"PyBullet round {r} ({driver} drives): {x.shape[0]} states, contacts "
+            f"{stats['contact_rate']:.3f}/step, {stats['episode_ends']} episode ends, "
+            f"{stats['mean_speed']:.2f} m/s")
+        bx.append(x)
+        by.append(y)
+        X = np.concatenate([X_jax, *[np.concatenate(bx)] * bullet_weight])
+        Y = np.concatenate([Y_jax, *[np.concatenate(by)] * bullet_weight])
+        if X_jax.shape[0] == 0 and r == 0:
+            rms = rms.update(jnp.asarray(X))
+        params, opt_state, losses = fit(params, rest, opt_state, rms, jnp.asarray(X),
+                                        jnp.asarray(Y), k_fit, epochs)
+        log(f"  fit on {X.shape[0]} states ({sum(len(b) for b in bx)} from PyBullet): MSE "
+            f"{float(losses[0]):.4f} -> {float(losses[-1]):.4f}")
     model = nnx.merge(graphdef, params, rest)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +258,7 @@ def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epoch
     agent = split_agent(model, nnx.Param)
     ckpt = Checkpointer(run_dir / "ckpt", keep=1)
     ckpt.save(0, {"params": agent.params, "frozen": agent.frozen, "obs_rms": rms},
-              {"update": 0, "imitation_rounds": rounds},
+              {"update": 0, "imitation_rounds": rounds, "bullet_rounds": bullet_rounds},
               {"rl": configlib.to_dict(cfg), "kind": "ppo"})
     ckpt.close()
     log(f"wrote {run_dir / 'ckpt'} in {time.perf_counter() - t0:.0f} s")
@@ -193,12 +275,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--noise", type=float, default=0.2, help="student's action noise (std)")
     ap.add_argument("--clearance", type=float, default=0.15, help="teacher line's, m")
+    ap.add_argument("--teacher", action="append", default=[], metavar="KEY=VALUE",
+                    help="LineFollower / speed-profile argument, e.g. a_lat=1.8 (float)")
+    ap.add_argument("--bullet-rounds", type=int, default=0,
+                    help="DAgger rounds in the PyBullet backend after the JAX ones")
+    ap.add_argument("--bullet-envs", type=int, default=2,
+                    help="PyBullet cars (one process each when more than one)")
+    ap.add_argument("--bullet-steps", type=int, default=1000, help="policy steps per car a round")
+    ap.add_argument("--bullet-noise", type=float, default=None, help="default: --noise")
+    ap.add_argument("--bullet-weight", type=int, default=8,
+                    help="times each PyBullet state counts in the fit")
     args = ap.parse_args(argv)
     cfg = cli_config("rl.imitate", args.config, args.set)
     if cfg is None:
         return 2
+    try:
+        teacher_kw = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.teacher)}
+    except ValueError:
+        print(f"rl.imitate: --teacher takes KEY=FLOAT, got {args.teacher}", file=sys.stderr)
+        return 2
     run(cfg, args.rounds, args.envs, args.steps, args.epochs, args.noise,
-        clearance=args.clearance)
+        clearance=args.clearance, teacher_kw=teacher_kw, bullet_rounds=args.bullet_rounds,
+        bullet_envs=args.bullet_envs, bullet_steps=args.bullet_steps,
+        bullet_noise=args.bullet_noise, bullet_weight=args.bullet_weight)
     return 0
 
 

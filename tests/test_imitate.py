@@ -36,7 +36,7 @@ def test_student_imitates_the_teacher_and_loads_as_a_ppo_policy(cfg):
     assert cfg2.run_name == "bc" and rms is not None
     # fresh teacher-driven states (another key): the student's actions are far closer to
     # the teacher's than an untrained network's
-    env_params, fenv, teacher, _ = _setup(cfg)
+    env_params, fenv, teacher, _, _ = _setup(cfg)
     fresh, _, _ = make_agent(cfg, 123)
     graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
     rollout = make_rollout(fenv, teacher, graphdef, 16, 64, 0.0)
@@ -63,3 +63,40 @@ def test_imitate_wants_one_track_and_the_lidar_mlp(cfg):
     with pytest.raises(ValueError, match="lidar MLP"):
         _setup(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
                                                                   policy="multimodal")))
+
+
+def test_pybullet_rounds_label_pybullet_states_with_the_teacher(cfg, tmp_path):
+    """DAgger in PyBullet: the teacher-driven round's actions are its labels, and a student
+    fitted on PyBullet states alone (no JAX rounds; 1600 states, so it generalises only
+    partly) is closer to the teacher on fresh PyBullet states than an untrained network."""
+    import dataclasses
+
+    import numpy as np
+    from flax import nnx
+
+    from rl.imitate import _setup, bullet_rollout, run
+    from rl.ppo import make_agent, restore_policy
+    from rl.ppo_core import RunningMeanStd
+
+    cfg = dataclasses.replace(cfg, run_name="bc_bullet")
+    _, _, teacher, model, track = _setup(cfg)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rms = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
+    x, y, stats = bullet_rollout(cfg, track, teacher, graphdef, params, rest, rms, seed=5,
+                                 n_envs=1, n_steps=300, noise=0.0, workers=False,
+                                 use_teacher=True)
+    assert x.shape == (300, cfg.model.lidar_beams + 6) and y.shape == (300, 2)
+    assert stats["mean_speed"] > 0.5, stats  # the teacher drove off
+    assert np.all(np.abs(y) <= 1.0) and np.std(y[:, 1]) > 0.0
+
+    ckpt = run(cfg, rounds=0, epochs=15, batch=128, bullet_rounds=2, bullet_envs=1,
+               bullet_steps=800, bullet_weight=2)
+    _, student, st_rms = restore_policy(ckpt)
+    fresh, _, _ = make_agent(cfg, 123)
+
+    def mse(m, stats):
+        mean, _, _ = m(stats.normalize(jnp.asarray(x)))
+        return float(jnp.mean((jnp.clip(mean, -1, 1) - y) ** 2))
+
+    trained, untrained = mse(student, st_rms), mse(fresh, st_rms)
+    assert trained < 0.7 * untrained, (trained, untrained)  # measured: 0.19 vs 0.32

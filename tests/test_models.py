@@ -137,3 +137,100 @@ def test_policy_and_value_heads():
     tokens = jnp.arange(12.0).reshape(1, 3, 4)
     pooled = masked_mean(tokens, jnp.array([[True, False, True]]))
     np.testing.assert_allclose(pooled, [[4.0, 5.0, 6.0, 7.0]])
+
+
+# ------------------------------------------------------- attention padding (cuDNN needs even T)
+
+
+@pytest.mark.parametrize("with_valid,cross", [(True, False), (False, True), (True, True),
+                                              (False, False)])
+def test_attention_mask_padding_is_isolated(with_valid, cross):
+    groups = np.array([0, 0, 1, 2, 2])
+    valid = jnp.array([[True, True, False, True, True], [True] * 5]) if with_valid else None
+    ref = attention_mask(valid, groups, cross=cross)
+    m = np.asarray(attention_mask(valid, groups, cross=cross, length=8))
+    assert m.shape == ((2 if with_valid else 1), 1, 8, 8)
+    ref = np.ones((1, 1, 5, 5), bool) if ref is None else np.asarray(ref)
+    np.testing.assert_array_equal(m[:, :, :5, :5], np.broadcast_to(ref, m[:, :, :5, :5].shape))
+    eye = np.eye(8, dtype=bool)[5:]
+    for row in m[:, 0]:
+        np.testing.assert_array_equal(row[5:], eye)  # a padding query sees only itself
+        np.testing.assert_array_equal(row[:, 5:], eye.T)  # and no query sees a padding key
+        assert row.any(axis=1).all()  # no empty softmax row
+    assert attention_mask(None, groups, length=5) is None
+    with pytest.raises(ValueError, match="shorter"):
+        attention_mask(valid, groups, length=4)
+
+
+def test_padded_length_and_pad_tokens():
+    from train.fusion import pad_tokens, padded_length
+
+    assert [padded_length(t) for t in (1, 8, 9, 263, 525)] == [8, 8, 16, 264, 528]
+    x = jnp.ones((2, 9, 4))
+    p = pad_tokens(x)
+    assert p.shape == (2, 16, 4) and not p[:, 9:].any() and (p[:, :9] == 1).all()
+    assert pad_tokens(p) is p
+
+
+def _fusion_and_decoder(cfg):
+    """A fusion (9 tokens: not a multiple of 8) and a decoder (9 patches) with one absent
+    modality in sample 1; returns the modules and ``f(fus, head) -> (fused, preds)``."""
+    fus = MultimodalFusion(cfg, ("lidar", "rgb", "gps"), rngs=rngs(0))
+    specs = [("lidar", 3, 5, None), ("rgb", 4, 12, (2, 2)), ("gps", 2, 1, None)]
+    head = PretrainHead(cfg, specs, rngs=rngs(1))
+    k = jax.random.split(jax.random.key(0), 3)
+    toks = {"lidar": jax.random.normal(k[0], (2, 2, 32)),
+            "rgb": jax.random.normal(k[1], (2, 3, 32)),
+            "gps": jax.random.normal(k[2], (2, 1, 32))}  # 6 visible tokens
+    ids = {"lidar": (jnp.array([[2, 0], [1, 2]]), jnp.array([[1, 2, 0], [2, 0, 1]])),
+           "rgb": (jnp.array([[3, 1, 0], [0, 2, 1]]), jnp.array([[2, 1, 3, 0], [0, 2, 1, 3]])),
+           "gps": (jnp.array([[1], [0]]), jnp.array([[1, 0], [0, 1]]))}
+    present = np.ones((2, 6), np.uint8)
+    present[1, MODALITIES.index("rgb")] = 0
+
+    def run(fus, head):
+        fused, _ = fus(toks, present)
+        return fused, head(fused, ids, present)
+
+    return fus, head, run, toks
+
+
+@pytest.mark.parametrize("fusion,absent", [("self", "drop"), ("cross", "token"),
+                                           ("self", "token")])
+def test_padding_leaves_fusion_and_decoder_outputs_unchanged(monkeypatch, fusion, absent):
+    import train.fusion as fusion_mod
+
+    cfg = dataclasses.replace(CFG, fusion=fusion, absent=absent)
+    fus, head, run, _ = _fusion_and_decoder(cfg)
+    assert fusion_mod.PAD_MULTIPLE == 8
+    padded = jitted(run, fus, head)  # fusion 6 → 8 tokens, decoder 9 → 16
+    monkeypatch.setattr(fusion_mod, "PAD_MULTIPLE", 1)  # the unpadded computation
+    plain = jitted(run, fus, head)  # (a fresh trace: jitted wraps run in a new lambda)
+    assert padded[0].shape == plain[0].shape == (2, 6, 32)
+    for a, b in zip(jax.tree.leaves(padded), jax.tree.leaves(plain), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_gradients_are_finite_and_unchanged(monkeypatch):
+    import train.fusion as fusion_mod
+
+    fus, head, run, toks = _fusion_and_decoder(CFG)
+
+    def grads():
+        def loss(models, toks):
+            fused, preds = run(*models)
+            return (fused.astype(jnp.float32) ** 2).mean() + sum(
+                (p ** 2).mean() for p in preds.values())
+        return jax.jit(nnx.grad(loss, argnums=(0, 1)))((fus, head), toks)
+
+    padded = grads()
+    monkeypatch.setattr(fusion_mod, "PAD_MULTIPLE", 1)
+    plain = grads()
+    leaves_p = jax.tree.leaves(padded)
+    leaves_u = jax.tree.leaves(plain)
+    assert len(leaves_p) == len(leaves_u) > 10
+    for a, b in zip(leaves_p, leaves_u, strict=True):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(float(jnp.abs(a).max()) > 0 for a in leaves_p)

@@ -20,6 +20,12 @@ Absent modalities (``present == 0`` for a sample, per the ``present`` flags of t
 
 Either way, the model's outputs for present modalities are independent of an absent modality's
 (placeholder) data.
+
+The attention sequence is padded with zero tokens to a multiple of :data:`PAD_MULTIPLE` (8) inside
+the module (:func:`pad_tokens`; the decoder does the same): cuDNN flash attention
+(``model.attention_impl = "cudnn"``) needs even lengths when a mask is given, and aligned rows
+suit the XLA path too. The padding attends only to itself and is never a key, so the real tokens'
+outputs are unchanged; it is sliced off before the final LayerNorm. No parameters are involved.
 """
 
 from __future__ import annotations
@@ -33,25 +39,54 @@ from etl.schema import MODALITY_INDEX
 from train.config import ModelConfig
 from train.encoders import TOKEN_INIT, Block, compute_dtype, layer_norm
 
+PAD_MULTIPLE = 8  # attention sequences are padded to a multiple of this (see pad_tokens)
 
-def attention_mask(valid: jax.Array | None, groups: np.ndarray, *, cross: bool = False
-                   ) -> jax.Array | None:
-    """(B, 1, T, T) bool mask, True = query may attend key; None when nothing is masked.
+
+def padded_length(t: int, multiple: int | None = None) -> int:
+    """``t`` rounded up to a multiple of ``multiple`` (default :data:`PAD_MULTIPLE`)."""
+    multiple = PAD_MULTIPLE if multiple is None else multiple
+    return -(-t // multiple) * multiple
+
+
+def pad_tokens(x: jax.Array, multiple: int | None = None) -> jax.Array:
+    """(B, T, D) → (B, T', D): zero tokens appended so that T' = :func:`padded_length` (T).
+
+    cuDNN flash attention with a mask (a bias) needs even sequence lengths when training, and
+    rows of a multiple of 8 align the XLA path's tiles. Run the blocks with
+    ``attention_mask(..., length=T')`` and keep ``[:, :T]``: the padding is isolated (it attends
+    only to itself, nothing attends to it), so the real tokens' outputs are unchanged and every
+    softmax row keeps a key (no NaN, in the forward or the backward pass).
+    """
+    t = x.shape[1]
+    tp = padded_length(t, multiple)
+    return x if tp == t else jnp.pad(x, ((0, 0), (0, tp - t), (0, 0)))
+
+
+def attention_mask(valid: jax.Array | None, groups: np.ndarray, *, cross: bool = False,
+                   length: int | None = None) -> jax.Array | None:
+    """(B, 1, T', T') bool mask, True = query may attend key; None when nothing is masked.
 
     ``valid`` (B, T) bool marks tokens usable as keys (None: all); ``groups`` (T,) the modality
     of each token (static); ``cross`` forbids keys of the query's own modality. The diagonal is
-    always allowed.
+    always allowed. ``length`` (T' ≥ T, default T) appends T' − T padding tokens (see
+    :func:`pad_tokens`): each may attend only to itself and no token may attend to it.
     """
-    if valid is None and not cross:
-        return None
     t = len(groups)
+    tp = t if length is None else int(length)
+    if tp < t:
+        raise ValueError(f"attention_mask: length {tp} is shorter than the {t} tokens")
+    if valid is None and not cross and tp == t:
+        return None
     allowed = np.ones((t, t), bool)
     if cross:
         allowed = groups[:, None] != groups[None, :]
-    allowed = jnp.asarray(allowed | np.eye(t, dtype=bool))[None]  # (1, T, T)
+    full = np.eye(tp, dtype=bool)  # padding: the diagonal only
+    full[:t, :t] |= allowed
+    mask = jnp.asarray(full)[None]  # (1, T', T')
     if valid is not None:
-        allowed = allowed & (valid[:, None, :] | jnp.eye(t, dtype=bool)[None])
-    return allowed[:, None]
+        keys = jnp.pad(valid.astype(bool), ((0, 0), (0, tp - t)))  # padding is never a key
+        mask = mask & (keys[:, None, :] | jnp.eye(tp, dtype=bool)[None])
+    return mask[:, None]
 
 
 class MultimodalFusion(nnx.Module):
@@ -99,8 +134,10 @@ class MultimodalFusion(nnx.Module):
             valid.append(jnp.broadcast_to(here[:, None], (b, n)))
             groups.append(np.full(n, i))
         x, valid = jnp.concatenate(xs, axis=1), jnp.concatenate(valid, axis=1)
+        t = x.shape[1]
+        x = pad_tokens(x)
         mask = attention_mask(valid if self.drop_absent else None, np.concatenate(groups),
-                              cross=self.cross)
+                              cross=self.cross, length=x.shape[1])
         for block in self.blocks:
             x = block(x, mask)
-        return self.norm(x), valid
+        return self.norm(x[:, :t]), valid

@@ -19,7 +19,7 @@ from train.encoders import (
     layer_norm,
     sincos_pos_embed_2d,
 )
-from train.fusion import attention_mask
+from train.fusion import attention_mask, pad_tokens
 
 
 class PretrainHead(nnx.Module):
@@ -35,7 +35,8 @@ class PretrainHead(nnx.Module):
          with ``ids_restore`` so every patch is back at its place; add decoder positions and a
          decoder modality embedding;
       3. ``decoder_depth`` blocks of joint attention over all modalities' patches (absent
-         modalities dropped as keys when ``absent = "drop"``);
+         modalities dropped as keys when ``absent = "drop"``; the sequence is padded to a
+         multiple of 8 with isolated tokens, see ``train.fusion.pad_tokens``);
       4. per modality, LayerNorm → Linear to the patch's pixels (p·p·C) or channel group.
     Returns predictions (B, n_patches, patch_dim) float32 per modality.
     """
@@ -85,11 +86,13 @@ class PretrainHead(nnx.Module):
         if start != x.shape[1]:
             raise ValueError(f"decoder got {x.shape[1]} fused tokens, the ids account for {start}")
         x = jnp.concatenate(seqs, axis=1)
+        t = x.shape[1]
+        x = pad_tokens(x)  # to a multiple of 8; the padding is isolated and sliced off
         mask = attention_mask(jnp.concatenate(valid, axis=1) if self.drop_absent else None,
-                              np.concatenate(groups))
+                              np.concatenate(groups), length=x.shape[1])
         for block in self.blocks:
             x = block(x, mask)
-        x = self.norm(x)
+        x = self.norm(x[:, :t])
         out, start = {}, 0
         for m, n, _, _ in self.specs:
             out[m] = self.pred[m](x[:, start:start + n]).astype(jnp.float32)

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU figures the issues ask for, in one short run on one accelerator:
+#   - PPO training loop (rollout + update), lidar MLP, JAX backend: steps/s   (issue 5, goal >= 1e6)
+#   - the JAX simulator alone, lidar (and camera): steps/s                     (issue 4, goal >= 1e6)
+#   - pretraining step, bf16: samples/s and MFU, seed and ViT-B widths        (issue 3, goals 25% / 40%)
+#   - PPO training loop, multimodal policy of the full pretraining config: steps/s (issue 5)
+#
+#   bash benchmarks/gpu.sh [LOG]        # LOG defaults to gpu_bench.log
+#
+# Every step runs under its own time limit (seconds, GPU_STEP_S scales them) and a failure is
+# logged and skipped, so one broken figure does not cost the others. SMALL=1 shrinks every size
+# for a dry run on a CPU. The first lines record the device and the library versions.
+set -u
+LOG=${1:-gpu_bench.log}
+PY=${PYTHON:-python3}
+SCALE=${GPU_STEP_S:-1}
+export PYTHONUNBUFFERED=1
+export RACEFORMER_CACHE=${RACEFORMER_CACHE:-$(mktemp -d)}
+
+if [ "${SMALL:-0}" = 1 ]; then
+  ENVS_BIG=256; ENVS_HUGE=512; SIM_ENVS="256 512"; PRE_BS=2; PRE_STEPS=2; MM_ENVS=4; UPD=1
+  PRE_CFG=configs/pretrain_tiny.toml
+else
+  ENVS_BIG=16384; ENVS_HUGE=65536; SIM_ENVS="4096 16384 65536"; PRE_BS=64; PRE_STEPS=20
+  MM_ENVS=256; UPD=4; PRE_CFG=configs/pretrain_cmht.toml
+fi
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$(( $2 * SCALE )); shift 2
+  echo "=== $name (limit ${secs}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --signal=TERM --kill-after=10 "$secs" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $(( SECONDS - t0 ))s" | tee -a "$LOG"
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+    --format=csv 2>/dev/null || echo "no nvidia-smi"
+  $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+'optax', optax.__version__, jax.devices())"
+} 2>&1 | tee -a "$LOG"
+
+step ppo_lidar_${ENVS_BIG} 110 $PY -m benchmarks.ppo --num-envs "$ENVS_BIG" --num-steps 64 \
+  --updates "$UPD" --set ppo.num_minibatches=4
+step sim_lidar 100 $PY -m benchmarks.envs --envs $SIM_ENVS --steps 100
+step pretrain_seed_vitb 170 $PY -m benchmarks.pretrain --config "$PRE_CFG" \
+  --batch-size "$PRE_BS" --steps "$PRE_STEPS" --dtype bfloat16
+step ppo_multimodal 120 $PY -m benchmarks.ppo --policy multimodal --pretrain-config "$PRE_CFG" \
+  --num-envs "$MM_ENVS" --num-steps 32 --updates "$UPD"
+step ppo_lidar_${ENVS_HUGE} 110 $PY -m benchmarks.ppo --num-envs "$ENVS_HUGE" --num-steps 64 \
+  --updates "$UPD" --set ppo.num_minibatches=4
+step pretrain_seed_cudnn 90 $PY -m benchmarks.pretrain --config "$PRE_CFG" --preset seed \
+  --batch-size $(( PRE_BS * 4 )) --steps "$PRE_STEPS" --dtype bfloat16 \
+  --set model.attention_impl=cudnn
+echo "=== summary" | tee -a "$LOG"
+grep -E '"policy"|"num_envs"|policy_steps_per_s"|physics_steps_per_s"|^jax  |MFU|rc=' "$LOG"
