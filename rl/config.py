@@ -63,6 +63,27 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class ImitateConfig:
+    """``python -m rl.imitate``: DAgger of the line follower (:mod:`rl.plan`) into the lidar
+    MLP — ``rounds`` in the JAX backend (round 0: the teacher drives), then ``bullet_rounds``
+    in which the student drives PyBullet cars. See :mod:`rl.imitate`."""
+
+    rounds: int = 8
+    envs: int = 256  # JAX rounds: cars
+    steps: int = 256  # JAX rounds: policy steps per car
+    epochs: int = 10  # of the fit after every round
+    noise: float = 0.2  # std of the student's action noise while it drives
+    clearance: float = 0.15  # m, the teacher's planned line from the walls
+    # LineFollower / speed-profile keywords of the teacher, e.g. {speed_scale = 0.85, a_lat = 1.8}
+    teacher: dict[str, float] = field(default_factory=dict)
+    bullet_rounds: int = 0
+    bullet_envs: int = 2  # PyBullet cars (one process each when more than one)
+    bullet_steps: int = 1000  # policy steps per car a round
+    bullet_noise: float | None = None  # None: noise
+    bullet_weight: int = 8  # times each PyBullet state counts in the fit
+
+
+@dataclass(frozen=True)
 class RLConfig:
     run_name: str = "ppo"
     runs_dir: str = "runs"
@@ -71,6 +92,7 @@ class RLConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    imitate: ImitateConfig = field(default_factory=ImitateConfig)
     updates_per_log: int = 10  # PPO updates per jitted chunk (fast runner) / per log line
     ckpt_every: int = 50  # updates
     keep: int = 3

@@ -16,9 +16,12 @@ counts ``bullet_weight`` times in the fit.
 
     python -m rl.imitate --config configs/rl_austria_clean.toml --set run_name=austria_bc
     python -m rl.ppo --config configs/rl_austria_clean.toml  # PPO from it (init_policy)
+    python -m rl.imitate --config configs/rl_austria_bullet.toml  # with PyBullet rounds
 
-The config gives the track (one track), the task and the model; the result is
-``runs/<run_name>/ckpt`` (a checkpoint ``rl.evaluate`` and ``finetune.init_policy`` read).
+The config gives the track (one track), the task, the model and the ``[imitate]`` section
+(:class:`rl.config.ImitateConfig`: rounds, cars, noise, the teacher's settings, the PyBullet
+rounds); the result is ``runs/<run_name>/ckpt`` (a checkpoint ``rl.evaluate`` and
+``finetune.init_policy`` read).
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def log(msg: str) -> None:
     print(f"[imitate] {msg}", flush=True)
 
 
-def _setup(cfg: RLConfig, clearance: float = 0.15, teacher_kw: dict | None = None):
+def _setup(cfg: RLConfig):
+    """(JAX env params, functional env, teacher, fresh student, track name) for ``cfg``; the
+    teacher follows a line planned with ``cfg.imitate.clearance``, set up by
+    ``cfg.imitate.teacher``."""
     from rl.agent import lidar_features
     from rl.envs.functional import RacecarFunctional
     from rl.envs.jax_env import Dynamics, JaxRacecar, SensorConfig, make_params
@@ -55,7 +61,7 @@ def _setup(cfg: RLConfig, clearance: float = 0.15, teacher_kw: dict | None = Non
     if len(names) != 1:
         raise ValueError(f"env.track: rl.imitate plans one track, got {len(names)} ({names})")
     track = load_track(names[0])
-    teacher = line_driver(track, clearance=clearance, **(teacher_kw or {}))
+    teacher = line_driver(track, clearance=cfg.imitate.clearance, **dict(cfg.imitate.teacher))
     beams = cfg.model.lidar_beams
 
     def featurize(obs):
@@ -187,32 +193,34 @@ def make_fit(graphdef, lr: float, batch: int):
     return tx, jax.jit(fit, static_argnames="epochs")
 
 
-def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epochs: int = 10,
-        noise: float = 0.2, lr: float = 1e-3, batch: int = 1024,
-        max_samples: int = 1_000_000, clearance: float = 0.15, teacher_kw: dict | None = None,
-        bullet_rounds: int = 0, bullet_envs: int = 2, bullet_steps: int = 1000,
-        bullet_noise: float | None = None, bullet_weight: int = 8) -> Path:
-    """DAgger rounds (``rounds`` in the JAX backend, then ``bullet_rounds`` in PyBullet);
+def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1_000_000,
+        **imitate) -> Path:
+    """DAgger rounds (``rounds`` in the JAX backend, then ``bullet_rounds`` in PyBullet) as
+    ``cfg.imitate`` says (``imitate``: fields of :class:`rl.config.ImitateConfig` to replace);
     returns the checkpoint folder. The JAX data set keeps the newest ``max_samples`` labelled
     states; every PyBullet state is kept and counts ``bullet_weight`` times. The teacher's line
     keeps ``clearance`` (m) from the walls (more than the planner's default: room for the
-    student's errors); ``teacher_kw`` go to :class:`rl.plan.LineFollower` (its speed profile:
-    ``a_lat``, ``a_brake``, ``v_max``, ``speed_scale``, ...)."""
+    student's errors); ``teacher`` goes to :class:`rl.plan.LineFollower` (its speed profile:
+    ``a_lat``, ``a_brake``, ``v_max``, ``speed_scale``; ``lookahead``, ...)."""
+    import dataclasses
+
+    ic = dataclasses.replace(cfg.imitate, **imitate)
+    cfg = dataclasses.replace(cfg, imitate=ic)  # the checkpoint records what was run
     from flax import nnx
 
     from rl.ppo_core import RunningMeanStd
     from train.checkpoint import Checkpointer
 
     t0 = time.perf_counter()
-    env_params, fenv, teacher, model, track = _setup(cfg, clearance, teacher_kw)
+    env_params, fenv, teacher, model, track = _setup(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rollout = make_rollout(fenv, teacher, graphdef, envs, steps, noise)
+    rollout = make_rollout(fenv, teacher, graphdef, ic.envs, ic.steps, ic.noise)
     tx, fit = make_fit(graphdef, lr, batch)
     opt_state = tx.init(params)
     rms = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
     key = jax.random.PRNGKey(cfg.seed)
     xs, ys = [], []
-    for r in range(rounds):
+    for r in range(ic.rounds):
         key, k_roll, k_fit = jax.random.split(key, 3)
         x, y, stats = rollout(params, rest, rms, k_roll, env_params, jnp.bool_(r == 0))
         driver = "teacher" if r == 0 else "student"
@@ -225,29 +233,30 @@ def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epoch
         if r == 0:
             rms = rms.update(jnp.asarray(X))
         params, opt_state, losses = fit(params, rest, opt_state, rms, jnp.asarray(X),
-                                        jnp.asarray(Y), k_fit, epochs)
+                                        jnp.asarray(Y), k_fit, ic.epochs)
         log(f"  fit on {X.shape[0]} states: MSE {float(losses[0]):.4f} -> {float(losses[-1]):.4f}")
     X_jax, Y_jax = (np.concatenate(xs)[-max_samples:], np.concatenate(ys)[-max_samples:]) if xs \
         else (np.zeros((0, cfg.model.lidar_beams + 6), np.float32), np.zeros((0, 2), np.float32))
     bx, by = [], []
-    for r in range(bullet_rounds):
+    for r in range(ic.bullet_rounds):
         key, k_fit = jax.random.split(key)
         x, y, stats = bullet_rollout(
             cfg, track, teacher, graphdef, params, rest, rms, cfg.seed + 7919 * (r + 1),
-            bullet_envs, bullet_steps, noise if bullet_noise is None else bullet_noise,
-            workers=bullet_envs > 1, use_teacher=not xs and r == 0)
+            ic.bullet_envs, ic.bullet_steps,
+            ic.noise if ic.bullet_noise is None else ic.bullet_noise,
+            workers=ic.bullet_envs > 1, use_teacher=not xs and r == 0)
         driver = "teacher" if not xs and r == 0 else "student"
         log(f"PyBullet round {r} ({driver} drives): {x.shape[0]} states, contacts "
             f"{stats['contact_rate']:.3f}/step, {stats['episode_ends']} episode ends, "
             f"{stats['mean_speed']:.2f} m/s")
         bx.append(x)
         by.append(y)
-        X = np.concatenate([X_jax, *[np.concatenate(bx)] * bullet_weight])
-        Y = np.concatenate([Y_jax, *[np.concatenate(by)] * bullet_weight])
+        X = np.concatenate([X_jax, *[np.concatenate(bx)] * ic.bullet_weight])
+        Y = np.concatenate([Y_jax, *[np.concatenate(by)] * ic.bullet_weight])
         if X_jax.shape[0] == 0 and r == 0:
             rms = rms.update(jnp.asarray(X))
         params, opt_state, losses = fit(params, rest, opt_state, rms, jnp.asarray(X),
-                                        jnp.asarray(Y), k_fit, epochs)
+                                        jnp.asarray(Y), k_fit, ic.epochs)
         log(f"  fit on {X.shape[0]} states ({sum(len(b) for b in bx)} from PyBullet): MSE "
             f"{float(losses[0]):.4f} -> {float(losses[-1]):.4f}")
     model = nnx.merge(graphdef, params, rest)
@@ -258,7 +267,7 @@ def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epoch
     agent = split_agent(model, nnx.Param)
     ckpt = Checkpointer(run_dir / "ckpt", keep=1)
     ckpt.save(0, {"params": agent.params, "frozen": agent.frozen, "obs_rms": rms},
-              {"update": 0, "imitation_rounds": rounds, "bullet_rounds": bullet_rounds},
+              {"update": 0, "imitation_rounds": ic.rounds, "bullet_rounds": ic.bullet_rounds},
               {"rl": configlib.to_dict(cfg), "kind": "ppo"})
     ckpt.close()
     log(f"wrote {run_dir / 'ckpt'} in {time.perf_counter() - t0:.0f} s")
@@ -267,37 +276,14 @@ def run(cfg: RLConfig, rounds: int = 8, envs: int = 256, steps: int = 256, epoch
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="TOML config (the PPO run's: track, task, model)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--rounds", type=int, default=8, help="DAgger rounds (round 0: teacher)")
-    ap.add_argument("--envs", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=256, help="policy steps per env per round")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--noise", type=float, default=0.2, help="student's action noise (std)")
-    ap.add_argument("--clearance", type=float, default=0.15, help="teacher line's, m")
-    ap.add_argument("--teacher", action="append", default=[], metavar="KEY=VALUE",
-                    help="LineFollower / speed-profile argument, e.g. a_lat=1.8 (float)")
-    ap.add_argument("--bullet-rounds", type=int, default=0,
-                    help="DAgger rounds in the PyBullet backend after the JAX ones")
-    ap.add_argument("--bullet-envs", type=int, default=2,
-                    help="PyBullet cars (one process each when more than one)")
-    ap.add_argument("--bullet-steps", type=int, default=1000, help="policy steps per car a round")
-    ap.add_argument("--bullet-noise", type=float, default=None, help="default: --noise")
-    ap.add_argument("--bullet-weight", type=int, default=8,
-                    help="times each PyBullet state counts in the fit")
+    ap.add_argument("--config", help="TOML config: track, task, model and its [imitate] section")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override, e.g. imitate.rounds=4 or imitate.teacher.a_lat=1.8")
     args = ap.parse_args(argv)
     cfg = cli_config("rl.imitate", args.config, args.set)
     if cfg is None:
         return 2
-    try:
-        teacher_kw = {k: float(v) for k, v in (kv.split("=", 1) for kv in args.teacher)}
-    except ValueError:
-        print(f"rl.imitate: --teacher takes KEY=FLOAT, got {args.teacher}", file=sys.stderr)
-        return 2
-    run(cfg, args.rounds, args.envs, args.steps, args.epochs, args.noise,
-        clearance=args.clearance, teacher_kw=teacher_kw, bullet_rounds=args.bullet_rounds,
-        bullet_envs=args.bullet_envs, bullet_steps=args.bullet_steps,
-        bullet_noise=args.bullet_noise, bullet_weight=args.bullet_weight)
+    run(cfg)
     return 0
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from rl.config import load_config
@@ -71,7 +72,6 @@ def test_pybullet_rounds_label_pybullet_states_with_the_teacher(cfg, tmp_path):
     partly) is closer to the teacher on fresh PyBullet states than an untrained network."""
     import dataclasses
 
-    import numpy as np
     from flax import nnx
 
     from rl.imitate import _setup, bullet_rollout, run
@@ -100,3 +100,21 @@ def test_pybullet_rounds_label_pybullet_states_with_the_teacher(cfg, tmp_path):
 
     trained, untrained = mse(student, st_rms), mse(fresh, st_rms)
     assert trained < 0.7 * untrained, (trained, untrained)  # measured: 0.19 vs 0.32
+
+
+def test_imitate_section_sets_the_teacher(cfg):
+    """[imitate] reaches the teacher: a slower speed profile from the config (or --set)."""
+    import dataclasses
+
+    from rl.config import load_config
+    from rl.imitate import _setup
+
+    over = load_config(ROOT / "configs/rl_tiny.toml", ["imitate.teacher.speed_scale=0.5",
+                                                      "imitate.bullet_rounds=3"])
+    assert over.imitate.teacher == {"speed_scale": 0.5} and over.imitate.bullet_rounds == 3
+    slow = dataclasses.replace(cfg, imitate=over.imitate)
+    v_default = np.asarray(_setup(cfg)[2].v)
+    v_slow = np.asarray(_setup(slow)[2].v)
+    np.testing.assert_allclose(v_slow, 0.5 * v_default, rtol=1e-6)
+    bullet = load_config(ROOT / "configs/rl_austria_bullet.toml")
+    assert bullet.imitate.bullet_rounds > 0 and bullet.imitate.teacher
