@@ -120,6 +120,15 @@ class RLConfig:
             and not self.env.camera
         ):
             raise configlib.ConfigError("model.modalities: 'rgb' needs env.camera = true")
+        if self.imitate.teacher:
+            from rl.plan import teacher_keywords
+
+            unknown = sorted(set(self.imitate.teacher) - teacher_keywords())
+            if unknown:
+                raise configlib.ConfigError(
+                    f"imitate.teacher.{unknown[0]}: not a line-follower setting; expected one "
+                    f"of {sorted(teacher_keywords())}"
+                )
         b = self.ppo.num_envs * self.ppo.num_steps
         if b % self.ppo.num_minibatches:
             raise configlib.ConfigError(

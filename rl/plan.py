@@ -269,6 +269,16 @@ class LineFollower:
         return {"motor": motor.reshape(1), "steering": steer.reshape(1)}
 
 
+def teacher_keywords() -> set[str]:
+    """The keywords :func:`line_driver` passes on: LineFollower's and speed_profile's."""
+    import inspect
+
+    follower = set(inspect.signature(LineFollower.__init__).parameters) - {"self", "plan",
+                                                                             "profile"}
+    profile = set(inspect.signature(speed_profile).parameters) - {"path", "step"}
+    return follower | profile
+
+
 def line_driver(track, clearance: float = 0.05, **follower) -> LineFollower:
     """Plan ``track`` (name or Track) keeping ``clearance`` from the walls and return its
     :class:`LineFollower` (``follower``: its keyword arguments)."""

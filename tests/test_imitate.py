@@ -118,3 +118,7 @@ def test_imitate_section_sets_the_teacher(cfg):
     np.testing.assert_allclose(v_slow, 0.5 * v_default, rtol=1e-6)
     bullet = load_config(ROOT / "configs/rl_austria_bullet.toml")
     assert bullet.imitate.bullet_rounds > 0 and bullet.imitate.teacher
+    from etl.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match=r"imitate\.teacher\.a_latt: not a line-follower"):
+        load_config(ROOT / "configs/rl_tiny.toml", ["imitate.teacher.a_latt=1.8"])
