@@ -74,6 +74,7 @@ class ImitateConfig:
     epochs: int = 10  # of the fit after every round
     noise: float = 0.2  # std of the student's action noise while it drives
     clearance: float = 0.15  # m, the teacher's planned line from the walls
+    turn_radius: float = 0.0  # m, the teacher's line's tightest turn; 0 = the car's (1.75 m)
     # LineFollower / speed-profile keywords of the teacher, e.g. {speed_scale = 0.85, a_lat = 1.8}
     teacher: dict[str, float] = field(default_factory=dict)
     bullet_rounds: int = 0

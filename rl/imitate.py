@@ -46,8 +46,8 @@ def log(msg: str) -> None:
 
 def _setup(cfg: RLConfig):
     """(JAX env params, functional env, teacher, fresh student, track name) for ``cfg``; the
-    teacher follows a line planned with ``cfg.imitate.clearance``, set up by
-    ``cfg.imitate.teacher``."""
+    teacher follows a line planned with ``cfg.imitate.clearance`` (and ``turn_radius``), set up
+    by ``cfg.imitate.teacher``."""
     from rl.agent import lidar_features
     from rl.envs.functional import RacecarFunctional
     from rl.envs.jax_env import Dynamics, JaxRacecar, SensorConfig, make_params
@@ -61,7 +61,9 @@ def _setup(cfg: RLConfig):
     if len(names) != 1:
         raise ValueError(f"env.track: rl.imitate plans one track, got {len(names)} ({names})")
     track = load_track(names[0])
-    teacher = line_driver(track, clearance=cfg.imitate.clearance, **dict(cfg.imitate.teacher))
+    ic = cfg.imitate
+    teacher = line_driver(track, clearance=ic.clearance, **dict(ic.teacher),
+                          **({"turn_radius": ic.turn_radius} if ic.turn_radius > 0 else {}))
     beams = cfg.model.lidar_beams
 
     def featurize(obs):

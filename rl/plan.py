@@ -279,13 +279,15 @@ def teacher_keywords() -> set[str]:
     return follower | profile
 
 
-def line_driver(track, clearance: float = 0.05, **follower) -> LineFollower:
+def line_driver(track, clearance: float = 0.05, turn_radius: float = TURN_RADIUS_M,
+                **follower) -> LineFollower:
     """Plan ``track`` (name or Track) keeping ``clearance`` from the walls and return its
-    :class:`LineFollower` (``follower``: its keyword arguments)."""
+    :class:`LineFollower` (``follower``: its keyword arguments). A ``turn_radius`` above the
+    car's tightest plans wider turns, leaving steering in reserve in the tightest corners."""
     from rl.tracks import Track, load_track
 
     trk = track if isinstance(track, Track) else load_track(track)
-    return LineFollower(plan_lap(trk, clearance=clearance), **follower)
+    return LineFollower(plan_lap(trk, turn_radius=turn_radius, clearance=clearance), **follower)
 
 
 def plot_plan(track, plan: LapPlan, out: Path) -> Path:

@@ -82,3 +82,13 @@ def test_line_follower_laps_cleanly_in_the_jax_backend(track, plan):
     assert res["rollout"] == "scan"  # the driver is traceable
     assert ep["laps"] >= 1.0, ep
     assert ep["collision_free"] and ep["end"] != "collision", ep
+
+
+def test_line_driver_passes_the_turn_radius_to_the_planner(track):
+    from rl.plan import line_driver
+
+    with pytest.raises(ValueError, match="no feasible line"):  # 40 m: no lap (test above)
+        line_driver(track, turn_radius=40.0)
+    wide = line_driver(track, turn_radius=2.5)
+    tight = line_driver(track)
+    assert not np.array_equal(np.asarray(wide.xy), np.asarray(tight.xy))
