@@ -222,6 +222,8 @@ def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1
     rms = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
     key = jax.random.PRNGKey(cfg.seed)
     xs, ys = [], []
+    X = np.zeros((0, cfg.model.lidar_beams + 6), np.float32)
+    Y = np.zeros((0, 2), np.float32)
     for r in range(ic.rounds):
         key, k_roll, k_fit = jax.random.split(key, 3)
         x, y, stats = rollout(params, rest, rms, k_roll, env_params, jnp.bool_(r == 0))
@@ -237,17 +239,17 @@ def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1
         params, opt_state, losses = fit(params, rest, opt_state, rms, jnp.asarray(X),
                                         jnp.asarray(Y), k_fit, ic.epochs)
         log(f"  fit on {X.shape[0]} states: MSE {float(losses[0]):.4f} -> {float(losses[-1]):.4f}")
-    X_jax, Y_jax = (np.concatenate(xs)[-max_samples:], np.concatenate(ys)[-max_samples:]) if xs \
-        else (np.zeros((0, cfg.model.lidar_beams + 6), np.float32), np.zeros((0, 2), np.float32))
+    X_jax, Y_jax = X, Y  # the JAX rounds' data set (empty without JAX rounds)
     bx, by = [], []
     for r in range(ic.bullet_rounds):
         key, k_fit = jax.random.split(key)
+        teacher_drives = not xs and r == 0  # no JAX rounds: the teacher starts, as there
         x, y, stats = bullet_rollout(
             cfg, track, teacher, graphdef, params, rest, rms, cfg.seed + 7919 * (r + 1),
             ic.bullet_envs, ic.bullet_steps,
             ic.noise if ic.bullet_noise is None else ic.bullet_noise,
-            workers=ic.bullet_envs > 1, use_teacher=not xs and r == 0)
-        driver = "teacher" if not xs and r == 0 else "student"
+            workers=ic.bullet_envs > 1, use_teacher=teacher_drives)
+        driver = "teacher" if teacher_drives else "student"
         log(f"PyBullet round {r} ({driver} drives): {x.shape[0]} states, contacts "
             f"{stats['contact_rate']:.3f}/step, {stats['episode_ends']} episode ends, "
             f"{stats['mean_speed']:.2f} m/s")
