@@ -6,10 +6,11 @@
     uv run python -m benchmarks.envs --fit                # refit jax_env.Dynamics to PyBullet
     uv run python -m benchmarks.envs --bullet --envs 1024 # PyBullet per core vs JAX, the ratio
 
-bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of the batched,
-auto-resetting step (JaxRacecar.batch_step: lidar traced only for the cars whose 25 Hz
-scan is due) (random resets, a fixed steering/motor pattern), lidar only and
-optionally with the column-cast RGB camera. Compile time is excluded and reported.
+bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of the step PPO trains with
+(rl.envs.functional.RacecarFunctional, vmapped: 4 physics steps and one lidar scan per
+policy step, auto-resetting) (random resets, a fixed steering/motor pattern), lidar only
+and optionally with the column-cast RGB camera; steps/s counts physics steps (racecar_gym's
+env steps). Compile time is excluded and reported.
 bench_bullet: one PyBullet car per core, the same driving pattern; with both, the per-core
 ratio (issue 4 §5 goal: JAX on CPU >= 50x PyBullet per core), two ways: the JAX run pinned
 to one core (a child process with its CPU affinity set before JAX starts) against one
@@ -31,31 +32,41 @@ import jax.numpy as jnp
 
 
 def bench_jax(num_envs: int = 1024, steps: int = 100, camera: bool = False,
-              track: str = "procedural:0", camera_size: int = 64, repeats: int = 2) -> dict:
-    """Steps/s of `num_envs` JAX cars for `steps` steps in one jitted scan."""
-    from rl.envs.jax_env import JaxRacecar, SensorConfig, make_params
+              track: str = "procedural:0", camera_size: int = 64, repeats: int = 2,
+              lidar_rays: int = 1080, action_repeat: int = 4) -> dict:
+    """Physics steps/s of `num_envs` JAX cars over `steps` physics steps, through the step
+    PPO trains with: :class:`rl.envs.functional.RacecarFunctional` (``action_repeat``
+    physics steps and one lidar scan per policy step, auto-reset), vmapped, in one jitted
+    ``lax.scan``."""
+    from rl import factory
+    from rl.envs.functional import RacecarFunctional
+    from rl.envs.jax_env import make_params
     from rl.envs.spec import TaskConfig
 
     params = make_params(track)  # the production path: cropped, cache-sized maps
-    env = JaxRacecar(TaskConfig(reset_mode="random"),
-                     sensors=SensorConfig(camera=camera, camera_width=camera_size,
-                                          camera_height=camera_size))
-    step = env.batch_step
+    sim = factory.make_sim(TaskConfig(reset_mode="random"), camera=camera,
+                           camera_width=camera_size, camera_height=camera_size,
+                           lidar_rays=lidar_rays)
+    env = RacecarFunctional(sim, lambda obs: obs, action_repeat)
+    n_policy = max(1, steps // action_repeat)
+    reset = jax.vmap(env.reset, in_axes=(0, None))
+    step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
     def run(key, params):
-        obs, state = env.batch_reset(key, params, num_envs)
+        obs, state = reset(jax.random.split(key, num_envs), params)
         phase = jnp.linspace(0.0, 6.28, num_envs)
 
         def body(carry, t):
             st, acc = carry
-            a = jnp.stack([jnp.full((num_envs,), 0.5), 0.5 * jnp.sin(phase + 0.05 * t)], 1)
-            ob, st, r, te, tr, _ = step(st, a, params)
+            a = jnp.stack([jnp.full((num_envs,), 0.5), 0.5 * jnp.sin(phase + 0.2 * t)], 1)
+            keys = jax.random.split(jax.random.fold_in(key, t), num_envs)
+            ob, st, r, *_ = step(keys, st, a, params)
             chk = acc + r.sum() + ob["lidar"][:, 0].sum()
             if "rgb_camera" in ob:
                 chk = chk + ob["rgb_camera"][:, 0, 0, 0].sum()
             return (st, chk), None
 
-        (state, chk), _ = jax.lax.scan(body, (state, jnp.float32(0)), jnp.arange(steps))
+        (state, chk), _ = jax.lax.scan(body, (state, jnp.float32(0)), jnp.arange(n_policy))
         return chk
 
     f = jax.jit(run)
@@ -67,9 +78,11 @@ def bench_jax(num_envs: int = 1024, steps: int = 100, camera: bool = False,
         t0 = time.perf_counter()
         jax.block_until_ready(f(jax.random.PRNGKey(i + 1), params))
         best = min(best, time.perf_counter() - t0)
+    physics = num_envs * n_policy * action_repeat
     return {"backend": "jax", "device": jax.devices()[0].platform, "envs": num_envs,
-            "steps": steps, "camera": camera, "seconds": best, "compile_s": compile_s,
-            "steps_per_s": num_envs * steps / best}
+            "steps": n_policy * action_repeat, "camera": camera, "seconds": best,
+            "compile_s": compile_s, "steps_per_s": physics / best,
+            "policy_steps_per_s": num_envs * n_policy / best}
 
 
 def bench_jax_pinned(cpu: int = 0, **kw) -> dict:

@@ -4,11 +4,12 @@
     python -m benchmarks.ppo --policy multimodal --pretrain-config configs/pretrain_tiny.toml
     python -m benchmarks.ppo --num-envs 4096 --updates 5      # on a GPU
 
-Times :class:`rl.runners.FastRunner` chunks of ``--updates`` PPO updates (each: a
-``num_envs × num_steps`` rollout by ``lax.scan`` in the pure-JAX simulator, then the epochs
-and minibatches), after one untimed chunk that compiles. Reports policy steps/s and physics
-steps/s (= policy steps × action repeat: what racecar_gym calls an env step), in total and
-per device.
+Times the runner ``rl.factory.make_runner`` builds for the JAX backend
+(:class:`rl.runners.FastRunner`, what ``rl.ppo`` trains with) in chunks of ``--updates`` PPO
+updates (each: a ``num_envs × num_steps`` rollout by ``lax.scan`` in the pure-JAX simulator,
+then the epochs and minibatches), after one untimed chunk that compiles. Reports policy
+steps/s and physics steps/s (= policy steps × action repeat: what racecar_gym calls an env
+step), in total and per device.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import numpy as np
 
 
 def measure(sets: list[str], updates: int) -> dict:
+    from rl import factory
     from rl.config import load_config
-    from rl.ppo import build_fast
 
     cfg = load_config(None, sets)
-    runner, state = build_fast(cfg)
+    runner = factory.make_runner(cfg)
+    state = runner.init(jax.random.PRNGKey(cfg.seed))
     t0 = time.perf_counter()
     state, _ = runner.run(state, updates)  # compile + first chunk
     jax.block_until_ready(state.params)

@@ -1,47 +1,45 @@
-"""Actor-critic agents (Flax NNX).
+"""Actor-critic agents (Flax NNX) and how they travel through jit.
 
-Every agent maps an observation to ``(mean, log_std, value)``: a diagonal Gaussian over the
-pre-clip action and a state value. ``log_std`` is a state-independent parameter.
+Every agent maps a (batched) observation to ``(mean, log_std, value)``: a diagonal Gaussian
+over the pre-clip action and a state value; ``log_std`` is a state-independent parameter.
 
-* :class:`MLPActorCritic` — separate tanh MLPs for actor and critic over a flat feature vector
-  (the quick lidar-only policy uses it on :func:`lidar_features`).
+* :class:`MLPActorCritic` — separate tanh MLPs for actor and critic over a flat feature
+  vector (the lidar policy, on :func:`lidar_features`);
+* :class:`MultimodalActorCritic` — the pretrained encoders and fusion of train/, pooled,
+  under a policy and a value head;
+* :func:`split_agent` — an agent split once into its graph and its trained / frozen states
+  (:class:`Agent`), so only arrays cross jit boundaries.
+
+Which agent a config asks for, with which featurizer, is decided in rl/factory.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-
-def _dense(din: int, dout: int, scale: float, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        kernel_init=nnx.initializers.orthogonal(scale),
-        bias_init=nnx.initializers.zeros_init(),
-        rngs=rngs,
-    )
+from train.heads import MLP, PolicyHead, ValueHead, masked_mean
 
 
-class MLP(nnx.Module):
-    def __init__(self, din: int, hidden: Sequence[int], dout: int, out_scale: float, *, rngs):
-        dims = [din, *hidden]
-        self.layers = nnx.List(
-            [
-                _dense(a, b, float(np.sqrt(2.0)), rngs)
-                for a, b in zip(dims[:-1], dims[1:], strict=True)
-            ]
-        )
-        self.out = _dense(dims[-1], dout, out_scale, rngs)
+class Agent(NamedTuple):
+    """An NNX agent split for jit: ``apply(params, frozen, obs) -> (mean, log_std, value)``."""
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers:
-            x = jnp.tanh(layer(x))
-        return self.out(x)
+    graphdef: Any
+    params: nnx.State  # trained
+    frozen: nnx.State  # everything else (frozen encoders, non-parameter state)
+
+    def apply(self, params, frozen, obs):
+        return nnx.merge(self.graphdef, params, frozen)(obs)
+
+
+def split_agent(model: nnx.Module, trainable: Any = nnx.Param) -> Agent:
+    """Split ``model`` into trained parameters (``trainable`` filter) and the rest."""
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    return Agent(graphdef, params, frozen)
 
 
 class MLPActorCritic(nnx.Module):
@@ -54,8 +52,8 @@ class MLPActorCritic(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ):
-        self.actor = MLP(obs_dim, hidden, action_dim, 0.01, rngs=rngs)
-        self.critic = MLP(obs_dim, hidden, 1, 1.0, rngs=rngs)
+        self.actor = MLP(obs_dim, tuple(hidden), action_dim, 0.01, rngs=rngs)
+        self.critic = MLP(obs_dim, tuple(hidden), 1, 1.0, rngs=rngs)
         self.log_std = nnx.Param(jnp.full((action_dim,), init_log_std, jnp.float32))
 
     def __call__(self, obs: jax.Array):
@@ -103,8 +101,6 @@ class MultimodalActorCritic(nnx.Module):
         *,
         rngs: nnx.Rngs,
     ):
-        from train.heads import PolicyHead, ValueHead
-
         self.mae = mae
         self.modalities = tuple(modalities)
         d = mae.cfg.embed_dim
@@ -113,8 +109,6 @@ class MultimodalActorCritic(nnx.Module):
         self.log_std = nnx.Param(jnp.full((action_dim,), init_log_std, jnp.float32))
 
     def features(self, batch: dict) -> jax.Array:
-        from train.heads import masked_mean
-
         tokens, valid = self.mae.encode(batch, self.modalities)
         return masked_mean(tokens.astype(jnp.float32), valid)
 
@@ -123,58 +117,3 @@ class MultimodalActorCritic(nnx.Module):
         mean = self.policy(z)
         log_std = jnp.broadcast_to(self.log_std[...], mean.shape)
         return mean, log_std, self.value(z)
-
-
-def build_multimodal_agent(cfg, rngs: nnx.Rngs):
-    """(model, featurize, trainable) of the multimodal policy for an :class:`rl.config.RLConfig`.
-
-    ``init = "pretrained"`` restores encoders + fusion from ``finetune.pretrained_ckpt``;
-    ``"scratch"`` builds the same architecture (from that checkpoint's saved config, or from
-    ``finetune.pretrain_config``) with random weights, so the two compare fairly.
-    ``featurize`` is the observation adapter (one observation, jax; vmap it for batches).
-    """
-    from etl import configlib
-    from etl.config import PreprocessConfig
-    from rl.envs.adapter import ObservationAdapter
-    from train.config import load_pretrain_config
-    from train.mae import MultimodalMAE
-    from train.pretrain import load_trained
-
-    ft = cfg.finetune
-    if ft.init == "pretrained":
-        mae, pcfg, pre, _ = load_trained(ft.pretrained_ckpt)
-    elif ft.pretrained_ckpt:
-        _, pcfg, pre, _ = load_trained(ft.pretrained_ckpt)  # architecture only
-        mae = MultimodalMAE(pcfg.model, pre, rngs=rngs)
-    elif ft.pretrain_config:
-        pcfg = load_pretrain_config(ft.pretrain_config)
-        pre = PreprocessConfig()
-        mae = MultimodalMAE(pcfg.model, pre, rngs=rngs)
-    else:
-        raise configlib.ConfigError(
-            "finetune: the multimodal policy needs pretrained_ckpt or pretrain_config "
-            "(the architecture to build)"
-        )
-    modalities = tuple(cfg.model.modalities)
-    missing = [m for m in modalities if m not in pcfg.model.modalities]
-    if missing:
-        raise configlib.ConfigError(
-            f"model.modalities: {missing} not in the pretrained model's {pcfg.model.modalities}"
-        )
-    if ft.absent == "token":
-        if pcfg.model.absent != "token":
-            raise configlib.ConfigError(
-                "finetune.absent: 'token' needs a model pretrained with model.absent = 'token' "
-                f"(this one has {pcfg.model.absent!r})"
-            )
-        modalities = tuple(
-            m for m in pcfg.model.modalities if m in modalities or m in ("radar", "ir")
-        )
-    model = MultimodalActorCritic(
-        mae, modalities, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs
-    )
-    adapter = ObservationAdapter(pre, world_scale=cfg.env.world_scale)
-    trained = nnx.Not(nnx.PathContains("decoder"))
-    if ft.freeze_encoders:
-        trained = nnx.Not(nnx.PathContains("mae"))
-    return model, adapter.jax, nnx.All(nnx.Param, trained)

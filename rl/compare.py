@@ -51,13 +51,22 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, sets
 
 
+# metric names older runs logged under another name (laps per episode, before both runners
+# reported rl.envs.spec.EPISODE_KEYS)
+OLD_NAMES = {"episode/laps": ("episode/progress", "episode/laps_driven")}
+
+
 def read_curve(metrics_jsonl: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(env steps, values) of ``key`` in a run's metrics.jsonl (finite values only)."""
     from rl.evaluate import read_metrics
 
     xs, ys = [], []
     if not metrics_jsonl.exists():
         return np.zeros(0), np.zeros(0)
-    for r in read_metrics(metrics_jsonl):
+    recs = read_metrics(metrics_jsonl)
+    names = (key, *OLD_NAMES.get(key, ()))
+    key = next((k for k in names if any(k in r for r in recs)), key)
+    for r in recs:
         v = r.get(key)
         if "env_steps" in r and v is not None and np.isfinite(v):
             xs.append(r["env_steps"])
@@ -153,7 +162,7 @@ def plot_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Pat
     return save_figure(fig, out)
 
 
-CURVE_KEYS = (("episode return", "episode/ep_return"), ("laps per episode", "episode/progress"),
+CURVE_KEYS = (("episode return", "episode/ep_return"), ("laps per episode", "episode/laps"),
               ("collision steps per episode", "episode/collisions"))
 
 

@@ -67,9 +67,14 @@ from typing import Any
 
 import numpy as np
 
+from rl import factory
+from rl.envs import spec
+from rl.envs.jax_env import make_params
+from rl.envs.spec import TaskConfig
+
 BIG_LAPS = 100_000  # "laps = a large number": only the time limit (or a collision) ends it
 DEFAULT_TRACKS = "austria,berlin,montreal,torino"
-PHYSICS_DT = 0.01  # s (rl.envs.spec.PHYSICS_DT; repeated so metric helpers import nothing)
+PHYSICS_DT = spec.PHYSICS_DT  # s
 DEBOUNCE_S = 0.5  # contacts closer than this (contact-free time) also count as one event
 TRACE_KEYS = ("time", "x", "y", "speed", "lap", "total", "collision")
 
@@ -224,15 +229,6 @@ def overall(per_track: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 # =========================================================================== policies
-def _action_array(a, xp=np):
-    """A policy's output → a (2,) [motor, steering] array (numpy or jax.numpy)."""
-    if isinstance(a, dict):
-        motor = a["motor"] if "motor" in a else a["speed"]
-        return xp.stack([xp.reshape(xp.asarray(motor), (-1,))[0],
-                         xp.reshape(xp.asarray(a["steering"]), (-1,))[0]]).astype(xp.float32)
-    return xp.reshape(xp.asarray(a, xp.float32), (-1,))[:2]
-
-
 def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
     """The deterministic policy of a trained agent: one raw observation dict → clip(mean).
 
@@ -279,9 +275,8 @@ def scripted_policy(driver: str, track=None) -> Callable:
 
 
 # =========================================================================== rollouts
-def _task(time_limit: float, terminate_on_collision: bool, camera: bool):
-    from rl.envs.spec import TaskConfig
-
+def _task(time_limit: float, terminate_on_collision: bool, camera: bool) -> TaskConfig:
+    """The evaluation protocol's task: grid start, many laps, the given time limit."""
     return TaskConfig(laps=BIG_LAPS, time_limit=float(time_limit),
                       terminate_on_collision=bool(terminate_on_collision), reset_mode="grid",
                       observe_camera=bool(camera))  # fmt: skip
@@ -307,7 +302,7 @@ def _jax_rollout(env, policy_fn: Callable, n_policy_steps: int, action_repeat: i
         obs, st = env.reset(key, params)
 
         def policy_step(carry, _):
-            a = _action_array(policy_fn(carry[1]), jnp)
+            a = spec.action_array(policy_fn(carry[1]), jnp)
 
             def physics(c, _):
                 st, obs, done = c
@@ -344,10 +339,7 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
     """All episodes of one track in the JAX backend as one jitted, vmapped scan."""
     import jax.numpy as jnp
 
-    from rl.envs.jax_env import JaxRacecar, SensorConfig, make_params
-
-    env = JaxRacecar(_task(time_limit, terminate_on_collision, camera),
-                     sensors=SensorConfig(camera=camera))
+    env = factory.make_sim(_task(time_limit, terminate_on_collision, camera), camera=camera)
     params = make_params(track)
     n_physics = int(round(time_limit / PHYSICS_DT))
     n_policy = -(-n_physics // action_repeat)
@@ -359,22 +351,9 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
 
 def make_gym_env(backend: str, track, time_limit: float, terminate_on_collision: bool,
                  camera: bool = False):
-    """One raw (physics-rate) environment of a host backend, grid start, many laps."""
-    task = _task(time_limit, terminate_on_collision, camera)
-    if backend == "bullet":
-        from rl.envs.bullet import BulletRacecarEnv
-
-        return BulletRacecarEnv(track, task, camera=camera)
-    if backend == "racecar_gym":
-        from rl.envs.racecar_gym_env import make_racecar_gym_env
-
-        name = track if isinstance(track, str) else track.name
-        return make_racecar_gym_env(name, task, camera=camera)
-    if backend == "jax":
-        from rl.envs.jax_env import JaxRacecarEnv, SensorConfig
-
-        return JaxRacecarEnv(track, task, sensors=SensorConfig(camera=camera))
-    raise ValueError(f"unknown backend {backend!r} (jax | bullet | racecar_gym)")
+    """One raw (physics-rate) environment of a backend in the evaluation protocol's task."""
+    return factory.make_env(backend, track, _task(time_limit, terminate_on_collision, camera),
+                            camera)
 
 
 def _host_record(obs: dict, info: dict) -> tuple:
@@ -395,8 +374,7 @@ def rollout_gym(env, policy_fn, seeds, action_repeat=1) -> list[tuple[dict, str]
         rows = [_host_record(obs, info)]
         end, done = "none", False
         while not done:
-            a = np.asarray(_action_array(policy_fn(obs)), np.float32)
-            act = {"motor": a[0:1], "steering": a[1:2]}
+            act = spec.action_dict(spec.action_array(policy_fn(obs)))
             for _ in range(action_repeat):
                 obs, _, term, trunc, info = env.step(act)
                 rows.append(_host_record(obs, info))
@@ -628,15 +606,14 @@ def main(argv: list[str] | None = None) -> int:
         source = {"policy": "scripted line follower (rl.plan)" if driver == "line"
                   else f"scripted gap_follower ({driver})"}
     else:
-        from rl.ppo import make_agent, restore_policy
         from train.checkpoint import Checkpointer
 
         ckpt = Path(args.ckpt)
         c = Checkpointer(ckpt)
         step = args.step if args.step is not None else c.latest_step()
         c.close()
-        cfg, model, obs_rms = restore_policy(ckpt, step)
-        _, featurize, _ = make_agent(cfg, cfg.seed)
+        cfg, model, obs_rms = factory.restore_policy(ckpt, step)
+        _, featurize, _ = factory.make_agent(cfg)
         policy = checkpoint_policy(model, featurize, obs_rms)
         backend = args.backend or cfg.env.backend
         repeat = args.action_repeat or cfg.env.action_repeat

@@ -27,6 +27,7 @@ rounds); the result is ``runs/<run_name>/ckpt`` (a checkpoint ``rl.evaluate`` an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -35,9 +36,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from etl import configlib
+from rl import factory
+from rl.agent import lidar_features, split_agent
 from rl.config import RLConfig, cli_config
+from rl.envs import spec
+from rl.ppo_core import RunningMeanStd
+from rl.tracks import load_track, track_names
+from train.checkpoint import Checkpointer
 
 
 def log(msg: str) -> None:
@@ -48,12 +56,7 @@ def _setup(cfg: RLConfig):
     """(JAX env params, functional env, teacher, fresh student, track name) for ``cfg``; the
     teacher follows a line planned with ``cfg.imitate.clearance`` (and ``turn_radius``), set up
     by ``cfg.imitate.teacher``."""
-    from rl.agent import lidar_features
-    from rl.envs.functional import RacecarFunctional
-    from rl.envs.jax_env import Dynamics, JaxRacecar, SensorConfig, make_params
     from rl.plan import line_driver
-    from rl.ppo import make_agent, task_config
-    from rl.tracks import load_track, track_names
 
     if cfg.model.policy != "lidar_mlp":
         raise ValueError(f"model.policy: rl.imitate trains the lidar MLP, not {cfg.model.policy!r}")
@@ -69,24 +72,18 @@ def _setup(cfg: RLConfig):
     def featurize(obs):
         return {"x": lidar_features(obs, beams), "pose": obs["pose"], "velocity": obs["velocity"]}
 
-    env = JaxRacecar(task_config(cfg), Dynamics(),
-                     SensorConfig(lidar_rays=cfg.env.lidar_rays,
-                                  yaw_rate_noise=cfg.env.yaw_rate_noise))  # fmt: skip
-    fenv = RacecarFunctional(env, featurize, cfg.env.action_repeat)
-    model, _, _ = make_agent(cfg, cfg.seed)
-    return make_params(track), fenv, teacher, model, names[0]
+    fenv, params = factory.make_functional(cfg, featurize)
+    model, _, _ = factory.make_agent(cfg)
+    return params, fenv, teacher, model, names[0]
 
 
 def _teacher_action(teacher, obs) -> jax.Array:
-    a = teacher(obs)
-    return jnp.concatenate([jnp.reshape(a["motor"], (1,)), jnp.reshape(a["steering"], (1,))])
+    return spec.action_array(teacher(obs), jnp)
 
 
 def make_rollout(fenv, teacher, graphdef, n_envs: int, n_steps: int, noise: float):
     """jit(params, rest, rms, key, env_params, use_teacher) -> (features, teacher actions,
     stats)."""
-    from flax import nnx
-
     def rollout(params, rest, rms, key, env_params, use_teacher):
         model = nnx.merge(graphdef, params, rest)
         k_reset, k_run = jax.random.split(key)
@@ -122,16 +119,9 @@ def bullet_rollout(cfg: RLConfig, track: str, teacher, graphdef, params, rest, r
     ``n_envs`` PyBullet cars for ``n_steps`` policy steps from random starts; returns
     (features, teacher actions, stats) of every visited state. ``workers``: one process per
     car (else all in this process)."""
-    import dataclasses
-
-    from flax import nnx
-
-    from rl.agent import lidar_features
-    from rl.gym_train import make_vector_env, to_env_action
-
     env_cfg = dataclasses.replace(cfg.env, backend="bullet", reset_mode="random",
                                   bullet_workers=int(workers))  # fmt: skip
-    envs = make_vector_env(dataclasses.replace(cfg, env=env_cfg), n_envs, track)
+    envs = factory.make_vector_env(dataclasses.replace(cfg, env=env_cfg), n_envs, track)
     beams = cfg.model.lidar_beams
     feats = jax.jit(lambda o: lidar_features(o, beams))
     label = jax.jit(jax.vmap(lambda o: _teacher_action(teacher, o)))
@@ -153,7 +143,7 @@ def bullet_rollout(cfg: RLConfig, track: str, teacher, graphdef, params, rest, r
             xs.append(np.asarray(x))
             ys.append(np.asarray(y))
             speeds.append(np.hypot(obs["velocity"][:, 0], obs["velocity"][:, 1]).mean())
-            obs, _, term, trunc, info = envs.step(to_env_action(a))
+            obs, _, term, trunc, info = envs.step(spec.action_dict(a))
             hits += int(np.sum(info.get("wall_collision", 0)))
             ends += int(np.sum(term | trunc))
     finally:
@@ -164,8 +154,6 @@ def bullet_rollout(cfg: RLConfig, track: str, teacher, graphdef, params, rest, r
 
 
 def make_fit(graphdef, lr: float, batch: int):
-    from flax import nnx
-
     tx = optax.adam(lr)
 
     def loss_fn(params, rest, rms, x, y):
@@ -204,14 +192,8 @@ def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1
     keeps ``clearance`` (m) from the walls (more than the planner's default: room for the
     student's errors); ``teacher`` goes to :class:`rl.plan.LineFollower` (its speed profile:
     ``a_lat``, ``a_brake``, ``v_max``, ``speed_scale``; ``lookahead``, ...)."""
-    import dataclasses
-
     ic = dataclasses.replace(cfg.imitate, **imitate)
     cfg = dataclasses.replace(cfg, imitate=ic)  # the checkpoint records what was run
-    from flax import nnx
-
-    from rl.ppo_core import RunningMeanStd
-    from train.checkpoint import Checkpointer
 
     t0 = time.perf_counter()
     env_params, fenv, teacher, model, track = _setup(cfg)
@@ -266,8 +248,6 @@ def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1
     model = nnx.merge(graphdef, params, rest)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    from rl.runners import split_agent
-
     agent = split_agent(model, nnx.Param)
     ckpt = Checkpointer(run_dir / "ckpt", keep=1)
     ckpt.save(0, {"params": agent.params, "frozen": agent.frozen, "obs_rms": rms},

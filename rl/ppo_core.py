@@ -1,25 +1,25 @@
-"""PPO, once: the pieces both runners share (fast JAX runner and gymnasium runner).
+"""PPO, the algorithm, once — what both runners (rl/runners.py) share, top to bottom:
 
-Everything here is a pure function of arrays, so it jits, vmaps and is easy to check by hand:
+* :class:`PPOConfig` — every switch of the "37 implementation details" of PPO (Huang et al.,
+  2022) as a config flag, so an ablation is one ``--set`` away;
+* :func:`gae` — advantages over a (T, N) rollout, bootstrapping truncated episodes (a time
+  limit is not a terminal state) from the value of their last observation;
+* :func:`ppo_loss` — clipped surrogate, (optionally clipped) value loss, entropy bonus;
+* :class:`RunningMeanStd` — observation / return normalization statistics;
+* :func:`make_learn` — one learning step: GAE, then epochs × minibatches of the loss.
 
-* :func:`gae` — generalized advantage estimation over a (T, N) rollout, with the bootstrap
-  cut at termination but *not* at truncation (a time limit is not a terminal state: the
-  value of the truncated state is bootstrapped from ``next_value``);
-* :func:`ppo_loss` — clipped surrogate, (optionally clipped) value loss, entropy bonus, with
-  per-minibatch advantage normalization as an option;
-* :class:`RunningMeanStd` — observation / return normalization statistics (parallel Welford).
-
-Switches follow the "37 implementation details" of PPO (Huang et al., 2022): each one is a
-config flag in :class:`PPOConfig` so ablations are one ``--set`` away.
+Everything is a pure function of arrays: it jits, vmaps and is easy to check by hand.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,88 @@ def discounted_return_update(
 ) -> jax.Array:
     """The running discounted return used to scale rewards (reset where an episode ended)."""
     return ret * gamma * (1.0 - done.astype(ret.dtype)) + reward
+
+
+def normalize_obs(rms: RunningMeanStd | None, obs):
+    """``obs`` through the observation statistics (unchanged without them)."""
+    return obs if rms is None else rms.normalize(obs)
+
+
+# ---------------------------------------------------------------------------- learning step
+Apply = Callable[[Any, Any, Any], tuple[jax.Array, jax.Array, jax.Array]]
+"""``apply(params, frozen, obs) -> (mean, log_std, value)``: an agent split for jit."""
+
+
+def make_optimizer(cfg: PPOConfig, num_updates: int) -> optax.GradientTransformation:
+    """Adam with global-norm clipping; the learning rate annealed to 0 over the run."""
+    steps = max(1, num_updates * cfg.update_epochs * cfg.num_minibatches)
+    lr = (
+        optax.linear_schedule(cfg.learning_rate, 0.0, steps) if cfg.anneal_lr else cfg.learning_rate
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=cfg.adam_eps)
+    )
+
+
+def make_update(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
+    """``update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``:
+    ``update_epochs`` passes over the (T, N) ``batch`` (normalized observations, actions, old
+    log-probabilities and values, advantages, returns), each in ``num_minibatches`` shuffled
+    minibatches of the clipped loss."""
+
+    def loss_fn(params, frozen, mb):
+        mean, log_std, value = apply(params, frozen, mb["obs"])
+        new_logp = gaussian_log_prob(mb["action"], mean, log_std)
+        ent = gaussian_entropy(log_std)
+        return ppo_loss(
+            new_logp, mb["log_prob"], mb["adv"], value, mb["value"], mb["ret"], ent, cfg
+        )
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def update(params, opt_state, frozen, batch: dict, key):
+        n = batch["adv"].shape[0] * batch["adv"].shape[1]
+        flat = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), batch)
+        mb_size = n // cfg.num_minibatches
+
+        def epoch(carry, k):
+            perm = jax.random.permutation(k, n)[: mb_size * cfg.num_minibatches]
+            shuffled = jax.tree.map(
+                lambda x: x[perm].reshape(cfg.num_minibatches, mb_size, *x.shape[1:]), flat
+            )
+
+            def minibatch(carry, mb):
+                params, opt_state = carry
+                (_, info), grads = grad_fn(params, frozen, mb)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), info
+
+            return jax.lax.scan(minibatch, carry, shuffled)
+
+        keys = jax.random.split(key, cfg.update_epochs)
+        (params, opt_state), infos = jax.lax.scan(epoch, (params, opt_state), keys)
+        metrics = {f"loss/{k}": v.mean() for k, v in infos._asdict().items()}
+        return params, opt_state, metrics
+
+    return update
+
+
+def make_learn(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
+    """``learn(params, opt_state, frozen, obs_rms, traj, last_obs, key) -> (params, opt_state,
+    metrics)``: GAE over a (T, N) rollout (``traj.obs`` already normalized, ``last_obs`` not
+    yet), then :func:`make_update`. The one learning step both runners call."""
+    update_fn = make_update(apply, tx, cfg)
+
+    def learn(params, opt_state, frozen, obs_rms, traj: Transition, last_obs, key):
+        _, _, last_value = apply(params, frozen, normalize_obs(obs_rms, last_obs))
+        adv, ret = gae(
+            traj.reward, traj.value, traj.terminated, traj.truncated, last_value,
+            cfg.gamma, cfg.gae_lambda, traj.final_value,
+        )  # fmt: skip
+        batch = {
+            "obs": traj.obs, "action": traj.action, "log_prob": traj.log_prob,
+            "value": traj.value, "adv": adv, "ret": ret,
+        }  # fmt: skip
+        return update_fn(params, opt_state, frozen, batch, key)
+
+    return learn

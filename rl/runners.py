@@ -1,16 +1,17 @@
-"""The two PPO runners and the update they share.
+"""How PPO meets an environment: the :class:`Runner` protocol and its two implementations.
 
-* :func:`make_update` — epochs × minibatches of the clipped PPO loss over one rollout, as a
-  pure function of (params, optimizer state, rollout). Both runners call exactly this.
-* :class:`FastRunner` — PureJaxRL-style: environment steps by ``lax.scan`` inside one jitted
-  function together with the update, thousands of environments on the device, batch axis
-  sharded over the mesh's ``data`` axis. The environment never leaves the device.
-* :class:`GymRunner` — host-collected rollouts from a gymnasium vector env (the PyBullet
-  backend or racecar_gym itself), with batched, jitted policy inference on the device, then
-  the same :func:`make_update`.
+The one training loop (rl/ppo.py) sees only the protocol: ``init`` a :class:`RunnerState`,
+``run`` n updates, hand a checkpoint the part of the state it keeps, take it back.
 
-Agents are NNX modules returning ``(mean, log_std, value)``; they are split once into a
-graph definition and states (trainable / frozen) and only the states travel through jit.
+* :class:`FastRunner` — PureJaxRL-style: the rollout is a ``lax.scan`` of a functional JAX
+  environment, jitted together with the update; thousands of environments on the device,
+  their batch axis sharded over the mesh's ``data`` axis. The environment never leaves it.
+* :class:`GymRunner` — rollouts collected on the host from a gymnasium vector env (the
+  PyBullet backend or racecar_gym itself), policy inference jitted.
+
+Both keep their state in the same :class:`RunnerState`, take one rollout step the same way
+— fold the observation into the normalization statistics, then normalize it and act — and
+learn with the same :func:`rl.ppo_core.make_learn`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,73 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from rl.agent import split_agent
 from rl.ppo_core import (
     PPOConfig,
     RunningMeanStd,
     Transition,
     discounted_return_update,
-    gae,
-    gaussian_entropy,
     gaussian_log_prob,
-    ppo_loss,
+    make_learn,
+    make_optimizer,
+    normalize_obs,
 )
+
+# the fields a checkpoint keeps: enough to continue learning exactly
+LEARNER_FIELDS = ("params", "frozen", "opt_state", "obs_rms", "ret_rms", "key", "update")
+
+
+class RunnerState(NamedTuple):
+    """Everything a run carries between updates, the same for both runners.
+
+    ``env_state``/``env_params`` are the functional environment's (device arrays; None for a
+    host vector env, which keeps its own); ``obs`` is the next observation to act on."""
+
+    params: Any
+    frozen: Any
+    opt_state: Any
+    obs_rms: RunningMeanStd | None
+    ret_rms: RunningMeanStd
+    env_state: Any
+    obs: Any
+    ret_acc: Any  # running discounted return per env, for reward scaling
+    ep_ret: Any  # undiscounted return of the running episode per env
+    ep_len: Any
+    key: jax.Array
+    update: jax.Array
+    env_params: Any
+
+
+class Runner(Protocol):
+    """What the training loop needs of a way to collect experience and learn from it."""
+
+    num_updates: int
+
+    def init(self, key: jax.Array) -> RunnerState:
+        """A fresh state: the agent's initial parameters, environments reset."""
+        ...
+
+    def run(self, state: RunnerState, n_updates: int,
+            stop: Callable[[], bool] | None = None) -> tuple[RunnerState, dict[str, np.ndarray]]:
+        """Up to ``n_updates`` PPO updates (fewer if ``stop()`` turns true between two, where
+        the runner can stop there); metrics stacked per update."""
+        ...
+
+    def checkpoint(self, state: RunnerState) -> dict:
+        """The part of the state a checkpoint holds (a pytree of arrays)."""
+        ...
+
+    def restore(self, state: RunnerState, saved: dict) -> RunnerState:
+        """``state`` with a checkpoint's part put back (and placed on the devices)."""
+        ...
+
+    def place(self, state: RunnerState) -> RunnerState:
+        """``state`` laid out on the devices as the runner computes with it."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class FunctionalEnv(Protocol):
@@ -48,177 +103,64 @@ class FunctionalEnv(Protocol):
         ...
 
 
-class Agent(NamedTuple):
-    """An NNX agent split for jit: ``apply(params, frozen, obs) -> (mean, log_std, value)``."""
-
-    graphdef: Any
-    params: nnx.State  # trained
-    frozen: nnx.State  # everything else (frozen encoders, non-parameter state)
-
-    def apply(self, params, frozen, obs):
-        model = nnx.merge(self.graphdef, params, frozen)
-        return model(obs)
-
-
-def split_agent(model: nnx.Module, trainable: Any = nnx.Param) -> Agent:
-    """Split ``model`` into trained parameters (``trainable`` filter) and the rest."""
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    return Agent(graphdef, params, frozen)
+def _episode_metrics(stats: dict[str, Any], done) -> dict[str, Any]:
+    """Per-update episode metrics from (T, N) per-step statistics: the number of episodes
+    that ended, and each statistic's mean over them at the step they ended (NaN if none)."""
+    out = {"episodes": done.sum()}
+    for k, v in stats.items():
+        ok = done & jnp.isfinite(v)
+        n = ok.sum()
+        mean = jnp.where(ok, v, 0.0).sum() / jnp.maximum(n, 1)
+        out[f"episode/{k}"] = jnp.where(n > 0, mean, jnp.nan)
+    return out
 
 
-def make_optimizer(cfg: PPOConfig, num_updates: int) -> optax.GradientTransformation:
-    steps = max(1, num_updates * cfg.update_epochs * cfg.num_minibatches)
-    lr = (
-        optax.linear_schedule(cfg.learning_rate, 0.0, steps) if cfg.anneal_lr else cfg.learning_rate
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=cfg.adam_eps)
-    )
+def _new_state(agent, tx, key, obs, obs_rms, num_envs, zeros, env_state=None,
+               env_params=None) -> RunnerState:
+    return RunnerState(
+        params=agent.params, frozen=agent.frozen, opt_state=tx.init(agent.params),
+        obs_rms=obs_rms, ret_rms=RunningMeanStd.create(()), env_state=env_state, obs=obs,
+        ret_acc=zeros(num_envs), ep_ret=zeros(num_envs), ep_len=zeros(num_envs), key=key,
+        update=jnp.zeros((), jnp.int32), env_params=env_params,
+    )  # fmt: skip
 
 
-def _normalize_obs(rms: RunningMeanStd | None, obs):
-    return obs if rms is None else rms.normalize(obs)
-
-
-def make_update(agent: Agent, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
-    """``update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``.
-
-    ``batch``: a :class:`Transition` of (T, N, …) arrays whose ``obs`` are already normalized,
-    plus advantages and returns (computed by the caller with :func:`gae`).
-    """
-
-    def loss_fn(params, frozen, mb):
-        mean, log_std, value = agent.apply(params, frozen, mb["obs"])
-        new_logp = gaussian_log_prob(mb["action"], mean, log_std)
-        ent = gaussian_entropy(log_std)
-        return ppo_loss(
-            new_logp, mb["log_prob"], mb["adv"], value, mb["value"], mb["ret"], ent, cfg
-        )
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def update(params, opt_state, frozen, batch: dict, key):
-        n = batch["reward"].shape[0] * batch["reward"].shape[1]
-        flat = jax.tree.map(lambda x: x.reshape(n, *x.shape[2:]), batch)
-        mb_size = n // cfg.num_minibatches
-
-        def epoch(carry, k):
-            params, opt_state = carry
-            perm = jax.random.permutation(k, n)[: mb_size * cfg.num_minibatches]
-            shuffled = jax.tree.map(
-                lambda x: x[perm].reshape(cfg.num_minibatches, mb_size, *x.shape[1:]), flat
-            )
-
-            def minibatch(carry, mb):
-                params, opt_state = carry
-                (_, info), grads = grad_fn(params, frozen, mb)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                params = optax.apply_updates(params, updates)
-                return (params, opt_state), info
-
-            return jax.lax.scan(minibatch, (params, opt_state), shuffled)
-
-        keys = jax.random.split(key, cfg.update_epochs)
-        (params, opt_state), infos = jax.lax.scan(epoch, (params, opt_state), keys)
-        metrics = {f"loss/{k}": v.mean() for k, v in infos._asdict().items()}
-        return params, opt_state, metrics
-
-    return update
-
-
-def make_learn(agent: Agent, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
-    """``learn(params, opt_state, frozen, obs_rms, traj, last_obs, key)``: GAE over a (T, N)
-    rollout (``traj.obs`` already normalized) then :func:`make_update`'s epochs and
-    minibatches. The single learning step both runners call."""
-    update_fn = make_update(agent, tx, cfg)
-
-    def learn(params, opt_state, frozen, obs_rms, traj: Transition, last_obs, key):
-        _, _, last_value = agent.apply(params, frozen, _normalize_obs(obs_rms, last_obs))
-        adv, ret = gae(
-            traj.reward, traj.value, traj.terminated, traj.truncated, last_value,
-            cfg.gamma, cfg.gae_lambda, traj.final_value,
-        )  # fmt: skip
-        batch = {
-            "obs": traj.obs, "action": traj.action, "log_prob": traj.log_prob,
-            "value": traj.value, "reward": traj.reward, "adv": adv, "ret": ret,
-        }  # fmt: skip
-        return update_fn(params, opt_state, frozen, batch, key)
-
-    return learn
-
-
-class RunnerState(NamedTuple):
-    params: Any
-    frozen: Any
-    opt_state: Any
-    obs_rms: RunningMeanStd | None
-    ret_rms: RunningMeanStd
-    env_state: Any
-    obs: Any
-    ret_acc: jax.Array  # running discounted return per env, for reward scaling
-    ep_ret: jax.Array  # undiscounted return of the running episode per env
-    ep_len: jax.Array
-    key: jax.Array
-    update: jax.Array
-    env_params: Any  # track maps etc.: device arrays passed in, never baked into the program
+def _obs_stats(cfg: PPOConfig, feat) -> RunningMeanStd | None:
+    """Observation statistics for flat feature vectors (dict observations are not
+    normalized: the multimodal agent's inputs are already in the pretraining's units)."""
+    if cfg.norm_obs and isinstance(feat, jax.Array) and feat.ndim == 2:
+        return RunningMeanStd.create(feat.shape[1:])
+    return None
 
 
 class FastRunner:
-    """PPO with a functional JAX environment, the whole update in one jitted function."""
+    """PPO with a functional JAX environment, rollout and update in one jitted function."""
 
-    def __init__(
-        self,
-        env: FunctionalEnv,
-        model: nnx.Module,
-        cfg: PPOConfig,
-        trainable: Any = nnx.Param,
-        mesh: jax.sharding.Mesh | None = None,
-        info_keys: tuple[str, ...] = (),
-    ):
-        self.env, self.cfg, self.mesh = env, cfg, mesh
+    def __init__(self, env: FunctionalEnv, model: nnx.Module, cfg: PPOConfig,
+                 trainable: Any = nnx.Param, mesh: jax.sharding.Mesh | None = None,
+                 env_params: Any = None):
+        self.env, self.cfg, self.mesh, self.env_params = env, cfg, mesh, env_params
         self.agent = split_agent(model, trainable)
-        self.batch_per_update = cfg.num_envs * cfg.num_steps
-        self.num_updates = max(1, cfg.total_timesteps // self.batch_per_update)
+        self.num_updates = max(1, cfg.total_timesteps // (cfg.num_envs * cfg.num_steps))
         self.tx = make_optimizer(cfg, self.num_updates)
-        self.learn = make_learn(self.agent, self.tx, cfg)
-        self.info_keys = info_keys
+        self.learn = make_learn(self.agent.apply, self.tx, cfg)
         self._chunk = jax.jit(self._run_chunk, static_argnums=(1,), donate_argnums=(0,))
 
-    # -- state -------------------------------------------------------------------------
-    def init(self, key: jax.Array, env_params: Any = None) -> RunnerState:
-        cfg = self.cfg
+    # -- state ---------------------------------------------------------------------------
+    def init(self, key: jax.Array) -> RunnerState:
         key, k_env = jax.random.split(key)
         obs, env_state = jax.vmap(self.env.reset, in_axes=(0, None))(
-            jax.random.split(k_env, cfg.num_envs), env_params
-        )
-        obs_rms = None
-        if cfg.norm_obs and isinstance(obs, jax.Array) and obs.ndim == 2:
-            obs_rms = RunningMeanStd.create(obs.shape[1:])
-        zeros = jnp.zeros(cfg.num_envs)
-        state = RunnerState(
-            params=jax.tree.map(jnp.array, self.agent.params),  # copies: the state is donated
-            frozen=jax.tree.map(jnp.array, self.agent.frozen),
-            opt_state=self.tx.init(self.agent.params),
-            obs_rms=obs_rms,
-            ret_rms=RunningMeanStd.create(()),
-            env_state=env_state,
-            obs=obs,
-            ret_acc=zeros,
-            ep_ret=jnp.zeros_like(zeros),
-            ep_len=jnp.zeros_like(zeros),
-            key=key,
-            update=jnp.zeros((), jnp.int32),
-            env_params=env_params,
-        )
-        # distinct buffers for every leaf: outputs of one computation may alias, and the
-        # whole state is donated to each chunk
-        state = jax.tree.map(
-            lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, state
-        )
-        return self.shard(state)
+            jax.random.split(k_env, self.cfg.num_envs), self.env_params)
+        state = _new_state(self.agent, self.tx, key, obs, _obs_stats(self.cfg, obs),
+                           self.cfg.num_envs, jnp.zeros, env_state, self.env_params)
+        return self.place(state)
 
-    def shard(self, state: RunnerState) -> RunnerState:
-        """Place per-env arrays along the mesh's ``data`` axis; replicate the rest."""
+    def place(self, state: RunnerState) -> RunnerState:
+        """Per-env arrays along the mesh's ``data`` axis, the rest replicated; every leaf its
+        own buffer (the state is donated to each chunk, and outputs of one computation may
+        alias)."""
+        own = lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x  # noqa: E731
+        state = jax.tree.map(own, state)
         if self.mesh is None:
             return state
         from jax.sharding import NamedSharding
@@ -227,78 +169,70 @@ class FastRunner:
         batched = NamedSharding(self.mesh, P("data"))
         replicated = NamedSharding(self.mesh, P())
         n = self.cfg.num_envs
+        per_env = ("env_state", "obs", "ret_acc", "ep_ret", "ep_len")
 
-        def place(path_is_env, x):
+        def put(field, x):
             if not isinstance(x, jax.Array):
                 return x
-            return jax.device_put(
-                x, batched if path_is_env and x.ndim and x.shape[0] == n else replicated
-            )
+            split = field in per_env and x.ndim and x.shape[0] == n
+            return jax.device_put(x, batched if split else replicated)
 
-        env_part = ("env_state", "obs", "ret_acc", "ep_ret", "ep_len")
-        return RunnerState(
-            **{
-                f: jax.tree.map(lambda x, f=f: place(f in env_part, x), getattr(state, f))
-                for f in RunnerState._fields
-            }
-        )
+        return RunnerState(*(jax.tree.map(lambda x, f=f: put(f, x), getattr(state, f))
+                             for f in RunnerState._fields))
+
+    def checkpoint(self, state: RunnerState) -> dict:
+        """The whole state (environments included: a resumed run continues exactly)."""
+        return state._asdict()
+
+    def restore(self, state: RunnerState, saved: dict) -> RunnerState:
+        return self.place(RunnerState(**saved))
+
+    def close(self) -> None:
+        pass
 
     # -- one update ----------------------------------------------------------------------
-    def _update(self, rs: RunnerState, _):
+    def rollout(self, rs: RunnerState) -> tuple[RunnerState, Transition, dict]:
+        """``num_steps`` steps of every env by ``lax.scan`` (traceable; jit it to call it
+        alone); returns the state after it, the (T, N) transitions and per-step statistics."""
         cfg, agent, env = self.cfg, self.agent, self.env
 
-        def env_step(carry, _):
-            rs = carry
+        def env_step(rs: RunnerState, _):
             key, k_act, k_env = jax.random.split(rs.key, 3)
-            nobs = _normalize_obs(rs.obs_rms, rs.obs)
+            obs_rms = rs.obs_rms.update(rs.obs) if rs.obs_rms is not None else None
+            nobs = normalize_obs(obs_rms, rs.obs)
             mean, log_std, value = agent.apply(rs.params, rs.frozen, nobs)
             action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
             logp = gaussian_log_prob(action, mean, log_std)
-            env_keys = jax.random.split(k_env, cfg.num_envs)
             obs, env_state, reward, term, trunc, final_obs, info = jax.vmap(
                 env.step, in_axes=(0, 0, 0, None)
-            )(env_keys, rs.env_state, jnp.clip(action, -1.0, 1.0), rs.env_params)
-            _, _, final_value = agent.apply(
-                rs.params, rs.frozen, _normalize_obs(rs.obs_rms, final_obs)
-            )
-            done = jnp.logical_or(term, trunc)
+            )(jax.random.split(k_env, cfg.num_envs), rs.env_state, jnp.clip(action, -1.0, 1.0),
+              rs.env_params)
+            _, _, final_value = agent.apply(rs.params, rs.frozen,
+                                            normalize_obs(obs_rms, final_obs))
+            done = term | trunc
             ret_acc = discounted_return_update(rs.ret_acc, reward, done, cfg.gamma)
             ret_rms = rs.ret_rms.update(ret_acc) if cfg.norm_reward else rs.ret_rms
             scaled = reward / jnp.sqrt(ret_rms.var + 1e-8) if cfg.norm_reward else reward
-            obs_rms = rs.obs_rms.update(obs) if rs.obs_rms is not None else None
-            ep_ret = rs.ep_ret + reward
-            ep_len = rs.ep_len + 1
+            ep_ret, ep_len = rs.ep_ret + reward, rs.ep_len + 1
+            final_value = jnp.where(trunc, final_value, 0.0)
             tr = Transition(nobs, action, logp, value, scaled, term, trunc, final_value)
-            stats = {"ep_return": ep_ret, "ep_length": ep_len, "done": done}
-            for k in self.info_keys:
-                stats[k] = info[k]
-            rs = rs._replace(
-                key=key,
-                obs=obs,
-                env_state=env_state,
-                ret_acc=ret_acc,
-                ret_rms=ret_rms,
-                obs_rms=obs_rms,
-                ep_ret=jnp.where(done, 0.0, ep_ret),
-                ep_len=jnp.where(done, 0.0, ep_len),
-            )
+            stats = {"ep_return": ep_ret, "ep_length": ep_len, "done": done, **info}
+            rs = rs._replace(key=key, obs=obs, env_state=env_state, ret_acc=ret_acc,
+                             ret_rms=ret_rms, obs_rms=obs_rms,
+                             ep_ret=jnp.where(done, 0.0, ep_ret),
+                             ep_len=jnp.where(done, 0.0, ep_len))
             return rs, (tr, stats)
 
         rs, (traj, stats) = jax.lax.scan(env_step, rs, None, cfg.num_steps)
+        return rs, traj, stats
+
+    def _update(self, rs: RunnerState, _):
+        rs, traj, stats = self.rollout(rs)
         key, k_upd = jax.random.split(rs.key)
         params, opt_state, metrics = self.learn(
-            rs.params, rs.opt_state, rs.frozen, rs.obs_rms, traj, rs.obs, k_upd
-        )
-        done = stats["done"]
-        n_done = done.sum()
-        metrics["episodes"] = n_done
-        for k, v in stats.items():
-            if k != "done":  # mean over the episodes that ended (NaN entries skipped)
-                ok = done & jnp.isfinite(v)
-                n_ok = ok.sum()
-                total = jnp.where(ok, v, 0.0).sum()
-                mean = total / jnp.maximum(n_ok, 1)
-                metrics[f"episode/{k}"] = jnp.where(n_ok > 0, mean, jnp.nan)
+            rs.params, rs.opt_state, rs.frozen, rs.obs_rms, traj, rs.obs, k_upd)
+        done = stats.pop("done")
+        metrics.update(_episode_metrics(stats, done))
         metrics["reward_mean"] = traj.reward.mean()
         rs = rs._replace(params=params, opt_state=opt_state, key=key, update=rs.update + 1)
         return rs, metrics
@@ -306,8 +240,8 @@ class FastRunner:
     def _run_chunk(self, rs: RunnerState, n_updates: int):
         return jax.lax.scan(self._update, rs, None, n_updates)
 
-    def run(self, rs: RunnerState, n_updates: int) -> tuple[RunnerState, dict[str, np.ndarray]]:
-        """Run ``n_updates`` PPO updates in one jitted call; metrics stacked per update."""
+    def run(self, rs: RunnerState, n_updates: int, stop: Callable[[], bool] | None = None):
+        """``n_updates`` PPO updates in one jitted call (it cannot stop in between)."""
         rs, metrics = self._chunk(rs, n_updates)
         return rs, jax.device_get(metrics)
 
@@ -319,124 +253,130 @@ class GymRunner:
     """PPO on host-collected rollouts from a gymnasium vector env (same-step autoreset).
 
     ``featurize(obs_batch) -> model input`` runs inside the jitted policy call (for the
-    multimodal agent it is the observation adapter); ``to_env_action(a) -> env action`` maps
-    the clipped (N, A) action array to what the vector env takes (e.g. a dict of motor and
-    steering). The learning step is :func:`make_learn`, shared with :class:`FastRunner`.
+    multimodal agent it is the observation adapter); ``to_env_action(a)`` maps the clipped
+    (N, A) action array to what the vector env takes (the racecar action dict by default).
+    ``info_keys`` are the per-episode statistics read from the info of an episode's last step.
+    The simulators' physics state cannot be checkpointed: after a restore the environments
+    start new episodes, seeded from ``seed`` and the update counter.
     """
 
-    def __init__(
-        self,
-        envs,
-        model: nnx.Module,
-        cfg: PPOConfig,
-        featurize: Callable = lambda o: o,
-        to_env_action: Callable = lambda a: a,
-        trainable: Any = nnx.Param,
-        info_keys: tuple[str, ...] = (),
-    ):
-        self.envs, self.cfg = envs, cfg
-        self.featurize, self.to_env_action = featurize, to_env_action
-        self.agent = split_agent(model, trainable)
-        self.batch_per_update = cfg.num_envs * cfg.num_steps
-        self.num_updates = max(1, cfg.total_timesteps // self.batch_per_update)
+    def __init__(self, envs, model: nnx.Module, cfg: PPOConfig,
+                 featurize: Callable = lambda o: o, to_env_action: Callable = lambda a: a,
+                 trainable: Any = nnx.Param, info_keys: tuple[str, ...] = (), seed: int = 0):
+        self.envs, self.cfg, self.seed = envs, cfg, seed
+        self.featurize, self.to_env_action, self.info_keys = featurize, to_env_action, info_keys
+        self.agent = agent = split_agent(model, trainable)
+        self.num_updates = max(1, cfg.total_timesteps // (cfg.num_envs * cfg.num_steps))
         self.tx = make_optimizer(cfg, self.num_updates)
-        self.learn = jax.jit(make_learn(self.agent, self.tx, cfg))
-        self.info_keys = info_keys
-        agent = self.agent
+        self.learn = jax.jit(make_learn(agent.apply, self.tx, cfg))
 
-        def act(params, frozen, obs_rms, raw_obs, final_raw_obs, key):
+        def act(params, frozen, obs_rms, raw_obs, key):
             obs = featurize(raw_obs)
-            if obs_rms is not None:
-                obs_rms = obs_rms.update(obs)
-            nobs = _normalize_obs(obs_rms, obs)
+            obs_rms = obs_rms.update(obs) if obs_rms is not None else None
+            nobs = normalize_obs(obs_rms, obs)
             mean, log_std, value = agent.apply(params, frozen, nobs)
             action = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
-            logp = gaussian_log_prob(action, mean, log_std)
-            return nobs, action, logp, value, obs_rms
+            return nobs, action, gaussian_log_prob(action, mean, log_std), value, obs_rms
 
         def value_of(params, frozen, obs_rms, raw_obs):
-            return agent.apply(params, frozen, _normalize_obs(obs_rms, featurize(raw_obs)))[2]
+            return agent.apply(params, frozen, normalize_obs(obs_rms, featurize(raw_obs)))[2]
 
         self._act = jax.jit(act)
         self._value = jax.jit(value_of)
+        self._featurize = jax.jit(featurize)
 
-    def init(self, key: jax.Array, seed: int) -> dict:
-        obs, _ = self.envs.reset(seed=seed)
-        feat = self.featurize(jax.tree.map(jnp.asarray, obs))
-        obs_rms = None
-        if self.cfg.norm_obs and isinstance(feat, jax.Array) and feat.ndim == 2:
-            obs_rms = RunningMeanStd.create(feat.shape[1:])
+    # -- state ---------------------------------------------------------------------------
+    def init(self, key: jax.Array) -> RunnerState:
+        obs, _ = self.envs.reset(seed=self.seed)
+        feat = self._featurize(jax.tree.map(jnp.asarray, obs))
+        return _new_state(self.agent, self.tx, key, obs, _obs_stats(self.cfg, feat),
+                          self.cfg.num_envs, np.zeros)
+
+    def place(self, state: RunnerState) -> RunnerState:
+        return state
+
+    def checkpoint(self, state: RunnerState) -> dict:
+        """The learner (parameters, optimizer, statistics, RNG, update counter); not the
+        environments, whose physics state lives in their simulators."""
+        return {k: getattr(state, k) for k in LEARNER_FIELDS}
+
+    def restore(self, state: RunnerState, saved: dict) -> RunnerState:
+        update = int(saved["update"])
+        obs, _ = self.envs.reset(seed=self.seed + 1000 * update)
         n = self.cfg.num_envs
-        return {
-            "params": self.agent.params, "frozen": self.agent.frozen,
-            "opt_state": self.tx.init(self.agent.params), "obs_rms": obs_rms,
-            "ret_rms": RunningMeanStd.create(()), "obs": obs, "key": key,
-            "ret_acc": np.zeros(n), "ep_ret": np.zeros(n), "ep_len": np.zeros(n), "update": 0,
-        }  # fmt: skip
+        return state._replace(**saved, obs=obs, ret_acc=np.zeros(n), ep_ret=np.zeros(n),
+                              ep_len=np.zeros(n))
 
-    def collect(self, st: dict) -> tuple[dict, Transition, dict]:
-        """One rollout of ``num_steps`` from the vector env (policy inference jitted)."""
+    def close(self) -> None:
+        self.envs.close()
+
+    # -- one update ----------------------------------------------------------------------
+    def rollout(self, st: RunnerState) -> tuple[RunnerState, Transition, dict]:
+        """``num_steps`` steps of the vector env; returns the state after it, the (T, N)
+        transitions and, per statistic, its values at the end of each episode that ended."""
         cfg = self.cfg
-        steps, stats = [], {"ep_return": [], "ep_length": []}
-        stats.update({k: [] for k in self.info_keys})
-        obs_rms = st["obs_rms"]
-        ret_rms = st["ret_rms"]
+        steps, stats = [], {"ep_return": [], "ep_length": [], **{k: [] for k in self.info_keys}}
+        obs, key, obs_rms, ret_rms = st.obs, st.key, st.obs_rms, st.ret_rms
+        ret_acc, ep_ret, ep_len = (np.array(x, np.float64) for x in (st.ret_acc, st.ep_ret,
+                                                                     st.ep_len))
         for _ in range(cfg.num_steps):
-            st["key"], k = jax.random.split(st["key"])
-            raw = jax.tree.map(jnp.asarray, st["obs"])
+            key, k = jax.random.split(key)
             nobs, action, logp, value, obs_rms = self._act(
-                st["params"], st["frozen"], obs_rms, raw, raw, k
-            )
+                st.params, st.frozen, obs_rms, jax.tree.map(jnp.asarray, obs), k)
             env_action = self.to_env_action(np.clip(np.asarray(action), -1.0, 1.0))
             obs, reward, term, trunc, info = self.envs.step(env_action)
             reward = np.asarray(reward, np.float64)
             done = np.logical_or(term, trunc)
             final_value = np.zeros(cfg.num_envs, np.float32)
             if trunc.any():  # bootstrap truncated episodes from their last observation
-                final_obs = _final_obs(obs, info, trunc)
-                fv = self._value(st["params"], st["frozen"], obs_rms, final_obs)
+                fv = self._value(st.params, st.frozen, obs_rms, _final_obs(obs, info, trunc))
                 final_value = np.where(trunc, np.asarray(fv), 0.0).astype(np.float32)
-            st["ret_acc"] = st["ret_acc"] * cfg.gamma * (1.0 - done) + reward
+            ret_acc = ret_acc * cfg.gamma * (1.0 - done) + reward
             if cfg.norm_reward:
-                ret_rms = ret_rms.update(jnp.asarray(st["ret_acc"], jnp.float32))
+                ret_rms = ret_rms.update(jnp.asarray(ret_acc, jnp.float32))
                 scaled = reward / np.sqrt(float(ret_rms.var) + 1e-8)
             else:
                 scaled = reward
-            st["ep_ret"] += reward
-            st["ep_len"] += 1
+            ep_ret, ep_len = ep_ret + reward, ep_len + 1
             for i in np.flatnonzero(done):
-                stats["ep_return"].append(st["ep_ret"][i])
-                stats["ep_length"].append(st["ep_len"][i])
+                stats["ep_return"].append(ep_ret[i])
+                stats["ep_length"].append(ep_len[i])
                 for k in self.info_keys:
                     stats[k].append(float(_info_at(info, k, i)))
-            st["ep_ret"][done] = 0.0
-            st["ep_len"][done] = 0.0
-            steps.append(
-                Transition(
-                    nobs, action, logp, value, jnp.asarray(scaled, jnp.float32),
-                    jnp.asarray(term), jnp.asarray(trunc), jnp.asarray(final_value),
-                )
-            )  # fmt: skip
-            st["obs"] = obs
-        st["obs_rms"], st["ret_rms"] = obs_rms, ret_rms
+            ep_ret, ep_len = np.where(done, 0.0, ep_ret), np.where(done, 0.0, ep_len)
+            steps.append(Transition(
+                nobs, action, logp, value, jnp.asarray(scaled, jnp.float32), jnp.asarray(term),
+                jnp.asarray(trunc), jnp.asarray(final_value)))  # fmt: skip
         traj = jax.tree.map(lambda *xs: jnp.stack(xs), *steps)
+        st = st._replace(obs=obs, key=key, obs_rms=obs_rms, ret_rms=ret_rms, ret_acc=ret_acc,
+                         ep_ret=ep_ret, ep_len=ep_len)
         return st, traj, stats
 
-    def update(self, st: dict) -> tuple[dict, dict]:
-        st, traj, stats = self.collect(st)
-        st["key"], k = jax.random.split(st["key"])
-        last = self.featurize(jax.tree.map(jnp.asarray, st["obs"]))
+    def update(self, st: RunnerState) -> tuple[RunnerState, dict[str, float]]:
+        """One rollout and one learning step."""
+        st, traj, stats = self.rollout(st)
+        key, k = jax.random.split(st.key)
+        last = self._featurize(jax.tree.map(jnp.asarray, st.obs))
         params, opt_state, metrics = self.learn(
-            st["params"], st["opt_state"], st["frozen"], st["obs_rms"], traj, last, k
-        )
-        st["params"], st["opt_state"] = params, opt_state
-        st["update"] += 1
-        metrics = jax.device_get(metrics)
-        metrics["episodes"] = len(stats["ep_return"])
+            st.params, st.opt_state, st.frozen, st.obs_rms, traj, last, k)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics["episodes"] = float(len(stats["ep_return"]))
         for k, v in stats.items():
-            metrics[f"episode/{k}"] = float(np.mean(v)) if v else float("nan")
+            finite = [x for x in v if np.isfinite(x)]
+            metrics[f"episode/{k}"] = float(np.mean(finite)) if finite else float("nan")
         metrics["reward_mean"] = float(traj.reward.mean())
+        st = st._replace(params=params, opt_state=opt_state, key=key, update=st.update + 1)
         return st, metrics
+
+    def run(self, st: RunnerState, n_updates: int, stop: Callable[[], bool] | None = None):
+        """Up to ``n_updates`` updates, stopping early once ``stop()`` is true."""
+        rows = []
+        for _ in range(n_updates):
+            st, m = self.update(st)
+            rows.append(m)
+            if stop is not None and stop():
+                break
+        return st, {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
 
 
 def _final_obs(obs, info, mask):

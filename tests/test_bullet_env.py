@@ -332,7 +332,7 @@ def test_austria_scene_loads():
 
 # ----------------------------------------------------------------------------- vector envs
 def test_sync_vector_env(track):
-    from rl.envs.vector import make_bullet_vector_env
+    from _bullet_vector import make_bullet_vector_env
 
     envs = make_bullet_vector_env(2, track, asynchronous=False, reset_mode="random")
     try:
@@ -346,7 +346,7 @@ def test_sync_vector_env(track):
 
 
 def test_async_vector_env():
-    from rl.envs.vector import make_bullet_vector_env
+    from _bullet_vector import make_bullet_vector_env
 
     envs = make_bullet_vector_env(2, TRACK, asynchronous=True)
     try:

@@ -150,16 +150,16 @@ def test_checkpoint_policy_path(tmp_path):
     """A gymnasium-runner (PyBullet-trained) checkpoint with non-trivial observation statistics
     → restore_policy → the deterministic policy (training featurization + obs normalization,
     clipped mean) → evaluation in the JAX backend (transfer between simulators). The state is
-    laid out as rl.gym_train saves it; the real format is covered by the slow test below."""
+    laid out as the gymnasium runner saves it (rl.runners.GymRunner.checkpoint); the real
+    format is covered by the slow test below."""
     import jax
     import jax.numpy as jnp
 
     from etl import configlib
-    from rl.agent import lidar_features
+    from rl.agent import lidar_features, split_agent
     from rl.config import load_config
-    from rl.ppo import make_agent, restore_policy
-    from rl.ppo_core import RunningMeanStd
-    from rl.runners import make_optimizer, split_agent
+    from rl.factory import make_agent, restore_policy
+    from rl.ppo_core import RunningMeanStd, make_optimizer
     from train.checkpoint import Checkpointer
 
     cfg = load_config(None, [f"runs_dir={tmp_path}", "run_name=tiny", f"env.track={TRACK}",
@@ -173,7 +173,7 @@ def test_checkpoint_policy_path(tmp_path):
                          jnp.asarray(rng.uniform(0.5, 2.0, dim), jnp.float32), jnp.asarray(50.0))
     state = {"params": agent.params, "opt_state": make_optimizer(cfg.ppo, 1).init(agent.params),
              "obs_rms": rms, "ret_rms": RunningMeanStd.create(()),
-             "key": jax.random.PRNGKey(0)}  # fmt: skip
+             "key": jax.random.PRNGKey(0), "update": jnp.int32(7)}  # fmt: skip
     ckpt_dir = tmp_path / "tiny" / "ckpt"
     ck = Checkpointer(ckpt_dir)
     ck.save(7, state, {"update": 7}, {"rl": configlib.to_dict(cfg), "kind": "ppo"})

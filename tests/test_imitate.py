@@ -28,8 +28,8 @@ def cfg(tmp_path_factory):
 def test_student_imitates_the_teacher_and_loads_as_a_ppo_policy(cfg):
     from flax import nnx
 
+    from rl.factory import make_agent, restore_policy
     from rl.imitate import _setup, make_rollout, run
-    from rl.ppo import make_agent, restore_policy
     from rl.ppo_core import RunningMeanStd
 
     ckpt = run(cfg, rounds=2, envs=16, steps=64, epochs=6, noise=0.2, batch=256)
@@ -74,8 +74,8 @@ def test_pybullet_rounds_label_pybullet_states_with_the_teacher(cfg, tmp_path):
 
     from flax import nnx
 
+    from rl.factory import make_agent, restore_policy
     from rl.imitate import _setup, bullet_rollout, run
-    from rl.ppo import make_agent, restore_policy
     from rl.ppo_core import RunningMeanStd
 
     cfg = dataclasses.replace(cfg, run_name="bc_bullet")

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _toy_envs import Clock, PointMass, PointMassGym, clock_gym
 from flax import nnx
 
 from rl.agent import MLPActorCritic
-from rl.envs.toy import PointMass, PointMassGym
 from rl.ppo_core import PPOConfig, RunningMeanStd, gae, ppo_loss
 from rl.runners import FastRunner, GymRunner
 
@@ -103,32 +103,65 @@ def test_fast_runner_solves_point_mass(fast_result):
     assert last > -15.0  # near the optimum (≈ −6); a policy that stands still scores ≈ −50
 
 
-def test_both_runners_make_the_same_update(fast_result):
-    env, fast, rs, _, _ = fast_result
-    envs = gym.vector.SyncVectorEnv(
-        [lambda: PointMassGym() for _ in range(4)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    model = MLPActorCritic(env.obs_dim, env.action_dim, (64, 64), rngs=nnx.Rngs(0))
-    cfg = PPOConfig(num_envs=4, num_steps=16, total_timesteps=32 * 64 * 40, learning_rate=1e-3)
-    gymr = GymRunner(envs, model, cfg)
-    st = gymr.init(jax.random.key(3), seed=0)
-    st, traj, _ = gymr.collect(st)
-    last = jnp.asarray(st["obs"])
+def _vector(make, n):
+    return gym.vector.SyncVectorEnv([make for _ in range(n)],
+                                    autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+def test_both_runners_normalize_and_learn_alike():
+    """On an environment whose observations depend only on time, both runners fold the same
+    observations into the statistics before normalizing them, so they record the same
+    normalized observations and end with the same statistics; given one rollout, their
+    learning steps give the same parameters."""
+    n, steps = 4, 7  # episodes of 5 steps: resets inside the rollout
+    cfg = PPOConfig(num_envs=n, num_steps=steps, total_timesteps=n * steps * 4, norm_obs=True)
+    model = MLPActorCritic(3, 2, (16,), rngs=nnx.Rngs(0))
+    fast = FastRunner(Clock(5), model, cfg)
+    gymr = GymRunner(_vector(lambda: clock_gym(5), n), model, cfg)
+    fs, gs = fast.init(jax.random.key(0)), gymr.init(jax.random.key(0))
+    rollout = jax.jit(fast.rollout)
+    for _ in range(2):  # two rollouts: the statistics carry over from one to the next
+        fs, ftraj, _ = rollout(fs)
+        gs, gtraj, _ = gymr.rollout(gs)
+        np.testing.assert_allclose(np.asarray(ftraj.obs), np.asarray(gtraj.obs), rtol=1e-5,
+                                   atol=1e-6)
+        for a, b in zip(fs.obs_rms, gs.obs_rms, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    # the statistics hold every observation acted on: 2 rollouts × steps × envs (+ 1e-4)
+    assert float(gs.obs_rms.count) == pytest.approx(2 * steps * n, abs=1e-3)
+    np.testing.assert_array_equal(np.asarray(ftraj.truncated), np.asarray(gtraj.truncated))
+    np.testing.assert_allclose(np.asarray(ftraj.final_value), np.asarray(gtraj.final_value),
+                               rtol=1e-5, atol=1e-6)
+    # one rollout through both learning steps
     key = jax.random.key(4)
-    # the same rollout through the fast runner's learning step (un-jitted) and the gym one's
-    fast_learn = FastRunner(env, model, cfg).learn
-    p1, _, m1 = fast_learn(
-        st["params"], st["opt_state"], st["frozen"], st["obs_rms"], traj, last, key
-    )
-    p2, _, m2 = gymr.learn(
-        st["params"], st["opt_state"], st["frozen"], st["obs_rms"], traj, last, key
-    )
+    last = jnp.asarray(gs.obs)
+    p1, _, _ = fast.learn(gs.params, gs.opt_state, gs.frozen, gs.obs_rms, gtraj, last, key)
+    p2, _, _ = gymr.learn(gs.params, gs.opt_state, gs.frozen, gs.obs_rms, gtraj, last, key)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
-    assert not np.allclose(
-        np.asarray(jax.tree.leaves(p1)[0]), np.asarray(jax.tree.leaves(st["params"])[0])
-    )
+    assert not np.allclose(np.asarray(jax.tree.leaves(p1)[0]),
+                           np.asarray(jax.tree.leaves(gs.params)[0]))
+
+
+def test_runners_keep_the_same_state():
+    """One state type for both runners; the checkpointed part is the learner for both (the
+    fast runner also keeps its environments)."""
+    from rl.runners import LEARNER_FIELDS, RunnerState
+
+    cfg = PPOConfig(num_envs=2, num_steps=4, total_timesteps=64)
+    model = MLPActorCritic(3, 2, (8,), rngs=nnx.Rngs(0))
+    fast = FastRunner(Clock(5), model, cfg)
+    gymr = GymRunner(_vector(lambda: clock_gym(5), 2), model, cfg)
+    fs, gs = fast.init(jax.random.key(0)), gymr.init(jax.random.key(0))
+    assert type(fs) is type(gs) is RunnerState
+    assert set(LEARNER_FIELDS) <= set(fast.checkpoint(fs)) and \
+        set(gymr.checkpoint(gs)) == set(LEARNER_FIELDS)
+    gs2, m = gymr.run(gs, 2)
+    assert int(gs2.update) == 2 and m["loss/total"].shape == (2,)
+    restored = gymr.restore(gs, gymr.checkpoint(gs2))
+    assert int(restored.update) == 2
+    gs3, m = gymr.run(gs, 3, stop=lambda: True)  # a preemption stops between updates
+    assert int(gs3.update) == 1 and m["loss/total"].shape == (1,)
 
 
 def test_gym_runner_learns():
@@ -139,7 +172,7 @@ def test_gym_runner_learns():
     cfg = PPOConfig(num_envs=8, num_steps=64, total_timesteps=8 * 64 * 25, learning_rate=1e-3)
     model = MLPActorCritic(6, 2, (64, 64), rngs=nnx.Rngs(1))
     runner = GymRunner(envs, model, cfg, info_keys=("distance",))
-    st = runner.init(jax.random.key(0), seed=0)
+    st = runner.init(jax.random.key(0))
     st, m = runner.update(st)
     first = m["episode/ep_return"]
     for _ in range(24):

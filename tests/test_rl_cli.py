@@ -101,7 +101,7 @@ def test_sigterm_saves_and_exits_for_requeue(tmp_path):
 
 def test_bullet_backend_runs_checkpoints_and_restores(tmp_path):
     """The gymnasium path: PPO on PyBullet envs, a checkpoint, and the policy restored from it."""
-    from rl.ppo import restore_policy
+    from rl.factory import restore_policy
 
     cfg = load_config(
         ROOT / "configs/rl_tiny.toml",
@@ -119,7 +119,7 @@ def test_bullet_backend_runs_checkpoints_and_restores(tmp_path):
 
 
 def test_gymnasium_runner_gives_each_env_a_track_of_the_list(tmp_path):
-    from rl.gym_train import make_vector_env
+    from rl.factory import make_vector_env
 
     cfg = load_config(ROOT / "configs/rl_tiny.toml",
                       [f"runs_dir='{tmp_path}'", "env.backend='bullet'",
@@ -136,7 +136,7 @@ def test_warm_start_takes_the_policy_of_another_run(tmp_path):
     """finetune.init_policy: the new run starts from the other run's policy and observation
     statistics (with a zero learning rate its parameters stay exactly those), fresh
     otherwise; a [model] mismatch is an error naming the key."""
-    from rl.ppo import restore_policy
+    from rl.factory import restore_policy
 
     assert run(_cfg(tmp_path, "src"), max_updates=2) == EXIT_OK
     src = str(tmp_path / "src" / "ckpt")

@@ -71,14 +71,13 @@ def _encode(model, batch, modalities):
 
 
 def test_pretrained_encoders_load_and_stay_frozen(tmp_path, phase1):
-    from rl.agent import build_multimodal_agent
-    from rl.ppo import build_fast
+    from rl.factory import make_agent, make_runner
     from train.pretrain import load_trained
 
     phase1_model, _, pre, _ = load_trained(phase1)
     assert pre == TINY_PRE
     cfg = _rl_cfg(tmp_path, phase1)
-    model, featurize, trainable = build_multimodal_agent(cfg, nnx.Rngs(0))
+    model, featurize, trainable = make_agent(cfg, 0)
     rng = np.random.default_rng(0)
     batch = {k: jnp.asarray(np.stack([random_sample(rng, pre, i)[k] for i in range(2)]))
              for k in random_sample(rng, pre)}  # fmt: skip
@@ -88,7 +87,8 @@ def test_pretrained_encoders_load_and_stay_frozen(tmp_path, phase1):
     np.testing.assert_array_equal(a[0], b[0])  # the same encoder outputs as Phase 1
     np.testing.assert_array_equal(a[1], b[1])
 
-    runner, state = build_fast(cfg)
+    runner = make_runner(cfg)
+    state = runner.init(jax.random.PRNGKey(cfg.seed))
     enc_before = jax.tree.map(np.asarray, nnx.state(runner.model(state).mae, nnx.Param))
     head_before = np.asarray(runner.model(state).policy.mlp.out.kernel[...]).copy()
     state, metrics = runner.run(state, 1)
@@ -111,10 +111,10 @@ def test_pretrained_encoders_load_and_stay_frozen(tmp_path, phase1):
 
 
 def test_unfrozen_finetuning_trains_encoders_not_decoder(tmp_path, phase1):
-    from rl.agent import build_multimodal_agent
+    from rl.factory import make_agent
 
     cfg = _rl_cfg(tmp_path, phase1, "finetune.freeze_encoders=false")
-    model, _, trainable = build_multimodal_agent(cfg, nnx.Rngs(0))
+    model, _, trainable = make_agent(cfg, 0)
     trained = nnx.state(model, trainable)
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trained)]
     assert any("encoders" in p for p in paths) and any("fusion" in p for p in paths)
@@ -122,10 +122,10 @@ def test_unfrozen_finetuning_trains_encoders_not_decoder(tmp_path, phase1):
 
 
 def test_multimodal_config_errors(tmp_path, phase1):
-    from rl.agent import build_multimodal_agent
+    from rl.factory import make_agent
 
     cfg = _rl_cfg(tmp_path, phase1, "finetune.absent='token'")
     with pytest.raises(configlib.ConfigError, match="finetune.absent"):
-        build_multimodal_agent(cfg, nnx.Rngs(0))
+        make_agent(cfg, 0)
     with pytest.raises(configlib.ConfigError, match="needs env.camera"):
         _rl_cfg(tmp_path, phase1, "model.modalities=['lidar', 'rgb']")

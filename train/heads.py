@@ -106,17 +106,22 @@ def masked_mean(tokens: jax.Array, valid: jax.Array) -> jax.Array:
     return (tokens * w).sum(1) / jnp.maximum(w.sum(1), 1)
 
 
-class _MLP(nnx.Module):
+class MLP(nnx.Module):
+    """The project's one tanh MLP (policy and value heads here, the lidar actor-critic in
+    rl/agent.py): hidden Dense → tanh layers (orthogonal init, gain √2, zero bias), then a
+    linear output layer (orthogonal, gain ``out_scale``: 0.01 for a policy mean, 1 for a
+    value)."""
+
     def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, out_scale: float,
                  *, rngs: nnx.Rngs):
         dims = (in_dim, *hidden)
         ortho = nnx.initializers.orthogonal
-        self.hidden = nnx.List([nnx.Linear(a, b, kernel_init=ortho(np.sqrt(2)), rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(a, b, kernel_init=ortho(np.sqrt(2)), rngs=rngs)
                                 for a, b in zip(dims[:-1], dims[1:], strict=True)])
         self.out = nnx.Linear(dims[-1], out_dim, kernel_init=ortho(out_scale), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.hidden:
+        for layer in self.layers:
             x = jnp.tanh(layer(x))
         return self.out(x)
 
@@ -129,7 +134,7 @@ class PolicyHead(nnx.Module):
 
     def __init__(self, in_dim: int, action_dim: int, *, hidden: tuple[int, ...] = (),
                  rngs: nnx.Rngs):
-        self.mlp = _MLP(in_dim, tuple(hidden), action_dim, 0.01, rngs=rngs)
+        self.mlp = MLP(in_dim, tuple(hidden), action_dim, 0.01, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.tanh(self.mlp(x.astype(jnp.float32)))
@@ -139,7 +144,7 @@ class ValueHead(nnx.Module):
     """Features (…, in_dim) → a scalar value (…,): [hidden tanh layers] Dense → 1."""
 
     def __init__(self, in_dim: int, *, hidden: tuple[int, ...] = (), rngs: nnx.Rngs):
-        self.mlp = _MLP(in_dim, tuple(hidden), 1, 1.0, rngs=rngs)
+        self.mlp = MLP(in_dim, tuple(hidden), 1, 1.0, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.mlp(x.astype(jnp.float32))[..., 0]

@@ -1,7 +1,9 @@
 """The JAX racecar as the fast runner's environment: action repeat, auto-reset, final obs.
 
-:class:`RacecarFunctional` wraps :class:`rl.envs.jax_env.JaxRacecar` into the calling
-convention of :class:`rl.runners.FunctionalEnv` —
+This is the one step path of the JAX backend that PPO trains with (and that
+``benchmarks/envs.py`` times). :class:`RacecarFunctional` wraps
+:class:`rl.envs.jax_env.JaxRacecar` into the calling convention of
+:class:`rl.runners.FunctionalEnv` —
 
     reset(key, params) -> (obs, state)
     step(key, state, action, params)
@@ -12,7 +14,7 @@ default, the lidar's own refresh rate), summing rewards and stopping the repeat 
 of an episode, and mapping raw observations through ``featurize`` (the policy's input:
 :func:`rl.agent.lidar_features` for the quick policy, the observation adapter for the
 multimodal one). ``final_obs`` is the featurized last observation of an episode that ended
-(for bootstrapping truncated episodes).
+(for bootstrapping truncated episodes). ``info`` holds :data:`rl.envs.spec.EPISODE_KEYS`.
 """
 
 from __future__ import annotations
@@ -24,17 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from rl.envs.jax_env import JaxRacecar
-
-INFO_KEYS = (
-    "progress",
-    "lap",
-    "wall_collision",
-    "wrong_way",
-    "speed",
-    "collisions",
-    "distance",
-    "lap_time",
-)
 
 
 class RacecarFunctional:
@@ -75,16 +66,15 @@ class RacecarFunctional:
         collisions, distance = collisions + hit, distance + dist
         driven = state.total - start_total  # laps driven since the reset, signed
         laps_done = jnp.floor(driven)
-        info = {
-            "progress": driven,
-            "lap": state.lap.astype(jnp.float32),
-            "wall_collision": (hit > 0).astype(jnp.float32),
-            "wrong_way": state.wrong_way.astype(jnp.float32),
-            "speed": state.v,
+        info = {  # rl.envs.spec.EPISODE_KEYS
+            "laps": driven,
             "collisions": collisions,
             "distance": distance,
             # mean time per completed lap (NaN until a lap is completed)
             "lap_time": jnp.where(laps_done >= 1, state.time / jnp.maximum(laps_done, 1), jnp.nan),
+            "wall_collision": (hit > 0).astype(jnp.float32),
+            "wrong_way": state.wrong_way.astype(jnp.float32),
+            "speed": state.v,
         }
         final_obs = self.featurize(obs)
         done = term | trunc

@@ -715,53 +715,6 @@ class JaxRacecar:
         new = self._refresh(new, params)
         return self._obs(new, params), new, reward, terminated, truncated, self._info(new)
 
-    # ---- batched
-    def batch_reset(self, key, params, n: int):
-        """N fresh envs; their 25 Hz lidar phases are staggered (env i's next scan is due
-        after (i mod lidar_every) + 1 steps), so that about N / lidar_every scans are due
-        each step of batch_step instead of all N every lidar_every-th step."""
-        obs, state = jax.vmap(self.reset, in_axes=(0, None))(jax.random.split(key, n), params)
-        every = self.sensors.lidar_every
-        age = (every - 1 - jnp.arange(n, dtype=jnp.int32) % every).astype(jnp.int32)
-        return obs, state._replace(lidar_age=age)
-
-    def batch_step(self, states: EnvState, actions, params, autoreset: bool = True,
-                   refresh_capacity: float = 0.26):
-        """N envs at once (states/actions with a leading N axis; actions (N, 2)).
-
-        With autoreset, an env whose episode ended comes back freshly reset (obs and
-        state; reward/flags/info are those of the ending step). Lidar work is compacted:
-        only envs whose 25 Hz scan is due (about a quarter, plus resets) are traced, up to
-        ceil(refresh_capacity * N) per step; any overflow scans on the next step."""
-        n = actions.shape[0]
-        new, r, term, trunc = jax.vmap(self._advance, in_axes=(0, 0, None))(
-            states, actions, params)
-        info = jax.vmap(self._info)(new)
-        if autoreset:
-            done = term | trunc
-            keys = jax.vmap(lambda k: jax.random.split(k))(new.key)
-            fresh = jax.vmap(self._spawn, in_axes=(0, None))(keys[:, 0], params)
-            new = new._replace(key=keys[:, 1])
-            new = jax.tree.map(lambda a, b: jnp.where(
-                jnp.reshape(done, done.shape + (1,) * (a.ndim - 1)), a, b), fresh, new)
-        due = new.lidar_age >= self.sensors.lidar_every
-        cap = min(n, int(np.ceil(refresh_capacity * n)) + 1)
-        idx = jnp.nonzero(due, size=cap, fill_value=n)[0]
-        # as vmap(_scan) on the due envs, touching only the fields a scan reads and writes
-        j = jnp.clip(idx, 0, n - 1)
-        k = jax.vmap(jax.random.split)(new.key[j])
-        scans = jax.vmap(self._lidar, in_axes=(None, 0, 0, 0))(params, new.pos[j], new.yaw[j],
-                                                               k[:, 0])
-        new = new._replace(lidar=new.lidar.at[idx].set(scans, mode="drop"),
-                           lidar_age=new.lidar_age.at[idx].set(0, mode="drop"),
-                           key=new.key.at[idx].set(k[:, 1], mode="drop"))
-        obs = jax.vmap(self._obs, in_axes=(0, None))(new, params)
-        return obs, new, r, term, trunc, info
-
-
-def batch_reset(env: JaxRacecar, key, params, n: int):
-    return env.batch_reset(key, params, n)
-
 
 # ------------------------------------------------------------------------------ gymnasium
 
@@ -847,36 +800,6 @@ class JaxRacecarEnv(gym.Env):
             sim = replace(self.sim, sensors=replace(self.sim.sensors, camera=True))
             return np.asarray(sim._camera(self.params, self._state.pos, self._state.yaw))
         return None
-
-
-class JaxVectorEnv:
-    """N JAX cars stepped as one jitted, vmapped call, auto-resetting finished episodes
-    (the returned obs of a finished car is its next episode's first)."""
-
-    def __init__(self, num_envs: int, track: str | Track = "procedural:0",
-                 task: TaskConfig | None = None, dynamics: Dynamics | None = None,
-                 sensors: SensorConfig | None = None, params: TrackParams | None = None):
-        self.num_envs = num_envs
-        self.sim = JaxRacecar(task or TaskConfig(), dynamics or Dynamics(),
-                              sensors or SensorConfig())
-        self.params = params if params is not None else make_params(track)
-        self.single_observation_space = observation_space(self.sim)
-        self.single_action_space = action_space()
-        self._reset = jax.jit(lambda k, p: batch_reset(self.sim, k, p, num_envs))
-        self._step = jax.jit(self.sim.batch_step)
-        self.state = None
-
-    def reset(self, seed: int = 0):
-        obs, self.state = self._reset(jax.random.PRNGKey(seed), self.params)
-        return obs, self.sim._info(self.state)
-
-    def step(self, actions):
-        """actions: (N, 2) [motor, steering] or a dict of (N,) / (N, 1) arrays."""
-        if isinstance(actions, dict):
-            actions = jnp.stack([jnp.reshape(actions["motor"], (-1,)),
-                                 jnp.reshape(actions["steering"], (-1,))], 1)
-        obs, self.state, r, term, trunc, info = self._step(self.state, actions, self.params)
-        return obs, r, term, trunc, info
 
 
 # ------------------------------------------------------------------------------ scripted driver

@@ -123,6 +123,44 @@ INFO_KEYS = (
     "checkpoint", "wrong_way", "time",
 )
 ACTION_KEYS = ("motor", "steering")
+# What both PPO runners report per ended episode (``episode/<key>`` in metrics.jsonl), read
+# from the info of the episode's last policy step: the JAX backend's functional env
+# (rl/envs/functional.py) and the host backends' ActionRepeat wrapper (rl/envs/wrappers.py)
+# both fill them, with the same meaning.
+EPISODE_KEYS = (
+    "laps",  # laps driven since the reset, signed (lap + progress, now minus at the reset)
+    "collisions",  # physics steps touching a wall since the reset
+    "distance",  # metres driven since the reset
+    "lap_time",  # s since the reset per completed lap (NaN before the first)
+    "wall_collision",  # 1 if the last policy step touched a wall (the episode ended on it)
+    "wrong_way",  # 1 if the car was driving the wrong way at the end
+    "speed",  # m/s at the end
+)
+
+
+# ---------------------------------------------------------------- actions
+def action_array(action, xp=None):
+    """An action as the simulators' policy sees it, ``[..., 2]`` = [motor, steering]: from an
+    array (returned as float32) or a dict of ``motor`` (or the speed actuator's ``speed``) and
+    ``steering`` arrays shaped (...,) or (..., 1). numpy or jax.numpy (``xp``)."""
+    if xp is None:
+        import numpy as xp  # noqa: PLW0127
+    if isinstance(action, dict):
+        motor = action["motor"] if "motor" in action else action["speed"]
+        motor, steer = xp.asarray(motor, xp.float32), xp.asarray(action["steering"], xp.float32)
+        if motor.ndim and motor.shape[-1] == 1:
+            motor, steer = motor[..., 0], steer[..., 0]
+        return xp.stack([motor, steer], axis=-1)
+    return xp.asarray(action, xp.float32)
+
+
+def action_dict(action) -> dict:
+    """``[..., 2]`` [motor, steering] → racecar_gym's action dict of (..., 1) float32 arrays
+    (numpy: what a gymnasium env, or vector env, takes)."""
+    import numpy as np
+
+    a = np.asarray(action, np.float32)
+    return {"motor": a[..., 0:1], "steering": a[..., 1:2]}
 
 
 # ---------------------------------------------------------------- task

@@ -1,6 +1,11 @@
-"""Gymnasium wrappers shared by the host-side runner and evaluation."""
+"""The host backends' (PyBullet, racecar_gym) environment as the gymnasium runner sees it:
+each action held for several physics steps, and the per-episode statistics of
+:data:`rl.envs.spec.EPISODE_KEYS` in ``info`` — what the JAX backend's functional env
+(rl/envs/functional.py) reports, with the same meaning."""
 
 from __future__ import annotations
+
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -8,8 +13,9 @@ import numpy as np
 
 class ActionRepeat(gym.Wrapper):
     """Repeat each action ``k`` physics steps (stopping at the end of an episode), sum the
-    rewards, and add episode-level info: ``collisions`` (physics steps touching a wall so far),
-    ``distance`` (metres driven so far) and ``progress`` as laps driven (lap + progress − 1)."""
+    rewards, and add :data:`rl.envs.spec.EPISODE_KEYS` to ``info``: laps driven since the
+    reset (lap + progress, signed), physics steps touching a wall, metres driven, seconds per
+    completed lap, whether this policy step touched a wall, the wrong-way flag and the speed."""
 
     def __init__(self, env: gym.Env, k: int = 4):
         super().__init__(env)
@@ -18,31 +24,48 @@ class ActionRepeat(gym.Wrapper):
         self.k = k
         self._collisions = 0.0
         self._distance = 0.0
-        self._last_xy: np.ndarray | None = None
+        self._start_total = 0.0
+        self._last_xy = np.zeros(2)
+
+    @staticmethod
+    def _total(info: dict) -> float:
+        return float(info.get("lap", 1)) + float(info.get("progress", 0.0))
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         self._collisions, self._distance = 0.0, 0.0
+        self._start_total = self._total(info)
         self._last_xy = np.asarray(obs["pose"][:2], np.float64)
-        return obs, self._augment(info)
+        return obs, self._augment(obs, info, hit=False)
 
-    def _augment(self, info: dict) -> dict:
+    def _augment(self, obs: dict, info: dict, hit: bool) -> dict:
         info = dict(info)
-        if "lap" in info and "progress" in info:
-            info["laps_driven"] = float(info["lap"]) + float(info["progress"]) - 1.0
-        info["collisions"] = self._collisions
-        info["distance"] = self._distance
+        laps = self._total(info) - self._start_total
+        done = math.floor(laps)
+        t = float(np.asarray(info.get("time", obs.get("time", 0.0))).reshape(-1)[0])
+        vel = np.asarray(obs["velocity"], np.float64).reshape(-1)
+        info.update(
+            laps=laps,
+            collisions=self._collisions,
+            distance=self._distance,
+            lap_time=t / done if done >= 1 else float("nan"),
+            wall_collision=float(hit),
+            wrong_way=float(bool(info.get("wrong_way", False))),
+            speed=float(math.hypot(vel[0], vel[1])),
+        )
         return info
 
     def step(self, action):
-        total = 0.0
+        total, hit = 0.0, False
         for _ in range(self.k):
             obs, r, term, trunc, info = self.env.step(action)
             total += float(r)
             xy = np.asarray(obs["pose"][:2], np.float64)
             self._distance += float(np.linalg.norm(xy - self._last_xy))
             self._last_xy = xy
-            self._collisions += float(bool(info.get("wall_collision", False)))
+            contact = bool(info.get("wall_collision", False))
+            self._collisions += float(contact)
+            hit |= contact
             if term or trunc:
                 break
-        return obs, total, term, trunc, self._augment(info)
+        return obs, total, term, trunc, self._augment(obs, info, hit)

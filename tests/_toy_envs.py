@@ -1,8 +1,10 @@
-"""A small continuous-control task for testing PPO: drive a 2-D point mass to a target.
+"""Small environments for testing the PPO runners, each as a functional JAX env (the calling
+convention of :class:`rl.runners.FunctionalEnv`, auto-resetting) and as a gymnasium env:
 
-Functional and auto-resetting, with the same calling convention as the fast runner expects
-from any JAX environment (see :class:`rl.ppo.FunctionalEnv`). An optimal policy reaches the
-target in ~20 steps and holds it; a random policy drifts.
+* :class:`PointMass` — drive a 2-D point mass to a target: an optimal policy reaches it in
+  ~20 steps and holds it; a random policy drifts;
+* :class:`Clock` — observations that depend only on the time in the episode (never on the
+  actions or the RNG), so both runners see exactly the same observation sequence.
 """
 
 from __future__ import annotations
@@ -96,3 +98,53 @@ class PointMassGym:
                 return self._obs(), float(reward), False, self.t >= self.max_steps, info
 
         return _Env(*args, **kwargs)
+
+
+class Clock:
+    """obs = [t, t², 1] / length for t = 0 … length − 1, then the episode is truncated."""
+
+    obs_dim = 3
+    action_dim = 2
+
+    def __init__(self, length: int = 5):
+        self.length = length
+
+    def _obs(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        return jnp.stack([t, t * t, jnp.ones_like(t)]) / self.length
+
+    def reset(self, key: jax.Array, params=None):
+        return self._obs(0), jnp.zeros((), jnp.int32)
+
+    def step(self, key: jax.Array, t, action, params=None):
+        t = t + 1
+        truncated = t >= self.length
+        final_obs = self._obs(t)
+        t = jnp.where(truncated, 0, t)
+        return (self._obs(t), t, -jnp.sum(action**2), jnp.zeros((), bool), truncated, final_obs,
+                {})
+
+
+def clock_gym(length: int = 5):
+    """:class:`Clock` as a gymnasium.Env (numpy, for the host-side runner)."""
+    import gymnasium as gym
+    import numpy as np
+
+    clock = Clock(length)
+
+    class _Env(gym.Env):
+        metadata = {"render_modes": []}
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return np.asarray(clock._obs(0)), {}
+
+        def step(self, action):
+            self.t += 1
+            reward = -float(np.sum(np.asarray(action) ** 2))
+            return np.asarray(clock._obs(self.t)), reward, False, self.t >= length, {}
+
+    return _Env()

@@ -1,0 +1,257 @@
+"""The one place that turns an :class:`rl.config.RLConfig` into things: the task, the
+environments of every backend, the agent with its featurizer, the runner — and back from a
+checkpoint to a policy.
+
+    task_config(cfg)            the racing task (reward, termination, resets)
+    make_sim / make_functional  the JAX simulator; as the fast runner's functional env
+    make_env / make_vector_env  one physics-rate host env (bullet | racecar_gym | jax);
+                                N of them with the action repeat, for the gymnasium runner
+    make_agent(cfg)             (model, featurize, trainable filter) of the configured policy
+    make_runner(cfg)            the backend's runner (rl.runners)
+    restore_policy / warm_start_policy   a PPO checkpoint's policy
+
+Entry points (rl.ppo, rl.evaluate, rl.imitate, benchmarks) build through here and nowhere
+else, so that every one of them sees the same car, sensors and task for the same config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from etl import configlib
+from etl.config import PreprocessConfig
+from rl.agent import MLPActorCritic, MultimodalActorCritic, lidar_features, split_agent
+from rl.config import RLConfig
+from rl.envs import spec
+from rl.envs.adapter import ObservationAdapter
+from rl.envs.functional import RacecarFunctional
+from rl.envs.jax_env import (
+    Dynamics,
+    JaxRacecar,
+    JaxRacecarEnv,
+    SensorConfig,
+    TrackParams,
+    make_params,
+)
+from rl.envs.spec import TaskConfig
+from rl.envs.wrappers import ActionRepeat
+from rl.ppo_core import RunningMeanStd
+from rl.runners import FastRunner, GymRunner
+from rl.tracks import track_names
+from train.checkpoint import Checkpointer, abstract
+from train.config import load_pretrain_config
+from train.mae import MultimodalMAE
+from train.pretrain import load_trained
+
+Runner = FastRunner | GymRunner
+
+
+# --------------------------------------------------------------------------- task
+def task_config(cfg: RLConfig) -> TaskConfig:
+    """The racing task of ``[env]``: rewards, what ends an episode, where cars start."""
+    e = cfg.env
+    return TaskConfig(
+        laps=e.laps,
+        time_limit=e.time_limit,
+        terminate_on_collision=e.terminate_on_collision,
+        progress_reward=e.progress_reward,
+        collision_reward=-e.collision_penalty,
+        frame_reward=e.frame_reward,
+        proximity_reward=-e.proximity_penalty,
+        wall_margin=e.wall_margin,
+        stall_time=e.stall_time,
+        stall_speed=e.stall_speed,
+        reset_mode=e.reset_mode,
+        observe_camera=e.camera,
+    )
+
+
+# --------------------------------------------------------------------------- environments
+def make_sim(task: TaskConfig, **sensors) -> JaxRacecar:
+    """The pure-JAX simulator for ``task``: the default car, the default sensors but for the
+    :class:`rl.envs.jax_env.SensorConfig` fields given (``camera``, ``lidar_rays``, …)."""
+    return JaxRacecar(task, Dynamics(), SensorConfig(**sensors))
+
+
+def make_functional(cfg: RLConfig, featurize) -> tuple[RacecarFunctional, TrackParams]:
+    """The JAX backend as the fast runner steps it (action repeat, auto-reset, ``featurize``
+    applied to each observation), and its track parameters (one track, or a list tiled
+    into one map)."""
+    e = cfg.env
+    sim = make_sim(task_config(cfg), camera=e.camera, lidar_rays=e.lidar_rays,
+                   yaw_rate_noise=e.yaw_rate_noise)
+    return RacecarFunctional(sim, featurize, e.action_repeat), make_params(e.track)
+
+
+def make_env(backend: str, track, task: TaskConfig, camera: bool = False) -> gym.Env:
+    """One physics-rate environment of ``backend`` (racecar_gym's gymnasium API) on ``track``
+    (a name, path, ``procedural:…``; bullet and jax also take a :class:`rl.tracks.Track`)."""
+    if backend == "bullet":
+        from rl.envs.bullet import BulletRacecarEnv  # PyBullet: loaded only when asked for
+
+        return BulletRacecarEnv(track, task, camera=camera)
+    if backend == "racecar_gym":
+        from rl.envs.racecar_gym_env import make_racecar_gym_env  # optional dependency
+
+        name = track if isinstance(track, str) else track.name
+        return make_racecar_gym_env(name, task, camera=camera)
+    if backend == "jax":
+        return JaxRacecarEnv(track, task, sensors=SensorConfig(camera=camera))
+    raise ValueError(f"unknown backend {backend!r} (jax | bullet | racecar_gym)")
+
+
+def _env_fn(cfg: RLConfig, track: str):
+    task = task_config(cfg)
+    return lambda: ActionRepeat(make_env(cfg.env.backend, track, task, cfg.env.camera),
+                                cfg.env.action_repeat)
+
+
+def make_vector_env(cfg: RLConfig, num_envs: int, track: str | None = None):
+    """``num_envs`` host envs of ``env.backend`` with the action repeat and episode
+    statistics, same-step autoreset; a track list ("a,b,procedural:1-4") gives env i track
+    i mod n. ``env.bullet_workers`` > 0: one process per env (forkserver: forking a process
+    that runs JAX's thread pool is unsafe)."""
+    names = track_names(track or cfg.env.track)
+    fns = [_env_fn(cfg, names[i % len(names)]) for i in range(num_envs)]
+    mode = gym.vector.AutoresetMode.SAME_STEP
+    if cfg.env.bullet_workers > 0:
+        return gym.vector.AsyncVectorEnv(fns, context="forkserver", autoreset_mode=mode)
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+# --------------------------------------------------------------------------- agents
+def make_agent(cfg: RLConfig, seed: int | None = None):
+    """(model, featurize, trainable filter) of ``model.policy``. ``featurize`` maps ONE raw
+    observation to the model's input (the runners vmap it)."""
+    rngs = nnx.Rngs(cfg.seed if seed is None else seed)
+    if cfg.model.policy == "lidar_mlp":
+        beams = cfg.model.lidar_beams
+        model = MLPActorCritic(beams + 6, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs)
+        return model, (lambda obs: lidar_features(obs, beams)), nnx.Param
+    return _multimodal_agent(cfg, rngs)
+
+
+def _multimodal_agent(cfg: RLConfig, rngs: nnx.Rngs):
+    """The multimodal policy: ``init = "pretrained"`` restores encoders + fusion from
+    ``finetune.pretrained_ckpt``; ``"scratch"`` builds the same architecture (from that
+    checkpoint's saved config, or ``finetune.pretrain_config``) with random weights, so the
+    two compare fairly. ``featurize`` is the observation adapter (the ETL contract)."""
+    ft = cfg.finetune
+    if ft.init == "pretrained":
+        mae, pcfg, pre, _ = load_trained(ft.pretrained_ckpt)
+    elif ft.pretrained_ckpt:
+        _, pcfg, pre, _ = load_trained(ft.pretrained_ckpt)  # architecture only
+        mae = MultimodalMAE(pcfg.model, pre, rngs=rngs)
+    elif ft.pretrain_config:
+        pcfg = load_pretrain_config(ft.pretrain_config)
+        pre = PreprocessConfig()
+        mae = MultimodalMAE(pcfg.model, pre, rngs=rngs)
+    else:
+        raise configlib.ConfigError(
+            "finetune: the multimodal policy needs pretrained_ckpt or pretrain_config "
+            "(the architecture to build)"
+        )
+    modalities = tuple(cfg.model.modalities)
+    missing = [m for m in modalities if m not in pcfg.model.modalities]
+    if missing:
+        raise configlib.ConfigError(
+            f"model.modalities: {missing} not in the pretrained model's {pcfg.model.modalities}"
+        )
+    if ft.absent == "token":
+        if pcfg.model.absent != "token":
+            raise configlib.ConfigError(
+                "finetune.absent: 'token' needs a model pretrained with model.absent = 'token' "
+                f"(this one has {pcfg.model.absent!r})"
+            )
+        modalities = tuple(
+            m for m in pcfg.model.modalities if m in modalities or m in ("radar", "ir")
+        )
+    model = MultimodalActorCritic(
+        mae, modalities, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs
+    )
+    adapter = ObservationAdapter(pre, world_scale=cfg.env.world_scale)
+    trained = nnx.Not(nnx.PathContains("decoder"))
+    if ft.freeze_encoders:
+        trained = nnx.Not(nnx.PathContains("mae"))
+    return model, adapter.jax, nnx.All(nnx.Param, trained)
+
+
+# --------------------------------------------------------------------------- runners
+def device_mesh(num_envs: int) -> jax.sharding.Mesh | None:
+    """A 1-D ``data`` mesh over every device when the envs split evenly over them."""
+    n = jax.device_count()
+    if n > 1 and num_envs % n == 0:
+        return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    return None
+
+
+def make_runner(cfg: RLConfig) -> Runner:
+    """The fast runner for the JAX backend, the gymnasium runner for the host backends."""
+    model, featurize, trainable = make_agent(cfg)
+    if cfg.env.backend == "jax":
+        env, params = make_functional(cfg, featurize)
+        return FastRunner(env, model, cfg.ppo, trainable, mesh=device_mesh(cfg.ppo.num_envs),
+                          env_params=params)
+    envs = make_vector_env(cfg, cfg.ppo.num_envs)
+    return GymRunner(envs, model, cfg.ppo, jax.vmap(featurize), spec.action_dict, trainable,
+                     spec.EPISODE_KEYS, seed=cfg.seed)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def restore_policy(ckpt_dir: str | Path, step: int | None = None):
+    """(config, model, obs_rms) of a PPO checkpoint (default: its latest step).
+
+    Restores only the policy — its parameters, the rest of the model where the checkpoint
+    has it, and the observation statistics — so no simulator is built and checkpoints stay
+    loadable when a simulator's internal state changes between versions."""
+    ckpt = Checkpointer(ckpt_dir)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
+        rec = ckpt.saved_config(step)
+        if rec.get("kind") != "ppo":
+            raise ValueError(f"{ckpt_dir}: not a PPO checkpoint")
+        cfg = configlib.from_dict(RLConfig, rec["rl"])
+        model, _, trainable = make_agent(cfg)
+        agent = split_agent(model, trainable)
+        saved = set(ckpt.manager.item_metadata(step)["state"].keys())
+        target = {"params": agent.params}
+        if "frozen" in saved:
+            target["frozen"] = agent.frozen
+        if "obs_rms" in saved and cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs:
+            target["obs_rms"] = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(abstract(target), partial_restore=True)))["state"]
+    finally:
+        ckpt.close()
+    frozen = out.get("frozen", agent.frozen)
+    return cfg, nnx.merge(agent.graphdef, out["params"], frozen), out.get("obs_rms")
+
+
+def warm_start_policy(cfg: RLConfig) -> tuple[Any, Any, Any]:
+    """(params, frozen, obs_rms) of the PPO checkpoint ``finetune.init_policy``, checked
+    against this run's agent: the [model] sections must match, and so must the observation
+    normalization. Raises ValueError naming the mismatch."""
+    src = cfg.finetune.init_policy
+    src_cfg, model, obs_rms = restore_policy(Path(src))
+    mine, theirs = configlib.to_dict(cfg.model), configlib.to_dict(src_cfg.model)
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        raise ValueError(f"finetune.init_policy {src}: [model] differs from this config in "
+                         + ", ".join(f"{k} ({theirs.get(k)!r} there, {mine.get(k)!r} here)"
+                                     for k in diff))
+    if (obs_rms is not None) != (cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs):
+        raise ValueError(f"finetune.init_policy {src}: ppo.norm_obs differs "
+                         f"({src_cfg.ppo.norm_obs} there, {cfg.ppo.norm_obs} here)")
+    _, _, trainable = make_agent(cfg)
+    agent = split_agent(model, trainable)
+    own = lambda t: jax.tree.map(lambda x: jax.numpy.array(x, copy=True), t)  # noqa: E731
+    return own(agent.params), own(agent.frozen), own(obs_rms)
