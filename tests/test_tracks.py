@@ -4,16 +4,19 @@ procedural circuits. Tests that need ../shared/data skip when it is absent."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rl import procedural
 from rl.tracks import (
     TrackError,
     compile_maps,
     load_track,
+    procedural,
     read_scene_config,
     ring_topology,
     tracks_dir,
@@ -272,3 +275,12 @@ def test_tile_tracks_keeps_every_track_and_track_0_in_place():
     assert ndimage.label(tiled.drivable)[1] == 3
     with pytest.raises(TrackError, match="tile_tracks: no tracks"):
         tile_tracks([])
+
+
+@pytest.mark.parametrize("module", ["rl.tracks.scene", "rl.tracks.compile",
+                                    "rl.tracks.procedural", "rl.tracks.track", "rl.tracks"])
+def test_tracks_modules_import_standalone(module):
+    """Each module of the rl.tracks package imports first in a fresh interpreter."""
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -1,439 +1,45 @@
-"""racecar_gym track scenes: load them, or compile their maps from the wall mesh alone.
-
-A scene is a folder (or a .zip holding one) in racecar_gym's format::
-
-    <name>.yml            map: resolution 0.05, origin [ox, oy, 0], maps, starting_grid, checkpoints
-    <name>.sdf            models `walls` and `floor`
-    meshes/Walls.obj      the walls, 1 m tall
-    maps/maps.npz         drivable_area (H, W) bool, norm_distance_from_start,
-                          norm_distance_to, norm_distance_to_obstacle in [0, 1]
-    maps/starts.npz       data (K, 6): x y z roll pitch yaw
-
-Pixel of world (x, y): row = int(H - (y - oy) / res), col = int((x - ox) / res).
-Tracks start at the origin facing +x; progress grows in that direction.
-
-    track = load_track("austria")            # ../shared/data/racecar_tracks/austria[.zip]
-    track = load_track("path/to/berlin")     # no maps.npz: compiled once, cached
-    track = load_track("procedural:7")       # rl.procedural, seeded
+"""The wall-mesh compiler: racecar_gym's four maps of a scene from its Walls.obj alone.
 
 The compiler rasterizes the whole ground footprint of the wall mesh (floor caps filled,
 side faces and outlines drawn as lines, so neither thin walls nor missing side faces leak),
 grows the start's free region past the wall line without changing its topology, and checks
 that the drivable area is a ring: one component around one island (`ring_topology`).
-Compiled maps follow the conventions measured on racecar_gym's own Austria maps:
+Compiled maps follow the conventions of racecar_gym's own Austria maps:
 progress is an 8-connected (Chebyshev) wavefront from the start pixel with the start
 line as a barrier behind it, normalized by its maximum; norm_distance_to the octile
 (8-connected, diagonal sqrt 2) geodesic distance still to drive to the line, normalized
 by its maximum; norm_distance_to_obstacle the Euclidean distance transform of the
 drivable area (pixels to the nearest non-drivable pixel) normalized by its maximum.
+`compiled_scene` caches a copy of a scene with its compiled maps, keyed by the content
+of its files and COMPILER_VERSION.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import shutil
 import tempfile
 import time
-import zipfile
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
+
+from rl.tracks.scene import (
+    TrackError,
+    cache_dir,
+    hash_files,
+    read_scene_config,
+    scene_yml,
+    world_to_pixel_array,
+)
 
 COMPILER_VERSION = 8
 # racecar_gym's drivable_area extends this many pixels beyond the wall line (measured on
 # Austria: pixels whose centre lies 1.5 px outside are drivable, 1.94 px are not).
 WALL_MARGIN_PX = 1.75
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MAP_KEYS = ("drivable_area", "norm_distance_from_start", "norm_distance_to",
-            "norm_distance_to_obstacle")
-
-
-class TrackError(RuntimeError):
-    """A scene that is missing or broken; the message says which file and why."""
-
-
-# ---------------------------------------------------------------------------- the track
-
-
-@dataclass(frozen=True, eq=False)
-class Track:
-    name: str
-    resolution: float
-    origin: tuple[float, float]
-    drivable: np.ndarray  # (H, W) bool
-    progress: np.ndarray  # (H, W) float32, norm_distance_from_start
-    dist_to: np.ndarray  # (H, W) float32, norm_distance_to
-    obstacle: np.ndarray  # (H, W) float32, norm_distance_to_obstacle
-    obstacle_m: np.ndarray  # (H, W) float32, metres from a drivable pixel to the wall
-    starts: np.ndarray  # (K, 6) x y z roll pitch yaw
-    checkpoints: int
-    scene_dir: Path
-    lap_length_m: float
-    centreline: np.ndarray = field(repr=False)  # (N, 2) world x, y ordered by progress
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.drivable.shape
-
-    def world_to_pixel(self, x: float, y: float) -> tuple[int, int]:
-        """racecar_gym's GridMap.to_pixel: (row, col), unclipped ints."""
-        h = self.drivable.shape[0]
-        ox, oy = self.origin
-        return int(h - (y - oy) / self.resolution), int((x - ox) / self.resolution)
-
-    def pixel_to_world(self, row, col):
-        """Centre of pixel (row, col) in world metres (vectorized)."""
-        h = self.drivable.shape[0]
-        ox, oy = self.origin
-        x = ox + (np.asarray(col) + 0.5) * self.resolution
-        y = oy + (h - np.asarray(row) - 0.5) * self.resolution
-        return x, y
-
-    def world_to_pixel_array(self, x, y, xp=np):
-        """Vectorized world_to_pixel for numpy or jax.numpy, clipped into the map."""
-        return world_to_pixel_array(x, y, self.origin, self.resolution, self.drivable.shape, xp)
-
-    def plot_window(self, pad_px: int = 10):
-        """(row slice, col slice) around the drivable area plus ``pad_px``, and its matplotlib
-        ``extent`` (left, right, bottom, top) in world metres — for drawing maps."""
-        rows, cols = np.nonzero(self.drivable)
-        h, w = self.drivable.shape
-        r0, r1 = max(rows.min() - pad_px, 0), min(rows.max() + pad_px, h)
-        c0, c1 = max(cols.min() - pad_px, 0), min(cols.max() + pad_px, w)
-        ox, oy = self.origin
-        res = self.resolution
-        extent = (ox + c0 * res, ox + c1 * res, oy + (h - r1) * res, oy + (h - r0) * res)
-        return (slice(r0, r1), slice(c0, c1)), extent
-
-    def cropped(self, margin_m: float = 2.0) -> Track:
-        """The same track on the map window holding its drivable area plus ``margin_m`` on
-        every side (walls included): identical lookups for every drivable position, and maps
-        small enough to stay in cache (Austria: 2000² → ~600² pixels, ~10× faster random
-        lookups in the JAX backend). Where the map has less margin than that it is padded
-        with wall (not drivable, zero distances and progress). World coordinates do not
-        change."""
-        rows, cols = np.nonzero(self.drivable)
-        m = int(np.ceil(margin_m / self.resolution))
-        h, w = self.drivable.shape
-        r0, r1 = rows.min() - m, rows.max() + 1 + m
-        c0, c1 = cols.min() - m, cols.max() + 1 + m
-        pads = ((max(0, -r0), max(0, r1 - h)), (max(0, -c0), max(0, c1 - w)))
-        ox, oy = self.origin
-        origin = (ox + c0 * self.resolution, oy + (h - r1) * self.resolution)
-
-        def crop(a):
-            a = np.pad(a, pads) if any(sum(p) for p in pads) else a
-            return np.ascontiguousarray(a[r0 + pads[0][0]:r1 + pads[0][0],
-                                          c0 + pads[1][0]:c1 + pads[1][0]])
-
-        return replace(
-            self,
-            origin=origin,
-            drivable=crop(self.drivable),
-            progress=crop(self.progress),
-            dist_to=crop(self.dist_to),
-            obstacle=crop(self.obstacle),
-            obstacle_m=crop(self.obstacle_m),
-        )
-
-    def value(self, grid: np.ndarray, x, y):
-        r, c = self.world_to_pixel_array(x, y)
-        return grid[r, c]
-
-    @property
-    def scene_yml(self) -> Path:
-        return self.scene_dir / f"{self.name}.yml"
-
-    @property
-    def scene_sdf(self) -> Path:
-        return self.scene_dir / f"{self.name}.sdf"
-
-
-def world_to_pixel_array(x, y, origin, resolution, shape, xp=np):
-    """(row, col) int32 arrays of world points, clipped into the map; numpy or jax.numpy.
-
-    Same as int(...) truncation for points inside the map (all there are positive)."""
-    h, w = shape
-    ox, oy = origin
-    r = xp.floor(h - (y - oy) / resolution).astype(xp.int32)
-    c = xp.floor((x - ox) / resolution).astype(xp.int32)
-    return xp.clip(r, 0, h - 1), xp.clip(c, 0, w - 1)
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def tracks_dir() -> Path:
-    env = os.environ.get("RACEFORMER_TRACKS")
-    if env:
-        return Path(env)
-    return REPO_ROOT.parent / "shared" / "data" / "racecar_tracks"
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("RACEFORMER_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "raceformer"
-    d = base / "tracks"
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".probe"
-        probe.touch()
-        probe.unlink()
-    except OSError:
-        d = Path(tempfile.gettempdir()) / "raceformer-tracks"
-        d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def resolve_scene(name_or_path: str | os.PathLike) -> Path:
-    """A scene folder or .zip for a path, or a bare name under tracks_dir()."""
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    s = str(name_or_path)
-    if os.sep not in s and "/" not in s:
-        base = tracks_dir()
-        for cand in (base / s, base / f"{s}.zip"):
-            if cand.exists():
-                return cand
-        raise TrackError(f"track {s!r}: neither {base / s} nor {base / s}.zip exists "
-                         f"(set RACEFORMER_TRACKS to the folder holding racecar_gym scenes)")
-    raise TrackError(f"track {s!r}: no such file or folder")
-
-
-def _hash_files(paths, extra: str = "") -> str:
-    h = hashlib.sha256(extra.encode())
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _extract_zip(zpath: Path) -> Path:
-    """Extract once into the cache, named by the zip's content hash; returns the scene dir."""
-    key = _hash_files([zpath])
-    out = cache_dir() / f"{zpath.stem}-zip-{key}"
-    if not (out / ".complete").exists():
-        try:
-            zf = zipfile.ZipFile(zpath)
-        except zipfile.BadZipFile as e:
-            raise TrackError(f"{zpath}: not a valid zip ({e})") from e
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".extract-"))
-        with zf:
-            for info in zf.infolist():
-                target = (tmp / info.filename).resolve()
-                if not str(target).startswith(str(tmp.resolve())):
-                    raise TrackError(f"{zpath}: unsafe member path {info.filename!r}")
-            zf.extractall(tmp)
-        (tmp / ".complete").touch()
-        if out.exists():
-            shutil.rmtree(out, ignore_errors=True)
-        try:
-            tmp.rename(out)
-        except OSError:  # a concurrent process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    ymls = list(out.glob("*.yml")) + list(out.glob("*/*.yml"))
-    if not ymls:
-        raise TrackError(f"{zpath}: no <name>.yml in the archive")
-    return ymls[0].parent
-
-
-def _scene_yml(scene: Path) -> Path:
-    cand = scene / f"{scene.name}.yml"
-    if cand.exists():
-        return cand
-    ymls = sorted(scene.glob("*.yml"))
-    if len(ymls) != 1:
-        raise TrackError(f"{scene}: expected one <name>.yml, found {[y.name for y in ymls]}")
-    return ymls[0]
-
-
-def read_scene_config(scene: Path) -> dict:
-    yml = _scene_yml(scene)
-    try:
-        cfg = yaml.safe_load(yml.read_text())
-        m = cfg["map"]
-        cfg["_resolution"] = float(m["resolution"])
-        cfg["_origin"] = (float(m["origin"][0]), float(m["origin"][1]))
-        cfg["_checkpoints"] = int(m.get("checkpoints", 5))
-        cfg["_maps"] = scene / m.get("maps", "maps/maps.npz")
-        cfg["_starts"] = scene / m.get("starting_grid", "maps/starts.npz")
-        cfg["_name"] = str(cfg.get("name", yml.stem))
-    except (yaml.YAMLError, KeyError, TypeError, IndexError, ValueError) as e:
-        raise TrackError(f"{yml}: broken scene config ({type(e).__name__}: {e})") from e
-    return cfg
-
-
-def _load_npz(path: Path, keys) -> dict:
-    if not path.exists():
-        raise TrackError(f"{path}: missing")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise TrackError(f"{path}: missing arrays {missing} (has {z.files})")
-            return {k: z[k] for k in keys}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise TrackError(f"{path}: unreadable npz ({e})") from e
-
-
-def _load_optional(path: Path, key: str):
-    with np.load(path, allow_pickle=False) as z:
-        return z[key] if key in z.files else None
-
-
-def track_names(spec: str) -> list[str]:
-    """A comma-separated list of tracks, ``procedural:[<family>:]a-b`` expanding to seeds
-    a..b (inclusive): ``"austria,procedural:1-3"`` → austria, procedural:1, procedural:2,
-    procedural:3. A single name (or path) is a list of one."""
-    names: list[str] = []
-    for part in (p.strip() for p in str(spec).split(",")):
-        if not part:
-            raise TrackError(f"{spec!r}: empty entry in the track list")
-        if part.startswith("procedural:") and "-" in part.split(":", 1)[1]:
-            family, _, seeds = part.split(":", 1)[1].rpartition(":")
-            prefix = f"procedural:{family + ':' if family else ''}"
-            lo, _, hi = seeds.partition("-")
-            try:
-                a, b = int(lo), int(hi)
-            except ValueError as e:
-                raise TrackError(f"{part!r}: expected procedural:[<family>:]<seed>-<seed>") from e
-            if b < a:
-                raise TrackError(f"{part!r}: empty seed range")
-            names += [f"{prefix}{i}" for i in range(a, b + 1)]
-        else:
-            names.append(part)
-    return names
-
-
-def tile_tracks(tracks: list[Track], margin_m: float = 2.0) -> tuple[Track, np.ndarray]:
-    """Several tracks side by side in one map, each on its own tile (its drivable area plus
-    ``margin_m`` of wall): one world in which a car spawned on a tile races that track — the
-    JAX backend trains on many tracks at once with no per-env track index. Tiles are packed
-    in shelves of ceil(sqrt(n)); track 0 keeps its world coordinates. Returns the combined
-    Track (starts, centreline, lap length and checkpoints of track 0) and the (n, 2) world
-    offset (x, y) that was added to each track's coordinates."""
-    if not tracks:
-        raise TrackError("tile_tracks: no tracks")
-    res = tracks[0].resolution
-    for t in tracks[1:]:
-        if abs(t.resolution - res) > 1e-9:
-            raise TrackError(f"tile_tracks: {t.name} has resolution {t.resolution}, "
-                             f"{tracks[0].name} {res}")
-        if t.checkpoints != tracks[0].checkpoints:
-            raise TrackError(f"tile_tracks: {t.name} has {t.checkpoints} checkpoints, "
-                             f"{tracks[0].name} {tracks[0].checkpoints}")
-    tiles = [t.cropped(margin_m) for t in tracks]
-    per_shelf = int(np.ceil(np.sqrt(len(tiles))))
-    shelves = [tiles[i:i + per_shelf] for i in range(0, len(tiles), per_shelf)]
-    width = max(sum(t.shape[1] for t in shelf) for shelf in shelves)
-    height = sum(max(t.shape[0] for t in shelf) for shelf in shelves)
-    place = []  # (bottom row offset from the map's bottom, left column) per tile
-    bottom = 0
-    for shelf in shelves:
-        left = 0
-        for t in shelf:
-            place.append((bottom, left))
-            left += t.shape[1]
-        bottom += max(t.shape[0] for t in shelf)
-    ox, oy = tiles[0].origin  # tile 0 at the bottom-left corner keeps its coordinates
-    maps = {k: np.zeros((height, width), getattr(tiles[0], k).dtype)
-            for k in ("drivable", "progress", "dist_to", "obstacle", "obstacle_m")}
-    offsets = np.zeros((len(tiles), 2))
-    for i, (t, (b, c)) in enumerate(zip(tiles, place, strict=True)):
-        h, w = t.shape
-        for k, m in maps.items():
-            m[height - b - h:height - b, c:c + w] = getattr(t, k)
-        offsets[i] = (ox + c * res - t.origin[0], oy + b * res - t.origin[1])
-    return replace(
-        tiles[0],
-        name="+".join(t.name for t in tracks),
-        origin=(ox, oy),
-        **maps,
-    ), offsets
-
-
-def load_track(name_or_path: str | os.PathLike, *, verbose: bool = False) -> Track:
-    """Load a scene by name, folder, .zip, or ``procedural:[<family>:]<seed>``
-    (rl.procedural.FAMILIES)."""
-    s = str(name_or_path)
-    if s.startswith("procedural:"):
-        from rl import procedural
-
-        family, _, seed_s = s.split(":", 1)[1].rpartition(":")
-        try:
-            seed = int(seed_s)
-        except ValueError as e:
-            raise TrackError(f"{s!r}: expected procedural:[<family>:]<int seed>") from e
-        if family not in procedural.FAMILIES:
-            raise TrackError(f"{s!r}: unknown procedural family {family!r}; known: "
-                             f"{sorted(k for k in procedural.FAMILIES if k)}")
-        return load_track(procedural.scene_path(seed, family), verbose=verbose)
-    src = resolve_scene(name_or_path)
-    scene = _extract_zip(src) if src.suffix == ".zip" else src
-    if not scene.is_dir():
-        raise TrackError(f"{scene}: not a scene folder or .zip")
-    cfg = read_scene_config(scene)
-    if not cfg["_maps"].exists():
-        scene = compiled_scene(scene, verbose=verbose)
-        cfg = read_scene_config(scene)
-    maps = _load_npz(cfg["_maps"], MAP_KEYS)
-    stored_centre = _load_optional(cfg["_maps"], "centreline")
-    starts = _load_npz(cfg["_starts"], ["data"])["data"].astype(np.float64)
-    if starts.ndim != 2 or starts.shape[1] != 6:
-        raise TrackError(f"{cfg['_starts']}: 'data' must be (K, 6), got {starts.shape}")
-    drivable = maps["drivable_area"].astype(bool)
-    if drivable.ndim != 2 or not drivable.any():
-        raise TrackError(f"{cfg['_maps']}: drivable_area empty or not 2-D")
-    for k in MAP_KEYS[1:]:
-        if maps[k].shape != drivable.shape:
-            raise TrackError(f"{cfg['_maps']}: {k} shape {maps[k].shape} != {drivable.shape}")
-    res = cfg["_resolution"]
-    edt = ndimage.distance_transform_edt(drivable)
-    # metres to the wall surface: the drivable edge lies 0.5 px past the last drivable
-    # centre and the wall WALL_MARGIN_PX inside it (see compile_maps)
-    obstacle_m = (np.maximum(edt - 0.5 - WALL_MARGIN_PX, 0.0) * res).astype(np.float32)
-    progress = maps["norm_distance_from_start"].astype(np.float32)
-    obstacle = maps["norm_distance_to_obstacle"].astype(np.float32)
-    if stored_centre is not None and stored_centre.ndim == 2 and stored_centre.shape[1] == 2:
-        centre = stored_centre.astype(np.float64)
-    else:
-        centre = centreline_from_maps(drivable, progress, obstacle, cfg["_origin"], res)
-    lap = float(np.sum(np.linalg.norm(np.diff(centre, axis=0, append=centre[:1]), axis=1)))
-    return Track(
-        name=cfg["_name"], resolution=res, origin=cfg["_origin"], drivable=drivable,
-        progress=progress, dist_to=maps["norm_distance_to"].astype(np.float32),
-        obstacle=obstacle, obstacle_m=obstacle_m, starts=starts,
-        checkpoints=cfg["_checkpoints"], scene_dir=scene, lap_length_m=lap, centreline=centre,
-    )
-
-
-def centreline_from_maps(drivable, progress, obstacle, origin, res, n: int = 256):
-    """(n, 2) world points along the lap: per progress bin, the mean of its pixels lying
-    on the ridge of the obstacle distance (>= 80% of the bin's widest)."""
-    h = drivable.shape[0]
-    rows, cols = np.nonzero(drivable)
-    p = progress[rows, cols]
-    o = obstacle[rows, cols]
-    b = np.minimum((p * n).astype(np.int64), n - 1)
-    omax = np.zeros(n)
-    np.maximum.at(omax, b, o)
-    keep = o >= 0.8 * omax[b]
-    cnt = np.bincount(b[keep], minlength=n).astype(np.float64)
-    xs = np.bincount(b[keep], weights=origin[0] + (cols[keep] + 0.5) * res, minlength=n)
-    ys = np.bincount(b[keep], weights=origin[1] + (h - rows[keep] - 0.5) * res, minlength=n)
-    ok = cnt > 0
-    return np.stack([xs[ok] / cnt[ok], ys[ok] / cnt[ok]], axis=1).astype(np.float64)
-
-
-# ---------------------------------------------------------------------------- compiler
 
 
 def read_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -881,9 +487,9 @@ def compiled_scene(scene: Path, verbose: bool = False) -> Path:
     """A cached copy of `scene` with maps/maps.npz compiled from its wall mesh."""
     cfg = read_scene_config(scene)
     walls = scene / "meshes" / "Walls.obj"
-    yml = _scene_yml(scene)
+    yml = scene_yml(scene)
     files = [yml, walls] + ([cfg["_starts"]] if cfg["_starts"].exists() else [])
-    key = _hash_files(files, extra=f"v{COMPILER_VERSION}")
+    key = hash_files(files, extra=f"v{COMPILER_VERSION}")
     out = cache_dir() / f"{cfg['_name']}-compiled-{key}"
     maps_path = out / Path(cfg["map"].get("maps", "maps/maps.npz"))
     if maps_path.exists():

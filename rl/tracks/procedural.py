@@ -8,9 +8,9 @@ jittered radii — so it never crosses itself; its curvature radius is kept abov
 ``min_turn_radius`` (resampled deterministically otherwise) so that the walls at
 ±width/2 cannot fold. The curve is moved so that the start is at the origin with the
 driving direction +x (clockwise or counter-clockwise at random), and written in the
-scene format of rl.tracks (yml, sdf, meshes/Walls.obj with 1 m walls, maps/maps.npz
-compiled from those walls, maps/starts.npz), so it loads exactly like racecar_gym's own.
-Same seed, same bytes.
+scene format of rl.tracks.scene (yml, sdf, meshes/Walls.obj with 1 m walls, maps/maps.npz
+compiled from those walls by rl.tracks.compile, maps/starts.npz), so it loads exactly like
+racecar_gym's own. Same seed, same bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from scipy.interpolate import CubicSpline
 
-from rl.tracks import cache_dir, compile_maps, save_maps
+from rl.tracks.compile import compile_maps, save_maps
+from rl.tracks.scene import cache_dir
 
 VERSION = 2
 DEFAULT_TRACK = "procedural:0"
