@@ -205,6 +205,12 @@ def make_runner(cfg: RLConfig) -> Runner:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def saved_state_keys(state_dir: Path) -> list[str]:
+    """The top-level keys of a checkpoint's saved ``state`` item (read from its metadata)."""
+    meta = ocp.StandardCheckpointer().metadata(state_dir)
+    return list(meta.item_metadata.tree.keys())
+
+
 def restore_policy(ckpt_dir: str | Path, step: int | None = None):
     """(config, model, obs_rms) of a PPO checkpoint (default: its latest step).
 
@@ -222,7 +228,7 @@ def restore_policy(ckpt_dir: str | Path, step: int | None = None):
         cfg = configlib.from_dict(RLConfig, rec["rl"])
         model, _, trainable = make_agent(cfg)
         agent = split_agent(model, trainable)
-        saved = set(ckpt.manager.item_metadata(step)["state"].keys())
+        saved = set(saved_state_keys(ckpt.directory / str(step) / "state"))
         target = {"params": agent.params}
         if "frozen" in saved:
             target["frozen"] = agent.frozen
