@@ -141,11 +141,11 @@ def bench_bullet(steps: int = 2000, camera: bool = False, track: str = "procedur
 
 
 def calibration_table() -> list[tuple[str, float, float]]:
-    """rl.envs.bullet.calibrate() (open floor at the tracks' friction) next to the same
-    protocol run on the JAX car's Dynamics (rl.envs.jax_env.calibrate)."""
-    from rl.envs import bullet, jax_env
+    """rl.envs.calibration.calibrate_bullet() (open floor at the tracks' friction) next to the
+    same protocol run on the JAX car's Dynamics (calibrate_jax)."""
+    from rl.envs.calibration import calibrate_bullet, calibrate_jax
 
-    b, j = bullet.calibrate(), jax_env.calibrate()
+    b, j = calibrate_bullet(), calibrate_jax()
     rows = [(k, b[k], j[k]) for k in b]
     print(f"{'figure':38} {'pybullet':>9} {'jax':>9}")
     for k, x, y in rows:
@@ -174,29 +174,16 @@ def fit_dynamics(max_nfev: int = 300) -> dict:
     """Least-squares fit of jax_env.Dynamics to PyBullet open-floor traces (speed curves,
     and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction; prints and
     returns the fitted fields (then check them with --calibrate and the parity tests)."""
-    import os
     from dataclasses import replace
 
     import numpy as np
-    import pybullet as p
-    import pybullet_data
     from scipy.optimize import least_squares
 
-    from rl.envs import bullet
-    from rl.envs.jax_env import Dynamics, _open_floor
+    from rl.envs.calibration import open_floor_bullet, open_floor_jax
+    from rl.envs.jax_env import Dynamics
 
-    cid = p.connect(p.DIRECT)
-    try:
-        p.setGravity(0, 0, -bullet.GRAVITY, physicsClientId=cid)
-        p.setTimeStep(bullet.DT, physicsClientId=cid)
-        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
-                           physicsClientId=cid)
-        p.changeDynamics(plane, -1, lateralFriction=bullet.TRACK_FLOOR_FRICTION,
-                         physicsClientId=cid)
-        car = bullet._OpenFloorCar(cid, bullet.VehicleParams())
+    with open_floor_bullet() as car:  # the tracks' floor friction
         ref = {k: car.run(pol, n) for k, (n, pol) in FIT_PROTOCOLS.items()}
-    finally:
-        p.disconnect(physicsClientId=cid)
 
     def smooth(x):
         return np.convolve(x, np.ones(15) / 15, mode="same")
@@ -205,7 +192,7 @@ def fit_dynamics(max_nfev: int = 300) -> dict:
         dyn = replace(Dynamics(), **dict(zip(FIT_FIELDS, x, strict=True)))
         out = []
         for k, (n, pol) in FIT_PROTOCOLS.items():
-            sim, tr = _open_floor(dyn, pol, n), ref[k]
+            sim, tr = open_floor_jax(dyn, pol, n), ref[k]
             if k.startswith("steer") or "steer" in k:
                 out += [(smooth(tr[:, 4]) - sim[:, 4])[::5], 0.5 * (tr[:, 3] - sim[:, 3])[::5]]
             else:

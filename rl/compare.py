@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from etl import configlib
+from rl.plots import CURVES, plot_curves, read_curve
 
 
 def log(msg: str) -> None:
@@ -49,29 +50,6 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
         if "=" not in s:
             raise configlib.ConfigError(f"--variant {text!r}: {s!r} is not KEY=VALUE")
     return name, sets
-
-
-# metric names older runs logged under another name (laps per episode, before both runners
-# reported rl.envs.spec.EPISODE_KEYS)
-OLD_NAMES = {"episode/laps": ("episode/progress", "episode/laps_driven")}
-
-
-def read_curve(metrics_jsonl: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(env steps, values) of ``key`` in a run's metrics.jsonl (finite values only)."""
-    from rl.evaluate import read_metrics
-
-    xs, ys = [], []
-    if not metrics_jsonl.exists():
-        return np.zeros(0), np.zeros(0)
-    recs = read_metrics(metrics_jsonl)
-    names = (key, *OLD_NAMES.get(key, ()))
-    key = next((k for k in names if any(k in r for r in recs)), key)
-    for r in recs:
-        v = r.get(key)
-        if "env_steps" in r and v is not None and np.isfinite(v):
-            xs.append(r["env_steps"])
-            ys.append(v)
-    return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
 
 
 def _ms(v: list[float]) -> dict[str, float | None]:
@@ -125,45 +103,6 @@ def markdown(agg: dict[str, Any], mode: str, header: str) -> str:
         lines.append(f"| {name} | {len(v['seeds'])} | {_fmt(v['final_return'], 1)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_curves(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], out: Path,
-                title: str) -> Path | None:
-    from rl.evaluate import _plt, save_figure
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(5.5 * len(CURVE_KEYS), 3.8))
-    drawn = False
-    for ax, (label, key) in zip(np.atleast_1d(axes), CURVE_KEYS, strict=True):
-        for variant, per_seed in curves.items():
-            per_seed = [c[key] for c in per_seed if len(c[key][0])]
-            if not per_seed:
-                continue
-            grid = np.unique(np.concatenate([x for x, _ in per_seed]))
-            ys = np.stack([np.interp(grid, x, y, left=np.nan, right=np.nan)
-                           for x, y in per_seed])
-            ok = np.isfinite(ys).all(0)  # the steps every seed has reached
-            if not ok.any():
-                continue
-            m = ys[:, ok].mean(0)
-            line, = ax.plot(grid[ok], m, label=f"{variant} (n={len(per_seed)})")
-            ax.fill_between(grid[ok], ys[:, ok].min(0), ys[:, ok].max(0),
-                            color=line.get_color(), alpha=0.2)
-            drawn = True
-        ax.set_title(f"{label} ({key})", fontsize=9)
-        ax.set_xlabel("env steps")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if not drawn:
-        plt.close(fig)
-        return None
-    fig.suptitle(title)
-    return save_figure(fig, out)
-
-
-CURVE_KEYS = (("episode return", "episode/ep_return"), ("laps per episode", "episode/laps"),
-              ("collision steps per episode", "episode/collisions"))
 
 
 def run_is_complete(cfg, run_dir: Path) -> bool:
@@ -248,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.setdefault(name, {})[seed] = {
             "run": str(run_dir), "eval": report,
             "final_return": float(ret[-5:].mean()) if len(ret) else None}
-        curves.setdefault(name, []).append({k: read_curve(metrics, k) for _, k in CURVE_KEYS})
+        curves.setdefault(name, []).append({label: read_curve(metrics, keys)
+                                            for label, keys in CURVES})
     modes = list(next(iter(next(iter(runs.values())).values()))["eval"]["results"])
     result = {"command": "python -m rl.compare " + " ".join(sys.argv[1:] if argv is None
                                                               else argv),

@@ -122,7 +122,7 @@ class RLConfig:
         ):
             raise configlib.ConfigError("model.modalities: 'rgb' needs env.camera = true")
         if self.imitate.teacher:
-            from rl.plan import teacher_keywords
+            from rl.drivers import teacher_keywords
 
             unknown = sorted(set(self.imitate.teacher) - teacher_keywords())
             if unknown:

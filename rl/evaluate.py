@@ -37,20 +37,16 @@ PyBullet backend the same seed gives the same episode too.
 Any backend, any policy. :func:`evaluate_policy` accepts any callable ``obs -> action`` (one
 observation dict, no batch axis; the action a [motor, steering] array or a dict of them), so
 a policy trained in the JAX backend runs in PyBullet or racecar_gym and vice versa (zero-shot
-transfer between simulators), and so do the backends' scripted gap followers (``--scripted``).
+transfer between simulators), and so do the scripted drivers of :mod:`rl.drivers`
+(``--scripted``).
 The JAX backend runs all episodes of a track as one jitted, vmapped ``lax.scan`` (policy steps
 outside, the action repeat's physics steps inside, every physics step recorded); a policy that
 cannot be traced (numpy code) falls back to a host loop over the same simulator. The host
 backends run a Python loop.
 
-Writes ``metrics.json`` and PNGs into ``--out`` (default ``runs/<run>/eval``): per track and
-protocol the trajectories coloured by speed over the track map, and the run's learning curves
-from ``runs/<run>/metrics.jsonl`` when present.
-
-Cost on a CPU: about 2 ms per episode per physics step in the JAX scan (10 × 160 s on Austria
-≈ 5 CPU-minutes), a few ms per physics step in PyBullet; on a GPU the vmapped scan is the
-fast path. Reference (PyBullet, bullet's scripted gap follower, Austria, 160 s, continue):
-3.65 laps, 43.4 s laps, ~2.1 m/s, 21 (debounced) wall contacts per km at two hairpins.
+Writes ``metrics.json`` and PNGs (:mod:`rl.plots`) into ``--out`` (default
+``runs/<run>/eval``): per track and protocol the trajectories coloured by speed over the track
+map, and the run's learning curves from ``runs/<run>/metrics.jsonl`` when present.
 """
 
 from __future__ import annotations
@@ -65,12 +61,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rl import factory
+from rl.config import RLConfig
+from rl.drivers import scripted_policy
 from rl.envs import spec
 from rl.envs.jax_env import make_params
 from rl.envs.spec import TaskConfig
+from rl.plots import plot_learning_curves, plot_trajectories
+from rl.tracks import Track, load_track
+from train.checkpoint import Checkpointer
 
 BIG_LAPS = 100_000  # "laps = a large number": only the time limit (or a collision) ends it
 DEFAULT_TRACKS = "austria,berlin,montreal,torino"
@@ -236,9 +240,6 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
     observation goes through the training featurization (``featurize`` maps ONE observation,
     as make_agent's does — the runners vmap it), gets a batch axis of one, the training
     observation normalization, and the Gaussian mean is clipped to [-1, 1]."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
     graphdef, state = nnx.split(model)
 
@@ -253,27 +254,6 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
     return jax.jit(act)
 
 
-def scripted_policy(driver: str, track=None) -> Callable:
-    """A scripted driver as an ``obs -> action`` callable: a backend's gap follower
-    (``jax``, ``bullet``), or ``line``: :class:`rl.plan.LineFollower` on the clean lap planned
-    for ``track`` (a driver that knows the way — the reference for learned policies)."""
-    if driver == "line":
-        if track is None:
-            raise ValueError("the line driver needs the track it plans")
-        from rl.plan import line_driver
-
-        return line_driver(track)
-    if driver == "jax":
-        from rl.envs.jax_env import gap_follower
-
-        return lambda obs: gap_follower(obs["lidar"])
-    if driver == "bullet":
-        from rl.envs.bullet import gap_follower as bullet_gap_follower
-
-        return bullet_gap_follower
-    raise ValueError(f"unknown scripted driver {driver!r} (jax | bullet | line)")
-
-
 # =========================================================================== rollouts
 def _task(time_limit: float, terminate_on_collision: bool, camera: bool) -> TaskConfig:
     """The evaluation protocol's task: grid start, many laps, the given time limit."""
@@ -284,15 +264,12 @@ def _task(time_limit: float, terminate_on_collision: bool, camera: bool) -> Task
 
 def _episode_key(seed: int):
     """The key JaxRacecarEnv.reset(seed=seed) would use, so scan and host paths agree."""
-    import jax
 
     return jax.random.split(jax.random.PRNGKey(seed))[1]
 
 
 def _jax_rollout(env, policy_fn: Callable, n_policy_steps: int, action_repeat: int):
     """jit(vmap(episode)) over keys: every physics step recorded, frozen once done."""
-    import jax
-    import jax.numpy as jnp
 
     def record(st):
         return {"time": st.time, "x": st.pos[0], "y": st.pos[1], "speed": st.v,
@@ -337,7 +314,6 @@ def _traces_from_jax(first: dict, recs: dict) -> list[tuple[dict, str]]:
 def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
                 terminate_on_collision=False, camera=False) -> list[tuple[dict, str]]:
     """All episodes of one track in the JAX backend as one jitted, vmapped scan."""
-    import jax.numpy as jnp
 
     env = factory.make_sim(_task(time_limit, terminate_on_collision, camera), camera=camera)
     params = make_params(track)
@@ -400,9 +376,7 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
     (scan for the JAX backend, falling back to the host loop for an untraceable policy).
     Returns ``{"track", "backend", "episodes": [metrics…], "aggregate": {…},
     "traces": [{time, x, y, speed, lap, total, collision} arrays…]}``."""
-    import jax
 
-    from rl.tracks import Track, load_track
 
     trk = track if isinstance(track, Track) else load_track(track)
     seeds = [seed + i for i in range(episodes)]
@@ -439,108 +413,6 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
         "aggregate": aggregate(eps),
         "traces": [tr for tr, _ in results],
     }
-
-
-# =========================================================================== plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, out: Path, dpi: int = 100) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure; returns the path."""
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    _plt().close(fig)
-    return out
-
-
-def read_metrics(metrics_jsonl: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (a line cut off by preemption is skipped)."""
-    recs = []
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return recs
-
-
-def plot_trajectories(track, result: dict, out: Path, title: str = "") -> Path:
-    """Every episode's path over the drivable area, coloured by speed."""
-    from matplotlib.collections import LineCollection
-
-    plt = _plt()
-    sl, extent = track.plot_window()
-    fig, ax = plt.subplots(figsize=(9, 7.5))
-    ax.imshow(track.drivable[sl], cmap="gray", extent=extent, vmin=-0.6, vmax=1.3)
-    vmax = max([float(np.max(t["speed"])) for t in result["traces"] if len(t["speed"])] + [0.1])
-    lc = None
-    for tr in result["traces"]:
-        step = max(len(tr["x"]) // 4000, 1)
-        xy = np.stack([tr["x"][::step], tr["y"][::step]], 1)
-        if len(xy) < 2:
-            continue
-        seg = np.stack([xy[:-1], xy[1:]], 1)
-        lc = LineCollection(seg, cmap="plasma", linewidths=1.2, alpha=0.8)
-        lc.set_array(np.asarray(tr["speed"][::step][1:], np.float64))
-        lc.set_clim(0.0, vmax)
-        ax.add_collection(lc)
-        hits = np.asarray(tr["collision"], bool)
-        if hits.any():
-            edge = np.nonzero(hits & ~np.r_[False, hits[:-1]])[0]
-            ax.plot(tr["x"][edge], tr["y"][edge], "x", color="cyan", ms=6, mew=1.5)
-    if lc is not None:
-        fig.colorbar(lc, ax=ax, fraction=0.046, label="speed [m/s]")
-    ax.plot([0], [0], ">", color="lime", ms=10)
-    a = result["aggregate"]
-    lt = f", lap {a['lap_time_mean']:.1f} s" if a["lap_times"] else ""
-    ax.set_title(title or f"{result['track']} ({result['backend']}): "
-                 f"{a['laps_mean']:.2f} ± {a['laps_std']:.2f} laps{lt}, "
-                 f"{a['collisions_per_km']:.1f} collisions/km (x = contact)")  # fmt: skip
-    ax.set_xlabel("x [m]")
-    ax.set_ylabel("y [m]")
-    ax.set_aspect("equal")
-    return save_figure(fig, out)
-
-
-CURVES = (
-    ("episode return", ("episode/ep_return",)),
-    ("laps driven per episode", ("episode/progress", "episode/laps_driven")),
-    ("collision steps per episode", ("episode/collisions",)),
-)
-
-
-def plot_learning_curves(metrics_jsonl: Path, out: Path) -> Path | None:
-    """Episode return, laps and collisions vs env steps from a run's metrics.jsonl."""
-    recs = [r for r in read_metrics(metrics_jsonl) if "env_steps" in r]
-    if not recs:
-        return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.6))
-    x = np.asarray([r["env_steps"] for r in recs], np.float64)
-    for ax, (label, keys) in zip(axes, CURVES, strict=True):
-        key = next((k for k in keys if any(k in r for r in recs)), None)
-        if key is not None:
-            y = np.asarray([r.get(key, np.nan) if r.get(key) is not None else np.nan
-                            for r in recs], np.float64)  # fmt: skip
-            ok = np.isfinite(y)
-            ax.plot(x[ok], y[ok], "-o", ms=2)
-            ax.set_title(f"{label}\n({key})", fontsize=9)
-        else:
-            ax.set_title(f"{label}: not logged", fontsize=9)
-        ax.set_xlabel("env steps")
-        ax.grid(alpha=0.3)
-    fig.suptitle(str(Path(metrics_jsonl).parent.name))
-    return save_figure(fig, out)
 
 
 # =========================================================================== CLI
@@ -592,7 +464,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
 
-    from rl.config import RLConfig
 
     run_dir = None
     step = None
@@ -603,10 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         policy = None if driver == "line" else scripted_policy(driver)
         repeat = args.action_repeat or 1
         out = Path(args.out or f"runs/scripted_{driver}/eval_{backend}")
-        source = {"policy": "scripted line follower (rl.plan)" if driver == "line"
-                  else f"scripted gap_follower ({driver})"}
+        source = {"policy": "scripted line follower (rl.drivers)" if driver == "line"
+                  else f"scripted gap follower ({driver}, rl.drivers)"}
     else:
-        from train.checkpoint import Checkpointer
 
         ckpt = Path(args.ckpt)
         c = Checkpointer(ckpt)
@@ -627,7 +497,6 @@ def main(argv: list[str] | None = None) -> int:
     tracks = [t.strip() for t in args.tracks.split(",") if t.strip()]
     out.mkdir(parents=True, exist_ok=True)
 
-    from rl.tracks import load_track
 
     report: dict[str, Any] = {
         "command": "python -m rl.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),

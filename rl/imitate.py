@@ -1,7 +1,7 @@
 """Behaviour cloning (DAgger) of a scripted teacher into the lidar MLP: an initialisation for
 PPO (``finetune.init_policy``), written as a PPO checkpoint.
 
-The teacher is :class:`rl.plan.LineFollower` — privileged: it knows the pose and a planned
+The teacher is :class:`rl.drivers.LineFollower` — privileged: it knows the pose and a planned
 clean line; the student sees only what the PPO policy sees (108 lidar sectors and the body
 velocity). DAgger: round 0 drives the teacher; each later round drives the student (its
 Gaussian mean plus ``noise``), and every visited state is labelled with the teacher's action
@@ -42,6 +42,7 @@ from etl import configlib
 from rl import factory
 from rl.agent import lidar_features, split_agent
 from rl.config import RLConfig, cli_config
+from rl.drivers import line_driver
 from rl.envs import spec
 from rl.ppo_core import RunningMeanStd
 from rl.tracks import load_track, track_names
@@ -56,8 +57,6 @@ def _setup(cfg: RLConfig):
     """(JAX env params, functional env, teacher, fresh student, track name) for ``cfg``; the
     teacher follows a line planned with ``cfg.imitate.clearance`` (and ``turn_radius``), set up
     by ``cfg.imitate.teacher``."""
-    from rl.plan import line_driver
-
     if cfg.model.policy != "lidar_mlp":
         raise ValueError(f"model.policy: rl.imitate trains the lidar MLP, not {cfg.model.policy!r}")
     names = track_names(cfg.env.track)
@@ -190,7 +189,7 @@ def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1
     returns the checkpoint folder. The JAX data set keeps the newest ``max_samples`` labelled
     states; every PyBullet state is kept and counts ``bullet_weight`` times. The teacher's line
     keeps ``clearance`` (m) from the walls (more than the planner's default: room for the
-    student's errors); ``teacher`` goes to :class:`rl.plan.LineFollower` (its speed profile:
+    student's errors); ``teacher`` goes to :class:`rl.drivers.LineFollower` (its speed profile:
     ``a_lat``, ``a_brake``, ``v_max``, ``speed_scale``; ``lookahead``, ...)."""
     ic = dataclasses.replace(cfg.imitate, **imitate)
     cfg = dataclasses.replace(cfg, imitate=ic)  # the checkpoint records what was run

@@ -1,24 +1,19 @@
-"""Can this car lap this track without touching a wall — and how fast does a driver that knows
-the way go? A kinematic lap planner and a line-following driver.
+"""Can this car lap this track without touching a wall? A kinematic lap planner.
 
 ``plan_lap`` searches a lattice of the car's own motions — straight, and arcs of its tightest
 turning radius (and twice it) left and right, 0.1 m at a time — from the grid start around the
 track and back to the start (weighted A* on arc length plus a penalty for driving close to a
 wall), rejecting every pose whose footprint (three disks covering the 0.50 × 0.25 m chassis)
 comes closer than ``clearance`` to a wall. It answers a yes-or-no question about the track
-and the car (is a clean lap possible at all?) and returns the line it found.
-
-``LineFollower`` drives a planned line in any backend (pure pursuit on the rear axle, a speed
-profile from the line's curvature with braking ahead of corners, a P-controller on the
-motor). It is the reference a learned policy is compared with: the same evaluation protocol,
-a driver that is told the way.
+and the car (is a clean lap possible at all?) and returns the line it found;
+``smooth_line`` and ``speed_profile`` turn that line into what a driver follows
+(:class:`rl.drivers.LineFollower`, which imports this module, never the reverse).
 
     python -m rl.plan --tracks austria,berlin --out runs/plan        # feasibility + PNGs
     python -m rl.evaluate --scripted --driver line --backend bullet --tracks austria
 
-The turning radius default is the one both backends measure at ~2 m/s with full steering
-(``rl.envs.bullet.calibrate`` / ``rl.envs.jax_env.calibrate``: 1.70–1.76 m at the chassis
-centre of mass; the kinematic bound is wheelbase / tan(0.21 rad) ≈ 1.53 m at the rear axle).
+The default turning radius, ``TURN_RADIUS_M``, is the one both backends measure at ~2 m/s with
+full steering at the chassis centre of mass (``rl.envs.calibration``: ``turn_radius_steer_*``).
 """
 
 from __future__ import annotations
@@ -222,98 +217,6 @@ def speed_profile(path: np.ndarray, step: float, v_max: float = 3.5, a_lat: floa
     return v
 
 
-class LineFollower:
-    """A driver that follows a planned line: ``obs -> {"motor", "steering"}`` for any backend.
-
-    Pure pursuit from the rear axle with a speed-dependent lookahead, the target speed of
-    :func:`speed_profile` a little ahead, and a P-controller on the motor (negative = brake).
-    Written in ``jax.numpy`` so that the JAX backend's evaluation can scan it; it also takes
-    the host backends' numpy observations."""
-
-    def __init__(self, plan: LapPlan, lookahead: float = 0.7, lookahead_per_mps: float = 0.15,
-                 speed_scale: float = 1.0, gain: float = 2.0, **profile):
-        if not plan.feasible:
-            raise ValueError(f"{plan.track}: no feasible line to follow "
-                             f"(stuck at {plan.where_stuck}, {plan.best_progress:.2f} laps)")
-        import jax.numpy as jnp
-
-        line = smooth_line(plan.path, step=plan.step_m)
-        self.xy = jnp.asarray(line[:, :2], jnp.float32)
-        self.v = jnp.asarray(speed_profile(line, plan.step_m, **profile) * speed_scale,
-                             jnp.float32)
-        self.step, self.n = plan.step_m, len(plan.path)
-        self.lookahead, self.per_mps, self.gain = lookahead, lookahead_per_mps, gain
-
-    def __call__(self, obs: dict) -> dict:
-        import jax.numpy as jnp
-
-        pose = jnp.asarray(obs["pose"], jnp.float32).reshape(-1)
-        speed = jnp.asarray(obs["velocity"], jnp.float32).reshape(-1)[0]
-        yaw = pose[5]
-        back = spec.COM_AHEAD_OF_REAR_AXLE
-        rear = pose[:2] - back * jnp.stack([jnp.cos(yaw), jnp.sin(yaw)])
-        front = pose[:2] + (spec.WHEELBASE - back) * jnp.stack([jnp.cos(yaw), jnp.sin(yaw)])
-        i = jnp.argmin(jnp.sum((self.xy - pose[:2]) ** 2, axis=1))
-        ld = self.lookahead + self.per_mps * jnp.maximum(speed, 0.0)
-        # the first line point at least `ld` from the rear axle, searched ahead of i
-        ahead = (i + jnp.arange(1, 60)) % self.n
-        far = jnp.sum((self.xy[ahead] - rear) ** 2, axis=1) >= ld**2
-        tgt = self.xy[ahead[jnp.argmax(far)]]
-        d = tgt - rear
-        alpha = jnp.arctan2(d[1], d[0]) - yaw
-        alpha = jnp.arctan2(jnp.sin(alpha), jnp.cos(alpha))
-        delta = jnp.arctan2(2.0 * spec.WHEELBASE * jnp.sin(alpha), ld)  # CCW positive
-        steer = jnp.clip(spec.STEER_SIGN * delta / spec.STEER_MAX_RAD, -1.0, 1.0)
-        j = (jnp.argmin(jnp.sum((self.xy - front) ** 2, axis=1)) + 3) % self.n
-        motor = jnp.clip(self.gain * (self.v[j] - speed), -1.0, 1.0)
-        return {"motor": motor.reshape(1), "steering": steer.reshape(1)}
-
-
-def teacher_keywords() -> set[str]:
-    """The keywords :func:`line_driver` passes on: LineFollower's and speed_profile's."""
-    import inspect
-
-    follower = set(inspect.signature(LineFollower.__init__).parameters) - {"self", "plan",
-                                                                             "profile"}
-    profile = set(inspect.signature(speed_profile).parameters) - {"path", "step"}
-    return follower | profile
-
-
-def line_driver(track, clearance: float = 0.05, turn_radius: float = TURN_RADIUS_M,
-                **follower) -> LineFollower:
-    """Plan ``track`` (name or Track) keeping ``clearance`` from the walls and return its
-    :class:`LineFollower` (``follower``: its keyword arguments). A ``turn_radius`` above the
-    car's tightest plans wider turns, leaving steering in reserve in the tightest corners."""
-    from rl.tracks import Track, load_track
-
-    trk = track if isinstance(track, Track) else load_track(track)
-    return LineFollower(plan_lap(trk, turn_radius=turn_radius, clearance=clearance), **follower)
-
-
-def plot_plan(track, plan: LapPlan, out: Path) -> Path:
-    from rl.evaluate import _plt, save_figure
-
-    plt = _plt()
-    win, extent = track.plot_window()
-    fig, ax = plt.subplots(figsize=(8, 7))
-    ax.imshow(track.drivable[win], cmap="gray", extent=extent, vmin=-1, vmax=1.4)
-    if plan.feasible:
-        line = smooth_line(plan.path, step=plan.step_m)
-        v = speed_profile(line, plan.step_m)
-        sc = ax.scatter(line[:, 0], line[:, 1], c=v, s=2, cmap="plasma")
-        fig.colorbar(sc, ax=ax, label="speed profile [m/s]")
-        title = (f"{track.name}: clean lap {plan.length_m:.1f} m, turn radius "
-                 f"{plan.turn_radius_m} m, min clearance {plan.min_clearance_m:.2f} m")
-    else:
-        ax.plot(*plan.where_stuck, "rx", ms=12)
-        title = (f"{track.name}: NO clean lap at turn radius {plan.turn_radius_m} m "
-                 f"(stuck at {plan.best_progress:.2f} laps, x)")
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("x [m]")
-    ax.set_ylabel("y [m]")
-    return save_figure(fig, out)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tracks", default="austria,berlin,montreal,torino")
@@ -321,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clearance", type=float, default=0.05)
     ap.add_argument("--out", help="folder for plan.json and one PNG per track")
     args = ap.parse_args(argv)
+    from rl import plots
     from rl.tracks import load_track, track_names
 
     out = Path(args.out) if args.out else None
@@ -339,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: NO clean lap at turn radius {args.turn_radius} m — stuck at "
                   f"{plan.best_progress:.2f} laps near {plan.where_stuck}  [{plan.seconds:.1f} s]")
         if out:
-            plot_plan(trk, plan, out / f"plan_{name.replace(':', '_')}.png")
+            line = smooth_line(plan.path, step=plan.step_m) if plan.feasible else None
+            speed = speed_profile(line, plan.step_m) if plan.feasible else None
+            plots.plot_plan(trk, plan, out / f"plan_{name.replace(':', '_')}.png",
+                            line=line, speed=speed)
     if out:
         (out / "plan.json").write_text(json.dumps(report, indent=2))
     return 0

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from rl.drivers import centreline_driver, drive_line, gap_follower_obs
 from rl.envs import spec
-from rl.envs.bullet import BulletRacecarEnv, gap_follower, grid_pose
-from rl.envs.bullet import open_floor as bullet_open_floor
+from rl.envs.bullet import BulletRacecarEnv, grid_pose
 from rl.tracks import TrackError, load_track
 
 TRACK = "procedural:0"
@@ -147,7 +147,7 @@ def test_gap_follower_completes_a_lap(track):
         obs, info = e.reset(seed=0)
         total, collisions, laps = 0.0, 0, info["lap"]
         for _ in range(6000):
-            obs, r, term, trunc, info = e.step(gap_follower(obs))
+            obs, r, term, trunc, info = e.step(gap_follower_obs(obs))
             total += r
             collisions += info["wall_collision"]
             if term or trunc:
@@ -162,7 +162,7 @@ def test_gap_follower_completes_a_lap(track):
 
 
 def test_centreline_driver_lap_time_matches_jax(track):
-    """Closed-loop parity: the privileged centreline driver (rl.envs.jax_env.centreline_driver,
+    """Closed-loop parity: the privileged centreline driver (rl.drivers.centreline_driver,
     pure pursuit on Track.centreline) laps procedural:0 cleanly in both backends, lap times
     within 3 % (measured: PyBullet 19.76 s, JAX 19.71 s). On Austria neither backend gets past
     the hairpin at progress ≈ 0.36 (x 16, y −19.5): any line there needs a ~0.6 m radius, the
@@ -174,7 +174,7 @@ def test_centreline_driver_lap_time_matches_jax(track):
         obs, info = e.reset(seed=0)
         collisions = 0
         for _ in range(3000):
-            a = jax_env.centreline_driver(line, obs["pose"][[0, 1, 5]], float(obs["velocity"][0]))
+            a = centreline_driver(line, obs["pose"][[0, 1, 5]], float(obs["velocity"][0]))
             obs, r, term, trunc, info = e.step({"motor": a[:1], "steering": a[1:]})
             collisions += info["wall_collision"]
             if term or trunc:
@@ -186,7 +186,7 @@ def test_centreline_driver_lap_time_matches_jax(track):
     import jax
 
     sim = jax_env.JaxRacecar(spec.TaskConfig(laps=1, time_limit=60.0))
-    out = jax.jit(jax_env.drive_line, static_argnums=(0, 3))(
+    out = jax.jit(drive_line, static_argnums=(0, 3))(
         sim, jax_env.make_params(track), jax.random.PRNGKey(0), 3000, track.centreline)
     jterm = np.asarray(out["terminated"])
     assert jterm.any() and not np.asarray(out["collision"])[: int(np.argmax(jterm))].any()
@@ -380,7 +380,7 @@ def test_racecar_gym_rejects_our_task_extensions(extra):
 # ----------------------------------------------------------------------------- parity (b)↔(c)
 # The same track, start and open-loop actions in both backends: 1 s straight at motor 0.5,
 # 1 s at steering +0.4 (right), 1 s at −0.4. The JAX car's Dynamics are fitted to this car
-# (rl.envs.jax_env.calibrate vs rl.envs.bullet.calibrate: `python -m benchmarks.envs
+# (rl.envs.calibration: calibrate_jax vs calibrate_bullet, `python -m benchmarks.envs
 # --calibrate`), with the pose at the centre of mass in both.
 PARITY_ACTIONS = np.zeros((300, 2), np.float32)
 PARITY_ACTIONS[:, 0] = 0.5
@@ -471,13 +471,15 @@ def test_brake_and_turn_matches_pybullet():
     and its car yaws about half what a kinematic car would (−0.5 to −0.9 rad vs −0.9 to −1.3).
     The JAX model's brake_yaw_loss follows it (measured gaps ≤ 0.15 rad; 0.05-0.77 without)."""
     jax_env = pytest.importorskip("rl.envs.jax_env")
+    from rl.envs import calibration as cal
+
     dyn = jax_env.Dynamics()
-    with bullet_open_floor() as car:
-        for m in spec.BRAKE_TURN_MOTOR:
-            pol = spec.brake_turn_policy(m)
-            b = car.run(pol, spec.BRAKE_TURN_STEPS)
-            j = jax_env._open_floor(dyn, pol, spec.BRAKE_TURN_STEPS)
-            at = spec.BRAKE_TURN_AT - 1
+    with cal.open_floor_bullet() as car:
+        for m in cal.BRAKE_TURN_MOTOR:
+            pol = cal.brake_turn_policy(m)
+            b = car.run(pol, cal.BRAKE_TURN_STEPS)
+            j = cal.open_floor_jax(dyn, pol, cal.BRAKE_TURN_STEPS)
+            at = cal.BRAKE_TURN_AT - 1
             yb, yj = b[-1, 2] - b[at, 2], j[-1, 2] - j[at, 2]
             assert yb < -0.3, (m, yb)  # it does turn right
             assert abs(yj - yb) < 0.25, (m, yj, yb)

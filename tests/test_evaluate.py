@@ -107,7 +107,7 @@ def test_scripted_driver_metrics_json_and_png(scripted_run):
 def test_jax_scan_matches_host_loop():
     """The scanned rollout records the same physics steps as a Python loop over the same
     simulator (JaxRacecarEnv), seeded alike."""
-    from rl.envs.jax_env import gap_follower
+    from rl.drivers import gap_follower
 
     pol = lambda obs: gap_follower(obs["lidar"])  # noqa: E731
     kw = dict(episodes=1, time_limit=1.2, seed=3, action_repeat=4)
@@ -124,7 +124,9 @@ def test_jax_scan_matches_host_loop():
 
 # ----------------------------------------------------------------------------- bullet
 def test_short_bullet_episode_through_the_same_code():
-    res = ev.evaluate_policy(ev.scripted_policy("bullet"), TRACK, "bullet", episodes=1,
+    from rl.drivers import scripted_policy
+
+    res = ev.evaluate_policy(scripted_policy("bullet"), TRACK, "bullet", episodes=1,
                              time_limit=2.0, seed=0, action_repeat=4)  # fmt: skip
     assert res["rollout"] == "host"
     e = res["episodes"][0]

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from rl.drivers import drive, drive_line
 from rl.envs import spec
 from rl.envs.functional import RacecarFunctional
 from rl.envs.jax_env import (
     JaxRacecar,
     JaxRacecarEnv,
     SensorConfig,
-    drive,
-    drive_line,
     make_params,
     sphere_trace,
 )
@@ -191,7 +190,7 @@ def test_wall_contact_scrapes_along_the_wall(angle, steer):
     the wall is removed, the contact pivots the car along the wall and it drives on (as the
     PyBullet car does, `wall_contact_probe("bullet", ...)`: escape ~1.2-1.5 s); the
     footprint never enters the wall and the contact flag holds while it touches."""
-    from rl.envs.jax_env import wall_contact_probe
+    from rl.envs.calibration import wall_contact_probe
 
     out = wall_contact_probe("jax", angle_deg=angle, motor=0.3, steer_after=steer,
                              seconds=2.5)

@@ -1,4 +1,4 @@
-"""rl.plan: the clean-lap planner, its speed profile and the line-following driver."""
+"""rl.plan: the clean-lap planner and its speed profile; rl.drivers' line-following driver."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from rl.drivers import LineFollower
 from rl.evaluate import evaluate_policy
 from rl.plan import (
-    LineFollower,
     footprint_clearance,
     plan_lap,
     smooth_line,
@@ -85,7 +85,7 @@ def test_line_follower_laps_cleanly_in_the_jax_backend(track, plan):
 
 
 def test_line_driver_passes_the_turn_radius_to_the_planner(track):
-    from rl.plan import line_driver
+    from rl.drivers import line_driver
 
     with pytest.raises(ValueError, match="no feasible line"):  # 40 m: no lap (test above)
         line_driver(track, turn_radius=40.0)

@@ -14,7 +14,7 @@ Semantics (racecar_gym's ``racecar.yml``, where they are right):
 
 * ``motor`` ∈ [−1, 1]: ≥ 0 drives both rear differentials by velocity control toward a fixed
   wheel speed (5 · 20 = 100 rad/s) with a maximum force of ``0.5 · motor``; < 0 brakes
-  (target speed 0, force ``0.5 · |motor|``) — there is no reverse. Top speed ≈ 3.8 m/s.
+  (target speed 0, force ``0.5 · |motor|``) — there is no reverse.
 * ``speed`` (the ``actuator="speed"`` variant) ∈ [−1, 1] maps to a target of 0…3.5 m/s
   (times 25 rad/s per m/s at the wheels) at full force 0.5.
 * ``steering`` ∈ [−1, 1] → ±0.21 rad at the front hinges, positive turns right.
@@ -35,6 +35,9 @@ truncates rather than terminates; every random draw (sensor noise, random starts
 ``reset(seed=…)``'s generator, and reset(seed) → step is exactly repeatable (the car's contact
 cache is dropped on reset, overlapping pairs are sorted). Race bookkeeping (checkpoints, laps,
 wrong_way) follows the same rules as rl/envs/jax_env.py, so the two backends agree.
+
+The car's calibration against the JAX backend is in rl/envs/calibration.py; scripted drivers
+are in rl/drivers.py.
 """
 
 from __future__ import annotations
@@ -615,135 +618,3 @@ class BulletRacecarEnv(gym.Env):
             "time": self._time,
         }
         return obs, info
-
-
-# --------------------------------------------------------------------------- calibration
-# Scene floors loaded from a racecar_gym sdf (or a mesh) carry PyBullet's default lateral
-# friction, 0.5; pybullet_data's plane.urdf has 1.0, on which the car accelerates ~30 % harder.
-TRACK_FLOOR_FRICTION = 0.5
-
-
-def calibrate(seconds: float = 15.0, floor_friction: float = TRACK_FLOOR_FRICTION,
-              ) -> dict[str, float]:
-    """Dynamics facts of this backend on an open floor (no walls), for the JAX backend's tuning.
-
-    Speeds are planar speeds of the base (the chassis centre of mass, 0.2 m ahead of the rear
-    axle — what racecar_gym's ``pose`` reports). Returns: top speeds at motor 1 and 0.3; times to
-    reach 2 and 3 m/s from rest; stopping time from top speed at motor −1 and −0.3 and the
-    speed lost in 1 s of coasting (motor 0); steady speeds of the ``speed`` actuator on a
-    straight; the yaw rate, speed and turning radius at steering ±1 while holding ≈ 2 m/s
-    (speed actuator, command for 2 m/s), and the time for the yaw rate to reach 90 % of that
-    after a step in steering; the yaw change while braking and steering from top speed
-    (``spec.BRAKE_TURN_*``). The floor gets the tracks' friction (``floor_friction``).
-    """
-    v = VehicleParams()
-    with open_floor(floor_friction) as env:
-        out: dict[str, float] = {}
-        n = int(seconds / DT)
-        first = lambda cond: float((np.nonzero(cond)[0][0] + 1) * DT) if cond.any() else math.nan
-        for m in (1.0, 0.3):
-            tr = env.run(lambda _i, m=m: ("motor", m, 0.0), n)
-            out[f"top_speed_motor_{m}"] = float(tr[-int(1.0 / DT) :, 3].mean())
-            out[f"time_to_2mps_motor_{m}"] = first(tr[:, 3] >= 2.0)
-            out[f"time_to_3mps_motor_{m}"] = first(tr[:, 3] >= 3.0)
-        k = int(5.0 / DT)  # 5 s at full throttle, then brake / coast
-        for m in (-1.0, -0.3, 0.0):
-            tr = env.run(lambda i, m=m: ("motor", 1.0 if i < k else m, 0.0), k + int(4.0 / DT))
-            if m < 0:
-                out[f"stop_time_motor_{m}"] = first(tr[k:, 3] < 0.05)
-            else:
-                out["coast_speed_loss_1s"] = float(tr[k - 1, 3] - tr[k + int(1.0 / DT), 3])
-        for vt in (1.0, 2.0, 3.0):
-            cmd = vt / v.speed_max_velocity * 2.0 - 1.0
-            tr = env.run(lambda _i, c=cmd: ("speed", c, 0.0), int(6.0 / DT))
-            out[f"speed_actuator_target_{vt}_steady"] = float(tr[-int(1.0 / DT) :, 3].mean())
-        target = 2.0 / v.speed_max_velocity * 2.0 - 1.0  # speed actuator command for 2 m/s
-        step_at = 300
-        for sgn in (1.0, -1.0):
-            tr = env.run(lambda i, s=sgn: ("speed", target, s if i >= step_at else 0.0), n)
-            last = tr[-int(3.0 / DT) :]
-            yaw_rate, speed = float(last[:, 4].mean()), float(last[:, 3].mean())
-            key = "right" if sgn > 0 else "left"
-            out[f"yaw_rate_steer_{key}"] = yaw_rate
-            out[f"speed_steer_{key}"] = speed
-            out[f"turn_radius_steer_{key}"] = speed / max(abs(yaw_rate), 1e-9)
-            out[f"yaw_rate_rise_90pct_{key}"] = first(
-                np.abs(tr[step_at:, 4]) >= 0.9 * abs(yaw_rate)
-            )
-        for m in spec.BRAKE_TURN_MOTOR:
-            tr = env.run(spec.brake_turn_policy(m), spec.BRAKE_TURN_STEPS)
-            out[f"brake_turn_yaw_motor_{m}"] = float(tr[-1, 2] - tr[spec.BRAKE_TURN_AT - 1, 2])
-        return out
-
-
-@contextlib.contextmanager
-def open_floor(floor_friction: float = TRACK_FLOOR_FRICTION):
-    """This backend's car alone on a plane (own PyBullet client), for calibration runs:
-    ``with open_floor() as car: trace = car.run(policy, n)`` (see :class:`_OpenFloorCar`)."""
-    cid = p.connect(p.DIRECT)
-    try:
-        p.setGravity(0, 0, -GRAVITY, physicsClientId=cid)
-        p.setTimeStep(DT, physicsClientId=cid)
-        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
-                           physicsClientId=cid)
-        p.changeDynamics(plane, -1, lateralFriction=floor_friction, physicsClientId=cid)
-        yield _OpenFloorCar(cid, VehicleParams())
-    finally:
-        p.disconnect(physicsClientId=cid)
-
-
-class _OpenFloorCar:
-    """The env's car model alone on a plane (for :func:`calibrate`)."""
-
-    def __init__(self, cid: int, v: VehicleParams):
-        self.cid, self.v = cid, v
-        env = object.__new__(BulletRacecarEnv)
-        env._cid, env.vehicle = cid, v
-        env.max_steer = spec.STEER_MAX_RAD
-        env.car = load_car(cid, v)
-        self.env = env
-        self.state = p.saveState(physicsClientId=cid)
-
-    def run(self, policy, n: int) -> np.ndarray:
-        """(n, 5) rows of x, y, yaw, planar speed, yaw rate under ``policy(i) -> (kind, a, s)``."""
-        p.restoreState(self.state, physicsClientId=self.cid)
-        out = np.zeros((n, 5))
-        env = self.env
-        for i in range(n):
-            kind, a, s = policy(i)
-            env.actuator = kind
-            env._apply_action(a, s)
-            p.stepSimulation(physicsClientId=self.cid)
-            pos, orn, lin, ang = env._kinematics()
-            yaw = p.getEulerFromQuaternion(orn.tolist())[2]
-            out[i] = pos[0], pos[1], yaw, math.hypot(lin[0], lin[1]), ang[2]
-        return out
-
-
-# --------------------------------------------------------------------------- a scripted driver
-def gap_follower(obs: dict[str, Any], target_speed: float = 2.5, gain: float = 0.5) -> dict:
-    """A lidar-only scripted driver for tests and benchmarks (any backend's observation).
-
-    Steers toward the most open direction ahead (the smoothed scan's maximum within ±90°),
-    nudged away from the nearer side wall, and holds a modest speed (motor 0.3 below the
-    target, a light brake above it; slower when the way ahead is short).
-    """
-    angles = _DRIVER_ANGLES
-    scan = np.asarray(obs["lidar"], np.float64).reshape(-1)
-    smooth = np.convolve(scan, np.ones(41) / 41, mode="same")
-    target = angles[np.argmax(np.where(np.abs(angles) < math.pi / 2, smooth, 0.0))]
-    side = (np.abs(angles) > math.radians(60)) & (np.abs(angles) < math.radians(120))
-    left = scan[side & (angles > 0)].min()
-    right = scan[side & (angles < 0)].min()
-    target += 0.3 * float(np.clip(left - right, -1.0, 1.0))  # CCW (left) positive
-    front = scan[np.abs(angles) < math.radians(10)].mean()
-    speed = float(np.asarray(obs["velocity"]).reshape(-1)[0])
-    v_target = min(target_speed, 0.5 + 0.5 * front)
-    steer = float(np.clip(-gain * target / spec.STEER_MAX_RAD, -1.0, 1.0))  # positive = right
-    return {
-        "motor": np.array([0.3 if speed < v_target else -0.1], np.float32),
-        "steering": np.array([steer], np.float32),
-    }
-
-
-_DRIVER_ANGLES = np.asarray(spec.lidar_angles(), np.float64)

@@ -6,16 +6,16 @@
     obs, state, reward, terminated, truncated, info = env.step(state, action, params)
 
 `action` is a (2,) array [motor, steering] (or a dict with those keys). Batch with
-jax.vmap(env.step, in_axes=(0, 0, None)); `rollout` scans a batch with auto-reset.
+jax.vmap(env.step, in_axes=(0, 0, None)); rl/envs/functional.py wraps it into the
+auto-resetting, action-repeating step PPO trains with.
 
 Model (issue 4 §3c). A kinematic bicycle about the rear axle, integrated once per 10 ms
 step; the pose is the chassis centre of mass 0.2 m ahead of it (PyBullet's base frame,
 racecar_gym's `pose`), and the lidar/camera/footprint are placed from the pose as on the
 PyBullet car. Motor >= 0 drives toward a fixed wheel speed with traction that saturates in
-slip (even 0.3 ends at 3.3 m/s, motor 1 at 3.8); motor < 0 brakes, never reverses;
-steering is a lagged wheel angle, +1 = 0.21 rad to the right, with tyre saturation at
-high lateral acceleration. The constants in `Dynamics` are fitted to the PyBullet car
-(`calibrate` here vs rl.envs.bullet.calibrate; `python -m benchmarks.envs --calibrate`).
+slip; motor < 0 brakes, never reverses; steering is a lagged wheel angle, +1 = 0.21 rad to
+the right, with tyre saturation at high lateral acceleration. The constants in `Dynamics`
+are fitted to the PyBullet car (rl.envs.calibration; `python -m benchmarks.envs --calibrate`).
 Sensing works on the track's metric distance field (`Track.obstacle_m`, a float16 copy for
 the lidar): lidar rays and camera columns are sphere-traced with a fixed number of relaxed
 iterations and a final bisection; the scan is held between 25 Hz refreshes. Walls
@@ -28,10 +28,11 @@ heading's angle into the wall), on the impact step less Coulomb friction
 about its contact circle at `wall_pivot_rate` (tapering as it comes parallel) toward the
 wall's tangent its steering asks for, else the nearer one, so a nose-in car turns along the
 wall and drives on instead of freezing; finally the footprint is pushed out along the wall
-normal, so it never digs in. Fitted to the PyBullet car with `wall_contact_probe` (a
-straight wall on an open floor, either backend).
+normal, so it never digs in. Fitted to the PyBullet car with
+`rl.envs.calibration.wall_contact_probe` (a straight wall on an open floor, either backend).
 Progress, checkpoints, laps and wrong-way come from the progress map; the reward is
-100 * Δ(lap + progress), signed; the time limit truncates, never terminates.
+100 * Δ(lap + progress), signed; the time limit truncates, never terminates. Scripted
+drivers for this backend live in rl.drivers.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ from rl.tracks import Track, load_track, tile_tracks, track_names
 
 @dataclass(frozen=True)
 class Dynamics:
-    """Car constants of the JAX model, fitted to the PyBullet car (`fit_dynamics`, figures
-    side by side: ``python -m benchmarks.envs --calibrate``).
+    """Car constants of the JAX model, fitted to the PyBullet car (rl.envs.calibration;
+    ``python -m benchmarks.envs --fit``, figures side by side: ``--calibrate``).
 
     Pose = the chassis centre of mass, `com_offset` ahead of the rear axle (PyBullet's base);
     the bicycle model runs about the rear axle. Longitudinal, v = forward speed, u = the
@@ -90,7 +91,7 @@ class Dynamics:
     # PyBullet's braked wheels slide and its car turns far less than the steering says — a
     # light brake most of all: from 3.7 m/s at full lock and motor -0.1 it yaws 0.60 rad in
     # 1.5 s where a kinematic car yaws 1.28. Fitted to 20 brake-and-turn runs (entry 2.3 and
-    # 3.7 m/s, motor -1 ... -0.03, steering 1 and -0.5; calibrate's brake_turn_yaw_*): mean
+    # 3.7 m/s, motor -1 ... -0.03, steering 1 and -0.5; calibrate_*'s brake_turn_yaw_*): mean
     # squared yaw error 0.063 -> 0.008 rad^2.
     brake_yaw_loss: float = 0.8
     brake_yaw_loss_slope: float = -0.55
@@ -102,7 +103,7 @@ class Dynamics:
     # cover the 0.5 m chassis from 0.25 m behind to 0.25 m ahead of the pose
     footprint_x: tuple[float, ...] = spec.FOOTPRINT_X
     footprint_r: float = spec.FOOTPRINT_R
-    # wall contact (`JaxRacecar._wall`; fitted with `wall_contact_probe`)
+    # wall contact (`JaxRacecar._wall`; fitted with calibration.wall_contact_probe)
     wall_friction: float = 0.45  # Coulomb, at impact: speed along the wall lost per unit into it
     wall_pivot_rate: float = 1.2  # rad/s, yaw rate of a car pushing into a wall
     wall_pivot_taper: float = 0.26  # ... tapering below this sin(angle to the wall)
@@ -150,69 +151,6 @@ def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp)
     return v_new, steer_new, xp.where(braking, w * (1.0 - loss), w)
 
 
-def _open_floor(dyn: Dynamics, policy, n: int) -> np.ndarray:
-    """(n, 5) rows of x, y, yaw, planar CoM speed, yaw rate of the model on an open floor
-    under ``policy(i) -> (kind, a, steering)`` (numpy; the protocol of bullet.calibrate)."""
-    v = steer = yaw = 0.0
-    rear = np.zeros(2)
-    out = np.zeros((n, 5))
-    b = dyn.com_offset
-    for i in range(n):
-        kind, a, s = policy(i)
-        v0 = v
-        v, steer, w = car_step(dyn, v, steer, a, s, kind == "speed", xp=np)
-        v, steer, w = float(v), float(steer), float(w)
-        ym = yaw + 0.5 * w * dyn.dt
-        rear = rear + 0.5 * (v0 + v) * dyn.dt * np.array([np.cos(ym), np.sin(ym)])
-        yaw += w * dyn.dt
-        pos = rear + b * np.array([np.cos(yaw), np.sin(yaw)])
-        out[i] = pos[0], pos[1], yaw, np.hypot(v, b * w), w
-    return out
-
-
-def calibrate(dyn: Dynamics | None = None, seconds: float = 15.0) -> dict[str, float]:
-    """The figures of rl.envs.bullet.calibrate, measured on this model (same protocol)."""
-    dyn = dyn or Dynamics()
-    dt = dyn.dt
-    out: dict[str, float] = {}
-    n = int(seconds / dt)
-
-    def first(cond):
-        return float((np.nonzero(cond)[0][0] + 1) * dt) if cond.any() else float("nan")
-
-    for m in (1.0, 0.3):
-        tr = _open_floor(dyn, lambda _i, m=m: ("motor", m, 0.0), n)
-        out[f"top_speed_motor_{m}"] = float(tr[-int(1.0 / dt):, 3].mean())
-        out[f"time_to_2mps_motor_{m}"] = first(tr[:, 3] >= 2.0)
-        out[f"time_to_3mps_motor_{m}"] = first(tr[:, 3] >= 3.0)
-    k = int(5.0 / dt)
-    for m in (-1.0, -0.3, 0.0):
-        tr = _open_floor(dyn, lambda i, m=m: ("motor", 1.0 if i < k else m, 0.0), k + 400)
-        if m < 0:
-            out[f"stop_time_motor_{m}"] = first(tr[k:, 3] < 0.05)
-        else:
-            out["coast_speed_loss_1s"] = float(tr[k - 1, 3] - tr[k + int(1.0 / dt), 3])
-    for vt in (1.0, 2.0, 3.0):
-        cmd = vt / spec.SPEED_MAX_VELOCITY * 2.0 - 1.0
-        tr = _open_floor(dyn, lambda _i, c=cmd: ("speed", c, 0.0), int(6.0 / dt))
-        out[f"speed_actuator_target_{vt}_steady"] = float(tr[-int(1.0 / dt):, 3].mean())
-    target = 2.0 / spec.SPEED_MAX_VELOCITY * 2.0 - 1.0
-    step_at = 300
-    for sgn in (1.0, -1.0):
-        tr = _open_floor(dyn, lambda i, s=sgn: ("speed", target, s if i >= step_at else 0.0), n)
-        last = tr[-int(3.0 / dt):]
-        yaw_rate, speed = float(last[:, 4].mean()), float(last[:, 3].mean())
-        key = "right" if sgn > 0 else "left"
-        out[f"yaw_rate_steer_{key}"] = yaw_rate
-        out[f"speed_steer_{key}"] = speed
-        out[f"turn_radius_steer_{key}"] = speed / max(abs(yaw_rate), 1e-9)
-        out[f"yaw_rate_rise_90pct_{key}"] = first(np.abs(tr[step_at:, 4]) >= 0.9 * abs(yaw_rate))
-    for m in spec.BRAKE_TURN_MOTOR:
-        tr = _open_floor(dyn, spec.brake_turn_policy(m), spec.BRAKE_TURN_STEPS)
-        out[f"brake_turn_yaw_motor_{m}"] = float(tr[-1, 2] - tr[spec.BRAKE_TURN_AT - 1, 2])
-    return out
-
-
 @dataclass(frozen=True)
 class SensorConfig:
     lidar_iters: int = 24  # sphere-tracing iterations per ray
@@ -245,7 +183,7 @@ class TrackParams(NamedTuple):
     Invariant the lidar relies on (it does not bounds-check its lookups): the map is
     surrounded by wall (distance 0) wider than a relaxed lidar step, so no ray samples
     outside it. make_params guarantees it (LIDAR_WALL_BAND_M); build TrackParams by hand only
-    with such a band (see wall_params)."""
+    with such a band (see rl.envs.calibration.wall_params)."""
 
     obstacle_m: jax.Array  # (H, W) f32, metres to the wall
     progress: jax.Array  # (H, W) f32
@@ -800,264 +738,3 @@ class JaxRacecarEnv(gym.Env):
             sim = replace(self.sim, sensors=replace(self.sim.sensors, camera=True))
             return np.asarray(sim._camera(self.params, self._state.pos, self._state.yaw))
         return None
-
-
-# ------------------------------------------------------------------------------ scripted driver
-
-
-def gap_follower(lidar, speed=None, motor: float = 0.3, gain: float = 1.0, window: int = 41,
-                 fov_deg: float = 100.0, centre_gain: float = 1.5, v_max: float = 3.5):
-    """A lidar-only scripted driver (works on any backend's scan, numpy or jax): steer
-    toward the most open direction within ±fov_deg of the nose, pushed away from the
-    nearer side wall; with `speed` (m/s) it also brakes for what lies ahead (target
-    0.45 s per metre of free road, 1-v_max m/s). Returns [motor, steering]."""
-    n = lidar.shape[-1]
-    ang = jnp.asarray(spec.lidar_angles()[:: spec.LIDAR_RAYS // n], jnp.float32)
-    raw = jnp.asarray(lidar, jnp.float32)
-    kern = jnp.ones(window, jnp.float32) / window
-    sm = jnp.convolve(raw, kern, mode="same")
-    sm = jnp.where(jnp.abs(ang) < np.deg2rad(fov_deg), sm, 0.0)
-    theta = ang[jnp.argmax(sm)]
-    side = (jnp.abs(ang) > np.deg2rad(30)) & (jnp.abs(ang) < np.deg2rad(120))
-    left = jnp.min(jnp.where(side & (ang > 0), raw, 99.0))
-    right = jnp.min(jnp.where(side & (ang < 0), raw, 99.0))
-    centre = (right - left) / jnp.maximum(right + left, 1e-3)  # > 0: left wall nearer
-    # keep off the walls just ahead: repelled by the nearer front quarter
-    fl = jnp.min(jnp.where((ang > np.deg2rad(10)) & (ang < np.deg2rad(70)), raw, 99.0))
-    fr = jnp.min(jnp.where((ang < -np.deg2rad(10)) & (ang > -np.deg2rad(70)), raw, 99.0))
-    repel = 0.4 * (1.0 / jnp.maximum(fl, 0.1) - 1.0 / jnp.maximum(fr, 0.1))
-    steer = (spec.STEER_SIGN * gain * theta / spec.STEER_MAX_RAD + centre_gain * centre
-             + repel)
-    steer = jnp.clip(steer, -1.0, 1.0)
-    m = jnp.float32(motor)
-    if speed is not None:
-        front = jnp.min(jnp.where(jnp.abs(ang) < np.deg2rad(8), raw, 99.0))
-        target = jnp.clip(0.45 * front, 1.0, v_max)
-        m = jnp.where(speed > target + 0.2, -0.5, jnp.where(speed > target, 0.0, m))
-    return jnp.stack([m, steer])
-
-
-def drive(env: JaxRacecar, params: TrackParams, key, n_steps: int, policy=gap_follower):
-    """Scan one car for n_steps under `policy(lidar, forward_speed)`; returns per-step (x, y, yaw),
-    progress, lap, reward, collision, terminated, truncated (no auto-reset)."""
-    obs, state = env.reset(key, params)
-
-    def body(carry, _):
-        obs, state = carry
-        act = policy(obs["lidar"], obs["velocity"][0])
-        obs, state, r, te, tr, info = env.step(state, act, params)
-        out = (jnp.stack([state.pos[0], state.pos[1], state.yaw]), state.progress, state.lap,
-               r, state.collision, te, tr)
-        return (obs, state), out
-
-    _, outs = jax.lax.scan(body, (obs, state), None, length=n_steps)
-    keys = ("pose", "progress", "lap", "reward", "collision", "terminated", "truncated")
-    return dict(zip(keys, outs, strict=True))
-
-
-def centreline_driver(centreline, pose, speed, xp=np, lookahead: float = 0.5,
-                      lookahead_per_mps: float = 0.25, v_max: float = 3.2,
-                      v_min: float = 1.4, a_lat: float = 2.2, preview_m: float = 2.5):
-    """A privileged scripted "expert" for either backend: pure pursuit on the track's
-    centreline (`Track.centreline`, (N, 2) ordered by progress) from the rear axle, with the
-    speed set by the curvature ahead. pose = (x, y, yaw) of the car (its CoM, as both
-    backends report it); speed = forward m/s. Returns [motor, steering] (numpy or jax via xp).
-
-    Steering: the wheel angle that puts the rear axle on the circle through the point
-    lookahead + lookahead_per_mps * v ahead on the centreline. Speed: the target is
-    sqrt(a_lat / curvature) over the next preview_m, clipped to [v_min, v_max]; full
-    throttle below it, a brake proportional to the excess above it."""
-    cl = xp.asarray(centreline, xp.float32)
-    n = cl.shape[0]
-    seg = xp.sqrt(((xp.roll(cl, -1, 0) - cl) ** 2).sum(1))
-    spacing = seg.mean()
-    x, y, yaw = pose[0], pose[1], pose[2]
-    c, s = xp.cos(yaw), xp.sin(yaw)
-    rx, ry = x - spec.COM_AHEAD_OF_REAR_AXLE * c, y - spec.COM_AHEAD_OF_REAR_AXLE * s
-    i0 = xp.argmin((cl[:, 0] - x) ** 2 + (cl[:, 1] - y) ** 2)
-    ld = lookahead + lookahead_per_mps * speed
-    k = xp.maximum(xp.round((ld + spec.COM_AHEAD_OF_REAR_AXLE) / spacing), 1).astype(xp.int32)
-    tx, ty = cl[(i0 + k) % n, 0], cl[(i0 + k) % n, 1]
-    dx, dy = tx - rx, ty - ry
-    lx, ly = c * dx + s * dy, -s * dx + c * dy  # target in the body frame
-    curv = 2.0 * ly / xp.maximum(lx * lx + ly * ly, 1e-6)
-    delta = xp.arctan(curv * spec.WHEELBASE)
-    steer = xp.clip(spec.STEER_SIGN * delta / spec.STEER_MAX_RAD, -1.0, 1.0)
-    # curvature ahead: heading change over the preview window / its length
-    m = int(np.ceil(preview_m / 0.2))  # samples
-    idx = (i0 + xp.arange(m) * xp.maximum(xp.round(0.2 / spacing), 1).astype(xp.int32)) % n
-    p = cl[idx]
-    d = p[1:] - p[:-1]
-    h = xp.arctan2(d[:, 1], d[:, 0])
-    dh = xp.abs(xp.angle(xp.exp(1j * (h[1:] - h[:-1])))) if xp is np else xp.abs(
-        xp.arctan2(xp.sin(h[1:] - h[:-1]), xp.cos(h[1:] - h[:-1])))
-    kappa = (dh / xp.maximum(xp.sqrt((d[1:] ** 2).sum(1)), 1e-3)).max()
-    v_t = xp.clip(xp.sqrt(a_lat / xp.maximum(kappa, 1e-3)), v_min, v_max)
-    motor = xp.where(speed < v_t, 1.0, xp.where(speed < v_t + 0.15, 0.0,
-                                                   -xp.clip(2.0 * (speed - v_t), 0.2, 1.0)))
-    return xp.stack([motor, steer]).astype(xp.float32)
-
-
-def racing_line(track: Track, margin: float = 0.45, iters: int = 600,
-                spacing: float = 0.2) -> np.ndarray:
-    """A smooth closed line for `centreline_driver` (numpy, once per track): the centreline
-    resampled every `spacing` m, then relaxed toward its neighbours' midpoints (which
-    lowers curvature: hairpins are taken outside-inside-outside) while every point is
-    pushed back to at least `margin` m from the walls along the distance field's gradient."""
-    cl = np.asarray(track.centreline, np.float64)
-    seg = np.linalg.norm(np.roll(cl, -1, 0) - cl, axis=1)
-    s = np.concatenate([[0.0], np.cumsum(seg)])
-    q = np.arange(0.0, s[-1], spacing)
-    closed = np.vstack([cl, cl[:1]])
-    p = np.stack([np.interp(q, s, closed[:, 0]), np.interp(q, s, closed[:, 1])], 1)
-    h = 2.0 * track.resolution
-    f = track.obstacle_m
-
-    def val(a):
-        return track.value(f, a[:, 0], a[:, 1])
-
-    for _ in range(iters):
-        p = p + 0.5 * (0.5 * (np.roll(p, 1, 0) + np.roll(p, -1, 0)) - p)
-        d = val(p)
-        low = d < margin
-        if low.any():
-            a = p[low]
-            g = np.stack([val(a + [h, 0]) - val(a - [h, 0]), val(a + [0, h]) - val(a - [0, h])], 1)
-            g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-9)
-            p[low] = a + g * np.minimum(margin - d[low], 0.1)[:, None]
-    return p.astype(np.float32)
-
-
-def drive_line(env: JaxRacecar, params: TrackParams, key, n_steps: int, line, **driver_kw):
-    """Scan one car for n_steps under `centreline_driver` on `line` ((N, 2), e.g.
-    Track.centreline); returns per-step collision, terminated and reward (no auto-reset)."""
-    line = jnp.asarray(line, jnp.float32)
-    obs, state = env.reset(key, params)
-
-    def body(carry, _):
-        obs, state = carry
-        pose = jnp.stack([obs["pose"][0], obs["pose"][1], obs["pose"][5]])
-        act = centreline_driver(line, pose, obs["velocity"][0], xp=jnp, **driver_kw)
-        obs, state, r, te, tr, _ = env.step(state, act, params)
-        return (obs, state), (state.collision, te, r)
-
-    _, (col, term, rew) = jax.lax.scan(body, (obs, state), None, length=n_steps)
-    return {"collision": col, "terminated": term, "reward": rew}
-
-
-# ------------------------------------------------------------------------------ wall probe
-
-
-def wall_params(wall_y: float = 1.5, x_range=(-6.0, 10.0), y_min: float = -3.0,
-                res: float = 0.05) -> TrackParams:
-    """An open floor with one straight wall, its face the line y = wall_y (the car's side is
-    y < wall_y): the JAX half of `wall_contact_probe`."""
-    w = int(round((x_range[1] - x_range[0]) / res))
-    h = int(round((wall_y + 0.5 - y_min) / res))
-    yc = y_min + (h - np.arange(h) - 0.5) * res  # pixel-centre y of each row
-    d = np.maximum(wall_y - yc, 0.0).astype(np.float32)[:, None] * np.ones((1, w), np.float32)
-    # a wall band around the floor (sphere_trace does not bounds-check: see TrackParams)
-    band = int(np.ceil(spec.LIDAR_RANGE * SensorConfig().lidar_min_step / res)) + 1
-    d[:band], d[-band:], d[:, :band], d[:, -band:] = 0.0, 0.0, 0.0, 0.0
-    return TrackParams(
-        obstacle_m=jnp.asarray(d), progress=jnp.zeros((h, w), jnp.float32),
-        origin=jnp.asarray([x_range[0], y_min], jnp.float32),
-        resolution=jnp.asarray(res, jnp.float32),
-        grid_pose=jnp.zeros(3, jnp.float32), rand_pose=jnp.zeros((1, 3), jnp.float32),
-        lidar_map=jnp.asarray(d.reshape(-1), LIDAR_MAP_DTYPE))
-
-
-def _probe_trace_jax(dyn: Dynamics, angle_deg, motor, steer_after, seconds, wall_y):
-    env = JaxRacecar(TaskConfig(time_limit=1e6), dyn)
-    params = wall_params(wall_y)
-    st = env._spawn(jax.random.PRNGKey(0), params)
-    st = st._replace(yaw=jnp.float32(np.deg2rad(angle_deg)))
-    r = dyn.footprint_r
-
-    def body(carry, _):
-        st, hit = carry
-        act = jnp.stack([jnp.float32(motor), jnp.where(hit, jnp.float32(steer_after), 0.0)])
-        new, *_ = env._advance(st, act, params)
-        c, s = jnp.cos(new.yaw), jnp.sin(new.yaw)
-        clear = env._contact(params, new.pos, new.yaw)[0]
-        row = jnp.stack([new.time, new.pos[0], new.pos[1], new.yaw, new.v * c, new.v * s,
-                         new.collision.astype(jnp.float32), clear - r])
-        return (new, hit | new.collision), row
-
-    n = int(round(seconds / dyn.dt))
-    _, rows = jax.jit(lambda st: jax.lax.scan(body, (st, jnp.bool_(False)), None, length=n))(st)
-    return np.asarray(rows, np.float64)
-
-
-def _probe_trace_bullet(angle_deg, motor, steer_after, seconds, wall_y):
-    import os
-
-    import pybullet as p
-    import pybullet_data
-
-    from rl.envs import bullet as B
-
-    cid = p.connect(p.DIRECT)
-    try:
-        p.setGravity(0, 0, -B.GRAVITY, physicsClientId=cid)
-        p.setTimeStep(B.DT, physicsClientId=cid)
-        plane = p.loadURDF(os.path.join(pybullet_data.getDataPath(), "plane.urdf"),
-                           physicsClientId=cid)
-        p.changeDynamics(plane, -1, lateralFriction=B.TRACK_FLOOR_FRICTION, physicsClientId=cid)
-        box = p.createCollisionShape(p.GEOM_BOX, halfExtents=[20, 0.25, 0.5], physicsClientId=cid)
-        wall = p.createMultiBody(0, box, -1, [0, wall_y + 0.25, 0.5], physicsClientId=cid)
-        env = B._OpenFloorCar(cid, B.VehicleParams()).env
-        env.actuator = "motor"
-        quat = p.getQuaternionFromEuler([0, 0, np.deg2rad(angle_deg)])
-        p.resetBasePositionAndOrientation(env.car, [0, 0, spec.START_Z], quat, physicsClientId=cid)
-        rows, hit = [], False
-        for i in range(int(round(seconds / B.DT))):
-            env._apply_action(motor, steer_after if hit else 0.0)
-            p.stepSimulation(physicsClientId=cid)
-            pos, orn, lin, _ = env._kinematics()
-            c = len(p.getContactPoints(bodyA=env.car, bodyB=wall, physicsClientId=cid)) > 0
-            hit |= c
-            yaw = p.getEulerFromQuaternion(orn.tolist())[2]
-            rows.append(((i + 1) * B.DT, pos[0], pos[1], yaw, lin[0], lin[1], float(c), np.nan))
-        return np.asarray(rows)
-    finally:
-        p.disconnect(physicsClientId=cid)
-
-
-def wall_contact_probe(backend: str = "jax", angle_deg: float = 45.0, motor: float = 0.3,
-                       steer_after: float = 0.0, seconds: float = 3.0, wall_y: float = 1.5,
-                       dyn: Dynamics | None = None) -> dict:
-    """Drive a car from the origin at `angle_deg` (0 = along the wall, 90 = straight at it) at
-    `motor` into a straight wall y = wall_y on an open floor (track-floor friction in
-    PyBullet), steering `steer_after` from the first contact on; the same protocol in either
-    backend ("jax" | "bullet"). Returns the trace (rows: t, x, y, yaw, vx = speed along the
-    wall, vy = speed into it, contact, footprint clearance - radius (jax)) and a summary:
-    speed and angle at the impact, then at +0.1 … +2 s the angle to the wall (deg, +: CCW
-    of the +x direction), the speed along the wall, and the contact fraction so far;
-    `escape_s`: the first time after the impact at which the car runs along the wall
-    (within 15°, either way) at > 0.3 m/s; `min_clearance` (jax): the deepest footprint
-    penetration (negative) over the run."""
-    if backend == "jax":
-        tr = _probe_trace_jax(dyn or Dynamics(), angle_deg, motor, steer_after, seconds, wall_y)
-    elif backend == "bullet":
-        tr = _probe_trace_bullet(angle_deg, motor, steer_after, seconds, wall_y)
-    else:
-        raise ValueError(f"backend must be 'jax' or 'bullet', got {backend!r}")
-    c = tr[:, 6] > 0
-    out: dict[str, Any] = {"trace": tr, "contact": bool(c.any())}
-    if not c.any():
-        return out
-    k = int(np.argmax(c))
-    kb = max(k - 1, 0)
-    out["impact_speed"] = float(np.hypot(tr[kb, 4], tr[kb, 5]))
-    out["impact_angle_deg"] = float(np.rad2deg(tr[kb, 3]))
-    for dt_ in (0.1, 0.3, 0.5, 1.0, 2.0):
-        j = min(k + int(round(dt_ / 0.01)), len(tr) - 1)
-        out[f"+{dt_}s"] = {"angle_deg": float(np.rad2deg(tr[j, 3])),
-                           "v_along": float(tr[j, 4]), "v_into": float(tr[j, 5]),
-                           "contact_frac": float(c[k:j + 1].mean())}
-    yaw, speed = tr[k:, 3], np.hypot(tr[k:, 4], tr[k:, 5])
-    along = (np.abs(np.sin(yaw)) < np.sin(np.deg2rad(15.0))) & (speed > 0.3)
-    out["escape_s"] = float(np.argmax(along) * 0.01) if along.any() else float("nan")
-    out["min_clearance"] = float(np.nanmin(tr[:, 7])) if backend == "jax" else float("nan")
-    return out

@@ -40,16 +40,6 @@ SPEED_MAX_VELOCITY = 3.5
 SPEED_VELOCITY_MULTIPLIER = 25.0
 SPEED_MAX_FORCE = 0.5
 
-# Brake-and-turn protocol of both backends' calibrate(): 3 s at full throttle (~3.7 m/s), then
-# 1.5 s of full right steering with the motor at m < 0; reported: the yaw change (rad).
-BRAKE_TURN_AT, BRAKE_TURN_STEPS, BRAKE_TURN_MOTOR = 300, 450, (-1.0, -0.3, -0.1)
-
-
-def brake_turn_policy(m: float):
-    """Step i -> (actuator, motor, steering) of the brake-and-turn protocol."""
-    return lambda i: ("motor", 1.0, 0.0) if i < BRAKE_TURN_AT else ("motor", m, 1.0)
-
-
 # ---------------------------------------------------------------- vehicle geometry
 WHEEL_RADIUS = 0.05  # m
 WHEELBASE = 0.325  # m, rear axle to front axle
