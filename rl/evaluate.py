@@ -635,7 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         c = Checkpointer(ckpt)
         step = args.step if args.step is not None else c.latest_step()
         c.close()
-        cfg, model, obs_rms = restore_policy(ckpt, step)
+        from etl import configlib
+
+        try:  # the checkpoint's config record
+            cfg, model, obs_rms = restore_policy(ckpt, step)
+        except configlib.ConfigError as e:
+            return configlib.cli_error("rl.evaluate", e)
         _, featurize, _ = make_agent(cfg, cfg.seed)
         policy = checkpoint_policy(model, featurize, obs_rms)
         backend = args.backend or cfg.env.backend
