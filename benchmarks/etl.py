@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from etl import build as B  # noqa: E402
-from etl import codec  # noqa: E402
-from etl.config import load_config  # noqa: E402
+from etl import codec, configlib  # noqa: E402
+from etl.config import ETLConfig  # noqa: E402
 from etl.preprocess import (  # noqa: E402
     bev_lidar,
     bev_radar,
@@ -161,7 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
     args = ap.parse_args(argv)
     cv2.setNumThreads(1)
-    cfg = load_config(None, args.set)
+    cfg = configlib.cli_load("benchmarks.etl", ETLConfig, None, args.set)
+    if cfg is None:
+        return configlib.EXIT_CONFIG
     tmp = Path(tempfile.mkdtemp(prefix="raceformer-bench-"))
     try:
         src = args.src

@@ -22,11 +22,10 @@ import jax
 import numpy as np
 
 
-def measure(sets: list[str], updates: int) -> dict:
+def measure(cfg, updates: int) -> dict:
+    """Steps/s of ``updates`` PPO updates of the :class:`rl.config.RLConfig` ``cfg``."""
     from rl import factory
-    from rl.config import load_config
 
-    cfg = load_config(None, sets)
     runner = factory.make_runner(cfg)
     state = runner.init(jax.random.PRNGKey(cfg.seed))
     t0 = time.perf_counter()
@@ -72,7 +71,13 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     if args.policy == "multimodal":
         sets.append(f"finetune.pretrain_config='{args.pretrain_config}'")
-    r = measure(sets, args.updates)
+    from etl import configlib
+    from rl.config import RLConfig
+
+    cfg = configlib.cli_load("benchmarks.ppo", RLConfig, None, sets)
+    if cfg is None:
+        return configlib.EXIT_CONFIG
+    r = measure(cfg, args.updates)
     print(json.dumps(r, indent=2))
     return 0
 

@@ -24,12 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from etl import configlib
 from etl.config import PreprocessConfig
 from etl.schema import MODALITIES, sample_spec
 from train import metrics as metricslib
 from train import pretrain
 from train import sharding as shardlib
-from train.config import ModelConfig, load_pretrain_config
+from train.config import ModelConfig, PretrainConfig
 
 PRESETS = {
     # configs/pretrain_cmht.toml's model
@@ -122,7 +123,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cpu = jax.devices()[0].platform == "cpu"
-    base = load_pretrain_config(args.config, args.set)
+    base = configlib.cli_load("benchmarks.pretrain", PretrainConfig, args.config, args.set)
+    if base is None:
+        return configlib.EXIT_CONFIG
     pre = PreprocessConfig()
     if args.data:
         from train.data import preprocess_config

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from etl import codec, configlib
-from etl.config import ETLConfig, load_config
+from etl.config import ETLConfig
 from etl.errors import DriveError, ETLError, FrameError
 from etl.images import decode_at_least
 from etl.preprocess import (
@@ -1049,22 +1049,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-    except configlib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = configlib.cli_load("etl.build", ETLConfig, args.config, args.set)
+    if cfg is None:
+        return configlib.EXIT_CONFIG
     try:
         writer_options(cfg.output)
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if cfg.output.split not in ("block", "drive"):
-        print(
-            f"config error: output.split: expected 'block' or 'drive', got {cfg.output.split!r}",
-            file=sys.stderr,
-        )
-        return 2
+        return configlib.cli_error("etl.build", e)
     if not 0 <= args.shard_index < max(1, args.num_shards):
         print(f"--shard-index {args.shard_index} is not in [0, {args.num_shards})", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ Changing any of it changes :func:`etl.configlib.config_hash`, so ``etl.build`` r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from etl import configlib
 
@@ -101,7 +102,8 @@ class SyncConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     shard_size: int = 256  # samples per ArrayRecord shard
-    split: str = "block"  # "block": contiguous time blocks; "drive": whole drives
+    # "block": contiguous time blocks; "drive": whole drives
+    split: Literal["block", "drive"] = "block"
     val_fraction: float = 0.1
     block_s: float = 30.0  # length of a contiguous block for the block split
     guard_s: float = 2.0  # block split: train sweeps this close to a val block are dropped

@@ -6,15 +6,22 @@ One loader for all configs so that the rules are the same everywhere:
 * a value of the wrong type fails with the key, the expected and the given type;
 * ``--set section.key=value`` overrides one key, the value parsed as a TOML literal
   (``--set training.steps=10``, ``--set data.path="'/scratch/cache'"`` or bare strings);
+* an enumeration is a ``typing.Literal[...]`` field: a value outside it fails naming the key
+  (``env.backend: expected one of ['jax', 'bullet', 'racecar_gym'], got 'foo'``), at load time
+  and — through :func:`check_literals` in ``__post_init__`` — when a dataclass is built in code;
 * :func:`config_hash` is a stable digest of the resolved config (used by the ETL to decide
-  whether a finished drive can be skipped, and by checkpoints to detect a changed architecture).
+  whether a finished drive can be skipped, and by checkpoints to detect a changed architecture);
+* :func:`cli_load` / :func:`cli_error`: every command line reports a config error the same way,
+  one line ``<prog>: config error: <message>`` on stderr and exit code :data:`EXIT_CONFIG` (2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import sys
 import tomllib
 import types
 import typing
@@ -22,6 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+EXIT_CONFIG = 2  # the exit code of every entry point for a config error
 
 
 class ConfigError(ValueError):
@@ -117,6 +126,32 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix or '<root>'}: {e}") from None
 
 
+def _has_literal(tp: Any) -> bool:
+    if typing.get_origin(tp) is typing.Literal:
+        return True
+    return any(_has_literal(a) for a in typing.get_args(tp) if a is not Ellipsis)
+
+
+def check_literals(obj: Any, prefix: str = "") -> None:
+    """Check every ``Literal``-typed field of the dataclass instance ``obj`` (also inside a union
+    such as ``Literal[...] | None``, or a tuple of them) and of the dataclasses it holds, for a
+    dataclass built in code rather than by :func:`from_dict`: call it from ``__post_init__``.
+    Raises :class:`ConfigError` naming the field (``prefix.section.name``), as the loader."""
+    for name, tp in _literal_fields(type(obj)):
+        _coerce(tp, getattr(obj, name), f"{prefix}.{name}" if prefix else name)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_literals(value, f"{prefix}.{f.name}" if prefix else f.name)
+
+
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls)
+                 if _has_literal(hints[f.name]))
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The dataclass as plain TOML/JSON-friendly data (tuples become lists)."""
 
@@ -177,3 +212,22 @@ def config_hash(cfg: Any) -> str:
     """A stable 16-hex digest of the resolved config."""
     blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cli_error(prog: str, err: BaseException) -> int:
+    """Report a config error on a command line: one line ``prog: config error: message`` on
+    stderr; returns :data:`EXIT_CONFIG` for ``main`` to return."""
+    print(f"{prog}: config error: {' '.join(str(err).split())}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def cli_load(
+    prog: str, cls: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> T | None:
+    """:func:`load` for a command line: on a config error, report it (:func:`cli_error`) and
+    return None; the caller then returns :data:`EXIT_CONFIG`."""
+    try:
+        return load(cls, path, overrides)
+    except ConfigError as e:
+        cli_error(prog, e)
+        return None

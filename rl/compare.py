@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             *args.set, *sets, f"seed={seed}", f"run_name={base.run_name}_{name}_s{seed}"])
             for name, sets in variants for seed in seeds}  # fmt: skip
     except (configlib.ConfigError, ValueError) as e:
-        print(f"rl.compare: {e}", file=sys.stderr)
-        return 2
+        return configlib.cli_error("rl.compare", e)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[int, dict]] = {}

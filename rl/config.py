@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from etl import configlib
 from rl.ppo_core import PPOConfig
@@ -10,7 +11,7 @@ from rl.ppo_core import PPOConfig
 
 @dataclass(frozen=True)
 class EnvConfig:
-    backend: str = "jax"  # "jax" (fast runner) | "bullet" | "racecar_gym" (gymnasium runner)
+    backend: Literal["jax", "bullet", "racecar_gym"] = "jax"  # jax: fast runner; else gymnasium
     # a name in the racecar_tracks folder, a path, procedural:<seed>; or a comma-separated
     # list ("austria,procedural:1-8": seeds 1..8) to train on all of them at once
     track: str = "procedural:0"
@@ -27,7 +28,7 @@ class EnvConfig:
     stall_time: float = 0.0
     stall_speed: float = 0.1  # m/s
     progress_reward: float = 100.0  # × Δ(lap + progress), signed
-    reset_mode: str = "random"  # "grid" | "random"
+    reset_mode: Literal["grid", "random"] = "random"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)
     camera: bool = False  # render rgb_camera (needed by a policy that reads rgb)
     # JAX backend only: rays actually cast (1080 = racecar_gym's scan; 108 = every 10th ray,
@@ -42,7 +43,7 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    policy: str = "lidar_mlp"  # "lidar_mlp" | "multimodal"
+    policy: Literal["lidar_mlp", "multimodal"] = "lidar_mlp"
     hidden: tuple[int, ...] = (256, 256)
     lidar_beams: int = 108  # the lidar MLP's input: every (1080 / lidar_beams)-th ray
     modalities: tuple[str, ...] = ("lidar", "gps", "imu")  # multimodal policy's inputs
@@ -50,16 +51,34 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    init: str = "scratch"  # "pretrained" | "scratch" (same architecture, random weights)
+    # "scratch": the same architecture, random weights
+    init: Literal["pretrained", "scratch"] = "scratch"
     pretrained_ckpt: str = ""  # runs/<pretrain run>/ckpt (latest step)
     pretrain_config: str = ""  # the pretraining TOML; "" = the config saved in the checkpoint
     freeze_encoders: bool = True  # no gradients and no optimizer state for encoders + fusion
-    absent: str = "zeros"  # radar/ir in the simulator: "zeros" (masked out) | "token" (learned)
+    # radar/ir in the simulator: "zeros" (masked out) | "token" (learned)
+    absent: Literal["zeros", "token"] = "zeros"
     # warm start: the policy (and observation statistics) of another PPO run's checkpoint,
     # runs/<run>/ckpt, latest step; fresh optimizer, reward statistics and environments. For
     # training in stages (e.g. first contacts allowed, then contacts end the episode). The
     # [model] section must match the checkpoint's. Ignored when this run resumes.
     init_policy: str = ""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """``[imitate.teacher]``: the keywords :func:`rl.drivers.line_driver` passes on to the teacher,
+    :class:`rl.drivers.LineFollower`'s and its :func:`rl.plan.speed_profile`'s, with their
+    defaults (tests/test_imitate.py keeps the two in step)."""
+
+    lookahead: float = 0.7  # m, pure pursuit's lookahead from the rear axle at standstill
+    lookahead_per_mps: float = 0.15  # m more per m/s of speed
+    speed_scale: float = 1.0  # × the speed profile
+    gain: float = 2.0  # the motor's P-gain on the speed error
+    v_max: float = 3.5  # m/s, the speed profile's cap
+    a_lat: float = 2.5  # m/s², cornering limit
+    a_brake: float = 2.0  # m/s²
+    a_accel: float = 2.5  # m/s²
 
 
 @dataclass(frozen=True)
@@ -75,8 +94,11 @@ class ImitateConfig:
     noise: float = 0.2  # std of the student's action noise while it drives
     clearance: float = 0.15  # m, the teacher's planned line from the walls
     turn_radius: float = 0.0  # m, the teacher's line's tightest turn; 0 = the car's (1.75 m)
-    # LineFollower / speed-profile keywords of the teacher, e.g. {speed_scale = 0.85, a_lat = 1.8}
-    teacher: dict[str, float] = field(default_factory=dict)
+    # the teacher's LineFollower / speed-profile settings, e.g. {speed_scale = 0.85, a_lat = 1.8}
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    lr: float = 1e-3  # Adam's learning rate of the fit
+    batch: int = 1024  # minibatch of the fit
+    max_samples: int = 1_000_000  # the JAX rounds' data set keeps the newest this many states
     bullet_rounds: int = 0
     bullet_envs: int = 2  # PyBullet cars (one process each when more than one)
     bullet_steps: int = 1000  # policy steps per car a round
@@ -99,18 +121,7 @@ class RLConfig:
     keep: int = 3
 
     def __post_init__(self):
-        checks = {
-            "env.backend": (self.env.backend, ("jax", "bullet", "racecar_gym")),
-            "env.reset_mode": (self.env.reset_mode, ("grid", "random")),
-            "model.policy": (self.model.policy, ("lidar_mlp", "multimodal")),
-            "finetune.init": (self.finetune.init, ("pretrained", "scratch")),
-            "finetune.absent": (self.finetune.absent, ("zeros", "token")),
-        }
-        for key, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise configlib.ConfigError(
-                    f"{key}: expected one of {list(allowed)}, got {value!r}"
-                )
+        configlib.check_literals(self)  # env.backend, …: also when built in code, not loaded
         if self.finetune.init == "pretrained" and not self.finetune.pretrained_ckpt:
             raise configlib.ConfigError(
                 "finetune.pretrained_ckpt: required when init = 'pretrained'"
@@ -121,15 +132,6 @@ class RLConfig:
             and not self.env.camera
         ):
             raise configlib.ConfigError("model.modalities: 'rgb' needs env.camera = true")
-        if self.imitate.teacher:
-            from rl.drivers import teacher_keywords
-
-            unknown = sorted(set(self.imitate.teacher) - teacher_keywords())
-            if unknown:
-                raise configlib.ConfigError(
-                    f"imitate.teacher.{unknown[0]}: not a line-follower setting; expected one "
-                    f"of {sorted(teacher_keywords())}"
-                )
         b = self.ppo.num_envs * self.ppo.num_steps
         if b % self.ppo.num_minibatches:
             raise configlib.ConfigError(
@@ -143,12 +145,7 @@ def load_config(path=None, overrides=()) -> RLConfig:
 
 
 def cli_config(prog: str, path=None, overrides=()) -> RLConfig | None:
-    """load_config for a command line: a config error is printed as one line naming the key
-    (``prog: config error: …``) and None returned (the caller exits with code 2)."""
-    import sys
-
-    try:
-        return load_config(path, overrides)
-    except configlib.ConfigError as e:
-        print(f"{prog}: config error: {e}", file=sys.stderr)
-        return None
+    """load_config for a command line (:func:`etl.configlib.cli_load`): a config error is
+    printed as one line naming the key (``prog: config error: …``) and None returned (the
+    caller exits with :data:`etl.configlib.EXIT_CONFIG`, 2)."""
+    return configlib.cli_load(prog, RLConfig, path, overrides)

@@ -17,7 +17,6 @@ The planner lives in :mod:`rl.plan` (this module imports it, never the reverse).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -253,14 +252,6 @@ class LineFollower:
         j = (jnp.argmin(jnp.sum((self.xy - front) ** 2, axis=1)) + 3) % self.n
         motor = jnp.clip(self.gain * (self.v[j] - speed), -1.0, 1.0)
         return {"motor": motor.reshape(1), "steering": steer.reshape(1)}
-
-
-def teacher_keywords() -> set[str]:
-    """The keywords :func:`line_driver` passes on: LineFollower's and speed_profile's."""
-    follower = set(inspect.signature(LineFollower.__init__).parameters) - {"self", "plan",
-                                                                             "profile"}
-    profile = set(inspect.signature(speed_profile).parameters) - {"path", "step"}
-    return follower | profile
 
 
 def line_driver(track, clearance: float = 0.05, turn_radius: float = TURN_RADIUS_M,

@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from etl import configlib
 from rl import factory
 from rl.config import RLConfig
 from rl.drivers import scripted_policy
@@ -482,7 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         c = Checkpointer(ckpt)
         step = args.step if args.step is not None else c.latest_step()
         c.close()
-        cfg, model, obs_rms = factory.restore_policy(ckpt, step)
+        try:  # the checkpoint's config record
+            cfg, model, obs_rms = factory.restore_policy(ckpt, step)
+        except configlib.ConfigError as e:
+            return configlib.cli_error("rl.evaluate", e)
         _, featurize, _ = factory.make_agent(cfg)
         policy = checkpoint_policy(model, featurize, obs_rms)
         backend = args.backend or cfg.env.backend

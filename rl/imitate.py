@@ -19,9 +19,9 @@ counts ``bullet_weight`` times in the fit.
     python -m rl.imitate --config configs/rl_austria_bullet.toml  # with PyBullet rounds
 
 The config gives the track (one track), the task, the model and the ``[imitate]`` section
-(:class:`rl.config.ImitateConfig`: rounds, cars, noise, the teacher's settings, the PyBullet
-rounds); the result is ``runs/<run_name>/ckpt`` (a checkpoint ``rl.evaluate`` and
-``finetune.init_policy`` read).
+(:class:`rl.config.ImitateConfig`: rounds, cars, noise, the teacher's settings, the fit's
+lr/batch/max_samples, the PyBullet rounds); the result is ``runs/<run_name>/ckpt`` (a
+checkpoint ``rl.evaluate`` and ``finetune.init_policy`` read).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _setup(cfg: RLConfig):
         raise ValueError(f"env.track: rl.imitate plans one track, got {len(names)} ({names})")
     track = load_track(names[0])
     ic = cfg.imitate
-    teacher = line_driver(track, clearance=ic.clearance, **dict(ic.teacher),
+    teacher = line_driver(track, clearance=ic.clearance, **configlib.to_dict(ic.teacher),
                           **({"turn_radius": ic.turn_radius} if ic.turn_radius > 0 else {}))
     beams = cfg.model.lidar_beams
 
@@ -182,23 +182,22 @@ def make_fit(graphdef, lr: float, batch: int):
     return tx, jax.jit(fit, static_argnames="epochs")
 
 
-def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1_000_000,
-        **imitate) -> Path:
+def run(cfg: RLConfig) -> Path:
     """DAgger rounds (``rounds`` in the JAX backend, then ``bullet_rounds`` in PyBullet) as
-    ``cfg.imitate`` says (``imitate``: fields of :class:`rl.config.ImitateConfig` to replace);
-    returns the checkpoint folder. The JAX data set keeps the newest ``max_samples`` labelled
-    states; every PyBullet state is kept and counts ``bullet_weight`` times. The teacher's line
-    keeps ``clearance`` (m) from the walls (more than the planner's default: room for the
-    student's errors); ``teacher`` goes to :class:`rl.drivers.LineFollower` (its speed profile:
-    ``a_lat``, ``a_brake``, ``v_max``, ``speed_scale``; ``lookahead``, ...)."""
-    ic = dataclasses.replace(cfg.imitate, **imitate)
-    cfg = dataclasses.replace(cfg, imitate=ic)  # the checkpoint records what was run
+    ``cfg.imitate`` says; returns the checkpoint folder. The fit: Adam at ``lr``, minibatches
+    of ``batch``. The JAX data set keeps the newest ``max_samples`` labelled states; every
+    PyBullet state is kept and counts ``bullet_weight`` times. The teacher's line keeps
+    ``clearance`` (m) from the walls (more than the planner's default: room for the student's
+    errors); ``teacher`` (:class:`rl.config.TeacherConfig`) goes to
+    :class:`rl.drivers.LineFollower` (its speed profile: ``a_lat``, ``a_brake``, ``v_max``,
+    ``speed_scale``; ``lookahead``, ...)."""
+    ic = cfg.imitate
 
     t0 = time.perf_counter()
     env_params, fenv, teacher, model, track = _setup(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rollout = make_rollout(fenv, teacher, graphdef, ic.envs, ic.steps, ic.noise)
-    tx, fit = make_fit(graphdef, lr, batch)
+    tx, fit = make_fit(graphdef, ic.lr, ic.batch)
     opt_state = tx.init(params)
     rms = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
     key = jax.random.PRNGKey(cfg.seed)
@@ -214,7 +213,7 @@ def run(cfg: RLConfig, lr: float = 1e-3, batch: int = 1024, max_samples: int = 1
             f"ends, {float(stats['mean_speed']):.2f} m/s")
         xs.append(np.asarray(x))
         ys.append(np.asarray(y))
-        X, Y = np.concatenate(xs)[-max_samples:], np.concatenate(ys)[-max_samples:]
+        X, Y = np.concatenate(xs)[-ic.max_samples:], np.concatenate(ys)[-ic.max_samples:]
         if r == 0:
             rms = rms.update(jnp.asarray(X))
         params, opt_state, losses = fit(params, rest, opt_state, rms, jnp.asarray(X),

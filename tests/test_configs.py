@@ -3,10 +3,13 @@ cluster node), and the seed keys keep their documented values."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
+from etl import configlib
 from etl.config import load_config as load_etl
 from rl.config import load_config as load_rl
 from train.config import load_pretrain_config
@@ -38,3 +41,174 @@ def test_seed_values():
         0.99,
     )
     assert r.ppo.update_epochs == 4
+
+
+# --------------------------------------------------------------------------- enumerations
+ENUMS = [  # (loader, key, allowed): every enumeration is a Literal field checked at load time
+    ("etl", "output.split", ["block", "drive"]),
+    ("pretrain", "model.fusion", ["self", "cross"]),
+    ("pretrain", "model.absent", ["drop", "token"]),
+    ("pretrain", "model.dtype", ["float32", "bfloat16"]),
+    ("pretrain", "model.pos_embed", ["sincos", "learned"]),
+    ("pretrain", "model.attention_impl", ["xla", "cudnn"]),
+    ("pretrain", "mesh.distributed", ["auto", "on", "off"]),
+    ("rl", "env.backend", ["jax", "bullet", "racecar_gym"]),
+    ("rl", "env.reset_mode", ["grid", "random"]),
+    ("rl", "model.policy", ["lidar_mlp", "multimodal"]),
+    ("rl", "finetune.init", ["pretrained", "scratch"]),
+    ("rl", "finetune.absent", ["zeros", "token"]),
+]
+
+
+@pytest.mark.parametrize("kind,key,allowed", ENUMS, ids=[k for _, k, _ in ENUMS])
+def test_enumeration_bad_value_fails_at_load_naming_the_key(kind, key, allowed):
+    with pytest.raises(configlib.ConfigError) as e:
+        LOADERS[kind](None, [f"{key}='bogus'"])
+    assert str(e.value) == f"{key}: expected one of {allowed}, got 'bogus'"
+    needs = {"finetune.init": ["finetune.pretrained_ckpt='runs/x/ckpt'"]}
+    for value in allowed:  # every allowed value loads
+        cfg = LOADERS[kind](None, [f"{key}='{value}'", *needs.get(key, [])])
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value
+
+
+def test_enumerations_are_checked_when_built_in_code():
+    """Dataclasses also built outside the loader check their Literal fields in __post_init__
+    (configlib.check_literals), with the same one-line message."""
+    from rl.config import EnvConfig, FinetuneConfig, RLConfig
+    from rl.config import ModelConfig as PolicyConfig
+    from rl.envs.spec import TaskConfig
+    from train.config import ModelConfig
+
+    with pytest.raises(configlib.ConfigError,
+                       match=r"^TaskConfig\.reset_mode: expected one of \['grid', 'random'\], "
+                             r"got 'spiral'$"):
+        TaskConfig(reset_mode="spiral")
+    with pytest.raises(configlib.ConfigError, match=r"^model\.fusion: expected one of"):
+        ModelConfig(fusion="both")
+    with pytest.raises(configlib.ConfigError, match=r"^model\.dtype: expected one of"):
+        dataclasses.replace(ModelConfig(), dtype="float16")
+    with pytest.raises(configlib.ConfigError, match=r"^env\.backend: expected one of"):
+        RLConfig(env=EnvConfig(backend="carla"))
+    with pytest.raises(configlib.ConfigError, match=r"^model\.policy: expected one of"):
+        RLConfig(model=PolicyConfig(policy="transformer"))
+    with pytest.raises(configlib.ConfigError, match=r"^finetune\.absent: expected one of"):
+        RLConfig(finetune=FinetuneConfig(absent="drop"))
+    assert TaskConfig(reset_mode="random").reset_mode == "random"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Choices:  # for test_check_literals_generic (module level: get_type_hints resolves it)
+    mode: Literal["a", "b"] = "a"
+    maybe: Literal["x", "y"] | None = None
+    many: tuple[Literal["p", "q"], ...] = ("p",)
+    free: str = "anything"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    inner: _Choices = dataclasses.field(default_factory=_Choices)
+
+
+def test_check_literals_generic():
+    configlib.check_literals(_Choices(maybe="y", many=("q", "p"), free="z"))
+    configlib.check_literals(_Outer())
+    for kw, msg in [({"mode": "c"}, r"^sec\.mode: expected one of \['a', 'b'\], got 'c'$"),
+                    ({"maybe": "z"}, r"^sec\.maybe: expected "),
+                    ({"many": ("p", "r")}, r"^sec\.many\[1\]: expected one of")]:
+        with pytest.raises(configlib.ConfigError, match=msg):
+            configlib.check_literals(_Choices(**kw), "sec")
+    with pytest.raises(configlib.ConfigError, match=r"^inner\.mode: expected one of"):
+        configlib.check_literals(_Outer(inner=_Choices(mode="z")))
+
+
+def test_enumerations_are_literal_fields():
+    """Every enumeration above is a Literal field of its config dataclass (so the loader and
+    check_literals check it; no hand-written membership test is needed)."""
+    import typing
+
+    from etl.config import ETLConfig
+    from rl.config import RLConfig
+    from rl.envs.spec import TaskConfig
+    from train.config import PretrainConfig
+
+    def walk(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from walk(tp, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", tp
+
+    literal = {k for root in (ETLConfig, RLConfig, PretrainConfig, TaskConfig)
+               for k, tp in walk(root) if typing.get_origin(tp) is typing.Literal}
+    assert {k for _, k, _ in ENUMS} <= literal
+    assert "reset_mode" in literal  # TaskConfig's
+
+
+# --------------------------------------------------------------------------- exit code 2
+def _pretrain_ckpt(tmp_path):
+    """A pretraining checkpoint whose config record has an unknown [model] key."""
+    import numpy as np
+
+    from train.checkpoint import Checkpointer
+
+    c = Checkpointer(tmp_path / "pre" / "ckpt", async_save=False)
+    c.save(1, {"x": np.zeros(1, np.float32)}, {}, {"model": {"bogus_key": 1}, "preprocess": {}})
+    c.close()
+    return str(tmp_path / "pre")
+
+
+def _ppo_ckpt(tmp_path):
+    """A PPO checkpoint whose config record has an unknown [ppo] key."""
+    import numpy as np
+
+    from train.checkpoint import Checkpointer
+
+    c = Checkpointer(tmp_path / "ppo" / "ckpt", async_save=False)
+    c.save(1, {"x": np.zeros(1, np.float32)}, {},
+           {"rl": {"ppo": {"bogus_key": 1}}, "kind": "ppo"})
+    c.close()
+    return str(tmp_path / "ppo" / "ckpt")
+
+
+def _main(module):
+    import importlib
+
+    return importlib.import_module(module).main
+
+
+RL_TINY = str(CONFIGS / "rl_tiny.toml")
+PRE_TINY = str(CONFIGS / "pretrain_tiny.toml")
+ENTRY_POINTS = {  # prog -> (argv given tmp_path, the bad key the message names)
+    "etl.build": (lambda t: ["--out", str(t / "o"), "--set", "output.bogus_key=1"],
+                  "output.bogus_key"),
+    "train.pretrain": (lambda t: ["--config", PRE_TINY, "--set", "training.bogus_key=1"],
+                       "training.bogus_key"),
+    "train.probe": (lambda t: ["--ckpt", _pretrain_ckpt(t)], "model.bogus_key"),
+    "train.visualize": (lambda t: ["--ckpt", _pretrain_ckpt(t), "--out", str(t / "v")],
+                        "model.bogus_key"),
+    "rl.ppo": (lambda t: ["--set", "ppo.bogus_key=1"], "ppo.bogus_key"),
+    "rl.imitate": (lambda t: ["--set", "imitate.teacher.bogus_key=1"],
+                   "imitate.teacher.bogus_key"),
+    "rl.compare": (lambda t: ["--config", RL_TINY, "--set", "env.backend='carla'",
+                              "--variant", "a:seed=1", "--out", str(t / "c")], "env.backend"),
+    "rl.evaluate": (lambda t: ["--ckpt", _ppo_ckpt(t), "--out", str(t / "e")],
+                    "ppo.bogus_key"),
+    "benchmarks.etl": (lambda t: ["--set", "output.bogus_key=1"], "output.bogus_key"),
+    "benchmarks.pretrain": (lambda t: ["--config", PRE_TINY, "--set", "model.fusion='x'"],
+                            "model.fusion"),
+    "benchmarks.ppo": (lambda t: ["--set", "model.policy='x'"], "model.policy"),
+}
+
+
+@pytest.mark.parametrize("prog", sorted(ENTRY_POINTS))
+def test_config_error_exits_2_with_one_line(prog, tmp_path, capsys):
+    argv, key = ENTRY_POINTS[prog]
+    argv = argv(tmp_path)
+    capsys.readouterr()
+    assert _main(prog)(argv) == configlib.EXIT_CONFIG == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"{prog}: config error: {key}: "), err[0]

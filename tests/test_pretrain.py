@@ -80,7 +80,7 @@ def test_cli_reports_config_error(tmp_path, capsys):
 
     p = tmp_path / "c.toml"
     p.write_text("[mesh]\nfsdb = 2\n")
-    assert pretrain.main(["--config", str(p)]) == 1
+    assert pretrain.main(["--config", str(p)]) == 2  # configlib.EXIT_CONFIG, as every entry point
     assert "mesh.fsdb: unknown key" in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from etl import configlib
 
@@ -18,22 +19,28 @@ class ModelConfig:
     patch_size: int = 16
     fusion_depth: int = 6
     mlp_ratio: float = 4.0
-    fusion: str = "self"  # "self": joint self-attention; "cross": per-modality cross-attention
-    absent: str = "drop"  # absent modalities: "drop" from attention, or a learned "token"
+    # "self": joint self-attention; "cross": per-modality cross-attention
+    fusion: Literal["self", "cross"] = "self"
+    # absent modalities: "drop" from attention, or a learned "token"
+    absent: Literal["drop", "token"] = "drop"
     decoder_dim: int = 128
     decoder_depth: int = 2
     decoder_heads: int = 4
     norm_pix_loss: bool = False  # per-patch normalized reconstruction targets
-    dtype: str = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+    # compute dtype (parameters stay float32)
+    dtype: Literal["float32", "bfloat16"] = "float32"
     # Modalities the model is built for, in etl.schema.MODALITIES order (a subset is allowed).
     modalities: tuple[str, ...] = ("lidar", "radar", "rgb", "ir", "gps", "imu")
-    pos_embed: str = "sincos"  # image patches: fixed 2-D "sincos" or "learned"
+    pos_embed: Literal["sincos", "learned"] = "sincos"  # image patches: fixed 2-D or learned
     gps_tokens: int = 3  # gps (east, north, up) → 3 tokens of 1 channel each (masked like patches)
     imu_tokens: int = 2  # imu → 2 tokens: gyro xyz, accel xyz
     gps_scale: float = 100.0  # metres: gps input is symlog(x / gps_scale) (see encoders.py)
     gyro_scale: float = 1.0  # rad/s
     accel_scale: float = 9.81  # m/s² (1 g)
-    attention_impl: str = "xla"  # jax.nn.dot_product_attention backend: "xla" or "cudnn"
+    attention_impl: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention backend
+
+    def __post_init__(self):  # also when built in code (tests, benchmarks), not loaded
+        configlib.check_literals(self, "model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +90,8 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
-    distributed: str = "auto"  # jax.distributed.initialize(): "auto" (SLURM_NTASKS>1), "on", "off"
+    # jax.distributed.initialize(): "auto" (when SLURM_NTASKS > 1), "on", "off"
+    distributed: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -99,10 +99,6 @@ class MultimodalFusion(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, modalities: tuple[str, ...], *, rngs: nnx.Rngs):
-        if cfg.fusion not in ("self", "cross"):
-            raise ValueError(f"model.fusion must be 'self' or 'cross', got {cfg.fusion!r}")
-        if cfg.absent not in ("drop", "token"):
-            raise ValueError(f"model.absent must be 'drop' or 'token', got {cfg.absent!r}")
         self.modalities = tuple(modalities)
         self.cross = cfg.fusion == "cross"
         self.drop_absent = cfg.absent == "drop"

@@ -37,7 +37,7 @@ from train import checkpoint as ckptlib
 from train import data as datalib
 from train import metrics as metricslib
 from train import sharding as shardlib
-from train.config import PretrainConfig, load_pretrain_config
+from train.config import PretrainConfig
 from train.preempt import Preemption
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3
@@ -323,11 +323,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None, *, model_cls=None, flops_fn=None, hooks=()) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_pretrain_config(args.config, args.set)
-    except configlib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 1
+    cfg = configlib.cli_load("train.pretrain", PretrainConfig, args.config, args.set)
+    if cfg is None:
+        return configlib.EXIT_CONFIG
     try:
         return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
     except ckptlib.ArchitectureMismatch as e:

@@ -154,10 +154,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON report (default: RUN/probe.json)")
     args = ap.parse_args(argv)
 
+    from etl import configlib
     from train.pretrain import default_model, load_trained, resolve_ckpt
 
     overrides = [f"data.path={args.data}"] if args.data else []
-    model, cfg, pre, step = load_trained(args.ckpt, overrides=overrides)
+    try:  # the checkpoint's config record
+        model, cfg, pre, step = load_trained(args.ckpt, overrides=overrides)
+    except configlib.ConfigError as e:
+        return configlib.cli_error("train.probe", e)
     if "lidar" not in getattr(model, "modalities", cfg.model.modalities):
         print("the probe reads the LiDAR BEV tokens; this model has no lidar encoder",
               file=sys.stderr)

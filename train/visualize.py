@@ -107,10 +107,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="masking key")
     args = ap.parse_args(argv)
 
+    from etl import configlib
     from train.pretrain import load_trained
 
     overrides = [f"data.path={args.data}"] if args.data else []
-    model, cfg, pre, step = load_trained(args.ckpt, overrides=overrides)
+    try:  # the checkpoint's config record
+        model, cfg, pre, step = load_trained(args.ckpt, overrides=overrides)
+    except configlib.ConfigError as e:
+        return configlib.cli_error("train.visualize", e)
     batch = None
     for split in dict.fromkeys((args.split, "train")):
         try:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
+
+from etl import configlib
 
 # ---------------------------------------------------------------- simulation
 PHYSICS_DT = 0.01  # s; 100 Hz physics, one physics step per env.step()
@@ -186,14 +189,12 @@ class TaskConfig:
     stall_time: float = 0.0  # s
     stall_speed: float = 0.1  # m/s
     checkpoints: int = 5
-    reset_mode: str = "grid"  # "grid" | "random"
+    reset_mode: Literal["grid", "random"] = "grid"
     random_min_obstacle: float = 0.5  # normalized obstacle distance for random spawns
     observe_camera: bool = False
 
     def __post_init__(self):
-        if self.reset_mode not in ("grid", "random"):
-            raise ValueError(f"TaskConfig.reset_mode must be 'grid' or 'random', "
-                             f"got {self.reset_mode!r}")
+        configlib.check_literals(self, "TaskConfig")
         if self.wall_margin <= 0:
             raise ValueError("TaskConfig.wall_margin must be > 0")
         if self.laps < 1 or self.checkpoints < 1:
