@@ -384,3 +384,17 @@ def test_yaw_rate_noise_is_observation_only(params):
         dw.append(float(o_n["velocity"][5] - o_e["velocity"][5]) / max(float(st.v), 1e-3) ** 2)
     late = np.array(dw[100:])  # at speed
     assert 0.008 < late.std() < 0.03, late.std()
+
+
+def test_one_action_converter_both_ways():
+    """spec.action_array / action_dict: the racecar action dict ⇄ [motor, steering], one
+    action or a batch, numpy or jax."""
+    one = {"motor": np.array([0.3], np.float32), "steering": np.array([-0.5], np.float32)}
+    np.testing.assert_array_equal(spec.action_array(one), [0.3, -0.5])
+    assert spec.action_array({"speed": 0.1, "steering": 0.2}, jnp).shape == (2,)
+    batch = np.array([[0.3, -0.5], [1.0, 0.25]], np.float32)
+    d = spec.action_dict(batch)
+    assert d["motor"].shape == (2, 1) and d["steering"].shape == (2, 1)
+    np.testing.assert_array_equal(spec.action_array(d), batch)
+    np.testing.assert_array_equal(spec.action_array({k: v[:, 0] for k, v in d.items()}), batch)
+    np.testing.assert_array_equal(spec.action_dict(batch[0])["steering"], [-0.5])

@@ -584,12 +584,8 @@ class JaxRacecar:
     def _advance(self, state: EnvState, action, params: TrackParams):
         """Physics and race bookkeeping of one step; the lidar is left as it was."""
         dyn, task = self.dynamics, self.task
-        if isinstance(action, dict):
-            a_motor = jnp.reshape(action.get("motor", action.get("speed")), ())
-            a_steer = jnp.reshape(action["steering"], ())
-        else:
-            action = jnp.asarray(action, jnp.float32)
-            a_motor, a_steer = action[0], action[1]
+        action = spec.action_array(action, jnp)
+        a_motor, a_steer = action[0], action[1]
         a_motor = jnp.clip(a_motor, -1.0, 1.0)
         a_steer = jnp.clip(a_steer, -1.0, 1.0)
         dt = dyn.dt
@@ -727,8 +723,7 @@ class JaxRacecarEnv(gym.Env):
     def step(self, action: dict[str, Any]):
         if self._state is None:
             raise RuntimeError("call reset() before step()")
-        a = jnp.asarray([np.asarray(action["motor"], np.float32).reshape(()),
-                         np.asarray(action["steering"], np.float32).reshape(())])
+        a = jnp.asarray(spec.action_array(action))
         obs, self._state, r, term, trunc, info = self._step(self._state, a, self.params)
         return (_np_obs(obs), float(r), bool(term), bool(trunc),
                 _np_info(info, self._state))

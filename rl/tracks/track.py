@@ -85,9 +85,9 @@ class Track:
     def cropped(self, margin_m: float = 2.0) -> Track:
         """The same track on the map window holding its drivable area plus ``margin_m`` on
         every side (walls included): identical lookups for every drivable position, and maps
-        small enough to stay in cache (Austria: 2000² → ~600² pixels). Where the map has less margin than that it is padded
-        with wall (not drivable, zero distances and progress). World coordinates do not
-        change."""
+        small enough to stay in cache (Austria: 2000² → ~600² pixels). Where the map has
+        less margin than that it is padded with wall (not drivable, zero distances and
+        progress). World coordinates do not change."""
         rows, cols = np.nonzero(self.drivable)
         m = int(np.ceil(margin_m / self.resolution))
         h, w = self.drivable.shape
