@@ -389,10 +389,10 @@ def test_yaw_rate_noise_is_observation_only(params):
 def test_one_action_converter_both_ways():
     """spec.action_array / action_dict: the racecar action dict ⇄ [motor, steering], one
     action or a batch, numpy or jax."""
-    one = {"motor": np.array([0.3], np.float32), "steering": np.array([-0.5], np.float32)}
-    np.testing.assert_array_equal(spec.action_array(one), [0.3, -0.5])
+    one = {"motor": np.array([0.25], np.float32), "steering": np.array([-0.5], np.float32)}
+    np.testing.assert_array_equal(spec.action_array(one), [0.25, -0.5])
     assert spec.action_array({"speed": 0.1, "steering": 0.2}, jnp).shape == (2,)
-    batch = np.array([[0.3, -0.5], [1.0, 0.25]], np.float32)
+    batch = np.array([[0.375, -0.5], [1.0, 0.25]], np.float32)
     d = spec.action_dict(batch)
     assert d["motor"].shape == (2, 1) and d["steering"].shape == (2, 1)
     np.testing.assert_array_equal(spec.action_array(d), batch)
