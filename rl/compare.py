@@ -1,7 +1,7 @@
 """Compare PPO variants over seeds: train each (or reuse its run), evaluate each in the
-standard protocol, and report per variant the mean ± std over seeds.
+standard protocol, and report per variant the mean ± std, median and IQR over seeds.
 
-    python -m rl.compare --config configs/rl_multimodal_tiny.toml \
+    python -m rl.compare --config configs/rl_compare_init.toml \
         --variant pretrained:finetune.init=pretrained \
         --variant scratch:finetune.init=scratch \
         --seeds 0,1,2 --tracks austria,berlin --episodes 5 --out runs/compare_init
@@ -15,10 +15,14 @@ stopped early, skipped if complete — so on a cluster the runs can be separate 
 command, with ``--no-train``, only evaluates and aggregates), then evaluated by rl.evaluate
 (``--collision`` protocol, grid start, deterministic policy).
 
-Writes to ``--out``: ``compare.json`` (every run's evaluation and the aggregates),
-``compare.md`` (a table: laps, lap time, collisions per km per track; mean ± std over seeds,
-and the final training return), and ``curves.png`` (learning curves per variant: the mean
-over seeds with the min-max band).
+Writes to ``--out``: ``compare.json`` (every run's evaluation and the aggregates: per variant
+and track, over seeds, the mean ± std, median and interquartile range of laps, lap time and
+collisions per km, and the clean fraction — collision-free episodes over all episodes, pooled
+over seeds), ``compare.md`` (two tables per protocol: mean ± std over seeds with the final
+training return; median [Q1, Q3] over seeds with the clean episodes), and ``curves.png``
+(learning curves per variant: the mean over seeds with the min-max band). With 3 seeds the
+median is the middle seed and the quartiles interpolate between seeds: robust to one bad
+seed, not an interval.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from etl import configlib
+from rl.fmt import DASH, finite, num, pm
 from rl.plots import CURVES, plot_curves, read_curve
 
 
@@ -52,18 +57,41 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, sets
 
 
-def _ms(v: list[float]) -> dict[str, float | None]:
-    a = np.asarray([x for x in v if x is not None and np.isfinite(x)], np.float64)
+ROBUST = ("laps", "lap_time", "collisions_per_km")  # per-seed values with median and IQR
+
+
+def seed_stats(values: list[float | None]) -> dict[str, float | None]:
+    """Statistics over seeds of one number per seed (None / NaN values — a seed with no
+    completed lap has no lap time — are left out and not counted in ``n``): mean ± std
+    (population std, ddof 0), median, the quartiles ``q25``/``q75`` (numpy's default linear
+    interpolation) and the interquartile range ``iqr = q75 - q25``."""
+    a = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
     if a.size == 0:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(a.mean()), "std": float(a.std()), "n": int(a.size)}
+        return {"mean": None, "std": None, "median": None, "q25": None, "q75": None,
+                "iqr": None, "n": 0}  # fmt: skip
+    q25, med, q75 = np.percentile(a, [25.0, 50.0, 75.0])
+    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(med),
+            "q25": float(q25), "q75": float(q75), "iqr": float(q75 - q25), "n": int(a.size)}
+
+
+def _clean_counts(res: dict) -> tuple[int, int]:
+    """(collision-free episodes, episodes) of one run's result on one track."""
+    eps = res.get("episodes")
+    if isinstance(eps, list) and eps:
+        return sum(bool(e["collision_free"]) for e in eps), len(eps)
+    a = res["aggregate"]
+    n = int(a.get("episodes", 0))
+    return int(round(a["collision_free_fraction"] * n)), n
 
 
 def aggregate(runs: dict[str, dict[int, dict]], mode: str) -> dict[str, Any]:
-    """Per variant and track: mean ± std over seeds of each run's per-track aggregate."""
+    """Per variant and track, over seeds (each seed's number: its run's per-track aggregate):
+    :func:`seed_stats` of laps, lap time, collisions/km and the collision-free fraction, and
+    ``clean``: collision-free episodes over all episodes, pooled over the seeds."""
     out: dict[str, Any] = {}
     for variant, by_seed in runs.items():
         tracks: dict[str, dict] = {}
+        clean: dict[str, list[int]] = {}
         for rec in by_seed.values():
             for name, res in rec["eval"]["results"][mode]["tracks"].items():
                 a = res["aggregate"]
@@ -73,21 +101,40 @@ def aggregate(runs: dict[str, dict[int, dict]], mode: str) -> dict[str, Any]:
                 t["lap_time"].append(a["lap_time_mean"])
                 t["collisions_per_km"].append(a["collisions_per_km"])
                 t["collision_free_fraction"].append(a["collision_free_fraction"])
+                k, n = _clean_counts(res)
+                c = clean.setdefault(name, [0, 0])
+                c[0], c[1] = c[0] + k, c[1] + n
         out[variant] = {
-            "tracks": {n: {k: _ms(v) for k, v in t.items()} for n, t in tracks.items()},
-            "final_return": _ms([rec["final_return"] for rec in by_seed.values()]),
+            "tracks": {n: {**{k: seed_stats(v) for k, v in t.items()},
+                           "clean": {"episodes": clean[n][1], "clean_episodes": clean[n][0],
+                                     "fraction": clean[n][0] / clean[n][1] if clean[n][1]
+                                     else None}}
+                       for n, t in tracks.items()},
+            "final_return": seed_stats([rec["final_return"] for rec in by_seed.values()]),
             "seeds": sorted(by_seed),
-        }
+        }  # fmt: skip
     return out
 
 
 def _fmt(s: dict, digits: int = 2) -> str:
-    if s["mean"] is None:
-        return "–"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+    return pm(s["mean"], s["std"], f".{digits}f")
+
+
+def _fmt_median(s: dict, digits: int = 2) -> str:
+    if finite(s.get("median")) is None:
+        return DASH
+    f = f".{digits}f"
+    return f"{num(s['median'], f)} [{num(s['q25'], f)}, {num(s['q75'], f)}]"
+
+
+def _fmt_clean(c: dict) -> str:
+    if not c["episodes"]:
+        return DASH
+    return f"{c['clean_episodes']}/{c['episodes']} ({num(c['fraction'], '.0%')})"
 
 
 def markdown(agg: dict[str, Any], mode: str, header: str) -> str:
+    """Two tables: mean ± std over seeds; median [Q1, Q3] over seeds and the clean episodes."""
     tracks = sorted({t for v in agg.values() for t in v["tracks"]})
     lines = [header, "", f"Evaluation protocol: `{mode}` (mean ± std over seeds)", "",
              "| variant | seeds | final train return | "
@@ -97,11 +144,24 @@ def markdown(agg: dict[str, Any], mode: str, header: str) -> str:
         cells = []
         for t in tracks:
             s = v["tracks"].get(t)
-            cells.append("–" if s is None else
+            cells.append(DASH if s is None else
                          f"{_fmt(s['laps'])} / {_fmt(s['lap_time'], 1)} / "
                          f"{_fmt(s['collisions_per_km'], 0)}")
         lines.append(f"| {name} | {len(v['seeds'])} | {_fmt(v['final_return'], 1)} | "
                      + " | ".join(cells) + " |")
+    lines += ["", f"Evaluation protocol: `{mode}` (median [Q1, Q3] over seeds; clean: "
+              "collision-free episodes / episodes, pooled over seeds)", "",
+              "| variant | seeds | "
+              + " | ".join(f"{t}: laps / lap s / coll/km / clean" for t in tracks) + " |",
+              "|---|---|" + "---|" * len(tracks)]
+    for name, v in agg.items():
+        cells = []
+        for t in tracks:
+            s = v["tracks"].get(t)
+            cells.append(DASH if s is None else
+                         f"{_fmt_median(s['laps'])} / {_fmt_median(s['lap_time'], 1)} / "
+                         f"{_fmt_median(s['collisions_per_km'], 0)} / {_fmt_clean(s['clean'])}")
+        lines.append(f"| {name} | {len(v['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,7 +32,19 @@ Metrics per episode, per track and overall (metrics.json):
 Seeds. A deterministic policy from the grid start is deterministic in the JAX backend up to
 the lidar's ±3 % noise, so the episodes differ only through the noise seed: episode ``i`` is
 seeded with ``--seed + i`` (the JAX key / ``env.reset(seed=…)`` of the host backends). In the
-PyBullet backend the same seed gives the same episode too.
+PyBullet backend the same seed gives the same episode too; one environment serves all
+episodes, its reset being complete. racecar_gym's reset is not (it moves the car and nothing
+else) and its sensor noise comes from the global ``np.random``, so there each episode gets a
+fresh environment, with ``np.random`` and ``random`` seeded ``--seed + i`` before it is made.
+
+Grid start. Every backend starts from racecar_gym's AutomaticGridStrategy pose
+(:func:`rl.envs.spec.grid_pose`; Austria: x = 0.5, y = 0.1, facing +x, just past the start
+line). A freshly made racecar_gym env — each of its episodes here — places the car 0.2 m
+further ahead (x = 0.7 on Austria: ``loadURDF`` puts the chassis link frame, not the centre
+of mass, at the pose): about 0.002 laps on Austria.
+
+Position, distance and speed come from each step's ``info`` (the simulator's true pose and
+velocity), not from the observation (in racecar_gym, noisy and one step stale).
 
 Any backend, any policy. :func:`evaluate_policy` accepts any callable ``obs -> action`` (one
 observation dict, no batch axis; the action a [motor, steering] array or a dict of them), so
@@ -54,6 +66,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import shlex
 import sys
 import time
@@ -73,6 +86,7 @@ from rl.drivers import scripted_policy
 from rl.envs import spec
 from rl.envs.jax_env import make_params
 from rl.envs.spec import TaskConfig
+from rl.fmt import num, pm
 from rl.plots import plot_learning_curves, plot_trajectories
 from rl.tracks import Track, load_track
 from train.checkpoint import Checkpointer
@@ -333,35 +347,75 @@ def make_gym_env(backend: str, track, time_limit: float, terminate_on_collision:
                             camera)
 
 
+def _vector(d: dict, key: str) -> np.ndarray | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    a = np.asarray(v, np.float64).reshape(-1)
+    return a if a.size >= 2 else None
+
+
 def _host_record(obs: dict, info: dict) -> tuple:
-    pose = np.asarray(obs["pose"], np.float64).reshape(-1)
-    vel = np.asarray(obs["velocity"], np.float64).reshape(-1)
+    """One trace row (:data:`TRACE_KEYS`) of a host env's step.
+
+    Position and speed come from ``info``'s true state where it has it — racecar_gym's info
+    carries the simulator's ``pose`` and body-frame ``velocity`` after the step, while its
+    observation is the sensors' reading, with Gaussian noise and taken *before* the world
+    stepped (one step stale); our PyBullet and JAX gym envs put the true pose and velocity in
+    info too — and from the observation only where info lacks them."""
+    pose = _vector(info, "pose")
+    pose = pose if pose is not None else np.asarray(obs["pose"], np.float64).reshape(-1)
+    vel = _vector(info, "velocity")
+    vel = vel if vel is not None else np.asarray(obs["velocity"], np.float64).reshape(-1)
     lap = int(info.get("lap", 1))
-    return (float(np.asarray(info.get("time", obs["time"])).reshape(-1)[0]), pose[0], pose[1],
+    t = info.get("time", obs.get("time"))
+    return (float(np.asarray(t).reshape(-1)[0]), pose[0], pose[1],
             math.hypot(vel[0], vel[1]), lap, lap + float(info.get("progress", 0.0)),
             bool(info.get("wall_collision", False)))  # fmt: skip
 
 
-def rollout_gym(env, policy_fn, seeds, action_repeat=1) -> list[tuple[dict, str]]:
+def _episode_gym(env, policy_fn, seed: int, action_repeat: int) -> tuple[dict, str]:
+    obs, info = env.reset(seed=int(seed), options={"mode": "grid"})
+    rows = [_host_record(obs, info)]
+    end, done = "none", False
+    while not done:
+        act = spec.action_dict(spec.action_array(policy_fn(obs)))
+        for _ in range(action_repeat):
+            obs, _, term, trunc, info = env.step(act)
+            rows.append(_host_record(obs, info))
+            if term or trunc:
+                done = True
+                collided = bool(info.get("wall_collision", False))
+                end = "collision" if term and collided else "time_limit" if trunc else "laps"
+                break
+    cols = list(zip(*rows, strict=True))
+    return {k: np.asarray(v) for k, v in zip(TRACE_KEYS, cols, strict=True)}, end
+
+
+def rollout_gym(env, policy_fn, seeds, action_repeat=1, *,
+                fresh: bool = False) -> list[tuple[dict, str]]:
     """Episodes of a gymnasium env (physics rate, one step per call) in a Python loop, the
-    action held for ``action_repeat`` physics steps; every physics step recorded."""
+    action held for ``action_repeat`` physics steps; every physics step recorded.
+
+    ``env`` is an environment, reset for every episode (our backends' reset is complete), or,
+    with ``fresh=True``, a callable making one: each episode then gets a new environment,
+    closed after it, and the global numpy and ``random`` generators are seeded with the
+    episode's seed first. That is racecar_gym's case: its reset only moves the car (wheel
+    spin and sensor state carry over, and the first episode of an env starts 0.2 m ahead of
+    later ones), and its sensor noise is drawn from the global ``np.random``, which
+    ``reset(seed=…)`` does not seed — a fresh, seeded env makes an episode reproducible."""
     out = []
     for s in seeds:
-        obs, info = env.reset(seed=int(s), options={"mode": "grid"})
-        rows = [_host_record(obs, info)]
-        end, done = "none", False
-        while not done:
-            act = spec.action_dict(spec.action_array(policy_fn(obs)))
-            for _ in range(action_repeat):
-                obs, _, term, trunc, info = env.step(act)
-                rows.append(_host_record(obs, info))
-                if term or trunc:
-                    done = True
-                    collided = bool(info.get("wall_collision", False))
-                    end = "collision" if term and collided else "time_limit" if trunc else "laps"
-                    break
-        cols = list(zip(*rows, strict=True))
-        out.append(({k: np.asarray(v) for k, v in zip(TRACE_KEYS, cols, strict=True)}, end))
+        if not fresh:
+            out.append(_episode_gym(env, policy_fn, s, action_repeat))
+            continue
+        np.random.seed(int(s))  # noqa: NPY002 - racecar_gym draws its noise from it
+        random.seed(int(s))
+        e = env()
+        try:
+            out.append(_episode_gym(e, policy_fn, s, action_repeat))
+        finally:
+            e.close()
     return out
 
 
@@ -394,12 +448,18 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
                 raise
             log(f"policy is not traceable ({type(e).__name__}); host loop instead")
     if results is None:
-        env = make_gym_env(backend, trk if backend != "racecar_gym" else track, time_limit,
-                           terminate_on_collision, camera)  # fmt: skip
-        try:
-            results = rollout_gym(env, policy_fn, seeds, action_repeat)
-        finally:
-            env.close()
+        def make():
+            return make_gym_env(backend, trk if backend != "racecar_gym" else track, time_limit,
+                                terminate_on_collision, camera)  # fmt: skip
+
+        if backend == "racecar_gym":  # a fresh, seeded env per episode (see rollout_gym)
+            results = rollout_gym(make, policy_fn, seeds, action_repeat, fresh=True)
+        else:
+            env = make()
+            try:
+                results = rollout_gym(env, policy_fn, seeds, action_repeat)
+            finally:
+                env.close()
         used = "host"
     eps = [episode_metrics(tr, end) for tr, end in results]
     for s, e in zip(seeds, eps, strict=True):
@@ -417,6 +477,20 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
 
 
 # =========================================================================== CLI
+def summary_line(res: dict[str, Any]) -> str:
+    """One track's result as a log line; what is undefined (no lap completed: no lap time,
+    nothing driven: no collisions per km) reads "—", not "nan" or "None"."""
+    a = res["aggregate"]
+    return (f"  laps {pm(a['laps_mean'], a['laps_std'], '.2f')}, "
+            f"lap time {num(a['lap_time_mean'], '.2f', ' s')} "
+            f"(best {num(a['best_lap_time'], '.2f', ' s')}), "
+            f"{num(a['collisions_per_km'], '.2f')} collisions/km "
+            f"({num(a['collisions_per_km_debounced'], '.2f')} debounced), "
+            f"collision-free {num(a['collision_free_fraction'], '.0%')}, "
+            f"{num(a['mean_speed'], '.2f', ' m/s')}  "
+            f"[{res['wall_s']:.0f} s, {res['rollout']}]")  # fmt: skip
+
+
 def _json_safe(x):
     if isinstance(x, dict):
         return {str(k): _json_safe(v) for k, v in x.items()}
@@ -535,13 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError as e:
                 print(f"rl.evaluate: {e}", file=sys.stderr)
                 return 2
-            a = res["aggregate"]
-            log(f"  laps {a['laps_mean']:.2f} ± {a['laps_std']:.2f}, "
-                f"lap time {a['lap_time_mean']:.2f} s (best {a['best_lap_time']}), "
-                f"{a['collisions_per_km']:.2f} collisions/km "
-                f"({a['collisions_per_km_debounced']:.2f} debounced), "
-                f"collision-free {a['collision_free_fraction']:.0%}, "
-                f"{a['mean_speed']:.2f} m/s  [{res['wall_s']:.0f} s, {res['rollout']}]")
+            log(summary_line(res))
             if not args.no_plots:
                 pngs.append(str(plot_trajectories(
                     trk, res, out / f"traj_{_slug(name)}_{backend}_{mode}.png")))

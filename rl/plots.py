@@ -3,9 +3,9 @@ learning curves (one run's, or several variants' over seeds), and the reader of 
 ``metrics.jsonl`` they plot from.
 
 Figures take what they draw as arguments — arrays, :class:`rl.tracks.Track` objects, result
-dicts — and this module imports nothing else from ``rl``, so any module (the planner's CLI,
-rl.evaluate, rl.compare, rl.envs.show) can draw through it. matplotlib is imported on first
-use, with the Agg backend (:func:`pyplot`).
+dicts — and this module imports nothing else from ``rl`` but :mod:`rl.fmt` (which imports
+nothing), so any module (the planner's CLI, rl.evaluate, rl.compare, rl.envs.show) can draw
+through it. matplotlib is imported on first use, with the Agg backend (:func:`pyplot`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from rl.fmt import num, pm
 
 # (label, metric keys, first present wins) of the learning curves. The per-episode laps were
 # logged as "episode/laps_driven", then "episode/progress", now "episode/laps": old runs'
@@ -164,8 +166,8 @@ def plot_trajectories(track, result: dict, out: Path, title: str = "") -> Path:
     a = result["aggregate"]
     lt = f", lap {a['lap_time_mean']:.1f} s" if a["lap_times"] else ""
     ax.set_title(title or f"{result['track']} ({result['backend']}): "
-                 f"{a['laps_mean']:.2f} ± {a['laps_std']:.2f} laps{lt}, "
-                 f"{a['collisions_per_km']:.1f} collisions/km (x = contact)")  # fmt: skip
+                 f"{pm(a['laps_mean'], a['laps_std'], '.2f')} laps{lt}, "
+                 f"{num(a['collisions_per_km'], '.1f')} collisions/km (x = contact)")  # fmt: skip
     ax.set_xlabel("x [m]")
     ax.set_ylabel("y [m]")
     ax.set_aspect("equal")

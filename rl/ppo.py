@@ -30,6 +30,7 @@ import numpy as np
 from etl import configlib
 from rl import factory
 from rl.config import RLConfig, cli_config
+from rl.fmt import num
 from rl.runners import Runner, RunnerState
 from train.checkpoint import Checkpointer
 from train.preempt import Preemption
@@ -74,6 +75,17 @@ def summarize(metrics: dict[str, np.ndarray]) -> dict[str, float]:
         else:
             out[k] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
     return out
+
+
+def progress_line(update: int, total: int, steps: int, m: dict[str, float]) -> str:
+    """The log line of one logged chunk. Episode statistics are NaN when no episode ended in
+    the chunk (and the lap time when no lap was completed): they read "—", not "nan"."""
+    return (f"update {update}/{total}  steps {steps}  "
+            f"return {num(m.get('episode/ep_return'), '.1f')}  "
+            f"laps {num(m.get('episode/laps'), '.2f')}  "
+            f"collisions {num(m.get('episode/collisions'), '.2f')}  "
+            f"lap time {num(m.get('episode/lap_time'), '.1f', ' s')}  "
+            f"sps {num(m.get('sps'), '.0f')}")  # fmt: skip
 
 
 def finite(state: RunnerState) -> bool:
@@ -126,10 +138,7 @@ def train(cfg: RLConfig, runner: Runner, run_dir: Path, max_updates: int | None 
             m["sps"] = (update - prev) * steps_per_update / (time.perf_counter() - t0)
             m["physics_sps"] = m["sps"] * cfg.env.action_repeat
             logger.write(update * steps_per_update, m)
-            log(f"update {update}/{total}  steps {update * steps_per_update}  "
-                f"return {m['episode/ep_return']:.1f}  laps {m.get('episode/laps', np.nan):.2f}  "
-                f"collisions {m.get('episode/collisions', np.nan):.2f}  "
-                f"lap time {m.get('episode/lap_time', np.nan):.1f} s  sps {m['sps']:.0f}")
+            log(progress_line(update, total, update * steps_per_update, m))
             if not (np.isfinite(m["loss/total"]) and finite(state)):
                 log(f"non-finite loss or parameters at update {update}: stopping; "
                     "this update is not saved")

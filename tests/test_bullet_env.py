@@ -102,7 +102,8 @@ def test_speed_actuator(track):
     e = BulletRacecarEnv(track, actuator="speed")
     try:
         assert set(e.action_space.spaces) == {"speed", "steering"}
-        e.reset(seed=0)
+        x, y, _ = grid_pose(track)  # 1 m behind the grid: 2 s straight stay on the straight
+        e.reset(seed=0, options={"pose": (x - 1.0, y, 0.0)})
         cmd = 2.0 / spec.SPEED_MAX_VELOCITY * 2.0 - 1.0  # 2 m/s
         for _ in range(200):
             obs, *_ = e.step({"speed": np.array([cmd]), "steering": np.array([0.0])})
@@ -328,6 +329,46 @@ def test_austria_scene_loads():
         assert not info["wall_collision"]
     finally:
         e.close()
+
+
+def _upstream_grid_pose(track):
+    """racecar_gym's AutomaticGridStrategy.get_pose(0) for one agent with its GridMap
+    (axelbr/racecar_gym 7049676, racecar_gym/bullet/positioning.py, core/gridmaps.py; MIT),
+    transcribed line by line."""
+    h, (ox, oy), res = track.drivable.shape[0], track.origin, track.resolution
+    to_pixel = lambda x, y: (int(h - (y - oy) / res), int((x - ox) / res))  # noqa: E731
+    to_meter = lambda px, py: (py * res + ox, oy - (px - h) * res)  # noqa: E731
+    px, py = to_pixel(0, 0)
+    starting_area = track.obstacle[px:px + 20, py - 20:py + 20]
+    max_index = np.unravel_index(np.argmax(starting_area), shape=starting_area.shape)
+    center_position = to_meter(px + max_index[0], py + max_index[1])
+    return center_position[0] + 1.0 * (1 - 0) / 2, center_position[1] + 0.4, 0.0
+
+
+@pytest.mark.parametrize("name", [TRACK, "austria"])
+def test_grid_start_is_racecar_gyms_in_both_backends(name):
+    """Both backends start where racecar_gym's grid strategy puts the car (its column offset
+    included): the pose, the reset observation and the lap bookkeeping agree."""
+    from rl.envs.jax_env import JaxRacecarEnv, make_params
+
+    t = _austria() if name == "austria" else load_track(name)
+    pose = spec.grid_pose(t)
+    assert grid_pose(t) == pose
+    np.testing.assert_allclose(pose, _upstream_grid_pose(t), atol=1e-9)
+    if name == "austria":  # racecar_gym 7049676 on Austria: info["pose"] after a reset
+        np.testing.assert_allclose(pose, (0.5, 0.1, 0.0), atol=1e-6)  # (0.501, 0.100, 0.001)
+    params = make_params(t)
+    np.testing.assert_allclose(np.asarray(params.grid_pose), pose, atol=1e-5)
+    jo, ji = JaxRacecarEnv(params=params, task=spec.TaskConfig()).reset(seed=0)
+    e = BulletRacecarEnv(t)
+    try:
+        bo, bi = e.reset(seed=0, options={"mode": "grid"})
+    finally:
+        e.close()
+    for o in (jo, bo):
+        np.testing.assert_allclose(o["pose"][[0, 1, 5]], pose, atol=5e-3)  # bullet: 1 settle
+    assert ji["lap"] == bi["lap"] == 1  # past the start line, on lap 1
+    assert ji["progress"] == pytest.approx(bi["progress"], abs=1e-3) and bi["progress"] < 0.1
 
 
 # ----------------------------------------------------------------------------- vector envs

@@ -212,3 +212,56 @@ def test_config_error_exits_2_with_one_line(prog, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     assert err[0].startswith(f"{prog}: config error: {key}: "), err[0]
+
+
+# --------------------------------------------------------------------------- references
+ROOT = CONFIGS.parent
+# what people copy from: config comments, the README, module docstrings, Slurm scripts
+DOC_FILES = sorted({*CONFIGS.glob("*.toml"), ROOT / "README.md", ROOT / "demo.py",
+                    *(f for d in ("etl", "train", "rl", "benchmarks", "slurm", "scripts")
+                      for f in (ROOT / d).rglob("*") if f.suffix in (".py", ".sh"))})
+
+
+def _doc_text(path: Path) -> str:
+    """The comment lines of a TOML config (its values are checked by loading it); whole files
+    otherwise."""
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return "\n".join(ln for ln in text.splitlines() if ln.lstrip().startswith("#"))
+    return text
+
+
+def _references(pattern: str) -> dict[str, set[str]]:
+    import re
+
+    out: dict[str, set[str]] = {}
+    for f in DOC_FILES:
+        for m in re.findall(pattern, _doc_text(f)):
+            out.setdefault(m, set()).add(str(f.relative_to(ROOT)))
+    return out
+
+
+def test_named_config_files_and_scripts_exist():
+    """Every configs/*.toml (also a bare rl_*.toml in a config comment), slurm/*.sh and
+    scripts/*.py that a comment, the README or a docstring names exists."""
+    refs = _references(r"(?:configs|slurm|scripts)/[\w.-]+\.(?:toml|sh|py)\b")
+    for name, where in _references(r"(?<![/\w])(?:rl|pretrain|etl)_[\w-]*\.toml\b").items():
+        refs.setdefault(f"configs/{name}", set()).update(where)
+    assert "configs/rl_racecar.toml" in refs  # the scan finds what it should
+    missing = {k: sorted(v) for k, v in refs.items() if not (ROOT / k).is_file()}
+    assert not missing, f"named but missing (file: where named): {missing}"
+
+
+def test_named_python_modules_exist():
+    """Every ``python -m <module>`` in a comment, the README or a docstring is a module of the
+    project (found without running it)."""
+    import importlib.util
+
+    refs = _references(r"python -m ([A-Za-z_][\w.]*[A-Za-z_0-9])")
+    assert "rl.ppo" in refs
+    missing = {m: sorted(w) for m, w in refs.items()
+               if m.split(".")[0] in ("etl", "train", "rl", "benchmarks")
+               and importlib.util.find_spec(m) is None}
+    assert not missing, f"python -m of a missing module (module: where named): {missing}"
+    foreign = {m for m in refs if m.split(".")[0] not in ("etl", "train", "rl", "benchmarks")}
+    assert foreign <= {"pip", "pytest", "venv", "uv"}, f"unexpected python -m targets: {foreign}"

@@ -122,6 +122,102 @@ def test_jax_scan_matches_host_loop():
     assert scan["episodes"][0]["laps"] == pytest.approx(host["episodes"][0]["laps"], abs=1e-3)
 
 
+def test_summary_line_says_dash_not_nan_or_none():
+    """No lap completed (no lap time, best None) and a contact without distance (collisions
+    per km undefined): the log line writes "—", not "nan" or "None"."""
+    stuck = {"time": np.arange(4) * 0.01, "x": np.zeros(4), "y": np.zeros(4),
+             "speed": np.zeros(4), "lap": np.ones(4), "total": np.full(4, 1.1),
+             "collision": np.array([0, 1, 1, 0], bool)}  # fmt: skip
+    a = ev.aggregate([ev.episode_metrics(stuck, "time_limit")])
+    assert math.isnan(a["lap_time_mean"]) and a["best_lap_time"] is None
+    assert math.isnan(a["collisions_per_km"])
+    line = ev.summary_line({"aggregate": a, "wall_s": 1.0, "rollout": "host"})
+    assert "nan" not in line.lower() and "none" not in line
+    assert "lap time — (best —)" in line and "— collisions/km" in line
+    assert "laps 0.10 ± 0.00" in line
+
+
+# ----------------------------------------------------------------------------- host envs
+class FakeHostEnv:
+    """racecar_gym-like: the observation is the true state plus noise and an offset (as its
+    noisy, one-step-stale sensors), ``info`` holds the true pose and velocity (drop them with
+    ``info_state=False``); the car's motion draws from the global ``np.random``, as
+    racecar_gym's sensor noise does (through the policy). Counts instances and closes."""
+
+    made = closed = 0
+
+    def __init__(self, info_state: bool = True, steps: int = 20):
+        type(self).made += 1
+        self.info_state, self.steps = info_state, steps
+
+    def reset(self, seed=None, options=None):
+        self.t, self.x = 0, 0.0
+        return self._obs(), self._info()
+
+    def step(self, action):
+        self.t += 1
+        self.x += 0.1 + np.random.uniform(0.0, 0.01)  # noqa: NPY002 - racecar_gym's way
+        return self._obs(), 0.0, False, self.t >= self.steps, self._info()
+
+    def _obs(self):
+        return {"pose": np.array([self.x + 7.0, 3.0, 0, 0, 0, 0], np.float32),
+                "velocity": np.array([3.0, 4.0, 0, 0, 0, 0], np.float32),
+                "time": np.array([self.t * 0.01], np.float32)}  # fmt: skip
+
+    def _info(self):
+        info = {"time": self.t * 0.01, "lap": 1, "progress": 0.5, "wall_collision": False}
+        if self.info_state:
+            info["pose"] = np.array([self.x, 0.0, 0.05, 0, 0, 0])
+            info["velocity"] = np.array([10.0, 0.0, 0, 0, 0, 0])
+        return info
+
+    def close(self):
+        type(self).closed += 1
+
+
+def _still(obs):
+    return np.zeros(2, np.float32)
+
+
+def test_host_record_reads_the_true_state_from_info():
+    (tr, end), = ev.rollout_gym(FakeHostEnv(), _still, [0])
+    assert end == "time_limit" and len(tr["x"]) == 21
+    np.testing.assert_array_equal(tr["y"], 0.0)  # info's, not the observation's 3.0
+    assert tr["x"][0] == 0.0 and 2.0 < tr["x"][-1] < 2.2  # info's, not x + 7
+    np.testing.assert_array_equal(tr["speed"], 10.0)  # info's |v|, not hypot(3, 4) = 5
+    m = ev.episode_metrics(tr)
+    assert m["distance_m"] == pytest.approx(tr["x"][-1])
+    # where info lacks them, the observation's pose and velocity are used
+    (tr, _), = ev.rollout_gym(FakeHostEnv(info_state=False), _still, [0])
+    np.testing.assert_array_equal(tr["y"], 3.0)
+    np.testing.assert_allclose(tr["speed"], 5.0)
+    assert tr["x"][0] == 7.0
+
+
+def test_racecar_gym_backend_gets_a_fresh_seeded_env_per_episode(monkeypatch):
+    made = []
+
+    def fake_make(backend, track, *a, **kw):
+        made.append(backend)
+        return FakeHostEnv()
+
+    monkeypatch.setattr(ev, "make_gym_env", fake_make)
+    FakeHostEnv.made = FakeHostEnv.closed = 0
+    r1 = ev.evaluate_policy(_still, TRACK, "racecar_gym", episodes=3, time_limit=0.2, seed=5)
+    assert FakeHostEnv.made == 3 and FakeHostEnv.closed == 3  # one env per episode, closed
+    r2 = ev.evaluate_policy(_still, TRACK, "racecar_gym", episodes=3, time_limit=0.2, seed=5)
+    for a, b in zip(r1["traces"], r2["traces"], strict=True):  # np.random seeded per episode
+        np.testing.assert_array_equal(a["x"], b["x"])
+    assert not np.array_equal(r1["traces"][0]["x"], r1["traces"][1]["x"])  # seeds 5 and 6
+    np.random.seed(6)  # noqa: NPY002 - episode 1 alone, seeded 6, is the same episode
+    (tr, _), = ev.rollout_gym(FakeHostEnv(), _still, [6])
+    np.testing.assert_array_equal(tr["x"], r1["traces"][1]["x"])
+    # our own backends: one env for all episodes (their reset is complete)
+    FakeHostEnv.made = FakeHostEnv.closed = 0
+    ev.evaluate_policy(_still, TRACK, "bullet", episodes=3, time_limit=0.2, seed=5)
+    assert FakeHostEnv.made == 1 and FakeHostEnv.closed == 1
+
+
 # ----------------------------------------------------------------------------- bullet
 def test_short_bullet_episode_through_the_same_code():
     from rl.drivers import scripted_policy

@@ -69,7 +69,7 @@ def test_scripted_driver_completes_a_lap(track, params):
     end = int(np.argmax(out["terminated"]))
     assert out["collision"][: end + 1].sum() == 0
     assert out["lap"][end] == 2
-    # one lap of signed progress reward (the grid start sits just behind the line)
+    # one lap of signed progress reward (the grid start sits just past the line)
     assert out["reward"][: end + 1].sum() == pytest.approx(100.0, abs=3.0)
     speed = track.lap_length_m / (end * spec.PHYSICS_DT)
     assert 2.0 < speed < 4.0

@@ -206,3 +206,19 @@ def test_frozen_encoder_gets_no_update():
     # no optimizer state for the frozen encoder
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(rs.opt_state)]
     assert paths and not any("encoder" in p for p in paths)
+
+
+def test_progress_line_says_dash_not_nan():
+    """A chunk in which no episode ended (or no lap was completed) has NaN episode statistics:
+    the log line writes "—" for them, never "nan"."""
+    from rl.ppo import progress_line, summarize
+
+    m = summarize({"episode/ep_return": np.full(3, np.nan), "episode/laps": np.full(3, np.nan),
+                   "episode/lap_time": np.full(3, np.nan), "episodes": np.zeros(3)})
+    m["sps"] = 1234.0
+    line = progress_line(3, 10, 3072, m)
+    assert "nan" not in line.lower() and "none" not in line.lower()
+    assert "lap time —  sps 1234" in line and "laps —" in line and "collisions —" in line
+    m.update({"episode/laps": 1.5, "episode/lap_time": 31.25, "episode/ep_return": 150.0})
+    line = progress_line(3, 10, 3072, m)
+    assert "laps 1.50" in line and "lap time 31.2 s" in line and "return 150.0" in line

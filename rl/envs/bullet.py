@@ -106,23 +106,10 @@ def _set_car_group(cid: int, car: int) -> None:
 
 
 def grid_pose(track) -> tuple[float, float, float]:
-    """racecar_gym's AutomaticGridStrategy for a single car: the widest point (max normalized
-    obstacle distance) in the 1 m × 2 m window just right of / behind the origin's pixel
-    (rows grow south), then 0.5 m ahead and 0.4 m left of it, facing +x. Falls back to the
-    scene's first starting-grid pose if that lands off the drivable area."""
-    r0, c0 = track.world_to_pixel(0.0, 0.0)
-    win = np.asarray(track.obstacle)[r0 : r0 + 20, c0 - 20 : c0 + 20]
-    ir, ic = np.unravel_index(int(np.argmax(win)), win.shape)
-    h = track.drivable.shape[0]
-    cx = track.origin[0] + (c0 - 20 + ic) * track.resolution  # GridMap.to_meter (pixel corner)
-    cy = track.origin[1] + (h - (r0 + ir)) * track.resolution
-    x, y = cx + 0.5, cy + 0.4
-    r, c = track.world_to_pixel(x, y)
-    hh, ww = track.drivable.shape
-    if not (0 <= r < hh and 0 <= c < ww and track.drivable[r, c]):
-        s = np.asarray(track.starts, np.float64)[0]
-        return float(s[0]), float(s[1]), float(s[5])
-    return float(x), float(y), 0.0
+    """The grid start: racecar_gym's AutomaticGridStrategy for a single car, exactly as
+    upstream computes it (:func:`rl.envs.spec.grid_pose`, which documents its 1 m column
+    offset); the JAX backend starts from the same pose."""
+    return spec.grid_pose(track)
 
 
 @contextlib.contextmanager

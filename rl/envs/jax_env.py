@@ -241,9 +241,10 @@ def make_params(track: Track | str | list, max_random: int = 20000) -> TrackPara
         for t, off in zip(tracks, offsets, strict=True):
             pose = _random_spawns(t.cropped(LIDAR_WALL_BAND_M), per)
             spawns.append(pose + np.array([off[0], off[1], 0.0], np.float32))
-        return _params(_checked(tiled), _grid_pose(tiled), np.concatenate(spawns))
-    track = _checked(track.cropped(LIDAR_WALL_BAND_M))
-    return _params(track, _grid_pose(track), _random_spawns(track, max_random))
+        return _params(_checked(tiled), _grid_pose(tracks[0]) + np.float32([*offsets[0], 0]),
+                       np.concatenate(spawns))
+    cropped = _checked(track.cropped(LIDAR_WALL_BAND_M))
+    return _params(cropped, _grid_pose(track), _random_spawns(cropped, max_random))
 
 
 def _checked(track: Track) -> Track:
@@ -266,19 +267,10 @@ def _params(track: Track, grid_pose: np.ndarray, rand_pose: np.ndarray) -> Track
 
 
 def _grid_pose(track: Track) -> np.ndarray:
-    """The grid start as racecar_gym's AutomaticGridStrategy, single agent: (x, y, yaw)."""
-    ox, oy = track.origin
-    res = track.resolution
-    pr, pc = track.world_to_pixel(0.0, 0.0)
-    win = track.obstacle[pr:pr + 20, pc - 20:pc + 20]
-    ir, ic = np.unravel_index(int(np.argmax(win)), win.shape)
-    h = track.drivable.shape[0]
-    cx = ox + (pc - 20 + ic) * res  # GridMap.to_meter: the pixel's corner
-    cy = oy + (h - (pr + ir)) * res
-    gx, gy = cx + 1.0 * (1 - 0) / 2, cy + 0.4  # agent 0 of 1
-    if not track.drivable[track.world_to_pixel(gx, gy)]:
-        return np.array([*track.starts[0, :2], track.starts[0, 5]], np.float32)
-    return np.array([gx, gy, 0.0], np.float32)
+    """The grid start (x, y, yaw): racecar_gym's AutomaticGridStrategy (spec.grid_pose), the
+    PyBullet backend's too. Computed on the uncropped track: the cropped map's origin, moved by
+    whole pixels in floating point, can shift racecar_gym's int() pixel lookup by one."""
+    return np.asarray(spec.grid_pose(track), np.float32)
 
 
 def _random_spawns(track: Track, max_random: int) -> np.ndarray:

@@ -1,24 +1,49 @@
 """racecar_gym itself (axelbr/racecar_gym), when it is importable — optional, driven headless.
 
-racecar_gym is not on PyPI, pins numpy 1.22 (no wheels for Python ≥ 3.11) and downloads its
-tracks from GitHub on first use, so raceformer does not depend on it; :mod:`rl.envs.bullet`
-is the network-free stand-in with the same interface. Where you do have it::
+racecar_gym is not on PyPI, pins numpy 1.22 and gymnasium 0.28 (no wheels for Python ≥ 3.11)
+and downloads its tracks from GitHub on first use, so raceformer does not depend on it;
+:mod:`rl.envs.bullet` is the network-free stand-in with the same interface. To install it
+into the project's environment (an optional extra cannot be declared: no PyPI release)::
 
-    # an optional "racecar-gym" extra cannot be declared in pyproject.toml (no PyPI release);
-    # install it by hand into the project's environment instead:
-    git clone https://github.com/axelbr/racecar_gym.git
-    uv pip install --no-deps -e racecar_gym          # its numpy pin does not resolve on 3.11+
-    uv pip install yamldataclassconfig nptyping pettingzoo
-    # tracks: unzip racecar_gym's release all.zip (or ../shared/data/racecar_tracks/*.zip)
-    # into racecar_gym/models/scenes/ so that nothing is downloaded at run time.
-    # racecar_gym uses ``np.float`` / ``np.int`` (removed in numpy 1.24): on a newer numpy,
-    # patch those aliases (sed -i 's/np\\.float\\b/float/; s/np\\.int\\b/int/') in
-    # racecar_gym/bullet/sensors.py and racecar_gym/bullet/util.py.
+    git clone https://github.com/axelbr/racecar_gym.git    # checked: 7049676 (2023-09-18)
+    uv pip install --no-deps -e racecar_gym      # editable: it reads scenarios/ and models/
+                                                 # from the checkout; --no-deps: its pins
+    uv pip install "yamldataclassconfig==1.5.0" "nptyping==1.4.4" "pettingzoo==1.27.0"
+    python scripts/patch_racecar_gym.py racecar_gym --scenes ../shared/data/racecar_tracks
+
+The pins: yamldataclassconfig 2.x is a rewrite racecar_gym's configs do not load with;
+nptyping must be < 2 (2.x uses ``np.bool8``, gone in numpy 2); pettingzoo (imported by
+``import racecar_gym``) 1.27 works with gymnasium 1.x. The project's own pins (numpy 2,
+gymnasium 1, pybullet) stay. scripts/patch_racecar_gym.py makes the source edits a current
+stack needs — dataclass defaults (``field(default_factory=…)``, Python 3.11), actuator
+commands as Python floats (numpy 2), ``np.float``/``np.int`` annotations (numpy ≥ 1.24),
+and nptyping 1.4's ``np.compat.unicode`` (numpy 2) — idempotently, failing with the file's
+name if the text it expects is not there. ``--scenes`` unpacks racecar_gym's track archives
+(``<name>.zip``, its release's, with ``<name>.yml`` and ``maps/maps.npz``) into
+``racecar_gym/models/scenes/``; a track that is not there is downloaded from GitHub on
+first use, which fails offline. (``../shared/data/racecar_tracks`` holds austria.zip; its
+berlin/montreal/torino folders are mesh-only, which rl.tracks compiles but racecar_gym
+cannot load.) Checked on Python 3.11.7, numpy 2.4.6, gymnasium 1.4.0, pybullet 3.2.7 with
+Austria: ``rl.evaluate --backend racecar_gym`` runs.
 
 Then ``make_racecar_gym_env("austria")`` returns its ``SingleAgentRaceEnv`` (render mode
 ``rgb_array_follow``, so no GUI window is opened — DIRECT physics) wrapped to raceformer's
 conventions: the same observation keys as rl.envs.spec (``time`` as (1,) float32, the other
-arrays float32), and the time limit reported as truncation rather than termination.
+arrays float32), the time limit reported as truncation rather than termination, a copy of
+the info dict (racecar_gym returns the same dict, updated in place, at every step).
+
+What racecar_gym does that our backends do not (rl.evaluate works around the first two):
+
+* ``reset`` only moves the car: wheel spin, the sensors' timers and the acceleration
+  sensor's last velocity carry over into the next episode, and the first episode of an env
+  starts 0.2 m ahead of later ones (``loadURDF`` places the chassis link frame at the grid
+  pose, a later ``resetBasePositionAndOrientation`` the centre of mass).
+* Sensor noise (pose, velocity, acceleration, lidar) is drawn from the global ``np.random``;
+  ``reset(seed=…)`` does not seed it.
+* The observation is read before the world steps, so it is one step stale; ``info`` holds
+  the true state after the step (``pose``, ``velocity``, ``progress``, ``lap``, ...).
+* It drives PyBullet's default client (id 0) and never disconnects; :meth:`close` of the
+  wrapper does, so that the next env starts on an empty world.
 """
 
 from __future__ import annotations
@@ -34,9 +59,13 @@ import yaml
 from rl.envs import spec
 
 INSTALL_HINT = (
-    "racecar_gym is not installed (it is not on PyPI). See the docstring of "
-    "rl/envs/racecar_gym_env.py for how to install it by hand, or use the network-free "
-    "PyBullet backend rl.envs.bullet.BulletRacecarEnv, which has the same interface."
+    "racecar_gym is not installed or not importable (it is not on PyPI). Install it by hand: "
+    "git clone https://github.com/axelbr/racecar_gym.git && "
+    "uv pip install --no-deps -e racecar_gym && "
+    "uv pip install yamldataclassconfig==1.5.0 nptyping==1.4.4 pettingzoo==1.27.0 && "
+    "python scripts/patch_racecar_gym.py racecar_gym --scenes ../shared/data/racecar_tracks "
+    "(details: the docstring of rl/envs/racecar_gym_env.py); or use the network-free PyBullet "
+    "backend (rl.envs.bullet.BulletRacecarEnv), which has the same interface."
 )
 
 
@@ -54,6 +83,7 @@ class RacecarGymConventions(gym.Wrapper):
     def __init__(self, env: gym.Env, task: spec.TaskConfig):
         super().__init__(env)
         self.task = task
+        self._connected = False  # whether our first reset connected PyBullet's client 0
         spaces = dict(env.observation_space.spaces)
         for k, s in spaces.items():
             if k == "time":
@@ -76,8 +106,29 @@ class RacecarGymConventions(gym.Wrapper):
         return out
 
     def reset(self, **kwargs):
+        import pybullet
+
+        if not self._connected:  # racecar_gym's first reset connects, then uses client 0
+            if pybullet.isConnected(0):
+                raise RuntimeError(
+                    "racecar_gym drives PyBullet's default client 0, which is already "
+                    "connected in this process (another racecar_gym env not closed, or another "
+                    "simulator): close it first")
+            self._connected = True
         obs, info = self.env.reset(**kwargs)
-        return self._obs(obs), info
+        return self._obs(obs), dict(info)
+
+    def close(self):
+        """Close the env and disconnect the PyBullet client racecar_gym connected (it never
+        does), so that the next racecar_gym env in this process starts on an empty world."""
+        import pybullet
+
+        try:
+            super().close()
+        finally:
+            if self._connected and pybullet.isConnected(0):
+                pybullet.disconnect(0)
+            self._connected = False
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -86,7 +137,7 @@ class RacecarGymConventions(gym.Wrapper):
         crashed = self.task.terminate_on_collision and bool(info.get("wall_collision", False))
         if terminated and timed_out and not (finished or crashed):
             terminated, truncated = False, True
-        return self._obs(obs), reward, terminated, truncated, info
+        return self._obs(obs), reward, terminated, truncated, dict(info)
 
 
 def make_racecar_gym_env(

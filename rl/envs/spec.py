@@ -210,10 +210,56 @@ def signed_progress_delta(prev, new):
     return d - (d > 0.5) * 1.0 + (d < -0.5) * 1.0
 
 
+GRID_WINDOW_PX = 20  # racecar_gym's starting area: 20 rows south of the origin, ±20 columns
+
+
 def grid_start_offsets(n_agents: int = 1):
-    """racecar_gym's AutomaticGridStrategy offsets (x, y) for agent i, relative to the
-    widest point just behind/right of the origin; single agent: (+0.5, +0.4)."""
+    """racecar_gym's AutomaticGridStrategy offsets (x, y) for agent i, from the point the
+    strategy finds (:func:`grid_pose`); single agent: (+0.5, +0.4)."""
     return [(1.0 * (n_agents - i) / 2, 0.4 if i % 2 == 0 else -0.4) for i in range(n_agents)]
+
+
+def grid_pose(track, agent: int = 0, n_agents: int = 1) -> tuple[float, float, float]:
+    """The grid start (x, y, yaw) of racecar_gym's AutomaticGridStrategy
+    (racecar_gym/bullet/positioning.py), which both simulator backends use.
+
+    Upstream, with ``(px, py) = GridMap.to_pixel(0, 0)`` (row, column of the world origin):
+    ``area = obstacle_map[px:px + 20, py - 20:py + 20]``, ``(i, j) = argmax(area)`` (the
+    widest point: largest normalized distance to a wall), then
+    ``GridMap.to_meter(px + i, py + j)`` — the column index ``j`` is added to ``py``, not to
+    the window's first column ``py - 20``, so the point used lies 20 pixels (1 m at 0.05 m per
+    pixel) east of the widest point found — and from there the agent's
+    :func:`grid_start_offsets` ((+0.5, +0.4) for one car), yaw 0 (facing +x). We reproduce
+    this exactly, offset included: it is where racecar_gym's car starts (on Austria x = 0.5,
+    just past the start line, rather than 1 m earlier, behind it).
+
+    The pose is the chassis centre of mass (PyBullet's base frame), as after a racecar_gym
+    ``reset``, which places the base with ``resetBasePositionAndOrientation``. The first
+    episode of a freshly loaded racecar_gym env starts 0.2 m further along the heading: its
+    car is created by ``loadURDF`` at the pose, which places the URDF's chassis *link* frame
+    there, and the centre of mass is 0.2 m ahead of it (:data:`COM_AHEAD_OF_REAR_AXLE`).
+
+    When the pose lands off the drivable area (a track whose origin is not on the start
+    straight) the scene's first starting-grid pose is used instead. ``track``: anything with
+    ``origin``, ``resolution``, ``obstacle``, ``drivable``, ``starts`` and ``world_to_pixel``
+    (an :class:`rl.tracks.Track`)."""
+    import numpy as np
+
+    n = GRID_WINDOW_PX
+    px, py = track.world_to_pixel(0.0, 0.0)
+    area = np.asarray(track.obstacle)[px : px + n, py - n : py + n]
+    i, j = np.unravel_index(int(np.argmax(area)), area.shape)
+    h, w = track.drivable.shape
+    ox, oy = track.origin
+    cx = ox + (py + j) * track.resolution  # GridMap.to_meter(px + i, py + j): a pixel corner
+    cy = oy + (h - (px + i)) * track.resolution
+    dx, dy = grid_start_offsets(n_agents)[agent]
+    x, y = cx + dx, cy + dy
+    r, c = track.world_to_pixel(x, y)
+    if not (0 <= r < h and 0 <= c < w and track.drivable[r, c]):
+        s = np.asarray(track.starts, np.float64)[0]
+        return float(s[0]), float(s[1]), float(s[5])
+    return float(x), float(y), 0.0
 
 
 DEG = math.pi / 180.0
