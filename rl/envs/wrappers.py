@@ -28,6 +28,12 @@ class ActionRepeat(gym.Wrapper):
         self._last_xy = np.zeros(2)
 
     @staticmethod
+    def _true(obs: dict, info: dict, key: str) -> np.ndarray:
+        """The car's true ``pose``/``velocity``: from ``info`` where the backend puts it there
+        (racecar_gym's observations are noisy and one step stale), else the observation."""
+        return np.asarray(info[key] if key in info else obs[key], np.float64).reshape(-1)
+
+    @staticmethod
     def _total(info: dict) -> float:
         return float(info.get("lap", 1)) + float(info.get("progress", 0.0))
 
@@ -35,7 +41,7 @@ class ActionRepeat(gym.Wrapper):
         obs, info = self.env.reset(**kwargs)
         self._collisions, self._distance = 0.0, 0.0
         self._start_total = self._total(info)
-        self._last_xy = np.asarray(obs["pose"][:2], np.float64)
+        self._last_xy = self._true(obs, info, "pose")[:2]
         return obs, self._augment(obs, info, hit=False)
 
     def _augment(self, obs: dict, info: dict, hit: bool) -> dict:
@@ -43,7 +49,7 @@ class ActionRepeat(gym.Wrapper):
         laps = self._total(info) - self._start_total
         done = math.floor(laps)
         t = float(np.asarray(info.get("time", obs.get("time", 0.0))).reshape(-1)[0])
-        vel = np.asarray(obs["velocity"], np.float64).reshape(-1)
+        vel = self._true(obs, info, "velocity")
         info.update(
             laps=laps,
             collisions=self._collisions,
@@ -60,7 +66,7 @@ class ActionRepeat(gym.Wrapper):
         for _ in range(self.k):
             obs, r, term, trunc, info = self.env.step(action)
             total += float(r)
-            xy = np.asarray(obs["pose"][:2], np.float64)
+            xy = self._true(obs, info, "pose")[:2]
             self._distance += float(np.linalg.norm(xy - self._last_xy))
             self._last_xy = xy
             contact = bool(info.get("wall_collision", False))
