@@ -10,6 +10,86 @@ from rl.ppo_core import PPOConfig
 
 
 @dataclass(frozen=True)
+class RandomizeConfig:
+    """``[env.randomize]``: domain randomization of the JAX car (fast runner only), drawn
+    uniformly once per episode at its reset from the env's key (reproducible per seed) and held
+    for the episode (``rl.envs.jax_env.CarDraw``). Every field perturbs today's car and 0 is no
+    perturbation: the defaults are today's car exactly, and a zero field costs nothing (it is
+    left out of the compiled step). Relative fields draw a factor 1 + U(-x, +x).
+
+        [env.randomize]
+        mass = 0.15                 # accel_max and brake_max / (1 ± 0.15)
+        grip = 0.15                 # tyres: slip_gain, brake_slip × g; understeer / g²; ...
+        motor_gain = 0.1            # motor force and wheel target speed × (1 ± 0.1)
+        steer_gain = 0.1            # wheel angle per unit steering × (1 ± 0.1)
+        steer_offset = 0.02         # rad added to the wheel angle, ± 0.02
+        yaw_rate_noise = [0.0, 0.025]  # observed yaw-rate noise std = k v², k ~ U(0, 0.025)
+        action_delay = 2            # the action applied is the one of d ∈ {0, 1, 2} steps ago
+        obs_lag = 0.5               # half the episodes observe one policy step late
+        lidar_noise = [-0.03, 0.03]  # multiplicative lidar noise 0.03 + this: 0 ... 0.06
+        lidar_dropout = 0.02        # each ray reads max range with probability U(0, 0.02)
+    """
+
+    # mass (relative): the motor's force and the brake's torque move a heavier car less —
+    # accel_max and brake_max are divided by the factor (the tyre limits, drag are not)
+    mass: float = 0.0
+    # tyre grip (relative): the tyre-limited terms of rl.envs.jax_env.car_step — longitudinal
+    # traction slip_gain × g, locked-wheel braking brake_slip × g, the lateral limit
+    # understeer / g² (the lateral acceleration where the yaw rate saturates scales by g) and
+    # the braked wheels' yaw loss / g. Not wall_friction (the chassis on the wall, not a tyre)
+    grip: float = 0.0
+    # motor gain (relative): the motor's drive force (accel_max) and its wheel target speed
+    # (motor_target; the speed actuator's target) × the factor; not the brake
+    motor_gain: float = 0.0
+    # steering gain (relative): the wheel-angle target per unit steering action × the factor
+    steer_gain: float = 0.0
+    # steering offset: rad added to the wheel-angle target, U(-x, x) (a zero steer turns)
+    steer_offset: float = 0.0
+    # [lo, hi]: k ~ U(lo, hi) added to env.yaw_rate_noise (clipped >= 0): the observed yaw
+    # rate's noise std = k v² rad/s (PyBullet's wobbling chassis: ~0.016)
+    yaw_rate_noise: tuple[float, float] = (0.0, 0.0)
+    # max action delay in physics steps: the car applies the action of d ~ U{0..N} physics
+    # steps ago (the commands before the episode's first are 0)
+    action_delay: int = 0
+    # probability that an episode observes one step late (the previous policy step's
+    # observation, as racecar_gym's observations are; the first one is the reset's).
+    # 1 = every episode, with no per-car choice: cheaper than 0 < p < 1
+    obs_lag: float = 0.0
+    # [lo, hi] added to the lidar's multiplicative noise amplitude (spec: 0.03), clipped >= 0
+    lidar_noise: tuple[float, float] = (0.0, 0.0)
+    # max fraction of dropped rays: an episode draws p ~ U(0, x), each ray of each scan then
+    # reads max range (LIDAR_MAX) with probability p
+    lidar_dropout: float = 0.0
+
+    def __post_init__(self):
+        k = "env.randomize."
+        for name in ("mass", "grip", "motor_gain", "steer_gain"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise configlib.ConfigError(f"{k}{name}: a relative range in [0, 1), "
+                                            f"got {getattr(self, name)}")
+        if not 0.0 <= self.steer_offset <= 0.2:
+            raise configlib.ConfigError(f"{k}steer_offset: rad in [0, 0.2], "
+                                        f"got {self.steer_offset}")
+        for name in ("yaw_rate_noise", "lidar_noise"):
+            lo, hi = getattr(self, name)
+            if not -1.0 <= lo <= hi <= 1.0:
+                raise configlib.ConfigError(f"{k}{name}: [lo, hi] with -1 <= lo <= hi <= 1, "
+                                            f"got {[lo, hi]}")
+        if not 0 <= self.action_delay <= 50:
+            raise configlib.ConfigError(f"{k}action_delay: physics steps in [0, 50], "
+                                        f"got {self.action_delay}")
+        for name in ("obs_lag", "lidar_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise configlib.ConfigError(f"{k}{name}: a probability in [0, 1], "
+                                            f"got {getattr(self, name)}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is randomized (else the car is today's, at no cost)."""
+        return self != RandomizeConfig()
+
+
+@dataclass(frozen=True)
 class EnvConfig:
     backend: Literal["jax", "bullet", "racecar_gym"] = "jax"  # jax: fast runner; else gymnasium
     # a name in the racecar_tracks folder, a path, procedural:<seed>; or a comma-separated
@@ -37,8 +117,18 @@ class EnvConfig:
     # JAX backend only: noise on the observed yaw rate, std = this × speed² (rad/s); PyBullet's
     # chassis wobbles at speed (measured ~0.016: 0.10 rad/s at 2.3 m/s, 0.22 at 3.8)
     yaw_rate_noise: float = 0.0
+    # JAX backend only: a speed floor, m/s (0 = off). Neither the brake nor coasting slows the
+    # car below it once it is faster (a wall still can): stopping is not an option. A car
+    # below it (at the start, after a wall) is not pushed up; env.stall_time still ends it
+    min_speed: float = 0.0
+    # JAX backend only: per-episode domain randomization of the car and its sensors
+    randomize: RandomizeConfig = field(default_factory=RandomizeConfig)
     world_scale: float = 10.0  # sim metres → real-car metres, for the observation adapter
     bullet_workers: int = 0  # gymnasium runner: 0 = envs in this process, else subprocesses
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_speed <= 3.0:
+            raise configlib.ConfigError(f"env.min_speed: m/s in [0, 3], got {self.min_speed}")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from flax import nnx
 from etl import configlib
 from etl.config import PreprocessConfig
 from rl.agent import MLPActorCritic, MultimodalActorCritic, lidar_features, split_agent
-from rl.config import RLConfig
+from rl.config import RandomizeConfig, RLConfig
 from rl.envs import spec
 from rl.envs.adapter import ObservationAdapter
 from rl.envs.functional import RacecarFunctional
@@ -74,10 +74,14 @@ def task_config(cfg: RLConfig) -> TaskConfig:
 
 
 # --------------------------------------------------------------------------- environments
-def make_sim(task: TaskConfig, **sensors) -> JaxRacecar:
-    """The pure-JAX simulator for ``task``: the default car, the default sensors but for the
-    :class:`rl.envs.jax_env.SensorConfig` fields given (``camera``, ``lidar_rays``, …)."""
-    return JaxRacecar(task, Dynamics(), SensorConfig(**sensors))
+def make_sim(task: TaskConfig, randomize: RandomizeConfig | None = None, min_speed: float = 0.0,
+             **sensors) -> JaxRacecar:
+    """The pure-JAX simulator for ``task``: the default car (with a speed floor of
+    ``min_speed`` m/s, 0 = none), the default sensors but for the
+    :class:`rl.envs.jax_env.SensorConfig` fields given (``camera``, ``lidar_rays``, …), and the
+    per-episode domain randomization ``randomize`` (``[env.randomize]``; None = none)."""
+    return JaxRacecar(task, Dynamics(min_speed=min_speed), SensorConfig(**sensors),
+                      randomize or RandomizeConfig())
 
 
 def make_functional(cfg: RLConfig, featurize) -> tuple[RacecarFunctional, TrackParams]:
@@ -85,8 +89,8 @@ def make_functional(cfg: RLConfig, featurize) -> tuple[RacecarFunctional, TrackP
     applied to each observation), and its track parameters (one track, or a list tiled
     into one map)."""
     e = cfg.env
-    sim = make_sim(task_config(cfg), camera=e.camera, lidar_rays=e.lidar_rays,
-                   yaw_rate_noise=e.yaw_rate_noise)
+    sim = make_sim(task_config(cfg), e.randomize, e.min_speed, camera=e.camera,
+                   lidar_rays=e.lidar_rays, yaw_rate_noise=e.yaw_rate_noise)
     return RacecarFunctional(sim, featurize, e.action_repeat), make_params(e.track)
 
 

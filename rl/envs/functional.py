@@ -42,6 +42,8 @@ class RacecarFunctional:
         """One policy step = ``action_repeat`` physics steps (fewer if the episode ends)."""
         env = self.env
         state, collisions, distance, start_total = carry
+        # the lagged observation (randomize.obs_lag) stays out of the physics loop's carry
+        obs_prev, state = state.obs_prev, state._replace(obs_prev=None)
 
         def body(c, _):
             st, rew, term, trunc, hit, dist = c
@@ -60,8 +62,8 @@ class RacecarFunctional:
         )
         # one lidar scan per policy step: with action_repeat = the lidar period (4 physics
         # steps at 25 Hz) the scan is due exactly here, as if refreshed every physics step
-        state = env._refresh(state, params)
-        obs = env._obs(state, params)
+        state = env._refresh(state, params)._replace(obs_prev=obs_prev)
+        obs, state = env._observe(state, params)  # (obs_lag: the previous policy step's)
         trunc = trunc & ~term
         collisions, distance = collisions + hit, distance + dist
         driven = state.total - start_total  # laps driven since the reset, signed

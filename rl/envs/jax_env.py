@@ -30,6 +30,11 @@ wall's tangent its steering asks for, else the nearer one, so a nose-in car turn
 wall and drives on instead of freezing; finally the footprint is pushed out along the wall
 normal, so it never digs in. Fitted to the PyBullet car with
 `rl.envs.calibration.wall_contact_probe` (a straight wall on an open floor, either backend).
+Domain randomization (`JaxRacecar.randomize`, rl.config.RandomizeConfig, off by default):
+each reset draws a `CarDraw` (mass, grip, motor and steering gains, steering offset, yaw-rate
+wobble, action delay, observation lag, lidar noise and dropout) that `car_step`, `_advance`,
+`_lidar` and `_observe` read for the episode; a quantity whose range is zero is None in the
+draw and its code is left out of the compiled step. `Dynamics.min_speed` is a speed floor.
 Progress, checkpoints, laps and wrong-way come from the progress map; the reward is
 100 * Δ(lap + progress), signed; the time limit truncates, never terminates. Scripted
 drivers for this backend live in rl.drivers.
@@ -45,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rl.config import RandomizeConfig
 from rl.envs import spec
 from rl.envs.spec import TaskConfig
 from rl.tracks import Track, load_track, tile_tracks, track_names
@@ -110,41 +116,89 @@ class Dynamics:
     wall_steer_pick: float = 0.3  # |steering| above which it picks the pivot's direction
     wall_iters: int = 2  # push-out passes
     wall_skin: float = 0.01  # m: a footprint this close to the wall still counts as contact
+    # speed floor, m/s (0 = off): neither the brake nor the resistance slows a car below it
+    # once it is faster (v_new >= min(v, min_speed)); walls still can, and a slower car is
+    # not pushed up (rl.config.EnvConfig.min_speed)
+    min_speed: float = 0.0
 
 
-def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp):
+class CarDraw(NamedTuple):
+    """One episode's randomized car (drawn by `JaxRacecar._spawn` from
+    `JaxRacecar.randomize`, a rl.config.RandomizeConfig; held in `EnvState.draw`). A field
+    is None where its range is zero: that quantity is today's car, and no code reads it."""
+
+    mass: Any = None  # factor: accel_max / mass, brake_max / mass (car_step)
+    grip: Any = None  # factor: slip_gain, brake_slip x grip; understeer / grip^2; yaw loss / grip
+    motor_gain: Any = None  # factor: the motor's force and wheel target speed (car_step)
+    steer_gain: Any = None  # factor on the wheel-angle target per unit steering (car_step)
+    steer_offset: Any = None  # rad added to the wheel-angle target (car_step)
+    yaw_rate_noise: Any = None  # k: observed yaw-rate noise std = k v^2 (_obs)
+    action_delay: Any = None  # int32 physics steps: the action applied is d steps old (_advance)
+    obs_lag: Any = None  # bool: the policy sees the previous step's observation (_observe)
+    lidar_noise: Any = None  # the lidar's multiplicative noise amplitude (_lidar)
+    lidar_dropout: Any = None  # probability that a ray reads max range, per ray and scan (_lidar)
+
+
+NO_DRAW = CarDraw()
+
+
+def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp,
+             draw: CarDraw | None = None):
     """One physics step of the speed and wheel angle (numpy or jax arrays): returns
     (v_new, steer_new, yaw_rate) where yaw_rate is that of the step (midpoint speed).
-    speed_mode: None -> dyn.actuator, else a bool (array) selecting the speed actuator."""
+    speed_mode: None -> dyn.actuator, else a bool (array) selecting the speed actuator.
+    draw: an episode's randomized car (CarDraw; None or a None field = the nominal car)."""
+    g = NO_DRAW if draw is None else draw
     dt = dyn.dt
     target = spec.STEER_SIGN * dyn.max_steer * a_steer
+    if g.steer_gain is not None:
+        target = target * g.steer_gain
+    if g.steer_offset is not None:
+        target = target + g.steer_offset
     ds = (target - steer) * (1.0 - np.exp(-dt / dyn.steer_tau))
     steer_new = steer + xp.clip(ds, -dyn.steer_rate * dt, dyn.steer_rate * dt)
     resist = dyn.drag * v + dyn.rolling * (v > 0)
+    # the randomized car's constants (python floats, exactly today's, where not randomized)
+    accel_max, brake_max = dyn.accel_max, dyn.brake_max
+    slip_gain, brake_slip, understeer = dyn.slip_gain, dyn.brake_slip, dyn.understeer
+    u_motor, speed_scale = dyn.motor_target, dyn.speed_scale
+    if g.motor_gain is not None:
+        accel_max = accel_max * g.motor_gain
+        u_motor, speed_scale = u_motor * g.motor_gain, speed_scale * g.motor_gain
+    if g.mass is not None:
+        accel_max, brake_max = accel_max / g.mass, brake_max / g.mass
+    if g.grip is not None:
+        slip_gain, brake_slip = slip_gain * g.grip, brake_slip * g.grip
+        understeer = understeer / (g.grip * g.grip)
 
     def motor():
-        u = dyn.motor_target
-        slip = dyn.slip_gain * (u - v) / u
-        force = dyn.accel_max * xp.maximum(a_motor, 0.0) ** dyn.motor_gamma
+        u = u_motor
+        slip = slip_gain * (u - v) / u
+        force = accel_max * xp.maximum(a_motor, 0.0) ** dyn.motor_gamma
         drive = xp.minimum(force * (1.0 - dyn.force_fade * v / u), slip)
-        brake = -xp.minimum(dyn.brake_max * xp.abs(a_motor) ** dyn.brake_gamma,
-                            dyn.brake_slip * v)
+        brake = -xp.minimum(brake_max * xp.abs(a_motor) ** dyn.brake_gamma,
+                            brake_slip * v)
         return xp.where(a_motor > 0, drive, xp.where(a_motor < 0, brake, 0.0))
 
     def speed():
-        u = xp.maximum((a_motor + 1.0) / 2.0 * spec.SPEED_MAX_VELOCITY * dyn.speed_scale, 0.05)
-        return xp.clip(dyn.slip_gain * (u - v) / u, -dyn.brake_max, dyn.accel_max)
+        u = xp.maximum((a_motor + 1.0) / 2.0 * spec.SPEED_MAX_VELOCITY * speed_scale, 0.05)
+        return xp.clip(slip_gain * (u - v) / u, -brake_max, accel_max)
 
     if speed_mode is None:
         acc = speed() if dyn.actuator == "speed" else motor()
     else:
         acc = xp.where(speed_mode, speed(), motor())
     v_new = xp.maximum(v + (acc - resist) * dt, 0.0)
+    if dyn.min_speed > 0.0:  # the speed floor: no slower than min(v, min_speed)
+        v_new = xp.maximum(v_new, xp.minimum(v, dyn.min_speed))
     v_mid = 0.5 * (v + v_new)
     w = v_mid * xp.tan(steer_new) / dyn.wheelbase  # kinematic yaw rate
-    w = w / (1.0 + dyn.understeer * (v_mid * w) ** 2)
+    w = w / (1.0 + understeer * (v_mid * w) ** 2)
     # braking wheels lose lateral grip: the car ploughs on (the motor actuator's brake only)
-    loss = xp.clip(dyn.brake_yaw_loss + dyn.brake_yaw_loss_slope * xp.abs(a_motor), 0.0, 1.0)
+    loss = dyn.brake_yaw_loss + dyn.brake_yaw_loss_slope * xp.abs(a_motor)
+    if g.grip is not None:
+        loss = loss / g.grip
+    loss = xp.clip(loss, 0.0, 1.0)
     loss = loss * xp.minimum(v_mid / dyn.brake_yaw_loss_v, 1.0)
     speed_actuator = dyn.actuator == "speed" if speed_mode is None else speed_mode
     braking = (a_motor < 0) & ~xp.asarray(speed_actuator)
@@ -215,6 +269,10 @@ class EnvState(NamedTuple):
     still: jax.Array  # int32 physics steps in a row below task.stall_speed
     lidar: jax.Array  # (rays,) held scan
     key: jax.Array
+    # domain randomization (JaxRacecar.randomize); None where it is off
+    draw: CarDraw | None = None  # this episode's car
+    act_buf: jax.Array | None = None  # (action_delay, 2) the last commands, newest first
+    obs_prev: dict | None = None  # obs_lag: the observation of the previous step
 
 
 # ------------------------------------------------------------------------------ track
@@ -374,10 +432,12 @@ class JaxRacecar:
     task: TaskConfig = TaskConfig()
     dynamics: Dynamics = Dynamics()
     sensors: SensorConfig = SensorConfig()
+    randomize: RandomizeConfig = RandomizeConfig()  # per-episode car and sensor draws
 
     # ---- sensors
-    def _lidar(self, params, pos, yaw, key):
+    def _lidar(self, params, pos, yaw, key, draw: CarDraw | None = None):
         s = self.sensors
+        g = NO_DRAW if draw is None else draw
         mx, my, _ = spec.LIDAR_MOUNT
         c, si = jnp.cos(yaw), jnp.sin(yaw)
         lx, ly = pos[0] + c * mx - si * my, pos[1] + si * mx + c * my
@@ -386,8 +446,13 @@ class JaxRacecar:
         dirs = (c * bc - si * bs, si * bc + c * bs)  # rotate the body-frame rays by yaw
         d = sphere_trace(params, lx, ly, None, s.lidar_iters, spec.LIDAR_RANGE,
                          s.lidar_min_step, s.lidar_refine, dirs=dirs)
-        noise = 1.0 + s.lidar_noise * (2.0 * _hash_uniform(key, d.shape[-1]) - 1.0)
-        return spec.lidar_scan(d, noise, xp=jnp)
+        amp = s.lidar_noise if g.lidar_noise is None else g.lidar_noise
+        noise = 1.0 + amp * (2.0 * _hash_uniform(key, d.shape[-1]) - 1.0)
+        scan = spec.lidar_scan(d, noise, xp=jnp)
+        if g.lidar_dropout is not None:  # dropped rays read max range (no return)
+            drop = _hash_uniform(jax.random.fold_in(key, 1), d.shape[-1]) < g.lidar_dropout
+            scan = jnp.where(drop, jnp.float32(spec.LIDAR_MAX), scan)
+        return scan
 
     def _camera(self, params, pos, yaw):
         s = self.sensors
@@ -416,17 +481,69 @@ class JaxRacecar:
         pose = jnp.stack([state.pos[0], state.pos[1], jnp.float32(spec.START_Z),
                           jnp.float32(0), jnp.float32(0), state.yaw])
         vel = state.vel
-        if self.sensors.yaw_rate_noise:
+        coef = self.sensors.yaw_rate_noise
+        if state.draw is not None and state.draw.yaw_rate_noise is not None:
+            coef = state.draw.yaw_rate_noise  # this episode's (env's level included)
+        if not isinstance(coef, int | float) or coef:  # a python 0 = off: no code
             # PyBullet's chassis wobbles at speed: its measured yaw rate carries ~white noise
             # (at the policy rate) of std ~0.016 v^2 rad/s (0.10 at 2.3 m/s, 0.22 at 3.8)
             k = jax.random.fold_in(state.key, state.tick)
-            w = self.sensors.yaw_rate_noise * state.v**2 * jax.random.normal(k, ())
+            w = coef * state.v**2 * jax.random.normal(k, ())
             vel = vel + jnp.stack([0.0, self.dynamics.com_offset * w, 0.0, 0.0, 0.0, w])
         obs = {"pose": pose, "velocity": vel, "acceleration": state.acc,
                "lidar": state.lidar, "time": state.time[None]}
         if self.sensors.camera or self.task.observe_camera:
             obs["rgb_camera"] = self._camera(params, state.pos, state.yaw)
         return obs
+
+    def _observe(self, state: EnvState, params) -> tuple[dict, EnvState]:
+        """The observation the policy gets now, and the state that remembers it: `_obs`, or
+        with observation lag (randomize.obs_lag) in an episode that drew it, the previous
+        call's observation (the first call of an episode, at its reset, returns its own)."""
+        obs = self._obs(state, params)
+        if not self.randomize.obs_lag:
+            return obs, state
+        prev = obs if state.obs_prev is None else state.obs_prev
+        lag = state.draw.obs_lag  # None: every episode lags (obs_lag = 1)
+        out = prev if lag is None else jax.tree.map(lambda p, o: jnp.where(lag, p, o), prev, obs)
+        return out, state._replace(obs_prev=obs)
+
+    def _draw(self, key) -> CarDraw | None:
+        """This episode's randomized car: each quantity uniform in its configured range,
+        None where the range is zero (and None for the whole when nothing is randomized)."""
+        r = self.randomize
+        if not r.enabled:
+            return None
+        # one U[0, 1) per field from one call (a reset is computed every policy step: keep it
+        # cheap); each field has its own, so a draw does not depend on the other ranges
+        u = dict(zip(CarDraw._fields, jax.random.uniform(key, (len(CarDraw._fields),)),
+                     strict=True))
+
+        def uniform(name, lo, hi):
+            return lo + (hi - lo) * u[name] if (lo or hi) else None
+
+        def factor(name):
+            a = getattr(r, name)
+            x = uniform(name, -a, a)
+            return None if x is None else 1.0 + x
+
+        def level(name, nominal):
+            x = uniform(name, *getattr(r, name))
+            return None if x is None else jnp.maximum(nominal + x, 0.0)
+
+        n = r.action_delay
+        return CarDraw(
+            mass=factor("mass"), grip=factor("grip"), motor_gain=factor("motor_gain"),
+            steer_gain=factor("steer_gain"),
+            steer_offset=uniform("steer_offset", -r.steer_offset, r.steer_offset),
+            yaw_rate_noise=level("yaw_rate_noise", self.sensors.yaw_rate_noise),
+            action_delay=(jnp.minimum(u["action_delay"] * (n + 1), n).astype(jnp.int32)
+                          if n else None),
+            # obs_lag = 1: every episode lags (no draw, no per-car choice)
+            obs_lag=u["obs_lag"] < r.obs_lag if 0.0 < r.obs_lag < 1.0 else None,
+            lidar_noise=level("lidar_noise", self.sensors.lidar_noise),
+            lidar_dropout=uniform("lidar_dropout", 0.0, r.lidar_dropout),
+        )
 
     def _info(self, state: EnvState) -> dict:
         return {"wall_collision": state.collision, "progress": state.progress,
@@ -437,6 +554,9 @@ class JaxRacecar:
     def _spawn(self, key, params: TrackParams) -> EnvState:
         """A fresh state at the reset pose; its lidar is not yet scanned (age = due)."""
         k_pose, k_next = jax.random.split(key)
+        # (a key of its own, so that the pose and noise draws are those of today's car)
+        draw = self._draw(jax.random.fold_in(key, 1))
+        n_delay = self.randomize.action_delay
         if self.task.reset_mode == "grid":
             pose = params.grid_pose
         else:
@@ -456,12 +576,13 @@ class JaxRacecar:
             progress=prog, total=lap0 + prog, wrong_ema=z, wrong_way=jnp.bool_(False),
             collision=jnp.bool_(False), still=jnp.int32(0),
             lidar=jnp.zeros(self.sensors.lidar_rays, jnp.float32), key=k_next,
+            draw=draw, act_buf=jnp.zeros((n_delay, 2), jnp.float32) if n_delay else None,
         )
 
     def _scan(self, state: EnvState, params) -> EnvState:
         k_lidar, k_next = jax.random.split(state.key)
-        return state._replace(lidar=self._lidar(params, state.pos, state.yaw, k_lidar),
-                              lidar_age=jnp.int32(0), key=k_next)
+        lidar = self._lidar(params, state.pos, state.yaw, k_lidar, state.draw)
+        return state._replace(lidar=lidar, lidar_age=jnp.int32(0), key=k_next)
 
     def _refresh(self, state: EnvState, params) -> EnvState:
         """Scan if the 25 Hz period is due, else hold.
@@ -499,7 +620,8 @@ class JaxRacecar:
 
     def reset(self, key, params: TrackParams):
         state = self._scan(self._spawn(key, params), params)
-        return self._obs(state, params), state
+        obs, state = self._observe(state, params)
+        return obs, state
 
     # ---- step
     def _clearance(self, params, px, py):
@@ -580,8 +702,17 @@ class JaxRacecar:
         a_motor, a_steer = action[0], action[1]
         a_motor = jnp.clip(a_motor, -1.0, 1.0)
         a_steer = jnp.clip(a_steer, -1.0, 1.0)
+        act_buf = state.act_buf
+        if act_buf is not None:  # action delay: apply the command of d physics steps ago
+            now = jnp.stack([a_motor, a_steer])
+            applied = now
+            for i in range(act_buf.shape[0]):  # a few selects (a gather is dearer on CPU)
+                applied = jnp.where(state.draw.action_delay == i + 1, act_buf[i], applied)
+            act_buf = jnp.concatenate([now[None], act_buf[:-1]])
+            a_motor, a_steer = applied[0], applied[1]
         dt = dyn.dt
-        v_new, steer, yaw_rate = car_step(dyn, state.v, state.steer, a_motor, a_steer)
+        v_new, steer, yaw_rate = car_step(dyn, state.v, state.steer, a_motor, a_steer,
+                                          draw=state.draw)
         v_mid = 0.5 * (state.v + v_new)
         # the bicycle model moves the rear axle; the pose (CoM) rides com_offset ahead of it
         b = dyn.com_offset
@@ -619,7 +750,7 @@ class JaxRacecar:
                              yaw_rate=yaw_rate, vel=vel, acc=accel, time=time, tick=tick,
                              lidar_age=state.lidar_age + 1, lap=lap, checkpoint=cp,
                              progress=prog, total=total, wrong_ema=ema, wrong_way=wrong,
-                             collision=hit,
+                             collision=hit, act_buf=act_buf,
                              still=jnp.where(v_new < task.stall_speed, state.still + 1, 0))
         reward = task.progress_reward * delta + task.collision_reward * hit + task.frame_reward
         if task.proximity_reward:
@@ -638,8 +769,8 @@ class JaxRacecar:
     def step(self, state: EnvState, action, params: TrackParams):
         """One env: obs (after the action), state, reward, terminated, truncated, info."""
         new, reward, terminated, truncated = self._advance(state, action, params)
-        new = self._refresh(new, params)
-        return self._obs(new, params), new, reward, terminated, truncated, self._info(new)
+        obs, new = self._observe(self._refresh(new, params), params)
+        return obs, new, reward, terminated, truncated, self._info(new)
 
 
 # ------------------------------------------------------------------------------ gymnasium
