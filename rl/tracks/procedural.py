@@ -2,29 +2,47 @@
 
     path = scene_path(7)          # builds (once, cached) and returns the scene folder
     track = load_track("procedural:7")
+    track = load_track("procedural:circuit:7")
 
-A circuit is a star-shaped closed curve r(θ) — a periodic cubic spline through 7–12
-jittered radii — so it never crosses itself; its curvature radius is kept above
-``min_turn_radius`` (resampled deterministically otherwise) so that the walls at
-±width/2 cannot fold. The curve is moved so that the start is at the origin with the
-driving direction +x (clockwise or counter-clockwise at random), and written in the
-scene format of rl.tracks.scene (yml, sdf, meshes/Walls.obj with 1 m walls, maps/maps.npz
-compiled from those walls by rl.tracks.compile, maps/starts.npz), so it loads exactly like
-racecar_gym's own. Same seed, same bytes.
+Families ``procedural:[<family>:]<seed>`` (FAMILIES). The default, "tight" and "wide": a
+star-shaped closed curve r(θ) — a periodic cubic spline through 7–12 jittered radii — so it
+never crosses itself; its curvature radius is kept above ``min_turn_radius`` (resampled
+deterministically otherwise) so that the walls at ±width/2 cannot fold; one width per track.
+
+"circuit" (RaceCircuitParams, versioned apart by CIRCUIT_VERSION): what real circuits have and
+star-shaped curves cannot. A jittered polygon of 4–7 corners gets one or two hairpin
+"fingers" (out of or into the polygon: two long straights into a V or U tip turning
+154–186°) and up to two chicanes or S-bends inserted into its edges; every corner becomes
+a circular arc (fillet) and every edge a straight. The road width is drawn per corner
+(1.5–5 m) and blends smoothly along the straights, so the walls are offset curves with a
+variable half-width; every corner's radius stays above the car's reach (2.5 m) and half
+its width plus a margin, and every two parts of the track that are not adjacent keep
+their walls 1 m apart — which also rules out self-intersection. A lap that breaks a rule
+(or lacks a hairpin of >= 150° within 12 m, a 10 m start straight, a lap length of
+60–200 m) is redrawn from the same random stream, as is one whose compiled drivable
+area is not a ring; half the seeds run clockwise.
+
+Either way the curve is moved so that the start is at the origin with the driving
+direction +x (for "circuit": on its longest straight), and written in the scene format of
+rl.tracks.scene (yml, sdf, meshes/Walls.obj with 1 m walls, maps/maps.npz compiled from
+those walls by rl.tracks.compile with the centreline and width alongside,
+maps/starts.npz), so it loads exactly like racecar_gym's own. Same seed, same bytes.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy.interpolate import CubicSpline
 
 from rl.tracks.compile import compile_maps, save_maps
-from rl.tracks.scene import cache_dir
+from rl.tracks.scene import TrackError, cache_dir
 
 VERSION = 2
 DEFAULT_TRACK = "procedural:0"
@@ -166,37 +184,345 @@ simulation:
 
 def write_scene(out: Path, seed: int, params: CircuitParams = CircuitParams()) -> Path:
     """Write the scene of `seed` into folder `out` (created); returns out."""
-    name = out.name
     pts, width = centreline(seed, params)
     inner, outer = wall_loops(pts, width)
-    res = params.resolution
-    allp = np.concatenate([inner, outer])
+    _write_scene_files(out, [inner, outer], width / 2, params.resolution,
+                       {"centreline": pts.astype(np.float32),
+                        "width": np.array([width], np.float32)})
+    return out
+
+
+def _write_scene_files(out: Path, loops, half_start: float, res: float, extra: dict) -> None:
+    """The scene folder of closed wall polylines `loops` (the start at the origin facing +x,
+    the track `2 * half_start` wide there): yml, sdf, meshes, starts and compiled maps (with
+    the arrays of `extra`). Raises TrackError when the compiled track is not a ring."""
+    name = out.name
+    allp = np.concatenate(loops)
     lo = np.round(np.floor((allp.min(0) - 3.0) / res) * res, 6)  # exactly as the yml says
     hi = allp.max(0) + 3.0
     shape = (int(np.ceil((hi[1] - lo[1]) / res)), int(np.ceil((hi[0] - lo[0]) / res)))
     (out / "meshes").mkdir(parents=True, exist_ok=True)
     (out / "maps").mkdir(exist_ok=True)
-    write_obj(out / "meshes" / "Walls.obj", [inner, outer])
+    write_obj(out / "meshes" / "Walls.obj", loops)
     (out / "meshes" / "Floor.obj").write_text(
         "o Floor\n"
         f"v {lo[0]:.3f} {lo[1]:.3f} 0\nv {hi[0]:.3f} {lo[1]:.3f} 0\n"
         f"v {hi[0]:.3f} {hi[1]:.3f} 0\nv {lo[0]:.3f} {hi[1]:.3f} 0\nf 1 2 3\nf 1 3 4\n")
     (out / f"{name}.sdf").write_text(_SDF.format(name=name))
     (out / f"{name}.yml").write_text(_YML.format(name=name, res=res, ox=lo[0], oy=lo[1]))
-    half = width / 2
+    half = half_start
     starts = np.array([[1.3, 0.3 * half, 0.05, 0, 0, 0], [1.0, -0.3 * half, 0.05, 0, 0, 0],
                        [0.5, 0.3 * half, 0.05, 0, 0, 0], [0.2, -0.3 * half, 0.05, 0, 0, 0]])
     np.savez(out / "maps" / "starts.npz", data=starts)
     maps = compile_maps(out / "meshes" / "Walls.obj", res, (float(lo[0]), float(lo[1])), shape,
                         (0.0, 0.0))
-    save_maps(out / "maps" / "maps.npz", maps, res, shape,
-              extra={"centreline": pts.astype(np.float32),
-                     "width": np.array([width], np.float32)})
-    return out
+    save_maps(out / "maps" / "maps.npz", maps, res, shape, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# The "circuit" family: a random polygon with hairpin fingers and chicanes, its corners
+# replaced by circular arcs (fillets), the road width varying along the lap.
+
+CIRCUIT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RaceCircuitParams:
+    target_lap: tuple[float, float] = (65.0, 190.0)  # drawn lap length, m
+    lap: tuple[float, float] = (60.0, 200.0)  # accepted lap length, m
+    mean_width: tuple[float, float] = (2.0, 4.0)  # a track's typical road width, m
+    width: tuple[float, float] = (1.5, 5.0)  # the road width anywhere, m
+    width_spread: float = 1.25  # ± m around the typical width, per corner
+    min_width_range: float = 0.8  # m: the width varies at least this much along the lap
+    hairpin_width: float = 4.0  # m, widest road at a hairpin
+    min_radius: float = 2.5  # m, centreline (the car's tightest turn is 1.75 m)
+    fold_margin: float = 0.75  # m: a corner's radius >= its width / 2 + this
+    wall_gap: float = 1.0  # m between the walls of two parts of the track that are not adjacent
+    width_slope: float = 0.15  # m of width change per m of straight, on average, at most
+    hairpin: tuple[float, float] = (150.0, 12.0)  # required: degrees of turn within m of arc
+    start_straight: float = 10.0  # m: the longest straight, which holds the start
+    resolution: float = 0.05
+    step: float = 0.1  # m between wall-mesh vertices along the centreline
+    samples: int = 1024  # stored centreline points
+
+
+def _unit(v):
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+class _Feature(NamedTuple):
+    """Vertices to insert into a polygon edge: `local` (k, 2) as (along, out) m from the
+    feature's centre on the edge ("out": away from the polygon's inside), their widths and
+    radii (nan: drawn with the polygon's corners), the length of edge they span and the
+    length they add to the lap."""
+    local: np.ndarray
+    widths: list
+    radii: list
+    span: float
+    added: float
+
+
+def _r_min(p: RaceCircuitParams, width: float) -> float:
+    return max(p.min_radius, width / 2 + p.fold_margin)
+
+
+def _finger(rng, p: RaceCircuitParams, width, depth: float) -> _Feature:
+    """A hairpin finger `depth` m deep: mouth, tip (one vertex, "V", or two, "U") and mouth
+    again; out of the polygon, or into it (negative depth)."""
+    w_tip = min(width(), p.hairpin_width)
+    r_tip = _r_min(p, w_tip) + rng.uniform(0.0, 0.8)
+    alpha = np.radians(rng.uniform(-6.0, 26.0))  # the legs converge by alpha towards the tip
+    d = abs(depth)
+    v_tip = alpha > np.radians(14) and d > r_tip / np.tan(alpha / 2) + 6.0 \
+        and rng.random() < 0.6
+    cap = 0.0 if v_tip else 2 * r_tip * np.tan((np.pi - alpha) / 4) + rng.uniform(0.1, 1.5)
+    mouth = cap + 2 * d * np.tan(alpha / 2)
+    skew = rng.uniform(-0.2, 0.2) * d
+    tips = [(skew - cap / 2, depth)] + ([] if v_tip else [(skew + cap / 2, depth)])
+    local = np.array([(-mouth / 2, 0.0), *tips, (mouth / 2, 0.0)])
+    w_mouth = [width(), width()]
+    r_mouth = [_r_min(p, w) + rng.uniform(0.0, 5.0) for w in w_mouth]
+    return _Feature(local, [w_mouth[0]] + [w_tip] * len(tips) + [w_mouth[1]],
+                    [r_mouth[0]] + [r_tip] * len(tips) + [r_mouth[1]], mouth,
+                    float(np.linalg.norm(np.diff(local, axis=0), axis=1).sum() - mouth))
+
+
+def _swerve(rng, p: RaceCircuitParams, width, chicane: bool) -> _Feature:
+    """A chicane (short, narrow, tight) or an S-bend (long, wide, open): the road steps
+    sideways and back."""
+    length = rng.uniform(6.0, 10.0) if chicane else rng.uniform(12.0, 24.0)
+    off = (rng.uniform(1.2, 2.5) if chicane else rng.uniform(2.5, 5.0)) * rng.choice([-1, 1])
+    w = [width()] * 2
+    r = [_r_min(p, w[0]) + rng.uniform(0.0, 2.5)] * 2 if chicane else [np.nan] * 2
+    return _Feature(np.array([(-length / 2, off), (length / 2, -off)]), w, r, length, 0.0)
+
+
+def _circuit_polygon(rng, p: RaceCircuitParams):
+    """A random polygon, counter-clockwise: a jittered star of 4-7 corners with one or two
+    hairpin fingers (outward or inward) and up to two chicanes or S-bends inserted into its
+    edges, scaled to a drawn lap length. Returns vertices (m, 2), their widths and preset
+    radii (nan: to draw, under the returned largest radius)."""
+    lap = float(np.exp(rng.uniform(*np.log(p.target_lap))))  # log-uniform
+    n = int(rng.integers(4, 6 + (lap > 110) + (lap > 150)))
+    ang = (np.arange(n) + rng.uniform(-0.25, 0.25, n)) * (2 * np.pi / n) + rng.uniform(0, 7)
+    rad = rng.uniform(0.6, 1.0, n)
+    base = np.stack([rad * np.cos(ang), rad * np.sin(ang)], 1) * [rng.uniform(1.0, 1.7), 1.0]
+    mean_w = rng.uniform(*p.mean_width)
+
+    def width():
+        return float(np.clip(mean_w + rng.uniform(-p.width_spread, p.width_spread), *p.width))
+
+    fingers = [_finger(rng, p, width, (lap * rng.uniform(0.06, 0.12) + 5.0)
+                       * (1 if rng.random() < 0.6 else -1))
+               for _ in range(1 + int(rng.random() < 0.4))]
+    swerves = [_swerve(rng, p, width, rng.random() < 0.6)
+               for _ in range(int(rng.integers(0, 3)))]
+    # the arcs cut the corners: the polygon is ~10% longer than the lap
+    base *= max(1.1 * lap - sum(f.added for f in fingers), 0.4 * lap) / np.linalg.norm(
+        np.roll(base, -1, 0) - base, axis=1).sum()
+    edge_len = np.linalg.norm(np.roll(base, -1, 0) - base, axis=1)
+    on_edge: dict[int, _Feature] = {}
+    for k, f in enumerate(fingers + swerves):  # fingers on the longest free edges
+        free = [i for i in range(n) if i not in on_edge and edge_len[i] >= f.span + 12.0]
+        if free:
+            on_edge[max(free, key=lambda i: edge_len[i]) if k < len(fingers)
+                    else free[int(rng.integers(len(free)))]] = f
+    verts, widths, radii = [], [], []
+    for i in range(n):
+        a, b = base[i], base[(i + 1) % n]
+        verts.append(a)
+        widths.append(width())
+        radii.append(np.nan)
+        if i in on_edge:
+            f, ell = on_edge[i], edge_len[i]
+            e = (b - a) / ell
+            out = np.array([e[1], -e[0]])  # right of a counter-clockwise edge: outside
+            u = rng.uniform(f.span / 2 + 6.0, ell - f.span / 2 - 6.0)
+            verts += list(a + (u + f.local[:, :1]) * e + f.local[:, 1:] * out)
+            widths += f.widths
+            radii += f.radii
+    return (np.asarray(verts), np.asarray(widths, np.float64), np.asarray(radii, np.float64),
+            float(np.clip(lap / 12, 5.0, 18.0)))
+
+
+def _fillets(rng, verts, widths, radii, r_max, p: RaceCircuitParams):
+    """Radii for the corners without one (log-uniform up to `r_max`), shrunk where two
+    corners' arcs would overlap on an edge, and widths evened out along short straights.
+    Returns (turn, radius, tangent length, straight length, widths) per vertex (straight i
+    runs from corner i to i + 1), or None when the corners cannot fit."""
+    e = np.roll(verts, -1, 0) - verts
+    ell = np.linalg.norm(e, axis=1)
+    if ell.min() < 0.5:
+        return None
+    e /= ell[:, None]
+    e_in = np.roll(e, 1, 0)
+    turn = np.arctan2(e_in[:, 0] * e[:, 1] - e_in[:, 1] * e[:, 0], (e_in * e).sum(1))
+    if np.abs(turn).max() > np.radians(172.0):
+        return None
+    r_min = np.maximum(p.min_radius, widths / 2 + p.fold_margin)
+    drawn = np.exp(rng.uniform(np.log(r_min), np.log(np.maximum(r_min, r_max))))
+    r = np.where(np.isnan(radii), drawn, radii)
+    tan = np.tan(np.abs(turn) / 2)
+    t = r * tan
+    t_min = r_min * tan
+    m = len(verts)
+    for i in range(m):  # shrink the arcs on over-full edges, by their slack (t only shrinks)
+        j = (i + 1) % m
+        excess = t[i] + t[j] - ell[i]
+        if excess <= 0:
+            continue
+        slack = np.array([t[i] - t_min[i], t[j] - t_min[j]])
+        if slack.sum() < excess:
+            return None
+        cut = excess * slack / slack.sum()
+        t[i] -= cut[0]
+        t[j] -= cut[1]
+    r = np.where(tan > 1e-9, t / np.maximum(tan, 1e-12), r)
+    straight = np.maximum(ell - t - np.roll(t, -1), 0.0)
+    w = widths.copy()
+    for _ in range(2 * m):  # a width change needs straight to happen on: narrow the wider end
+        changed = False
+        for i in range(m):
+            j = (i + 1) % m
+            room = p.width_slope * straight[i]
+            if abs(w[i] - w[j]) > room + 1e-9:
+                k = i if w[i] > w[j] else j
+                w[k] = min(w[i], w[j]) + room
+                changed = True
+        if not changed:
+            break
+    return turn, r, t, straight, w
+
+
+class _Lap:
+    """A closed centreline of arcs and straights: position, heading and width at arc
+    length s (vectorized)."""
+
+    def __init__(self, verts, turn, r, t, straight, w):
+        e = _unit(np.roll(verts, -1, 0) - verts)
+        e_in = np.roll(e, 1, 0)
+        self.turn, self.r, self.w, self.straight = turn, r, w, straight
+        self.arc = r * np.abs(turn)
+        th_in = np.arctan2(e_in[0, 1], e_in[0, 0]) + np.concatenate([[0.0], np.cumsum(turn)])
+        self.th_in = th_in[:-1]  # unwrapped heading entering each corner
+        self.th_total = th_in[-1] - th_in[0]
+        self.p_in = verts - t[:, None] * e_in
+        self.p_out = verts + t[:, None] * e
+        lengths = np.stack([self.arc, straight], 1).ravel()  # arc 0, straight 0, arc 1, ...
+        self.starts = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
+        self.length = float(lengths.sum())
+
+    def at(self, s):
+        s = np.mod(s, self.length)
+        piece = np.clip(np.searchsorted(self.starts, s, side="right") - 1, 0,
+                        len(self.starts) - 1)
+        i, on_straight = piece // 2, piece % 2 == 1
+        u = s - self.starts[piece]
+        k = np.where(self.turn[i] >= 0, 1.0, -1.0) / self.r[i]
+        th0 = self.th_in[i]
+        th_arc = th0 + k * u
+        arc_pt = self.p_in[i] + np.stack([np.sin(th_arc) - np.sin(th0),
+                                          np.cos(th0) - np.cos(th_arc)], 1) / k[:, None]
+        th_str = th0 + self.turn[i]
+        str_pt = self.p_out[i] + u[:, None] * np.stack([np.cos(th_str), np.sin(th_str)], 1)
+        j = (i + 1) % len(self.r)
+        x = np.clip(u / np.maximum(self.straight[i], 1e-9), 0.0, 1.0)
+        w_str = self.w[i] + (self.w[j] - self.w[i]) * x * x * (3 - 2 * x)
+        pts = np.where(on_straight[:, None], str_pt, arc_pt)
+        heading = np.where(on_straight, th_str, th_arc)
+        return pts, heading, np.where(on_straight, w_str, self.w[i])
+
+
+def _admissible(lap: _Lap, p: RaceCircuitParams, ds: float = 0.4) -> bool:
+    """Lap length in range, a hairpin, a long enough start straight, a width that varies,
+    and walls that keep `wall_gap` from every part of the track that is not adjacent
+    (which also rules out self-intersection)."""
+    if not p.lap[0] <= lap.length <= p.lap[1] or lap.straight.max() < p.start_straight:
+        return False
+    if lap.w.max() - lap.w.min() < p.min_width_range:
+        return False
+    n = int(np.ceil(lap.length / ds))
+    s = np.arange(n) * (lap.length / n)
+    pts, th, w = lap.at(s)
+    k = int(round(p.hairpin[1] / (lap.length / n)))
+    th_ext = np.concatenate([th, th[:k] + lap.th_total])
+    swing = max(np.abs(th_ext[j:j + n] - th).max() for j in range(1, k + 1))
+    if swing < np.radians(p.hairpin[0]):
+        return False
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
+    sep = np.abs(s[:, None] - s[None])
+    sep = np.minimum(sep, lap.length - sep)
+    need = (w[:, None] + w[None]) / 2 + p.wall_gap
+    return not np.any((d < need) & (sep > np.pi / 2 * need))
+
+
+def _circuit_laps(seed: int, p: RaceCircuitParams):
+    """Admissible laps of `seed`, one after the other (deterministic): (lap, start arc
+    length). About one polygon in two or three is admissible."""
+    # the trailing 7 keeps this family's streams apart from the star-shaped families'
+    rng = np.random.default_rng(np.random.SeedSequence([seed, CIRCUIT_VERSION, 7]))
+    for _ in range(10_000):
+        verts, widths, radii, r_max = _circuit_polygon(rng, p)
+        if rng.random() < 0.5:  # clockwise: mirror the counter-clockwise polygon
+            verts = verts * [1.0, -1.0]
+        fit = _fillets(rng, verts, widths, radii, r_max, p)
+        if fit is None:
+            continue
+        lap = _Lap(verts, *fit)
+        if not _admissible(lap, p):
+            continue
+        i = int(np.argmax(lap.straight))  # start on the longest straight
+        ell = lap.straight[i]
+        s0 = lap.starts[2 * i + 1] + float(np.clip(rng.uniform(0.25, 0.5) * ell, 4.0, ell - 8.0))
+        yield lap, s0
+    raise RuntimeError(f"procedural circuit {seed}: no admissible lap in 10000 draws "
+                       f"({p})")  # pragma: no cover - the defaults take ~2.5 draws a lap
+
+
+def circuit_centreline(seed: int, params: RaceCircuitParams = RaceCircuitParams(), n=None,
+                       skip: int = 0):
+    """The centreline (n, 2) from the start at the origin heading +x, the width (n,) and
+    the heading (n,) (radians from +x, continuous but for one 2π wrap) along it, of the
+    `skip`-th admissible lap of `seed`; n points, every `params.step` m unless given."""
+    laps = _circuit_laps(seed, params)
+    for _ in range(skip):
+        next(laps)
+    lap, s0 = next(laps)
+    return _placed(lap, s0, params, n)
+
+
+def _placed(lap: _Lap, s0: float, p: RaceCircuitParams, n=None):
+    n = int(round(lap.length / p.step)) if n is None else n
+    pts, th, w = lap.at(s0 + np.arange(n) * (lap.length / n))
+    a = -th[0]
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return (pts - pts[0]) @ rot.T, w, th - th[0]
+
+
+def write_circuit_scene(out: Path, seed: int,
+                        params: RaceCircuitParams = RaceCircuitParams()) -> Path:
+    """Write the "circuit" scene of `seed` into folder `out`; a lap whose compiled drivable
+    area is not a ring is skipped for the next admissible one of the same seed."""
+    failed = None
+    for lap, s0 in itertools.islice(_circuit_laps(seed, params), 20):
+        pts, w, th = _placed(lap, s0, params)
+        nrm = np.stack([-np.sin(th), np.cos(th)], 1) * (w / 2)[:, None]
+        centre, w_c, _ = _placed(lap, s0, params, params.samples)
+        try:
+            _write_scene_files(out, [pts + nrm, pts - nrm], float(w[0]) / 2, params.resolution,
+                               {"centreline": centre.astype(np.float32),
+                                "width": w_c.astype(np.float32)})
+            return out
+        except TrackError as e:  # not a ring: the next lap
+            failed = e
+            shutil.rmtree(out, ignore_errors=True)
+    raise TrackError(f"procedural circuit {seed}: 20 laps in a row did not compile to a "
+                     f"ring") from failed
 
 
 # Named families of circuits: "procedural:<seed>" is the default family,
-# "procedural:<family>:<seed>" another. "tight": narrower roads and sharper corners — the
+# "procedural:<family>:<seed>" another (ranges such as "procedural:circuit:1-1000" expand in
+# rl.tracks.track_names). "tight": narrower roads and sharper corners — the
 # tightest centreline radius is 1.5-4.6 m over seeds 0-7 (default family: 4-10 m). Still
 # star-shaped, so no hairpin as sharp as Austria's (`python -m rl.plan` checks whether a
 # circuit can be lapped cleanly by this car at all).
@@ -207,6 +533,9 @@ FAMILIES = {
     # "wide": 3.5-6 m roads (the default family's are 2-3 m; montreal's reaches ~8 m)
     "wide": CircuitParams(radius=(11.0, 17.0), n_ctrl=(7, 12), jitter=0.4, width=(3.5, 6.0),
                           min_turn_radius=1.0),
+    # "circuit": the filleted-polygon generator above (hairpins, chicanes, straights, a
+    # width varying along the lap), versioned and cached apart (CIRCUIT_VERSION)
+    "circuit": RaceCircuitParams(),
 }
 
 
@@ -215,12 +544,15 @@ def scene_path(seed: int, family: str = "") -> Path:
     if family not in FAMILIES:
         raise ValueError(f"unknown procedural family {family!r}; known: {sorted(FAMILIES)}")
     name = f"procedural_{family + '_' if family else ''}{seed}"
-    out = cache_dir() / f"procedural-v{VERSION}" / name
+    params = FAMILIES[family]
+    circuit = isinstance(params, RaceCircuitParams)
+    version = f"circuit-v{CIRCUIT_VERSION}" if circuit else f"v{VERSION}"
+    out = cache_dir() / f"procedural-{version}" / name
     if (out / "maps" / "maps.npz").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-")) / name
-    write_scene(tmp, seed, FAMILIES[family])
+    (write_circuit_scene if circuit else write_scene)(tmp, seed, params)
     try:
         tmp.rename(out)
     except OSError:  # built concurrently

@@ -1,0 +1,159 @@
+"""The "circuit" family of procedural tracks (rl.tracks.procedural): closed rings with a
+hairpin, a width varying along the lap, both driving directions, deterministic per seed,
+and loadable by the JAX backend. Scenes are built into a private cache folder."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from rl.tracks import TrackError, load_track, procedural, ring_topology, track_names
+
+SEEDS = (0, 11)  # short laps (small maps, quick compiles), one each way round
+P = procedural.RaceCircuitParams()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RACEFORMER_CACHE", str(tmp_path_factory.mktemp("rfcache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def tracks(_cache):
+    return {s: load_track(f"procedural:circuit:{s}") for s in SEEDS}
+
+
+def _max_turn_within(centre: np.ndarray, arc_m: float) -> float:
+    """Largest heading change (degrees) between two points of a closed line at most
+    `arc_m` apart along it."""
+    seg = np.diff(centre, axis=0, append=centre[:1])
+    th = np.unwrap(np.arctan2(seg[:, 1], seg[:, 0]))
+    s = np.concatenate([[0.0], np.cumsum(np.linalg.norm(seg, axis=1))])
+    total = th[-1] - th[0] + np.remainder(np.arctan2(seg[0, 1], seg[0, 0]) - th[-1] + np.pi,
+                                          2 * np.pi) - np.pi
+    n = len(th)
+    th2, s2 = np.concatenate([th, th + total]), np.concatenate([s[:-1], s[:-1] + s[-1]])
+    best = 0.0
+    for i in range(n):
+        j = np.searchsorted(s2, s2[i] + arc_m, side="right")
+        best = max(best, float(np.abs(th2[i:j] - th2[i]).max()))
+    return np.degrees(best)
+
+
+def _signed_area(c: np.ndarray) -> float:
+    return 0.5 * float(np.sum(c[:, 0] * np.roll(c[:, 1], -1) - np.roll(c[:, 0], -1) * c[:, 1]))
+
+
+def test_circuit_is_a_ring_with_a_hairpin_and_a_varying_width(tracks):
+    for seed, t in tracks.items():
+        assert ring_topology(t.drivable) == (1, 2), seed  # compiled, one track round one island
+        c = t.centreline
+        assert np.allclose(c[0], 0.0) and c[1, 0] > 0 and abs(c[1, 1]) < 1e-6  # start: +x
+        assert np.linalg.norm(c[-1] - c[0]) < 0.3  # closed
+        assert P.lap[0] <= t.lap_length_m <= P.lap[1]
+        # one monotone lap of progress along the centreline, all of it drivable
+        p = t.value(t.progress, c[:, 0], c[:, 1])
+        assert t.value(t.drivable, c[:, 0], c[:, 1]).all()
+        assert p[0] < 0.01 and p[-1] > 0.99
+        # ... up to a few pixels: the map's progress is a Chebyshev wavefront, which a
+        # hairpin's centreline can run a pixel against
+        assert np.diff(p).min() > -3 * t.resolution / t.lap_length_m
+        assert _max_turn_within(c, 12.0) >= 150.0, seed  # a hairpin
+        with np.load(t.scene_dir / "maps" / "maps.npz") as z:
+            w = z["width"]
+        assert w.shape == (len(c),) and w.min() >= 1.5 - 1e-6 and w.max() <= 5.0 + 1e-6
+        assert w.max() - w.min() >= P.min_width_range - 1e-6
+        # the walls follow the width: twice the clearance at the centreline is the width
+        # (to the 0.05 m pixels of the map)
+        measured = 2 * t.value(t.obstacle_m, c[:, 0], c[:, 1])
+        assert np.median(np.abs(measured - w)) < 0.1
+        # the grid starts are on the track, clear of the walls
+        clear = t.value(t.obstacle_m, t.starts[:, 0], t.starts[:, 1])
+        assert (clear > 0.3).all()
+    assert {np.sign(_signed_area(t.centreline)) for t in tracks.values()} == {-1.0, 1.0}
+
+
+def test_generator_guarantees_over_seeds():
+    """No compile: the sampled centrelines of many seeds keep their promises (lap length,
+    width range, hairpin, corner radius against the width, clearance between parts that
+    are not adjacent) and both driving directions occur."""
+    areas = []
+    for seed in range(12):
+        pts, w, th = procedural.circuit_centreline(seed)
+        step = float(np.linalg.norm(pts[1] - pts[0]))
+        lap = len(pts) * step
+        assert P.lap[0] <= lap <= P.lap[1]
+        assert P.width[0] - 1e-9 <= w.min() and w.max() <= P.width[1] + 1e-9
+        # corner radius >= half the width + the margin (the walls cannot fold)
+        k = np.abs(np.angle(np.exp(1j * np.diff(th)))) / step
+        radius = 1.0 / np.maximum(k, 1e-9)
+        assert (radius >= np.maximum(w[1:], w[:-1]) / 2 + P.fold_margin - 0.01).all()
+        assert radius.min() >= P.min_radius - 0.01
+        sub = slice(None, None, 4)
+        assert _max_turn_within(pts[sub], 12.0) >= 150.0 - 2.0
+        q, wq = pts[sub], w[sub]
+        s = np.arange(len(q)) * step * 4
+        d = np.linalg.norm(q[:, None] - q[None], axis=-1)
+        sep = np.abs(s[:, None] - s[None])
+        sep = np.minimum(sep, lap - sep)
+        need = (wq[:, None] + wq[None]) / 2 + P.wall_gap
+        far = sep > np.pi / 2 * need + 1.0
+        assert (d[far] >= need[far] - 0.05).all()
+        areas.append(_signed_area(pts))
+    assert min(areas) < 0 < max(areas)  # clockwise and counter-clockwise both occur
+
+
+def test_same_seed_same_bytes_other_seed_differs(tracks, tmp_path):
+    t = tracks[SEEDS[0]]
+    a = procedural.write_circuit_scene(tmp_path / t.name, SEEDS[0])
+    for f in ("maps/maps.npz", "maps/starts.npz", "meshes/Walls.obj", f"{t.name}.yml"):
+        assert (a / f).read_bytes() == (t.scene_dir / f).read_bytes(), f
+    other = tracks[SEEDS[1]]
+    assert other.drivable.shape != t.drivable.shape or \
+        not np.array_equal(other.drivable, t.drivable)
+    c0, _, _ = procedural.circuit_centreline(SEEDS[0])
+    c1, _, _ = procedural.circuit_centreline(SEEDS[1])
+    assert len(c0) != len(c1) or not np.allclose(c0, c1)
+
+
+def test_a_lap_that_does_not_compile_is_redrawn(tmp_path, monkeypatch):
+    """A lap whose compiled drivable area is not a ring is replaced by the seed's next
+    admissible lap, deterministically, instead of failing."""
+    real = procedural.compile_maps
+    calls = []
+
+    def first_fails(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TrackError("the compiled drivable area is not a ring")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(procedural, "compile_maps", first_fails)
+    out = procedural.write_circuit_scene(tmp_path / "x", 10)
+    with np.load(out / "maps" / "maps.npz") as z:
+        stored = z["centreline"]
+    second, _, _ = procedural.circuit_centreline(10, n=P.samples, skip=1)
+    assert len(calls) == 2 and np.allclose(stored, second.astype(np.float32))
+
+
+def test_names_cache_and_jax_env(tracks):
+    assert track_names("procedural:circuit:1-3") == [
+        "procedural:circuit:1", "procedural:circuit:2", "procedural:circuit:3"]
+    assert len(track_names("austria,procedural:circuit:1-1000")) == 1001
+    t = tracks[SEEDS[0]]
+    assert t.scene_dir.parent.name == f"procedural-circuit-v{procedural.CIRCUIT_VERSION}"
+    assert t.scene_dir == procedural.scene_path(SEEDS[0], "circuit")  # cached: not rebuilt
+    from rl.envs.jax_env import JaxRacecar, make_params
+    from rl.envs.spec import TaskConfig
+
+    env = JaxRacecar(TaskConfig())
+    params = make_params(t)
+    _, state = jax.jit(env.reset)(jax.random.PRNGKey(0), params)
+    x, y = (float(v) for v in state.pos)  # racecar_gym's automatic grid, by the origin
+    assert abs(x) < 2.0 and abs(y) < 1.0 and float(state.yaw) == 0.0
+    assert t.value(t.obstacle_m, x, y) > 0.25 and not bool(state.collision)
+    assert int(state.lap) == 1 and float(state.progress) < 0.05  # just past the line
