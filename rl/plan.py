@@ -88,7 +88,8 @@ def plan_lap(track, turn_radius: float = TURN_RADIUS_M, clearance: float = 0.05,
     keeps away from walls where the track allows. ``greed`` weights the heuristic (remaining
     progress × lap length): 1 is close to the shortest line, larger searches faster.
     A lap is done on coming back to the start pose (within 0.25 m and 0.2 rad) after passing
-    half distance, so the line closes on itself.
+    half distance and then driving on through the second half (progress 0.7–0.95 on the way),
+    so the line closes on itself and is not a drive to half distance and back.
     """
     t0 = time.perf_counter()
     prog = track.progress
@@ -124,6 +125,17 @@ def plan_lap(track, turn_radius: float = TURN_RADIUS_M, clearance: float = 0.05,
     pose_of: dict = {key(*start): start}
     pq = [(0.0, 0.0, key(*start))]
     p0 = float(progress_at(sx, sy))
+
+    def went_round(k) -> bool:
+        """Whether the path to ``k`` drove the second half of the lap after half distance
+        (progress 0.7–0.95 seen), not back the way it came from there."""
+        while k is not None:
+            px, py, _, h = pose_of[k]
+            if h == 1 and 0.7 < float(progress_at(px, py)) < 0.95:
+                return True
+            k = parent[k]
+        return False
+
     best, best_pose, n, goal = 0.0, (sx, sy), 0, None
     while pq and n < max_expansions:
         _, g, k0 = heapq.heappop(pq)
@@ -133,7 +145,8 @@ def plan_lap(track, turn_radius: float = TURN_RADIUS_M, clearance: float = 0.05,
         if half == 0 and 0.4 < p < 0.6:
             half = 1
         if half == 1 and math.hypot(x - sx, y - sy) < 0.25 and \
-                abs(math.remainder(th - syaw, 2 * math.pi)) < 0.2:  # back at the start: closed
+                abs(math.remainder(th - syaw, 2 * math.pi)) < 0.2 and \
+                went_round(k0):  # back at the start, the lap driven: closed
             goal = k0
             break
         if p + half > best:
