@@ -63,9 +63,24 @@ class MLPActorCritic(nnx.Module):
         return mean, log_std, value
 
 
-def lidar_features(obs: dict, num_beams: int = 108, max_range: float = 15.25) -> jax.Array:
+# body-frame velocity components the lidar policy observes (racecar_gym's ``velocity``:
+# vx, vy, vz, wx, wy, wz): "planar" = vx, vy and the yaw rate wz — all a car on a flat track
+# has. "all" adds vz and the roll and pitch rates, which the JAX car holds at exactly 0:
+# observation normalisation then divides them by ~1e-4, so PyBullet's chassis wobble
+# (~1e-3 rad/s) reaches the policy as ±10 on inputs it never learned — and it weaves.
+VELOCITY_COMPONENTS = {"planar": (0, 1, 5), "all": (0, 1, 2, 3, 4, 5)}
+
+
+def lidar_feature_dim(num_beams: int, velocity: str = "planar") -> int:
+    """The length of :func:`lidar_features`' vector."""
+    return num_beams + len(VELOCITY_COMPONENTS[velocity])
+
+
+def lidar_features(obs: dict, num_beams: int = 108, max_range: float = 15.25,
+                   velocity: str = "planar") -> jax.Array:
     """The quick policy's input: every k-th ray of the scan (``num_beams`` of them, k = rays /
-    num_beams, starting at the first ray) scaled to [0, 1], plus the body-frame velocity (6).
+    num_beams, starting at the first ray) scaled to [0, 1], plus the body-frame velocity's
+    ``velocity`` components (:data:`VELOCITY_COMPONENTS`, ``model.velocity``).
 
     Subsampling rather than pooling means a backend that casts only those rays (the JAX
     backend's ``lidar_rays = 108``, ~10× cheaper) feeds the policy exactly what a full
@@ -76,7 +91,7 @@ def lidar_features(obs: dict, num_beams: int = 108, max_range: float = 15.25) ->
     if n % num_beams:
         raise ValueError(f"lidar has {n} rays, not a multiple of lidar_beams = {num_beams}")
     sub = scan[..., :: n // num_beams]
-    vel = jnp.asarray(obs["velocity"], jnp.float32)
+    vel = jnp.asarray(obs["velocity"], jnp.float32)[..., VELOCITY_COMPONENTS[velocity]]
     return jnp.concatenate([sub / max_range, vel], axis=-1)
 
 

@@ -44,13 +44,35 @@ def log(msg: str) -> None:
     print(f"[compare] {msg}", flush=True)
 
 
+def _top_level_split(text: str) -> list[str]:
+    """Split at the commas outside brackets, braces and quotes (``a=[1,2],b=3``)."""
+    parts, depth, quote, cur = [], 0, "", []
+    for c in text:
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(c)
+    parts.append("".join(cur))
+    return parts
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``name:k=v,k=v`` → (name, ["k=v", "k=v"]); a bare ``name`` is the config as is."""
+    """``name:k=v,k=v`` → (name, ["k=v", "k=v"]); a bare ``name`` is the config as is. A
+    value may hold commas inside brackets or braces (``env.randomize.lidar_noise=[0,0.03]``)."""
     name, _, rest = text.partition(":")
     name = name.strip()
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise configlib.ConfigError(f"--variant {text!r}: the name must be [A-Za-z0-9._-]+")
-    sets = [s.strip() for s in rest.split(",") if s.strip()] if rest else []
+    sets = [s.strip() for s in _top_level_split(rest) if s.strip()] if rest else []
     for s in sets:
         if "=" not in s:
             raise configlib.ConfigError(f"--variant {text!r}: {s!r} is not KEY=VALUE")
@@ -165,21 +187,6 @@ def markdown(agg: dict[str, Any], mode: str, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_is_complete(cfg, run_dir: Path) -> bool:
-    from train.checkpoint import Checkpointer
-
-    ckpt = run_dir / "ckpt"
-    if not ckpt.exists():
-        return False
-    c = Checkpointer(ckpt)
-    try:
-        step = c.latest_step()
-    finally:
-        c.close()
-    per_update = cfg.ppo.num_envs * cfg.ppo.num_steps  # as rl.runners' num_updates
-    return step is not None and step >= max(1, cfg.ppo.total_timesteps // per_update)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="the base rl.ppo TOML config")
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     curves: dict[str, list[dict]] = {}
     for (name, seed), cfg in cfgs.items():
         run_dir = Path(cfg.runs_dir) / cfg.run_name
-        if not args.no_train and not run_is_complete(cfg, run_dir):
+        if not args.no_train and not ppo.run_is_complete(cfg):
             log(f"train {cfg.run_name}")
             code = ppo.run(cfg)
             if code != 0:

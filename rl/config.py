@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
 
 from etl import configlib
 from rl.ppo_core import PPOConfig
@@ -109,6 +110,10 @@ class EnvConfig:
     stall_speed: float = 0.1  # m/s
     progress_reward: float = 100.0  # × Δ(lap + progress), signed
     reset_mode: Literal["grid", "random"] = "random"
+    # the drive action: "motor" (racecar_gym's default: > 0 drives, < 0 brakes, and a braked
+    # car barely turns) or "speed" (racecar_gym's speed actuator: a target speed of
+    # (a + 1) / 2 × 3.5 m/s); every backend has both
+    actuator: Literal["motor", "speed"] = "motor"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)
     camera: bool = False  # render rgb_camera (needed by a policy that reads rgb)
     # JAX backend only: rays actually cast (1080 = racecar_gym's scan; 108 = every 10th ray,
@@ -136,6 +141,10 @@ class ModelConfig:
     policy: Literal["lidar_mlp", "multimodal"] = "lidar_mlp"
     hidden: tuple[int, ...] = (256, 256)
     lidar_beams: int = 108  # the lidar MLP's input: every (1080 / lidar_beams)-th ray
+    # and the body-frame velocity's components: "planar" (vx, vy, yaw rate) or "all" six (the
+    # recipes measured before 2026-12-06 used "all"; rl.agent.VELOCITY_COMPONENTS says why
+    # not any more)
+    velocity: Literal["planar", "all"] = "planar"
     modalities: tuple[str, ...] = ("lidar", "gps", "imu")  # multimodal policy's inputs
 
 
@@ -197,6 +206,25 @@ class ImitateConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """``[[stages]]``: a curriculum stage trained before the run itself — the run's config
+    with ``env`` keys replaced, for ``total_timesteps`` policy steps; the next stage (and
+    finally the run) starts from its policy and observation statistics (a warm start, as
+    ``finetune.init_policy``: fresh optimizer, reward statistics and environments). E.g.
+    contacts allowed first, then contacts ending the episode. See :func:`stage_config`."""
+
+    name: str
+    total_timesteps: int
+    env: dict[str, Any] = field(default_factory=dict)  # [env] keys this stage changes
+
+    def __post_init__(self):
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            raise configlib.ConfigError(f"stages: name {self.name!r}: letters, digits, _ or -")
+        if self.total_timesteps < 1:
+            raise configlib.ConfigError(f"stages.{self.name}.total_timesteps: must be ≥ 1")
+
+
+@dataclass(frozen=True)
 class RLConfig:
     run_name: str = "ppo"
     runs_dir: str = "runs"
@@ -209,9 +237,13 @@ class RLConfig:
     updates_per_log: int = 10  # PPO updates per jitted chunk (fast runner) / per log line
     ckpt_every: int = 50  # updates
     keep: int = 3
+    # curriculum stages trained first, in order, each in runs/<run>/stages/<i>-<name>
+    stages: tuple[StageConfig, ...] = ()
 
     def __post_init__(self):
         configlib.check_literals(self)  # env.backend, …: also when built in code, not loaded
+        for i in range(len(self.stages)):
+            stage_config(self, i)  # the stage's [env] keys are EnvConfig's, valid values
         if self.finetune.init == "pretrained" and not self.finetune.pretrained_ckpt:
             raise configlib.ConfigError(
                 "finetune.pretrained_ckpt: required when init = 'pretrained'"
@@ -228,6 +260,34 @@ class RLConfig:
                 f"ppo.num_minibatches: {self.ppo.num_minibatches} does not divide "
                 f"num_envs × num_steps = {b}"
             )
+
+
+def stage_config(cfg: RLConfig, i: int) -> RLConfig:
+    """The config that trains stage ``i`` of ``cfg.stages``: ``cfg`` with the stage's
+    ``env`` keys and step budget, in ``runs/<run>/stages/<i>-<name>``, warm-started from the
+    previous stage (the first from ``finetune.init_policy``, "" = from scratch), no stages."""
+    st = cfg.stages[i]
+    env = configlib.to_dict(cfg.env)
+    unknown = sorted(set(st.env) - set(env))
+    if unknown:
+        raise configlib.ConfigError(f"stages.{st.name}.env: unknown keys {unknown}")
+    env = configlib.from_dict(EnvConfig, {**env, **st.env}, prefix="env")
+    prev = (stage_dir(cfg, i - 1) / "ckpt").as_posix() if i else cfg.finetune.init_policy
+    return replace(cfg, run_name=f"{cfg.run_name}/stages/{i}-{st.name}", env=env,
+                   ppo=replace(cfg.ppo, total_timesteps=st.total_timesteps),
+                   finetune=replace(cfg.finetune, init_policy=prev), stages=())
+
+
+def stage_dir(cfg: RLConfig, i: int) -> Path:
+    return Path(cfg.runs_dir) / cfg.run_name / "stages" / f"{i}-{cfg.stages[i].name}"
+
+
+def after_stages(cfg: RLConfig) -> RLConfig:
+    """The run itself once its stages are trained: warm-started from the last one."""
+    if not cfg.stages:
+        return cfg
+    last = (stage_dir(cfg, len(cfg.stages) - 1) / "ckpt").as_posix()
+    return replace(cfg, finetune=replace(cfg.finetune, init_policy=last))
 
 
 def load_config(path=None, overrides=()) -> RLConfig:

@@ -270,11 +270,13 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
 
 
 # =========================================================================== rollouts
-def _task(time_limit: float, terminate_on_collision: bool, camera: bool) -> TaskConfig:
-    """The evaluation protocol's task: grid start, many laps, the given time limit."""
+def _task(time_limit: float, terminate_on_collision: bool, camera: bool,
+          actuator: str = "motor") -> TaskConfig:
+    """The evaluation protocol's task: grid start, many laps, the given time limit; the
+    policy's drive action goes to ``actuator`` (the training config's)."""
     return TaskConfig(laps=BIG_LAPS, time_limit=float(time_limit),
                       terminate_on_collision=bool(terminate_on_collision), reset_mode="grid",
-                      observe_camera=bool(camera))  # fmt: skip
+                      observe_camera=bool(camera), actuator=actuator)  # fmt: skip
 
 
 def _episode_key(seed: int):
@@ -327,10 +329,12 @@ def _traces_from_jax(first: dict, recs: dict) -> list[tuple[dict, str]]:
 
 
 def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
-                terminate_on_collision=False, camera=False) -> list[tuple[dict, str]]:
+                terminate_on_collision=False, camera=False,
+                actuator="motor") -> list[tuple[dict, str]]:
     """All episodes of one track in the JAX backend as one jitted, vmapped scan."""
 
-    env = factory.make_sim(_task(time_limit, terminate_on_collision, camera), camera=camera)
+    env = factory.make_sim(_task(time_limit, terminate_on_collision, camera, actuator),
+                           camera=camera)
     params = make_params(track)
     n_physics = int(round(time_limit / PHYSICS_DT))
     n_policy = -(-n_physics // action_repeat)
@@ -341,9 +345,10 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
 
 
 def make_gym_env(backend: str, track, time_limit: float, terminate_on_collision: bool,
-                 camera: bool = False):
+                 camera: bool = False, actuator: str = "motor"):
     """One raw (physics-rate) environment of a backend in the evaluation protocol's task."""
-    return factory.make_env(backend, track, _task(time_limit, terminate_on_collision, camera),
+    return factory.make_env(backend, track,
+                            _task(time_limit, terminate_on_collision, camera, actuator),
                             camera)
 
 
@@ -378,8 +383,10 @@ def _episode_gym(env, policy_fn, seed: int, action_repeat: int) -> tuple[dict, s
     obs, info = env.reset(seed=int(seed), options={"mode": "grid"})
     rows = [_host_record(obs, info)]
     end, done = "none", False
+    # the env's own action space names its drive actuator ("motor" or "speed")
+    actuator = "speed" if "speed" in env.action_space.spaces else "motor"
     while not done:
-        act = spec.action_dict(spec.action_array(policy_fn(obs)))
+        act = spec.action_dict(spec.action_array(policy_fn(obs)), actuator)
         for _ in range(action_repeat):
             obs, _, term, trunc, info = env.step(act)
             rows.append(_host_record(obs, info))
@@ -422,7 +429,7 @@ def rollout_gym(env, policy_fn, seeds, action_repeat=1, *,
 def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: int = 10,
                     time_limit: float = 60.0, seed: int = 0, *, action_repeat: int = 1,
                     terminate_on_collision: bool = False, camera: bool = False,
-                    rollout: str = "auto") -> dict[str, Any]:
+                    rollout: str = "auto", actuator: str = "motor") -> dict[str, Any]:
     """Run ``episodes`` grid-start episodes of ``policy_fn`` (one obs dict → action) on
     ``track`` (a name, path, ``procedural:<seed>`` or :class:`rl.tracks.Track`).
 
@@ -440,7 +447,7 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
     if backend == "jax" and rollout in ("auto", "scan"):
         try:
             results = rollout_jax(policy_fn, trk, seeds, time_limit, action_repeat,
-                                  terminate_on_collision, camera)  # fmt: skip
+                                  terminate_on_collision, camera, actuator)  # fmt: skip
             used = "scan"
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                 jax.errors.TracerIntegerConversionError, TypeError) as e:  # fmt: skip
@@ -450,7 +457,7 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
     if results is None:
         def make():
             return make_gym_env(backend, trk if backend != "racecar_gym" else track, time_limit,
-                                terminate_on_collision, camera)  # fmt: skip
+                                terminate_on_collision, camera, actuator)  # fmt: skip
 
         if backend == "racecar_gym":  # a fresh, seeded env per episode (see rollout_gym)
             results = rollout_gym(make, policy_fn, seeds, action_repeat, fresh=True)
@@ -584,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": {
             "episodes": args.episodes, "time_limit_s": time_limit, "laps": BIG_LAPS,
             "start": "grid", "action": "deterministic: clip(Gaussian mean, -1, 1)",
+            "actuator": cfg.env.actuator,
             "action_repeat": repeat, "seeds": [args.seed + i for i in range(args.episodes)],
             "seed_note": "episode i uses seed + i; with a deterministic policy and the grid "
                          "start, episodes differ only through the lidar noise",
@@ -605,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = evaluate_policy(policy, name if backend == "racecar_gym" else trk, backend,
                                       args.episodes, time_limit, args.seed,
                                       action_repeat=repeat, terminate_on_collision=term,
-                                      camera=cfg.env.camera)  # fmt: skip
+                                      camera=cfg.env.camera,
+                                      actuator=cfg.env.actuator)  # fmt: skip
             except ImportError as e:
                 print(f"rl.evaluate: {e}", file=sys.stderr)
                 return 2

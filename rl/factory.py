@@ -16,6 +16,7 @@ else, so that every one of them sees the same car, sensors and task for the same
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,13 @@ from flax import nnx
 
 from etl import configlib
 from etl.config import PreprocessConfig
-from rl.agent import MLPActorCritic, MultimodalActorCritic, lidar_features, split_agent
+from rl.agent import (
+    MLPActorCritic,
+    MultimodalActorCritic,
+    lidar_feature_dim,
+    lidar_features,
+    split_agent,
+)
 from rl.config import RandomizeConfig, RLConfig
 from rl.envs import spec
 from rl.envs.adapter import ObservationAdapter
@@ -70,6 +77,7 @@ def task_config(cfg: RLConfig) -> TaskConfig:
         stall_speed=e.stall_speed,
         reset_mode=e.reset_mode,
         observe_camera=e.camera,
+        actuator=e.actuator,
     )
 
 
@@ -80,7 +88,8 @@ def make_sim(task: TaskConfig, randomize: RandomizeConfig | None = None, min_spe
     ``min_speed`` m/s, 0 = none), the default sensors but for the
     :class:`rl.envs.jax_env.SensorConfig` fields given (``camera``, ``lidar_rays``, …), and the
     per-episode domain randomization ``randomize`` (``[env.randomize]``; None = none)."""
-    return JaxRacecar(task, Dynamics(min_speed=min_speed), SensorConfig(**sensors),
+    return JaxRacecar(task, Dynamics(min_speed=min_speed, actuator=task.actuator),
+                      SensorConfig(**sensors),
                       randomize or RandomizeConfig())
 
 
@@ -100,12 +109,12 @@ def make_env(backend: str, track, task: TaskConfig, camera: bool = False) -> gym
     if backend == "bullet":
         from rl.envs.bullet import BulletRacecarEnv  # PyBullet: loaded only when asked for
 
-        return BulletRacecarEnv(track, task, camera=camera)
+        return BulletRacecarEnv(track, task, camera=camera, actuator=task.actuator)
     if backend == "racecar_gym":
         from rl.envs.racecar_gym_env import make_racecar_gym_env  # optional dependency
 
         name = track if isinstance(track, str) else track.name
-        return make_racecar_gym_env(name, task, camera=camera)
+        return make_racecar_gym_env(name, task, camera=camera, actuator=task.actuator)
     if backend == "jax":
         return JaxRacecarEnv(track, task, sensors=SensorConfig(camera=camera))
     raise ValueError(f"unknown backend {backend!r} (jax | bullet | racecar_gym)")
@@ -137,8 +146,10 @@ def make_agent(cfg: RLConfig, seed: int | None = None):
     rngs = nnx.Rngs(cfg.seed if seed is None else seed)
     if cfg.model.policy == "lidar_mlp":
         beams = cfg.model.lidar_beams
-        model = MLPActorCritic(beams + 6, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs)
-        return model, (lambda obs: lidar_features(obs, beams)), nnx.Param
+        vel = cfg.model.velocity
+        model = MLPActorCritic(lidar_feature_dim(beams, vel), 2, cfg.model.hidden,
+                               cfg.ppo.init_log_std, rngs=rngs)
+        return model, (lambda obs: lidar_features(obs, beams, velocity=vel)), nnx.Param
     return _multimodal_agent(cfg, rngs)
 
 
@@ -204,7 +215,8 @@ def make_runner(cfg: RLConfig) -> Runner:
         return FastRunner(env, model, cfg.ppo, trainable, mesh=device_mesh(cfg.ppo.num_envs),
                           env_params=params)
     envs = make_vector_env(cfg, cfg.ppo.num_envs)
-    return GymRunner(envs, model, cfg.ppo, jax.vmap(featurize), spec.action_dict, trainable,
+    to_env = functools.partial(spec.action_dict, actuator=cfg.env.actuator)
+    return GymRunner(envs, model, cfg.ppo, jax.vmap(featurize), to_env, trainable,
                      spec.EPISODE_KEYS, seed=cfg.seed)
 
 
@@ -213,6 +225,15 @@ def saved_state_keys(state_dir: Path) -> list[str]:
     """The top-level keys of a checkpoint's saved ``state`` item (read from its metadata)."""
     meta = ocp.StandardCheckpointer().metadata(state_dir)
     return list(meta.item_metadata.tree.keys())
+
+
+def _upgrade_record(rl: dict) -> dict:
+    """A saved config from before a key existed, read as what that run did: a lidar MLP
+    saved without ``model.velocity`` observed all six velocity components."""
+    model = rl.get("model", {})
+    if "velocity" not in model and model.get("policy", "lidar_mlp") == "lidar_mlp":
+        rl = {**rl, "model": {**model, "velocity": "all"}}
+    return rl
 
 
 def restore_policy(ckpt_dir: str | Path, step: int | None = None):
@@ -229,7 +250,7 @@ def restore_policy(ckpt_dir: str | Path, step: int | None = None):
         rec = ckpt.saved_config(step)
         if rec.get("kind") != "ppo":
             raise ValueError(f"{ckpt_dir}: not a PPO checkpoint")
-        cfg = configlib.from_dict(RLConfig, rec["rl"])
+        cfg = configlib.from_dict(RLConfig, _upgrade_record(rec["rl"]))
         model, _, trainable = make_agent(cfg)
         agent = split_agent(model, trainable)
         saved = set(saved_state_keys(ckpt.directory / str(step) / "state"))
@@ -237,7 +258,8 @@ def restore_policy(ckpt_dir: str | Path, step: int | None = None):
         if "frozen" in saved:
             target["frozen"] = agent.frozen
         if "obs_rms" in saved and cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs:
-            target["obs_rms"] = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
+            dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity)
+            target["obs_rms"] = RunningMeanStd.create((dim,))
         out = ckpt.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(abstract(target), partial_restore=True)))["state"]
     finally:

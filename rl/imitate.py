@@ -40,7 +40,7 @@ from flax import nnx
 
 from etl import configlib
 from rl import factory
-from rl.agent import lidar_features, split_agent
+from rl.agent import lidar_feature_dim, lidar_features, split_agent
 from rl.config import RLConfig, cli_config
 from rl.drivers import line_driver
 from rl.envs import spec
@@ -66,10 +66,11 @@ def _setup(cfg: RLConfig):
     ic = cfg.imitate
     teacher = line_driver(track, clearance=ic.clearance, **configlib.to_dict(ic.teacher),
                           **({"turn_radius": ic.turn_radius} if ic.turn_radius > 0 else {}))
-    beams = cfg.model.lidar_beams
+    beams, vel = cfg.model.lidar_beams, cfg.model.velocity
 
     def featurize(obs):
-        return {"x": lidar_features(obs, beams), "pose": obs["pose"], "velocity": obs["velocity"]}
+        return {"x": lidar_features(obs, beams, velocity=vel), "pose": obs["pose"],
+                "velocity": obs["velocity"]}
 
     fenv, params = factory.make_functional(cfg, featurize)
     model, _, _ = factory.make_agent(cfg)
@@ -121,8 +122,8 @@ def bullet_rollout(cfg: RLConfig, track: str, teacher, graphdef, params, rest, r
     env_cfg = dataclasses.replace(cfg.env, backend="bullet", reset_mode="random",
                                   bullet_workers=int(workers))  # fmt: skip
     envs = factory.make_vector_env(dataclasses.replace(cfg, env=env_cfg), n_envs, track)
-    beams = cfg.model.lidar_beams
-    feats = jax.jit(lambda o: lidar_features(o, beams))
+    beams, vel = cfg.model.lidar_beams, cfg.model.velocity
+    feats = jax.jit(lambda o: lidar_features(o, beams, velocity=vel))
     label = jax.jit(jax.vmap(lambda o: _teacher_action(teacher, o)))
 
     @jax.jit
@@ -199,10 +200,11 @@ def run(cfg: RLConfig) -> Path:
     rollout = make_rollout(fenv, teacher, graphdef, ic.envs, ic.steps, ic.noise)
     tx, fit = make_fit(graphdef, ic.lr, ic.batch)
     opt_state = tx.init(params)
-    rms = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
+    dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity)
+    rms = RunningMeanStd.create((dim,))
     key = jax.random.PRNGKey(cfg.seed)
     xs, ys = [], []
-    X = np.zeros((0, cfg.model.lidar_beams + 6), np.float32)
+    X = np.zeros((0, dim), np.float32)
     Y = np.zeros((0, 2), np.float32)
     for r in range(ic.rounds):
         key, k_roll, k_fit = jax.random.split(key, 3)
@@ -265,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config("rl.imitate", args.config, args.set)
     if cfg is None:
         return 2
+    if cfg.env.actuator != "motor":
+        return configlib.cli_error("rl.imitate", configlib.ConfigError(
+            f"env.actuator = {cfg.env.actuator!r}: the teacher drives the motor; imitate "
+            "needs env.actuator = 'motor'"))
     run(cfg)
     return 0
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from etl import configlib
 from rl import factory
-from rl.config import RLConfig, cli_config
+from rl.config import RLConfig, after_stages, cli_config, stage_config
 from rl.fmt import num
 from rl.runners import Runner, RunnerState
 from train.checkpoint import Checkpointer
@@ -95,7 +95,35 @@ def finite(state: RunnerState) -> bool:
 
 
 def run(cfg: RLConfig, max_updates: int | None = None) -> int:
-    """Train (or resume) the configured run; returns the process exit code."""
+    """Train (or resume) the configured run, its curriculum stages first (``[[stages]]``:
+    each a run of its own in runs/<run>/stages/<i>-<name>, resumed like one, skipped once
+    complete); returns the process exit code. ``max_updates`` bounds each of them."""
+    for i in range(len(cfg.stages)):
+        scfg = stage_config(cfg, i)
+        if run_is_complete(scfg):
+            continue
+        log(f"stage {i + 1}/{len(cfg.stages)} {cfg.stages[i].name!r}: "
+            f"{scfg.ppo.total_timesteps:,} steps")
+        code = _run_one(scfg, max_updates)
+        if code != EXIT_OK or not run_is_complete(scfg):
+            return code
+    return _run_one(after_stages(cfg), max_updates)
+
+
+def run_is_complete(cfg: RLConfig) -> bool:
+    """Whether a run (or a stage's) has saved its last update."""
+    ckpt = Path(cfg.runs_dir) / cfg.run_name / "ckpt"
+    if not ckpt.exists():
+        return False
+    c = Checkpointer(ckpt)
+    try:
+        step = c.latest_step()
+    finally:
+        c.close()
+    return step is not None and step >= cfg.ppo.num_updates
+
+
+def _run_one(cfg: RLConfig, max_updates: int | None = None) -> int:
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(configlib.to_dict(cfg), indent=2))

@@ -44,6 +44,11 @@ class PPOConfig:
     norm_reward: bool = True
     init_log_std: float = -0.5
 
+    @property
+    def num_updates(self) -> int:
+        """PPO updates of a run: total_timesteps in rollouts of num_envs × num_steps."""
+        return max(1, self.total_timesteps // (self.num_envs * self.num_steps))
+
 
 class Transition(NamedTuple):
     obs: jax.Array | dict

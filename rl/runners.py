@@ -141,7 +141,7 @@ class FastRunner:
                  env_params: Any = None):
         self.env, self.cfg, self.mesh, self.env_params = env, cfg, mesh, env_params
         self.agent = split_agent(model, trainable)
-        self.num_updates = max(1, cfg.total_timesteps // (cfg.num_envs * cfg.num_steps))
+        self.num_updates = cfg.num_updates
         self.tx = make_optimizer(cfg, self.num_updates)
         self.learn = make_learn(self.agent.apply, self.tx, cfg)
         self._chunk = jax.jit(self._run_chunk, static_argnums=(1,), donate_argnums=(0,))
@@ -266,7 +266,7 @@ class GymRunner:
         self.envs, self.cfg, self.seed = envs, cfg, seed
         self.featurize, self.to_env_action, self.info_keys = featurize, to_env_action, info_keys
         self.agent = agent = split_agent(model, trainable)
-        self.num_updates = max(1, cfg.total_timesteps // (cfg.num_envs * cfg.num_steps))
+        self.num_updates = cfg.num_updates
         self.tx = make_optimizer(cfg, self.num_updates)
         self.learn = jax.jit(make_learn(agent.apply, self.tx, cfg))
 

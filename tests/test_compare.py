@@ -23,6 +23,8 @@ def test_parse_variant():
     assert parse_variant("scratch:finetune.init=scratch,ppo.learning_rate=1e-4") == (
         "scratch", ["finetune.init=scratch", "ppo.learning_rate=1e-4"])
     assert parse_variant("base") == ("base", [])
+    assert parse_variant("dr:env.randomize.lidar_noise=[0.0,0.03],stages=[],x='a,b'") == (
+        "dr", ["env.randomize.lidar_noise=[0.0,0.03]", "stages=[]", "x='a,b'"])
     with pytest.raises(configlib.ConfigError, match="name"):
         parse_variant("a b:x=1")
     with pytest.raises(configlib.ConfigError, match="not KEY=VALUE"):

@@ -254,7 +254,7 @@ def test_checkpoint_policy_path(tmp_path):
     import jax.numpy as jnp
 
     from etl import configlib
-    from rl.agent import lidar_features, split_agent
+    from rl.agent import lidar_feature_dim, lidar_features, split_agent
     from rl.config import load_config
     from rl.factory import make_agent, restore_policy
     from rl.ppo_core import RunningMeanStd, make_optimizer
@@ -266,7 +266,7 @@ def test_checkpoint_policy_path(tmp_path):
     model, _, trainable = make_agent(cfg, 1)
     agent = split_agent(model, trainable)
     rng = np.random.default_rng(0)
-    dim = cfg.model.lidar_beams + 6
+    dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity)
     rms = RunningMeanStd(jnp.asarray(rng.normal(size=dim), jnp.float32),
                          jnp.asarray(rng.uniform(0.5, 2.0, dim), jnp.float32), jnp.asarray(50.0))
     state = {"params": agent.params, "opt_state": make_optimizer(cfg.ppo, 1).init(agent.params),
@@ -312,3 +312,24 @@ def test_trained_tiny_run_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = _check_ckpt_report(out, 2)
     assert any(p.endswith("learning_curves.png") for p in rep["plots"])
+
+
+def test_lidar_policy_sees_planar_velocity_and_old_checkpoints_read_as_all(tmp_path):
+    """model.velocity = "planar" feeds vx, vy and the yaw rate only (the roll and pitch rates
+    and vz, which the JAX car never moves, stay out); a checkpoint saved before the key
+    existed restores as "all", the six components it was trained on."""
+    from etl import configlib
+    from rl.agent import lidar_feature_dim, lidar_features
+    from rl.config import load_config
+    from rl.factory import _upgrade_record
+
+    obs = {"lidar": np.full(1080, 7.625, np.float32),
+           "velocity": np.arange(1, 7, dtype=np.float32)}
+    np.testing.assert_array_equal(np.asarray(lidar_features(obs, 108))[108:], [1, 2, 6])
+    np.testing.assert_array_equal(np.asarray(lidar_features(obs, 108, velocity="all"))[108:],
+                                  [1, 2, 3, 4, 5, 6])
+    assert lidar_feature_dim(108) == 111 and lidar_feature_dim(54, "all") == 60
+    rec = configlib.to_dict(load_config(None))
+    assert rec["model"]["velocity"] == "planar"
+    del rec["model"]["velocity"]
+    assert _upgrade_record(rec)["model"]["velocity"] == "all"

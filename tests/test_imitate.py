@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rl.agent import lidar_feature_dim
 from rl.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ def test_student_imitates_the_teacher_and_loads_as_a_ppo_policy(cfg):
     fresh, _, _ = make_agent(cfg, 123)
     graphdef, params, rest = nnx.split(fresh, nnx.Param, ...)
     rollout = make_rollout(fenv, teacher, graphdef, 16, 64, 0.0)
-    x, y, _ = rollout(params, rest, RunningMeanStd.create(x_dim := (cfg.model.lidar_beams + 6,)),
+    x_dim = (lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity),)
+    x, y, _ = rollout(params, rest, RunningMeanStd.create(x_dim),
                       jax.random.PRNGKey(99), env_params, jnp.bool_(True))
     assert x.shape == (16 * 64, *x_dim) and y.shape == (16 * 64, 2)
 
@@ -88,11 +90,12 @@ def test_pybullet_rounds_label_pybullet_states_with_the_teacher(cfg, tmp_path):
     cfg = dataclasses.replace(cfg, run_name="bc_bullet")
     _, _, teacher, model, track = _setup(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rms = RunningMeanStd.create((cfg.model.lidar_beams + 6,))
+    rms = RunningMeanStd.create((lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity),))
     x, y, stats = bullet_rollout(cfg, track, teacher, graphdef, params, rest, rms, seed=5,
                                  n_envs=1, n_steps=300, noise=0.0, workers=False,
                                  use_teacher=True)
-    assert x.shape == (300, cfg.model.lidar_beams + 6) and y.shape == (300, 2)
+    dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity)
+    assert x.shape == (300, dim) and y.shape == (300, 2)
     assert stats["mean_speed"] > 0.5, stats  # the teacher drove off
     assert np.all(np.abs(y) <= 1.0) and np.std(y[:, 1]) > 0.0
 

@@ -114,7 +114,7 @@ def test_bullet_backend_runs_checkpoints_and_restores(tmp_path):
     assert [r["env_steps"] for r in m] == [16, 32] and all(np.isfinite(r["loss/total"]) for r in m)
     rcfg, model, obs_rms = restore_policy(tmp_path / "pb/ckpt")
     assert rcfg.env.backend == "bullet" and float(obs_rms.count) > 1  # the trained statistics
-    mean, log_std, value = model(np.zeros((1, 108 + 6), np.float32))
+    mean, log_std, value = model(np.zeros((1, 108 + 3), np.float32))  # lidar, vx, vy, yaw rate
     assert mean.shape == (1, 2) and np.isfinite(np.asarray(value)).all()
 
 
@@ -159,3 +159,46 @@ def test_warm_start_takes_the_policy_of_another_run(tmp_path):
     bad = _cfg(tmp_path, "bad", [f"finetune.init_policy='{src}'", "model.hidden=[16]"])
     with pytest.raises(ValueError, match=r"init_policy .*hidden"):
         run(bad, max_updates=1)
+
+
+def test_stages_train_in_order_then_the_run_starts_from_the_last(tmp_path, capsys):
+    """[[stages]]: each stage is a run of its own (its env keys replaced) in
+    runs/<run>/stages/<i>-<name>, warm-started from the one before; the run itself starts from
+    the last stage's policy; a complete stage is skipped when the command is run again."""
+    from rl.config import StageConfig, after_stages, stage_config
+    from rl.factory import restore_policy
+
+    stages = ("stages=[{name='contact', total_timesteps=256, "
+              "env={terminate_on_collision=false, collision_penalty=0.5}}, "
+              "{name='still', total_timesteps=128, env={}}]")
+    cfg = _cfg(tmp_path, "staged", [stages, "ppo.learning_rate=0.0"])
+    assert cfg.stages[0] == StageConfig("contact", 256, {"terminate_on_collision": False,
+                                                         "collision_penalty": 0.5})
+    s0, s1 = stage_config(cfg, 0), stage_config(cfg, 1)
+    assert s0.run_name == "staged/stages/0-contact" and s0.finetune.init_policy == ""
+    assert not s0.env.terminate_on_collision and s0.env.collision_penalty == 0.5
+    assert s0.ppo.total_timesteps == 256 and s0.stages == ()
+    assert s1.env == cfg.env and s1.finetune.init_policy.endswith("staged/stages/0-contact/ckpt")
+    assert after_stages(cfg).finetune.init_policy.endswith("staged/stages/1-still/ckpt")
+
+    assert run(cfg) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "stage 1/2 'contact'" in err and "stage 2/2 'still'" in err
+    assert len(_metrics(tmp_path / "staged/stages/0-contact")) == 2  # 256 steps, 128 a update
+    assert len(_metrics(tmp_path / "staged/stages/1-still")) == 1
+    assert len(_metrics(tmp_path / "staged")) == 4
+    # learning rate 0: the policy passes unchanged from stage to stage to the run
+    from flax import nnx
+
+    leaves = lambda m: [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]  # noqa: E731
+    first = leaves(restore_policy(tmp_path / "staged/stages/0-contact/ckpt")[1])
+    for a, b in zip(first, leaves(restore_policy(tmp_path / "staged/ckpt")[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert run(cfg) == EXIT_OK  # everything complete: nothing retrained
+    assert "stage 1/2" not in capsys.readouterr().err
+    assert len(_metrics(tmp_path / "staged/stages/0-contact")) == 2
+
+    with pytest.raises(configlib.ConfigError, match=r"stages\.x\.env: unknown keys \['trak'\]"):
+        _cfg(tmp_path, "bad", ["stages=[{name='x', total_timesteps=1, env={trak='a'}}]"])
+    with pytest.raises(configlib.ConfigError, match=r"env\.min_speed"):
+        _cfg(tmp_path, "bad", ["stages=[{name='x', total_timesteps=1, env={min_speed=9.0}}]"])

@@ -434,6 +434,12 @@ class JaxRacecar:
     sensors: SensorConfig = SensorConfig()
     randomize: RandomizeConfig = RandomizeConfig()  # per-episode car and sensor draws
 
+    def __post_init__(self):
+        if self.dynamics.actuator != self.task.actuator:
+            raise ValueError(f"JaxRacecar: the task's actuator {self.task.actuator!r} is not the "
+                             f"car's ({self.dynamics.actuator!r}); build Dynamics(actuator=…) "
+                             "from the task (rl.factory.make_sim does)")
+
     # ---- sensors
     def _lidar(self, params, pos, yaw, key, draw: CarDraw | None = None):
         s = self.sensors
@@ -795,9 +801,9 @@ def observation_space(env: JaxRacecar) -> gym.spaces.Dict:
     return gym.spaces.Dict(spaces)
 
 
-def action_space() -> gym.spaces.Dict:
+def action_space(actuator: str = "motor") -> gym.spaces.Dict:
     return gym.spaces.Dict({
-        "motor": gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
+        actuator: gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
         "steering": gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
     })
 
@@ -823,11 +829,12 @@ class JaxRacecarEnv(gym.Env):
     def __init__(self, track: str | Track = "procedural:0", task: TaskConfig | None = None,
                  dynamics: Dynamics | None = None, sensors: SensorConfig | None = None,
                  render_mode: str | None = None, params: TrackParams | None = None):
-        self.sim = JaxRacecar(task or TaskConfig(), dynamics or Dynamics(),
+        task = task or TaskConfig()
+        self.sim = JaxRacecar(task, dynamics or Dynamics(actuator=task.actuator),
                               sensors or SensorConfig())
         self.params = params if params is not None else make_params(track)
         self.observation_space = observation_space(self.sim)
-        self.action_space = action_space()
+        self.action_space = action_space(task.actuator)
         self.render_mode = render_mode
         self._reset = jax.jit(self.sim.reset)
         self._step = jax.jit(self.sim.step)

@@ -147,13 +147,16 @@ def action_array(action, xp=None):
     return xp.asarray(action, xp.float32)
 
 
-def action_dict(action) -> dict:
-    """``[..., 2]`` [motor, steering] → racecar_gym's action dict of (..., 1) float32 arrays
-    (numpy: what a gymnasium env, or vector env, takes)."""
+def action_dict(action, actuator: str = "motor") -> dict:
+    """``[..., 2]`` [drive, steering] → racecar_gym's action dict of (..., 1) float32 arrays
+    (numpy: what a gymnasium env, or vector env, takes); the drive goes to ``actuator``
+    (``"motor"`` or ``"speed"``, :attr:`TaskConfig.actuator`)."""
     import numpy as np
 
+    if actuator not in ("motor", "speed"):
+        raise ValueError(f"actuator must be 'motor' or 'speed', got {actuator!r}")
     a = np.asarray(action, np.float32)
-    return {"motor": a[..., 0:1], "steering": a[..., 1:2]}
+    return {actuator: a[..., 0:1], "steering": a[..., 1:2]}
 
 
 # ---------------------------------------------------------------- task
@@ -192,6 +195,9 @@ class TaskConfig:
     reset_mode: Literal["grid", "random"] = "grid"
     random_min_obstacle: float = 0.5  # normalized obstacle distance for random spawns
     observe_camera: bool = False
+    # the drive action: "motor" (racecar_gym's default: > 0 drives, < 0 brakes) or "speed"
+    # (racecar_gym's speed actuator: a target speed (a + 1) / 2 * SPEED_MAX_VELOCITY)
+    actuator: Literal["motor", "speed"] = "motor"
 
     def __post_init__(self):
         configlib.check_literals(self, "TaskConfig")
