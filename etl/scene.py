@@ -13,8 +13,10 @@ One scene folder (e.g. ``drive_dusk_clear_0/drive_dusk_1/``) holds, with the fol
     label/%08d.json                SUSTechPOINTS boxes in the LiDAR frame, on some frames
 
 The release is synchronized: frame ``i`` of every sensor was taken at ``timestamp[i]``.
-Frames whose stamp is a duplicate or goes backwards are dropped (one warning with the count);
-gaps in the stamps (dropped frames) are kept as they are — no frame is invented.
+Frames whose stamp is a duplicate or out of order are dropped, each judged by its neighbours
+(the longest increasing run of stamps is kept, so one spiked stamp drops one frame, not the
+rest of the drive; one warning with the count and the frames); gaps in the stamps (dropped
+frames) are kept as they are — no frame is invented.
 
 Indices: ``Stream.load(k)`` takes the index ``k`` into that stream's ``times`` (the ``k``-th
 existing file); ``Drive.labels(k)`` takes the index into the LiDAR stream (or, where a scene has
@@ -27,6 +29,7 @@ over file paths, so a worker process may equally call ``open_scene`` again on th
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -145,10 +148,42 @@ def _is_number(s: str) -> bool:
 
 
 def _monotonic(t: np.ndarray) -> np.ndarray:
-    """Mask of frames whose stamp is later than every earlier stamp (drops dups/backsteps)."""
-    keep = np.ones(len(t), bool)
-    if len(t) > 1:
-        keep[1:] = t[1:] > np.maximum.accumulate(t)[:-1]
+    """Mask of the frames kept: the longest strictly increasing run of stamps (not contiguous).
+
+    Each frame is judged by its neighbours, not by the running maximum: one stamp that jumps
+    far ahead (a spike) or back is dropped alone, and every later good frame stays. Duplicates
+    and backsteps are dropped; among equally long choices the earlier frames are kept (a
+    backstep drops the later frame). A forward gap with increasing stamps after it is kept.
+    """
+    n = len(t)
+    keep = np.zeros(n, bool)
+    if n == 0:
+        return keep
+    # patience sorting: tails[L] = index of the smallest last stamp of an increasing run of
+    # length L + 1; length[i] = the longest run ending at frame i
+    tails: list[int] = []
+    tail_t: list[float] = []
+    length = np.empty(n, np.int64)
+    for i, x in enumerate(t.tolist()):
+        L = bisect.bisect_left(tail_t, x)
+        if L == len(tails):
+            tails.append(i)
+            tail_t.append(x)
+        else:
+            tails[L] = i
+            tail_t[L] = x
+        length[i] = L + 1
+    # walk back from the last frame of a longest run, choosing at each length the earliest
+    # frame that still fits below the frame kept after it
+    by_len: dict[int, list[int]] = {}
+    for i, L in enumerate(length.tolist()):
+        by_len.setdefault(L, []).append(i)
+    best = len(tails)
+    i = by_len[best][0]
+    keep[i] = True
+    for L in range(best - 1, 0, -1):
+        i = next(j for j in by_len[L] if j < i and t[j] < t[i])
+        keep[i] = True
     return keep
 
 
@@ -381,8 +416,10 @@ def open_scene(path, drive_id: str, cfg: ETLConfig | None = None, *,
     times = _read_timestamps(data_dir / "timestamp.txt")
     keep = _monotonic(times)
     if not keep.all():
-        warn.append(f"{data_dir / 'timestamp.txt'}: {int((~keep).sum())} frames with duplicate "
-                    "or backward timestamps dropped")  # fmt: skip
+        bad = np.flatnonzero(~keep).tolist()
+        shown = ", ".join(str(b) for b in bad[:5]) + (", …" if len(bad) > 5 else "")
+        warn.append(f"{data_dir / 'timestamp.txt'}: {len(bad)} frames with duplicate "
+                    f"or backward timestamps dropped (frame {shown})")  # fmt: skip
     frames = np.flatnonzero(keep)
 
     calib = read_calibration(root / lay.calib, lay, warn)

@@ -330,3 +330,25 @@ def test_real_sample_labels_and_calibration(real):
     # the sample carries no sensor files: those streams are absent, each with a warning
     assert real.lidar is None and real.rgb is None
     assert sum("missing" in w for w in real.warnings) == 4
+
+
+def test_one_spiked_timestamp_drops_one_frame(tmp_path):
+    """A single stamp ×10 (a spike) drops that frame only, not every later one (issue 14)."""
+    scene = _write_scene(tmp_path)
+    stamps = [1000 + 100 * i for i in range(12)]
+    stamps[3] *= 10  # frame 3: 13000 ms, far ahead of the rest of the drive
+    (scene / "Gps_Imu" / "data" / "timestamp.txt").write_text("\n".join(map(str, stamps)))
+    d = open_scene(scene, "a")
+    w = [x for x in d.warnings if "timestamp.txt" in x]
+    assert len(w) == 1 and "1 frames with duplicate or backward" in w[0] and "frame 3)" in w[0]
+    frames = scene_frames(d)
+    assert frames["lidar"] == [0, 1, 2, 4, 5, 6, 7, 9]  # 3: spike; 1 corrupt but listed; 8: none
+    assert np.all(np.diff(d.lidar.times) > 0)
+    # a backward spike (stamp ÷ 10) and a real gap: only the spike goes, the gap stays
+    stamps = [1000 + 100 * i for i in range(10)]
+    stamps[5] //= 10
+    stamps[7:] = [s + 5000 for s in stamps[7:]]
+    (scene / "Gps_Imu" / "data" / "timestamp.txt").write_text("\n".join(map(str, stamps)))
+    d = open_scene(scene, "a")
+    assert scene_frames(d)["lidar"] == [0, 1, 2, 3, 4, 6, 7, 9]
+    np.testing.assert_allclose(d.lidar.times[-2:], [6.7, 6.9])
