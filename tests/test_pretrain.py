@@ -251,6 +251,23 @@ def test_nan_loss_stops_without_checkpoint(preempted, tmp_path, capsys):
     assert _ckpt_steps(runs / "pre") == before
 
 
+def test_overflowing_update_is_never_saved(shards, tmp_path, capsys):
+    """A learning rate that overflows gives inf/NaN parameters after step 1 while its loss
+    (computed before the update) is finite: the run stops there, with no checkpoint."""
+    cfg = tiny_config(tmp_path, shards, "overflow")
+    rc = run_pretrain(["--config", str(cfg), "--set", "training.learning_rate=1e39",
+                       "--set", "training.warmup_steps=0", "--set", "training.ckpt_every=1",
+                       "--set", "training.grad_clip=0.0"])
+    from train.pretrain import EXIT_NONFINITE
+
+    err = capsys.readouterr().err
+    assert rc == EXIT_NONFINITE
+    assert "non-finite parameters after the update of step 1" in err
+    assert "No checkpoint was written." in err and "step None" not in err
+    ckpt = tmp_path / "runs" / "overflow" / "ckpt"
+    assert not ckpt.exists() or not [p for p in ckpt.iterdir() if p.name.isdigit()]
+
+
 # --------------------------------------------------------------------------- helpers
 def test_reconstruction_inverts_the_models_patchify():
     import jax.numpy as jnp

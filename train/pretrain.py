@@ -12,7 +12,7 @@ checkpoints in ``ckpt/`` (train.checkpoint). A rerun with the same run_name resu
 latest checkpoint exactly: the step-t masking key is fold_in(PRNGKey(seed), t) and the data
 iterator state is restored, so its losses are those of a run never stopped.
 
-Exit codes: 0 done · 2 non-finite loss (nothing written after it) · 3 preempted by
+Exit codes: 0 done · 2 non-finite loss or parameters (nothing written after it) · 3 preempted by
 SIGTERM/SIGUSR1 after saving a checkpoint (slurm/pretrain.sh requeues the job).
 """
 
@@ -96,6 +96,15 @@ def init_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=N
     return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
 
 
+PARAMS_FINITE = "params_finite"  # a train-step metric for the NaN guard, never logged
+
+
+def params_finite(params) -> jax.Array:
+    """1.0 when every parameter is finite, else 0.0 (a scalar, computed on the devices)."""
+    leaves = jax.tree.leaves(params)
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])).astype(jnp.float32)
+
+
 def make_train_step(graphdef, tx, cfg: PretrainConfig):
     base_key = jax.random.PRNGKey(cfg.training.seed)
     mask_ratio = cfg.training.mask_ratio
@@ -112,7 +121,8 @@ def make_train_step(graphdef, tx, cfg: PretrainConfig):
         (loss, (losses, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, **losses, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, **losses, "grad_norm": optax.tree.norm(grads),
+                   PARAMS_FINITE: params_finite(params)}
         return {"params": params, "rest": rest, "opt": opt}, metrics
 
     return train_step
@@ -204,12 +214,20 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     def finish_step(done: int, metrics) -> None:
         """Host side of a finished step: NaN guard, hooks, accumulation, logging."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        params_ok = host.pop(PARAMS_FINITE) == 1.0
+        last = ckpt.latest_step()
+        unsaved = ("No checkpoint was written." if last is None
+                   else f"No checkpoint was written after step {last}.")
         if not (math.isfinite(host["loss"]) and math.isfinite(host["grad_norm"])):
             raise NonFiniteLoss(
                 f"non-finite loss {host['loss']} (gradient norm {host['grad_norm']}) at step "
                 f"{done} ("
-                + ", ".join(f"{k}={v:.4g}" for k, v in host.items()) + "); stopping. "
-                f"No checkpoint was written after step {ckpt.latest_step()}.")
+                + ", ".join(f"{k}={v:.4g}" for k, v in host.items()) + f"); stopping. {unsaved}")
+        if not params_ok:  # the loss was finite, the update was not: never save this state
+            raise NonFiniteLoss(
+                f"non-finite parameters after the update of step {done} (loss "
+                f"{host['loss']:.4g}, gradient norm {host['grad_norm']:.4g}, learning rate "
+                f"{float(schedule(done - 1)):.4g}); stopping. {unsaved}")
         for h in hooks:
             h(done, host)
         for k, v in host.items():
