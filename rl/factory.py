@@ -52,7 +52,7 @@ from rl.envs.wrappers import ActionRepeat
 from rl.ppo_core import RunningMeanStd
 from rl.runners import FastRunner, GymRunner
 from rl.tracks import track_names
-from train.checkpoint import Checkpointer, abstract
+from train.checkpoint import ArchitectureMismatch, Checkpointer, abstract
 from train.config import load_pretrain_config
 from train.mae import MultimodalMAE
 from train.pretrain import load_trained
@@ -234,6 +234,29 @@ def _upgrade_record(rl: dict) -> dict:
     if "velocity" not in model and model.get("policy", "lidar_mlp") == "lidar_mlp":
         rl = {**rl, "model": {**model, "velocity": "all"}}
     return rl
+
+
+def check_resume_architecture(cfg: RLConfig, ckpt: Checkpointer) -> None:
+    """Before a run resumes: the [model] section saved in its newest readable checkpoint must
+    be this config's. Raises :class:`train.checkpoint.ArchitectureMismatch`, one line naming
+    every differing key (a damaged step is skipped here; restoring reports it)."""
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            rec = ckpt.saved_config(step)
+        except Exception:  # damaged: Checkpointer.restore skips it with a warning, or fails
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("rl"), dict):
+            return  # not a PPO record: restoring reports what it is
+        saved = _upgrade_record(rec["rl"]).get("model", {})
+        now = configlib.to_dict(cfg.model)
+        diff = [f"model.{k}: checkpoint {saved.get(k, '<absent>')!r} ≠ config "
+                f"{now.get(k, '<absent>')!r}"
+                for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diff:
+            raise ArchitectureMismatch(
+                f"{ckpt.directory} (step {step}) was written for another [model]: "
+                + "; ".join(diff) + " (use its [model] settings, or a new run_name)")
+        return
 
 
 def restore_policy(ckpt_dir: str | Path, step: int | None = None):

@@ -32,7 +32,7 @@ from rl import factory
 from rl.config import RLConfig, after_stages, cli_config, stage_config
 from rl.fmt import num
 from rl.runners import Runner, RunnerState
-from train.checkpoint import Checkpointer
+from train.checkpoint import ArchitectureMismatch, Checkpointer, CheckpointError
 from train.preempt import Preemption
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3
@@ -141,7 +141,12 @@ def train(cfg: RLConfig, runner: Runner, run_dir: Path, max_updates: int | None 
     record = {"rl": configlib.to_dict(cfg), "kind": "ppo"}
     start = ckpt.latest_step()
     if start is not None:
-        saved, _, _ = ckpt.restore(runner.checkpoint(state), step=start)
+        try:  # same [model] as saved, then the newest intact step (a damaged one is skipped)
+            factory.check_resume_architecture(cfg, ckpt)
+            saved, _, _ = ckpt.restore(runner.checkpoint(state))
+        except BaseException:
+            ckpt.close()
+            raise
         state = runner.restore(state, saved)
         log(f"resumed {run_dir} at update {int(state.update)}")
     elif cfg.finetune.init_policy:
@@ -196,7 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config("rl.ppo", args.config, args.set)
     if cfg is None:
         return 2
-    return run(cfg, args.max_updates)
+    try:
+        return run(cfg, args.max_updates)
+    except ArchitectureMismatch as e:  # resuming with another [model]: a config error
+        print(f"rl.ppo: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # no intact checkpoint to resume from
+        print(f"rl.ppo: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -197,3 +197,24 @@ def read_losses(run_dir: Path) -> dict[int, float]:
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
+
+
+CORRUPTIONS = ("chunk", "metadata", "manifest")
+
+
+def corrupt_step(step_dir: Path, how: str) -> None:
+    """Damage one Orbax step folder: truncate its largest array chunk, truncate the state's
+    metadata, or delete the state's manifest."""
+    state = Path(step_dir) / "state"
+    if how == "chunk":
+        f = max((p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"
+                 and "ocdbt.process" in str(p)), key=lambda p: p.stat().st_size)
+    elif how == "metadata":
+        f = state / "_METADATA"
+    elif how == "manifest":
+        (state / "manifest.ocdbt").unlink()
+        return
+    else:
+        raise ValueError(how)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])

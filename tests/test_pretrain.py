@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _train_fixtures import make_standin, read_losses, run_pretrain, tiny_config, write_shards
+from _train_fixtures import (
+    CORRUPTIONS,
+    corrupt_step,
+    make_standin,
+    read_losses,
+    run_pretrain,
+    tiny_config,
+    write_shards,
+)
 
 from etl.configlib import ConfigError
 from train.config import load_pretrain_config
@@ -266,6 +274,58 @@ def test_overflowing_update_is_never_saved(shards, tmp_path, capsys):
     assert "No checkpoint was written." in err and "step None" not in err
     ckpt = tmp_path / "runs" / "overflow" / "ckpt"
     assert not ckpt.exists() or not [p for p in ckpt.iterdir() if p.name.isdigit()]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, shards):
+    """A finished 4-step run with checkpoints at steps 2 and 4: (tmp dir, config)."""
+    tmp = tmp_path_factory.mktemp("two")
+    cfg = tiny_config(tmp, shards, "two")
+    assert run_pretrain(["--config", str(cfg), "--set", "training.steps=4",
+                         "--set", "training.ckpt_every=2"]) == 0
+    assert _ckpt_steps(tmp / "runs" / "two") == [2, 4]
+    return tmp, cfg
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(two_checkpoints, tmp_path,
+                                                               capsys, how):
+    src, cfg = two_checkpoints
+    shutil.copytree(src / "runs" / "two", tmp_path / "runs" / "two")
+    cfg2 = tmp_path / "two.toml"
+    cfg2.write_text(cfg.read_text().replace(str(src / "runs"), str(tmp_path / "runs")))
+    run = tmp_path / "runs" / "two"
+    corrupt_step(run / "ckpt" / "4", how)
+    from train.checkpoint import CheckpointWarning
+
+    with pytest.warns(CheckpointWarning) as w:
+        rc = run_pretrain(["--config", str(cfg2), "--set", "training.steps=6",
+                           "--set", "training.ckpt_every=2"])
+    assert rc == 0
+    msgs = [str(x.message) for x in w if issubclass(x.category, CheckpointWarning)]
+    assert len(msgs) == 1 and "step 4:" in msgs[0] and "resuming from step 2" in msgs[0]
+    assert "resumed from step 2" in capsys.readouterr().err
+    assert _ckpt_steps(run) == [2, 4, 6]  # step 4 saved again; the damaged one set aside
+    assert (run / "ckpt" / "4.corrupt").is_dir()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_no_intact_checkpoint_is_one_line(two_checkpoints, tmp_path, capsys):
+    src, cfg = two_checkpoints
+    shutil.copytree(src / "runs" / "two", tmp_path / "runs" / "two")
+    cfg2 = tmp_path / "two.toml"
+    cfg2.write_text(cfg.read_text().replace(str(src / "runs"), str(tmp_path / "runs")))
+    ckpt = tmp_path / "runs" / "two" / "ckpt"
+    corrupt_step(ckpt / "4", "chunk")
+    corrupt_step(ckpt / "2", "manifest")
+    rc = run_pretrain(["--config", str(cfg2), "--set", "training.steps=6"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert f"{ckpt}: no intact checkpoint (steps 4, 2 all fail" in line
+    assert "Traceback" not in err
+    assert _ckpt_steps(tmp_path / "runs" / "two") == [2, 4]  # nothing renamed or written
 
 
 # --------------------------------------------------------------------------- helpers

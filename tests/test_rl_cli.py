@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _train_fixtures import CORRUPTIONS, corrupt_step
 
 from etl import configlib
 from rl.config import load_config
@@ -66,6 +68,54 @@ def test_resume_is_exact(tmp_path):
         "2",
         "4",
     ]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-update tiny run with checkpoints at updates 2 and 4: its runs dir."""
+    tmp = tmp_path_factory.mktemp("finished")
+    assert run(_cfg(tmp, "done"), max_updates=4) == EXIT_OK
+    return tmp
+
+
+def _ckpt_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "ckpt").iterdir())
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(finished, tmp_path, how):
+    from train.checkpoint import CheckpointWarning
+
+    shutil.copytree(finished / "done", tmp_path / "done")
+    corrupt_step(tmp_path / "done" / "ckpt" / "4", how)
+    with pytest.warns(CheckpointWarning) as w:
+        assert run(_cfg(tmp_path, "done"), max_updates=4) == EXIT_OK
+    msgs = [str(x.message) for x in w if issubclass(x.category, CheckpointWarning)]
+    assert len(msgs) == 1 and "step 4:" in msgs[0] and "resuming from step 2" in msgs[0]
+    assert _ckpt_names(tmp_path / "done") == ["2", "4", "4.corrupt"]  # update 4 trained again
+    steps = [m["env_steps"] for m in _metrics(tmp_path / "done")]
+    assert steps == [128, 256, 384, 512, 384, 512]  # the rerun's updates 3 and 4 appended
+
+
+def test_resume_with_another_model_or_no_intact_checkpoint_is_one_line(finished, tmp_path,
+                                                                      capsys):
+    shutil.copytree(finished / "done", tmp_path / "done")
+    args = ["--config", str(ROOT / "configs/rl_tiny.toml"), *[f"--set={s}" for s in TINY],
+            f"--set=runs_dir='{tmp_path}'", "--set=run_name='done'"]
+    assert main([*args, "--set=model.hidden=[16, 16]", "--set=model.velocity='all'"]) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "error" in x)
+    assert "model.hidden: checkpoint [32] ≠ config [16, 16]" in line
+    assert "model.velocity: checkpoint 'planar' ≠ config 'all'" in line
+    assert "lidar_beams" not in line and "Traceback" not in err
+    assert _ckpt_names(tmp_path / "done") == ["2", "4"]
+    ckpt = tmp_path / "done" / "ckpt"
+    corrupt_step(ckpt / "4", "chunk")
+    corrupt_step(ckpt / "2", "metadata")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"rl.ppo: error: {ckpt}: no intact checkpoint (steps 4, 2 all fail" in err
+    assert "Traceback" not in err and _ckpt_names(tmp_path / "done") == ["2", "4"]
 
 
 def test_sigterm_saves_and_exits_for_requeue(tmp_path):

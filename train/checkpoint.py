@@ -11,11 +11,19 @@ One checkpoint holds three items:
 Saves are asynchronous; :meth:`Checkpointer.close` waits for the last one. Restoring first
 reads ``config`` and refuses, naming every differing ModelConfig key, when the checkpoint's
 architecture is not the configured one.
+
+Resuming (:meth:`Checkpointer.restore` without a step) takes the newest *intact* step: a step
+that cannot be read (a truncated chunk or metadata file, a missing manifest) is skipped when
+an older step restores, with one :class:`CheckpointWarning` naming the skipped steps and why;
+the damaged folders are renamed ``<step>.corrupt`` (kept for a look, no longer a step), so that
+the run saves those steps again. Where no step can be read: :class:`CheckpointError`, one line
+naming the folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,23 @@ from etl import configlib
 
 class ArchitectureMismatch(ValueError):
     """The checkpoint was written for a different ModelConfig."""
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint step that can be read (one line naming the folder)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint step was skipped (one line naming it and why)."""
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception, short (Orbax/TensorStore messages run for pages)."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(first) > 160:
+        first = first[:157] + "…"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 # ModelConfig keys that change how the model computes, not what its parameters are.
@@ -104,11 +129,55 @@ class Checkpointer:
             )
 
     def restore(self, target_state, model_cfg=None, step: int | None = None):
-        """(state, data_state, config) of ``step`` (default: latest), into the shardings and
+        """(state, data_state, config) of ``step`` (default: the newest intact step, see the
+        module doc; :meth:`latest_step` is that step afterwards), into the shardings and
         structure of ``target_state``."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        if step is not None:
+            try:
+                return self._restore_step(target_state, model_cfg, step)
+            except ArchitectureMismatch:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{self.directory / str(step)}: cannot restore this "
+                                      f"checkpoint ({_reason(e)})") from None
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        skipped: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                out = self._restore_step(target_state, model_cfg, s)
+            except ArchitectureMismatch:
+                raise
+            except Exception as e:  # a damaged step: try the one before it
+                skipped.append((s, _reason(e)))
+                continue
+            if skipped:
+                self._set_aside([k for k, _ in skipped])
+                what = "; ".join(f"step {k}: {why}" for k, why in skipped)
+                warnings.warn(f"{self.directory}: damaged checkpoint skipped ({what}); resuming "
+                              f"from step {s}, the damaged folder renamed <step>.corrupt",
+                              CheckpointWarning, stacklevel=2)
+            return out
+        raise CheckpointError(
+            f"{self.directory}: no intact checkpoint (steps {', '.join(map(str, steps))} all "
+            f"fail; newest, step {steps[0]}: {skipped[0][1]})")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged step folders ``<step>.corrupt`` (``.corrupt1``… if taken): Orbax no
+        longer lists them, and the run may save those steps again."""
+        if jax.process_index() == 0:
+            for k in steps:
+                src = self.directory / str(k)
+                dst, n = self.directory / f"{k}.corrupt", 0
+                while dst.exists():
+                    n += 1
+                    dst = self.directory / f"{k}.corrupt{n}"
+                if src.exists():
+                    src.rename(dst)
+        self.manager.reload()
+
+    def _restore_step(self, target_state, model_cfg, step: int):
         if model_cfg is not None:
             self.check_architecture(model_cfg, step)
         out = self.manager.restore(

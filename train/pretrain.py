@@ -170,12 +170,12 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     ckpt = ckptlib.Checkpointer(run_dir / "ckpt", keep=tc.keep, async_save=tc.async_checkpoint)
     start, data_state = 0, None
     if ckpt.latest_step() is not None:
-        start = ckpt.latest_step()
-        try:
+        try:  # the newest intact step (a damaged newer one is skipped with a warning)
             state, data_state, _ = ckpt.restore(state, model_cfg=cfg.model)
         except BaseException:
             ckpt.close()
             raise
+        start = ckpt.latest_step()
         log(f"resumed from step {start} ({ckpt.directory})")
         if jax.process_index() == 0:
             metricslib.truncate_jsonl(run_dir / "metrics.jsonl", start)
@@ -346,7 +346,7 @@ def main(argv=None, *, model_cls=None, flops_fn=None, hooks=()) -> int:
         return configlib.EXIT_CONFIG
     try:
         return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
-    except ckptlib.ArchitectureMismatch as e:
+    except (ckptlib.ArchitectureMismatch, ckptlib.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
