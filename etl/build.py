@@ -1,7 +1,7 @@
 """Raw drives → synchronized, preprocessed ArrayRecord shards, a manifest and a Parquet index.
 
     python -m etl.build --src cmht_raw --out data_cache [--config etl.toml] [--set k=v]
-                        [--workers N] [--strict]
+                        [--workers N] [--strict] [--force]
     python -m etl.build --src cmht_raw --out data_cache --shard-index I --num-shards N  # Slurm
     python -m etl.build --out data_cache --merge-only [--src cmht_raw]
 
@@ -18,7 +18,9 @@ Output layout (the per-drive folder is the unit of work, so merging is trivial):
 
 Every file is written under a temporary name and renamed into place; the marker after the
 drive's shards, the manifest after every marker. A rerun skips drives whose marker says they
-finished under the same config hash and rebuilds the others. Parallel over drives and over
+finished under the same config hash from the same raw files (relative names, sizes and
+modification times, fingerprinted in the marker) and rebuilds the others; ``--force``
+rebuilds every drive. Parallel over drives and over
 chunks of sweeps within a drive; workers reopen the drive from its path and write their
 shards themselves, so the output is byte-identical for any ``--workers``.
 
@@ -565,6 +567,33 @@ def _stats_of(table) -> dict:
 
 
 # --------------------------------------------------------------------------- markers
+def input_fingerprint(path: str | Path) -> dict:
+    """What a drive was built from: its files (a scene folder or a ROS 2 bag folder, walked;
+    or a single bag file) by relative name, size and modification time — ``{"files": n,
+    "bytes": total, "hash": sha1 of the sorted list}``. Cheap (directory listings and stats,
+    no file is read); a rerun rebuilds a drive whose fingerprint changed."""
+    root = Path(path)
+    rows = []
+    if root.is_dir():
+        for dirpath, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in files:
+                f = Path(dirpath) / name
+                try:
+                    st = f.stat()
+                except OSError:  # vanished or unreadable: counted as changed input
+                    continue
+                rows.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    elif root.exists():
+        st = root.stat()
+        rows.append((root.name, st.st_size, st.st_mtime_ns))
+    rows.sort()
+    h = hashlib.sha1()
+    for name, size, mtime in rows:
+        h.update(f"{name}\0{size}\0{mtime}\n".encode())
+    return {"files": len(rows), "bytes": sum(r[1] for r in rows), "hash": h.hexdigest()}
+
+
 def drive_dir(out: Path, ref: DriveRef) -> Path:
     return Path(out) / DRIVES_DIR / ref.hash
 
@@ -576,11 +605,16 @@ def read_marker(path: Path) -> dict | None:
         return None
 
 
-def _reusable(out: Path, ref: DriveRef, chash: str, dsplit: int | None) -> dict | None:
+def _reusable(out: Path, ref: DriveRef, chash: str, dsplit: int | None,
+              inputs: dict | None = None) -> dict | None:
+    """The drive's marker when it finished under this config, split and (given ``inputs``,
+    its :func:`input_fingerprint`) these raw files, with its outputs on disk; else None."""
     m = read_marker(drive_dir(out, ref) / MARKER)
     if not m or m.get("status") not in ("ok", "skipped") or m.get("config_hash") != chash:
         return None
     if m.get("drive_id") != ref.drive_id or m.get("drive_split") != dsplit:
+        return None
+    if inputs is not None and (m.get("inputs") or {}).get("hash") != inputs["hash"]:
         return None
     if not all((Path(out) / s["path"]).is_file() for s in m.get("shards", [])):
         return None
@@ -614,9 +648,12 @@ def _base_marker(ref: DriveRef, chash: str, dsplit: int | None) -> dict:
 
 
 def _finalize_drive(
-    out: Path, ref: DriveRef, chash: str, dsplit, plan: dict, results: list
+    out: Path, ref: DriveRef, chash: str, dsplit, plan: dict, results: list,
+    inputs: dict | None = None,
 ) -> dict:
     marker = _base_marker(ref, chash, dsplit)
+    if inputs is not None:
+        marker["inputs"] = inputs
     results = sorted(results, key=lambda r: r["chunk"])
     skipped, absent = Counter(), Counter()
     for r in results:
@@ -879,9 +916,11 @@ def build(
     progress: bool = True,
     do_merge: bool | None = None,
     show_traceback: bool = False,
+    force: bool = False,
 ) -> BuildResult:
     """Build the drives ``refs[shard_index::num_shards]`` into ``out``; merge when it is the
-    whole set (or ``do_merge``)."""
+    whole set (or ``do_merge``). A drive finished under the same config from the same raw
+    files (:func:`input_fingerprint`) is reused, unless ``force``."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -892,17 +931,23 @@ def build(
     mine = refs[shard_index::num_shards]
     result = BuildResult([], [], [], 0, None)
     todo = []
+    inputs = {ref: input_fingerprint(ref.path) for ref in mine}
     for ref in mine:
-        if _reusable(out, ref, chash, dsplits.get(ref.drive_id)) is not None:
+        dsplit = dsplits.get(ref.drive_id)
+        if not force and _reusable(out, ref, chash, dsplit, inputs[ref]) is not None:
             result.reused.append(ref.drive_id)
-        else:
-            todo.append(ref)
+            continue
+        if not force and _reusable(out, ref, chash, dsplit) is not None:
+            _err(f"{ref.drive_id}: raw files changed since it was built "
+                 f"({inputs[ref]['files']} files now); rebuilding")
+        todo.append(ref)
     if todo:
         (out / MANIFEST).unlink(missing_ok=True)  # the dataset is unreadable until merged again
         for ref in todo:
             _reset_drive_dir(out, ref)
     if result.reused:
-        _err(f"{len(result.reused)} drive(s) already built under config {chash}; skipped")
+        _err(f"{len(result.reused)} drive(s) already built under config {chash} from the same "
+             "raw files; skipped (--force rebuilds them)")
 
     _init_worker(configlib.to_dict(cfg))
     pool = _executor(workers, cfg) if todo else None
@@ -938,7 +983,8 @@ def build(
             if len(done[ref]) < chunks[ref]:
                 return
             marker = _finalize_drive(
-                out, ref, chash, dsplits.get(ref.drive_id), plans[ref], done.pop(ref)
+                out, ref, chash, dsplits.get(ref.drive_id), plans[ref], done.pop(ref),
+                inputs[ref],
             )
             if printed[ref, "bad"] > printed[ref]:
                 _err(
@@ -1042,6 +1088,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="only write manifest.json and index.parquet from the per-drive outputs",
     )
+    ap.add_argument("--force", action="store_true",
+                    help="rebuild every drive, even one already built from the same files")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--traceback", action="store_true", help="print tracebacks of failed drives")
     return ap.parse_args(argv)
@@ -1056,7 +1104,13 @@ def main(argv=None) -> int:
         writer_options(cfg.output)
     except ValueError as e:
         return configlib.cli_error("etl.build", e)
-    if not 0 <= args.shard_index < max(1, args.num_shards):
+    if args.num_shards < 1:
+        print(f"--num-shards {args.num_shards}: must be ≥ 1", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"{args.out}: --out is a file, not a folder", file=sys.stderr)
+        return 2
+    if not 0 <= args.shard_index < args.num_shards:
         print(f"--shard-index {args.shard_index} is not in [0, {args.num_shards})", file=sys.stderr)
         return 2
     refs = None
@@ -1092,6 +1146,7 @@ def main(argv=None) -> int:
             num_shards=args.num_shards,
             progress=not args.no_progress,
             show_traceback=args.traceback,
+            force=args.force,
         )
     except KeyboardInterrupt:
         print("interrupted; finished drives are kept, rerun to resume", file=sys.stderr)

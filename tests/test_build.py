@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +239,51 @@ def test_resume_skips_finished_and_rebuilds_on_config_change(tmp_path):
     assert marker["config_hash"] == config_hash(cfg2) != config_hash(cfg)
 
 
+def test_changed_raw_files_are_rebuilt_and_force_rebuilds_all(tmp_path, fake_cli, capsys):
+    """The resume check fingerprints each drive's raw files, not only the config (issue 14)."""
+    refs = make_drives(tmp_path / "src", {"a": {"n": 20, "seed": 1}, "b": {"n": 20, "seed": 2}})
+    out = tmp_path / "out"
+    cfg = small_cfg()
+    B.build(refs, out, cfg, progress=False)
+    first = shard_bytes(out)
+    marker = json.loads((out / "drives" / refs[0].hash / "drive.json").read_text())
+    assert marker["inputs"] == B.input_fingerprint(refs[0].path)
+    # drive b's raw data replaced (fewer frames): b is rebuilt, a reused
+    Path(refs[1].path).write_text(json.dumps({"n": 14, "seed": 2}))
+    r = B.build(refs, out, cfg, progress=False)
+    assert r.built == ["b.drive.json"] and r.reused == ["a.drive.json"]
+    assert "b.drive.json: raw files changed since it was built" in capsys.readouterr().err
+    assert load_manifest(out)["drives"]["b.drive.json"]["frames"] == 14
+    # --force rebuilds both, byte-identical for an unchanged drive
+    rc = B.main(["--src", str(tmp_path / "src"), "--out", str(out), "--no-progress", "--force",
+                 *SETS])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0 and "already built" not in err
+    assert {k: v for k, v in shard_bytes(out).items() if refs[0].hash in k} == {
+        k: v for k, v in first.items() if refs[0].hash in k}
+    rc = B.main(["--src", str(tmp_path / "src"), "--out", str(out), "--no-progress", *SETS])
+    assert rc == 0 and "2 drive(s) already built" in capsys.readouterr().err
+
+
+def test_input_fingerprint_of_a_scene_folder(tmp_path):
+    scene = tmp_path / "scene"
+    (scene / "lidar").mkdir(parents=True)
+    for i in range(8):
+        (scene / "lidar" / f"{i:08d}.pcd").write_bytes(bytes(10 + i))
+    fp = B.input_fingerprint(scene)
+    assert fp["files"] == 8 and fp["bytes"] == sum(10 + i for i in range(8))
+    assert B.input_fingerprint(scene) == fp
+    for i in range(6):  # six sweeps deleted
+        (scene / "lidar" / f"{i:08d}.pcd").unlink()
+    fp2 = B.input_fingerprint(scene)
+    assert fp2["files"] == 2 and fp2["hash"] != fp["hash"]
+    f = scene / "lidar" / "00000007.pcd"  # one replaced by a file of the same size
+    st = f.stat()
+    f.write_bytes(bytes(range(17)))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert B.input_fingerprint(scene)["hash"] != fp2["hash"]
+
+
 def test_half_written_files_are_ignored(tmp_path):
     refs = make_drives(tmp_path / "src", {"a": {"n": 20, "seed": 1}})
     out = tmp_path / "out"
@@ -322,9 +368,18 @@ def test_bad_drive_fails_alone(tmp_path, fake_cli, capsys):
     assert rc == 1 and "1 drive(s) already built" in capsys.readouterr().err
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def test_cli_errors_are_one_line(tmp_path, fake_cli, capsys):
     assert B.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "source folder not found" in capsys.readouterr().err
+    make_drives(tmp_path / "src", {"a": {"n": 10}})
+    (tmp_path / "afile").write_text("x")
+    assert B.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "--out is a file" in err and "rerun to resume" not in err
+    rc = B.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+                 "--num-shards", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--num-shards 0: must be ≥ 1" in err and "rerun" not in err
     rc = B.main(
         ["--src", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "output.shard_sz=3"]
     )
