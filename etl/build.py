@@ -58,6 +58,9 @@ from etl.preprocess import (
     bev_lidar,
     bev_radar,
     boxes_to_array,
+    ir_outside,
+    ir_range,
+    ir_range_key,
     preprocess_ir,
     preprocess_rgb,
     transform_points,
@@ -266,10 +269,12 @@ def _decode_hint(cfg: ETLConfig):
     return decode_at_least(rgb=cfg.preprocess.image.rgb_size, ir=cfg.preprocess.image.ir_size)
 
 
-def make_sample(drive, table: SyncTable, i: int, cfg: ETLConfig):
+def make_sample(drive, table: SyncTable, i: int, cfg: ETLConfig, ir_stats: dict | None = None):
     """The contract sample of sweep ``i`` and a list of FrameErrors of absent non-LiDAR frames.
 
     Raises FrameError when the LiDAR sweep itself is unusable (the sample is skipped).
+    ``ir_stats`` (a dict, filled in): IR frames with pixels outside the configured range of
+    their pixel type (clipped), for one warning per drive (:func:`_ir_warning`).
     """
     pc = cfg.preprocess
     sample = empty_sample(pc)
@@ -309,6 +314,8 @@ def make_sample(drive, table: SyncTable, i: int, cfg: ETLConfig):
                 sample[m] = (
                     preprocess_rgb(img, pc.image) if m == "rgb" else preprocess_ir(img, pc.image)
                 )
+                if m == "ir" and ir_stats is not None:
+                    _note_ir(ir_stats, img, pc.image, where)
         except FrameError as e:
             problems.append((m, e))
             present[k] = False
@@ -331,6 +338,33 @@ def make_sample(drive, table: SyncTable, i: int, cfg: ETLConfig):
     sample["offset"] = offset.astype(np.float32)
     sample["time"] = np.float64(table.time[i])
     return sample, problems
+
+
+def _note_ir(stats: dict, img: np.ndarray, cfg, where: str) -> None:
+    n, vmin, vmax = ir_outside(img, cfg)
+    if not n:
+        return
+    key = ir_range_key(img.dtype)
+    if not stats:
+        stats.update(frames=0, min=vmin, max=vmax, key=key, dtype=str(img.dtype), first=where,
+                     range=list(ir_range(img.dtype, cfg)))
+    stats["frames"] += 1
+    stats["min"], stats["max"] = min(stats["min"], vmin), max(stats["max"], vmax)
+
+
+def _ir_warning(ref: DriveRef, results: list[dict]) -> str | None:
+    """One line for a drive whose IR frames fell outside the configured range, or None."""
+    hits = [r["ir_outside"] for r in sorted(results, key=lambda r: r["chunk"])
+            if r.get("ir_outside")]
+    if not hits:
+        return None
+    h = hits[0]
+    frames = sum(x["frames"] for x in hits)
+    vmin, vmax = min(x["min"] for x in hits), max(x["max"] for x in hits)
+    lo, hi = h["range"]
+    return (f"{ref.drive_id}: {frames} {h['dtype']} ir frames have pixels outside "
+            f"preprocess.image.{h['key']}_min/{h['key']}_max [{lo:g}, {hi:g}] (values "
+            f"{vmin:g}..{vmax:g}, first {h['first']}): clipped; set the range to the camera's")
 
 
 def _reason_key(modality: str, e: FrameError) -> str:
@@ -436,6 +470,7 @@ def process_chunk(
         "error": None,
         "shards": [],
         "rows": None,
+        "ir_outside": {},
     }
     cols: dict[str, list] = {
         k: [] for k in ("frame", "time", "split", "shard", "record", "has_labels")
@@ -452,7 +487,7 @@ def process_chunk(
                 res["skipped"]["split guard"] += 1
                 continue
             try:
-                sample, problems = make_sample(drive, table, i, cfg)
+                sample, problems = make_sample(drive, table, i, cfg, res["ir_outside"])
             except FrameError as e:
                 if strict:
                     raise DriveError(e.where, f"{e.reason} (--strict)") from None
@@ -659,9 +694,10 @@ def _finalize_drive(
     for r in results:
         skipped.update(r["skipped"])
         absent.update(r["absent"])
+    ir_line = _ir_warning(ref, results)
     marker.update(
         frames=plan["frames"],
-        warnings=plan["warnings"],
+        warnings=plan["warnings"] + ([ir_line] if ir_line else []),
         tolerance_s=plan.get("tolerance"),
         skipped=dict(sorted(skipped.items())),
         absent=dict(sorted(absent.items())),
@@ -728,7 +764,8 @@ def normalization(cfg: ETLConfig) -> dict:
             "mean": IMAGENET_MEAN.tolist(),
             "std": IMAGENET_STD.tolist(),
         },
-        "ir": {"size": list(p.image.ir_size), "range": [p.image.ir_min, p.image.ir_max]},
+        "ir": {"size": list(p.image.ir_size), "range": [p.image.ir_min, p.image.ir_max],
+               "range_16bit": [p.image.ir16_min, p.image.ir16_max]},
         "gps": "ENU metres from the drive's first fix",
         "imu": "gyro rad/s, accel m/s^2",
     }
@@ -982,9 +1019,12 @@ def build(
             done[ref].append(res)
             if len(done[ref]) < chunks[ref]:
                 return
+            results = done.pop(ref)
+            ir_line = _ir_warning(ref, results)
+            if ir_line:
+                _err(f"warning: {ir_line}")  # once per drive
             marker = _finalize_drive(
-                out, ref, chash, dsplits.get(ref.drive_id), plans[ref], done.pop(ref),
-                inputs[ref],
+                out, ref, chash, dsplits.get(ref.drive_id), plans[ref], results, inputs[ref]
             )
             if printed[ref, "bad"] > printed[ref]:
                 _err(

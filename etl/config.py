@@ -45,8 +45,19 @@ class RadarConfig:
 class ImageConfig:
     rgb_size: tuple[int, int] = (224, 224)  # (height, width)
     ir_size: tuple[int, int] = (224, 224)
-    ir_min: float = 0.0  # raw IR pixel range mapped to [0, 1]
+    ir_min: float = 0.0  # raw IR pixel range mapped to [0, 1]: 8-bit (and float) images
     ir_max: float = 255.0
+    # the same for 16-bit images (radiometric counts): set it to the camera's range; pixels
+    # outside it are clipped, with one warning per drive
+    ir16_min: float = 0.0
+    ir16_max: float = 65535.0
+
+    def __post_init__(self):  # also when built in code (tests), not loaded
+        for lo, hi in (("ir_min", "ir_max"), ("ir16_min", "ir16_max")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if not b > a:
+                raise configlib.ConfigError(
+                    f"preprocess.image.{hi}: must be greater than {lo} ({a}), got {b}")
 
 
 @dataclass(frozen=True)

@@ -171,9 +171,35 @@ def preprocess_rgb(img, cfg: ImageConfig) -> np.ndarray:
     return ((x - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 
-def preprocess_ir(img, cfg: ImageConfig) -> np.ndarray:
-    """A thermal image (H, W), (H, W, 1) or (H, W, 3) → (h, w, 1) float32 min-max in [0, 1]."""
+def ir_range_key(dtype) -> str:
+    """``"ir16"`` for 16-bit (and wider integer) IR images, else ``"ir"``: the prefix of the
+    ImageConfig keys that give their raw range."""
+    dt = np.dtype(dtype)
+    return "ir16" if dt.kind in "ui" and dt.itemsize >= 2 else "ir"
+
+
+def ir_range(dtype, cfg: ImageConfig) -> tuple[float, float]:
+    """The raw pixel range mapped to [0, 1] for an IR image of this pixel type: 16-bit images
+    ``(ir16_min, ir16_max)``, others (8-bit, float) ``(ir_min, ir_max)``."""
+    key = ir_range_key(dtype)
+    return getattr(cfg, f"{key}_min"), getattr(cfg, f"{key}_max")
+
+
+def ir_outside(img, cfg: ImageConfig) -> tuple[int, float, float]:
+    """(pixels outside :func:`ir_range`, the image's min, its max): clipped pixels."""
     img = np.asarray(img)
+    lo, hi = ir_range(img.dtype, cfg)
+    vmin, vmax = float(img.min()), float(img.max())
+    if lo <= vmin and vmax <= hi:
+        return 0, vmin, vmax
+    return int(np.count_nonzero((img < lo) | (img > hi))), vmin, vmax
+
+
+def preprocess_ir(img, cfg: ImageConfig) -> np.ndarray:
+    """A thermal image (H, W), (H, W, 1) or (H, W, 3) → (h, w, 1) float32 min-max in [0, 1],
+    over the range of its pixel type (:func:`ir_range`)."""
+    img = np.asarray(img)
+    lo, hi = ir_range(img.dtype, cfg)
     if img.ndim == 3 and img.shape[2] == 3:  # grayscale stored as 3 equal channels
         img = img.mean(axis=2)
     elif img.ndim == 3 and img.shape[2] == 1:
@@ -181,7 +207,7 @@ def preprocess_ir(img, cfg: ImageConfig) -> np.ndarray:
     if img.ndim != 2:
         raise ValueError(f"ir image must be (H, W) or (H, W, 1|3), got {img.shape}")
     x = _resize(img.astype(np.float32), cfg.ir_size)
-    x = np.clip((x - cfg.ir_min) / (cfg.ir_max - cfg.ir_min), 0.0, 1.0)
+    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     return x[..., None].astype(np.float32)
 
 

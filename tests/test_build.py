@@ -72,6 +72,9 @@ def open_fake(path: Path, drive_id: str, cfg) -> Drive:
         return np.full((12, 20, 3), (seed * 7 + i) % 255, np.uint8)
 
     def ir(i):
+        if "ir16" in spec:  # a 16-bit thermal camera: counts in [lo, hi]
+            lo, hi = spec["ir16"]
+            return np.linspace(lo, hi, 48).reshape(6, 8).astype(np.uint16)
         return np.full((6, 8), (seed + i) % 255, np.uint8)
 
     ct = lt + 0.02  # camera frames 20 ms after each sweep; frame 4 dropped
@@ -263,6 +266,26 @@ def test_changed_raw_files_are_rebuilt_and_force_rebuilds_all(tmp_path, fake_cli
         k: v for k, v in first.items() if refs[0].hash in k}
     rc = B.main(["--src", str(tmp_path / "src"), "--out", str(out), "--no-progress", *SETS])
     assert rc == 0 and "2 drive(s) already built" in capsys.readouterr().err
+
+
+def test_16bit_ir_outside_its_range_warns_once_per_drive(tmp_path, fake_cli, capsys):
+    make_drives(tmp_path / "src", {"hot": {"n": 40, "ir16": [7000, 8000]},
+                                   "cool": {"n": 10, "ir16": [7000, 7400]}})  # fmt: skip
+    out = tmp_path / "out"
+    rc = B.main(["--src", str(tmp_path / "src"), "--out", str(out), "--no-progress", *SETS,
+                 "--set", "preprocess.image.ir16_min=6000.0",
+                 "--set", "preprocess.image.ir16_max=7500.0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0
+    lines = [x for x in err.splitlines() if "outside preprocess.image.ir16_min" in x]
+    assert len(lines) == 1 and lines[0].startswith("warning: hot.drive.json: ")
+    assert "[6000, 7500]" in lines[0] and "7000..8000" in lines[0]
+    drives = load_manifest(out)["drives"]
+    assert any("ir16_min/ir16_max" in w for w in drives["hot.drive.json"]["warnings"])
+    assert not any("ir16" in w for w in drives["cool.drive.json"]["warnings"])
+    rc = B.main(["--src", str(tmp_path / "src"), "--out", str(tmp_path / "o2"),
+                 "--set", "preprocess.image.ir16_max=0.0"])
+    assert rc == 2 and "preprocess.image.ir16_max: must be greater" in capsys.readouterr().err
 
 
 def test_input_fingerprint_of_a_scene_folder(tmp_path):

@@ -132,10 +132,38 @@ def test_rgb_imagenet_normalization():
 
 def test_ir_min_max():
     img = np.array([[0, 100], [200, 400]], np.uint16)
-    out = preprocess.preprocess_ir(img, ImageConfig(ir_size=(2, 2), ir_min=0, ir_max=200))
+    out = preprocess.preprocess_ir(img, ImageConfig(ir_size=(2, 2), ir16_min=0, ir16_max=200))
     np.testing.assert_allclose(out[..., 0], [[0, 0.5], [1, 1]])
+    out = preprocess.preprocess_ir(img.astype(np.uint8) // 2,
+                                   ImageConfig(ir_size=(2, 2), ir_min=0, ir_max=100))
+    np.testing.assert_allclose(out[..., 0], [[0, 0.5], [1, 0.72]])  # 400 → uint8 144 → 72
     with pytest.raises(ValueError, match="ir image"):
         preprocess.preprocess_ir(np.zeros((2, 2, 2)), ImageConfig())
+
+
+def test_16bit_ir_uses_its_own_range_not_the_8bit_one():
+    """A uint16 thermal image (7000..8000 counts) is not saturated to 1.0 by the 8-bit range
+    (issue 14): 16-bit images have their own range; pixels outside it are counted."""
+    img = np.linspace(7000, 8000, 64).astype(np.uint16).reshape(8, 8)
+    out = preprocess.preprocess_ir(img, ImageConfig(ir_size=(8, 8)))[..., 0]
+    assert 0.1 < out.min() < out.max() < 0.13  # the default 0..65535: dim, never constant
+    cam = ImageConfig(ir_size=(8, 8), ir16_min=7000, ir16_max=8000)
+    out = preprocess.preprocess_ir(img, cam)[..., 0]
+    assert out.min() == 0.0 and out.max() == 1.0 and len(np.unique(out)) > 32
+    assert preprocess.ir_outside(img, cam) == (0, 7000.0, 8000.0)
+    n, lo, hi = preprocess.ir_outside(img, ImageConfig(ir16_min=7000, ir16_max=7500))
+    assert n == int((img > 7500).sum()) > 0 and hi == 8000.0
+    assert preprocess.ir_range(np.uint8, cam) == (0.0, 255.0)
+
+
+def test_ir_range_checked_when_loaded():
+    from etl.config import load_config
+    from etl.configlib import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^preprocess\.image\.ir_max: must be greater"):
+        load_config(None, ["preprocess.image.ir_max=0.0"])
+    with pytest.raises(ConfigError, match=r"^preprocess\.image\.ir16_max: must be greater"):
+        load_config(None, ["preprocess.image.ir16_min=9000.0", "preprocess.image.ir16_max=8000.0"])
 
 
 # --------------------------------------------------------------------------- GPS / IMU
