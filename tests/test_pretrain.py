@@ -328,6 +328,18 @@ def test_no_intact_checkpoint_is_one_line(two_checkpoints, tmp_path, capsys):
     assert _ckpt_steps(tmp_path / "runs" / "two") == [2, 4]  # nothing renamed or written
 
 
+def test_torn_last_metrics_line_does_not_block_resume(tmp_path):
+    from train.metrics import truncate_jsonl
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    truncate_jsonl(f, 2)
+    assert f.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
+    f.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON record"):
+        truncate_jsonl(f, 2)
+
+
 # --------------------------------------------------------------------------- helpers
 def test_reconstruction_inverts_the_models_patchify():
     import jax.numpy as jnp

@@ -188,6 +188,15 @@ def truncate_jsonl(path: Path, step: int) -> None:
     checkpoint): a resumed run logs those steps again, with the same values."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    keep = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # torn by a kill mid-write: dropped, its step is logged again
+                break
+            raise ValueError(f"{path}:{n}: not a JSON record") from None
+        if rec.get("step", 0) <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
