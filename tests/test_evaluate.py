@@ -147,6 +147,11 @@ class FakeHostEnv:
     made = closed = 0
 
     def __init__(self, info_state: bool = True, steps: int = 20):
+        import gymnasium as gym
+
+        self.action_space = gym.spaces.Dict({  # racecar_gym's: the motor and the steering
+            "motor": gym.spaces.Box(-1.0, 1.0, (1,), np.float32),
+            "steering": gym.spaces.Box(-1.0, 1.0, (1,), np.float32)})
         type(self).made += 1
         self.info_state, self.steps = info_state, steps
 
