@@ -3,6 +3,7 @@
     uv run python benchmarks/etl.py                       # synthetic scene drives, workers 1 and 2
     uv run python benchmarks/etl.py --src cmht_raw --workers 1 2 4
     uv run python benchmarks/etl.py --set output.reduced_jpeg_decode=false   # bit-exact decode
+    uv run --extra lzf python benchmarks/etl.py --lzf-only   # LZF: compiled vs pure Python
 
 The floor is what any ETL must pay: reading and fully decoding every raw file a sample uses
 (PCD parse + JPEG/PNG decode through the same readers), on one core, with no preprocessing and
@@ -17,7 +18,10 @@ shards, index, manifest) on fresh output folders. Reported:
   which the floor does not; so the CPU ratio against a *same-decode floor* (the floor with the
   build's reduced decoding) is printed too: it says what the ETL's own work costs;
 * scaling = build frames/s at N workers ÷ at 1 worker (ideal N);
-* a per-stage breakdown (CPU ms per sweep) of one worker's work, to show where the time goes.
+* a per-stage breakdown (CPU ms per sweep) of one worker's work, to show where the time goes;
+* LZF (binary_compressed PCDs): the same payload (a 32-beam sweep's fields, struct of arrays)
+  decompressed by the compiled liblzf (``python-lzf``, the ``lzf`` extra) and by the pure-Python
+  fallback, M points/s each and the ratio (``--lzf-only`` runs just this).
 
 OpenCV runs single-threaded everywhere (as in the build's workers) so that "per core" holds.
 """
@@ -42,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from etl import build as B  # noqa: E402
 from etl import codec, configlib  # noqa: E402
 from etl.config import ETLConfig  # noqa: E402
+from etl.pcd import HAVE_COMPILED_LZF, lzf_compress, lzf_decompress_py  # noqa: E402
 from etl.preprocess import (  # noqa: E402
     bev_lidar,
     bev_radar,
@@ -149,6 +154,45 @@ def stages(refs, cfg) -> dict[str, float]:
     return {k: 1000 * v / max(n, 1) for k, v in acc.items()}
 
 
+def lzf_section(points: int = 57_600, repeat: int = 5) -> None:
+    """Decompress one LZF payload both ways; print M points/s each and the ratio."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    r = rng.uniform(1, 60, points)
+    a = rng.uniform(-np.pi, np.pi, points)
+    soa = b"".join([  # x y z intensity (f4), ring (u2), time (f8): a Velodyne sweep's fields
+        (r * np.cos(a)).astype(np.float32).tobytes(), (r * np.sin(a)).astype(np.float32).tobytes(),
+        rng.normal(0, 1, points).astype(np.float32).tobytes(),
+        rng.integers(0, 256, points).astype(np.float32).tobytes(),
+        (np.arange(points) % 32).astype(np.uint16).tobytes(),
+        np.sort(rng.uniform(0, 0.1, points)).tobytes(),
+    ])  # fmt: skip
+    comp = lzf_compress(soa)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = fn(comp, len(soa))
+            times.append(time.perf_counter() - t0)
+            assert out == soa
+        return min(times)
+
+    t_py = best(lzf_decompress_py)
+    print(f"\nLZF decompression — {points} points, {len(soa) / 1e6:.2f} MB from "
+          f"{len(comp) / 1e6:.2f} MB, best of {repeat}:")  # fmt: skip
+    print(f"  pure Python  {t_py * 1e3:8.2f} ms  {points / t_py / 1e6:8.2f} M points/s")
+    if not HAVE_COMPILED_LZF:
+        print("  compiled     not installed (python-lzf: uv sync --extra lzf)")
+        return
+    import lzf
+
+    t_c = best(lzf.decompress)
+    print(f"  compiled     {t_c * 1e3:8.2f} ms  {points / t_c / 1e6:8.2f} M points/s")
+    print(f"  ratio (pure ÷ compiled time): {t_py / t_c:.1f}×")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--src", type=Path, help="raw drives (default: synthesize scene drives)")
@@ -159,7 +203,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement (best kept)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    ap.add_argument("--lzf-only", action="store_true", help="only the LZF decompression section")
     args = ap.parse_args(argv)
+    if args.lzf_only:
+        lzf_section()
+        return 0
     cv2.setNumThreads(1)
     cfg = configlib.cli_load("benchmarks.etl", ETLConfig, None, args.set)
     if cfg is None:
@@ -261,6 +309,7 @@ def main(argv=None) -> int:
     print("\nper-stage CPU cost of one worker (ms per sweep):")
     for k, v in st.items():
         print(f"  {k:<34} {v:7.2f}")
+    lzf_section()
     return 0
 
 

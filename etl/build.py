@@ -42,6 +42,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter, OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from etl import codec, configlib
 from etl.config import ETLConfig
 from etl.errors import DriveError, ETLError, FrameError
 from etl.images import decode_at_least
+from etl.pcd import PCDWarning
 from etl.preprocess import (
     bev_lidar,
     bev_radar,
@@ -367,6 +369,38 @@ def _ir_warning(ref: DriveRef, results: list[dict]) -> str | None:
             f"{vmin:g}..{vmax:g}, first {h['first']}): clipped; set the range to the camera's")
 
 
+def _notice_kind(w: Warning) -> str:
+    return getattr(w, "kind", None) or type(w).__name__
+
+
+def _note_notices(res: dict, caught) -> None:
+    """Repairs the readers warned about (NaN points dropped, trailing bytes, bad labels…):
+    counted per kind, the first message kept, for one line per drive and kind."""
+    for w in caught:
+        kind = _notice_kind(w.message)
+        n = res["notices"].setdefault(kind, {"count": 0, "first": str(w.message)})
+        n["count"] += 1
+
+
+def _notice_lines(ref: DriveRef, results: list[dict]) -> list[str]:
+    """One line per kind of repair over a drive's chunks (in chunk order)."""
+    merged: dict[str, dict] = {}
+    for r in sorted(results, key=lambda r: r["chunk"]):
+        for kind, n in r.get("notices", {}).items():
+            m = merged.setdefault(kind, {"count": 0, "first": n["first"]})
+            m["count"] += n["count"]
+    return [f"{ref.drive_id}: {kind} in {m['count']} frames (first: {m['first']})"
+            for kind, m in sorted(merged.items())]  # fmt: skip
+
+
+def _notice_counts(results: list[dict]) -> dict[str, int]:
+    c: Counter = Counter()
+    for r in results:
+        for kind, n in r.get("notices", {}).items():
+            c[kind] += n["count"]
+    return dict(sorted(c.items()))
+
+
 def _reason_key(modality: str, e: FrameError) -> str:
     return f"{modality}: {e.reason.split(':')[0].strip()[:60]}"
 
@@ -471,6 +505,7 @@ def process_chunk(
         "shards": [],
         "rows": None,
         "ir_outside": {},
+        "notices": {},
     }
     cols: dict[str, list] = {
         k: [] for k in ("frame", "time", "split", "shard", "record", "has_labels")
@@ -487,7 +522,18 @@ def process_chunk(
                 res["skipped"]["split guard"] += 1
                 continue
             try:
-                sample, problems = make_sample(drive, table, i, cfg, res["ir_outside"])
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", PCDWarning)
+                    warnings.simplefilter("always", UserWarning)
+                    try:
+                        sample, problems = make_sample(drive, table, i, cfg, res["ir_outside"])
+                    finally:
+                        _note_notices(res, [w for w in caught
+                                            if isinstance(w.message, UserWarning)])  # fmt: skip
+                        for w in caught:  # anything else goes on as it would have
+                            if not isinstance(w.message, UserWarning):
+                                warnings.warn_explicit(w.message, w.category, w.filename,
+                                                       w.lineno)  # fmt: skip
             except FrameError as e:
                 if strict:
                     raise DriveError(e.where, f"{e.reason} (--strict)") from None
@@ -697,10 +743,11 @@ def _finalize_drive(
     ir_line = _ir_warning(ref, results)
     marker.update(
         frames=plan["frames"],
-        warnings=plan["warnings"] + ([ir_line] if ir_line else []),
+        warnings=plan["warnings"] + ([ir_line] if ir_line else []) + _notice_lines(ref, results),
         tolerance_s=plan.get("tolerance"),
         skipped=dict(sorted(skipped.items())),
         absent=dict(sorted(absent.items())),
+        notices=_notice_counts(results),
     )
     errors = [r["error"] for r in results if r["error"]]
     if errors:
@@ -857,6 +904,7 @@ def merge(out: Path, cfg: ETLConfig, refs: list[DriveRef] | None = None) -> dict
                 "samples",
                 "skipped",
                 "absent",
+                "notices",
                 "warnings",
                 "sync",
                 "tolerance_s",
@@ -1023,6 +1071,8 @@ def build(
             ir_line = _ir_warning(ref, results)
             if ir_line:
                 _err(f"warning: {ir_line}")  # once per drive
+            for line in _notice_lines(ref, results):
+                _err(f"warning: {line}")  # once per drive and kind
             marker = _finalize_drive(
                 out, ref, chash, dsplits.get(ref.drive_id), plans[ref], results, inputs[ref]
             )

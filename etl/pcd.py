@@ -9,8 +9,12 @@ VERSION, FIELDS, SIZE, TYPE, COUNT, WIDTH, HEIGHT, VIEWPOINT, POINTS, DATA — t
   block which decompresses to the fields one after another (struct of arrays: all of the first
   field's values, then all of the second's, …).
 
-Fields are found by name and may come in any order; ``COUNT`` > 1 gives an (N, count) array;
-fields named ``_`` are padding and are skipped. Binary records are decoded with a single
+Fields are found by name and may come in any order; ``COUNT`` > 1 gives an (N, count) array
+of SIZE × COUNT bytes per point; fields named ``_`` are padding and are skipped, and a field
+with ``COUNT`` 0 (PCL writes ``_ … COUNT 0`` beside padding of 4, 6 or 12 bytes) occupies no
+bytes and is left out. Bytes after the header's WIDTH × HEIGHT points (some writers leave
+some) are ignored with a :class:`PCDWarning` of kind ``"trailing bytes"``; a file shorter
+than its header says is a bad frame. Binary records are decoded with a single
 ``np.frombuffer`` over a structured dtype (no per-point Python).
 
 Every failure is a :class:`etl.errors.FrameError` whose message is ``<file>: <reason>``.
@@ -31,11 +35,17 @@ import numpy as np
 
 from etl.errors import FrameError
 
+try:  # compiled liblzf (the optional `lzf` extra: python-lzf); the pure decoder below otherwise
+    import lzf as _clzf
+except ImportError:  # pragma: no cover — depends on the install
+    _clzf = None
+
 __all__ = [
     "PCDHeader",
     "PCDWarning",
     "lzf_compress",
     "lzf_decompress",
+    "lzf_decompress_py",
     "parse_header",
     "points_xyzi",
     "radar_points",
@@ -58,7 +68,12 @@ INTENSITY_NAMES = ("intensity", "reflectivity", "i", "remission")
 
 
 class PCDWarning(UserWarning):
-    """Something in a PCD file was repaired (NaN/inf points dropped); the frame is still used."""
+    """Something in a PCD file was repaired (NaN/inf points dropped, trailing bytes ignored);
+    the frame is still used. ``kind`` names the repair (for counting per drive)."""
+
+    def __init__(self, message: str, kind: str = "pcd"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -83,8 +98,8 @@ class PCDHeader:
         return np.dtype(f"<{_NUMPY_KIND[self.types[k]]}{self.sizes[k]}")
 
     def named(self) -> list[int]:
-        """Indices of the real (non-padding) fields."""
-        return [k for k, f in enumerate(self.fields) if f != "_"]
+        """Indices of the real fields: not padding ``_``, not COUNT 0 (no bytes)."""
+        return [k for k, f in enumerate(self.fields) if f != "_" and self.counts[k] > 0]
 
 
 # --------------------------------------------------------------------------- header
@@ -134,9 +149,9 @@ def parse_header(data: bytes | memoryview, where: str = "<bytes>") -> tuple[PCDH
     for f, s, t, c in zip(fields, sizes, types, counts, strict=True):
         if (t, s) not in _TYPES:
             raise FrameError(where, f"bad PCD header: field {f!r} has TYPE {t} SIZE {s}")
-        if c < 1:
+        if c < 0:
             raise FrameError(where, f"bad PCD header: field {f!r} has COUNT {c}")
-    named = [f for f in fields if f != "_"]
+    named = [f for f, c in zip(fields, counts, strict=True) if f != "_" and c > 0]
     dup = sorted({f for f in named if named.count(f) > 1})
     if dup:
         raise FrameError(where, f"bad PCD header: duplicate field {dup[0]!r}")
@@ -168,8 +183,26 @@ def parse_header(data: bytes | memoryview, where: str = "<bytes>") -> tuple[PCDH
 
 
 # --------------------------------------------------------------------------- LZF
+HAVE_COMPILED_LZF = _clzf is not None
+
+
 def lzf_decompress(src: bytes, expected: int) -> bytes:
-    """Decompress one LZF block (liblzf's format) of known decompressed size.
+    """Decompress one LZF block of known decompressed size: with the compiled liblzf
+    (``python-lzf``, ``uv sync --extra lzf``) when it is installed, else
+    :func:`lzf_decompress_py`. Same bytes either way; ``ValueError`` on corrupt input.
+    """
+    if _clzf is None or expected == 0:
+        return lzf_decompress_py(src, expected)
+    out = _clzf.decompress(src, expected)  # ValueError on corrupt data
+    if out is None:
+        raise ValueError(f"LZF data decompresses to more than the {expected} bytes header says")
+    if len(out) != expected:
+        raise ValueError(f"LZF data decompresses to {len(out)} bytes, header says {expected}")
+    return out
+
+
+def lzf_decompress_py(src: bytes, expected: int) -> bytes:
+    """Decompress one LZF block (liblzf's format) of known decompressed size, in pure Python.
 
     A control byte ``c < 32`` is a literal run of ``c + 1`` bytes; otherwise ``c >> 5`` (7 means
     "plus the next byte") + 2 bytes are copied from ``((c & 31) << 8 | next) + 1`` bytes back.
@@ -296,13 +329,15 @@ def _record_dtype(h: PCDHeader) -> np.dtype:
     names, formats, offsets = [], [], []
     off = 0
     for k, f in enumerate(h.fields):
-        if f != "_":
+        if f != "_" and h.counts[k] > 0:
             names.append(f)
             c = h.counts[k]
             formats.append(h.numpy_type(k) if c == 1 else (h.numpy_type(k), (c,)))
             offsets.append(off)
         off += h.sizes[k] * h.counts[k]
-    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": off})
+    return np.dtype(
+        {"names": names, "formats": formats, "offsets": offsets, "itemsize": max(off, 1)}
+    )
 
 
 def _columns_dtype(h: PCDHeader) -> np.dtype:
@@ -312,7 +347,7 @@ def _columns_dtype(h: PCDHeader) -> np.dtype:
     n = h.points
     for k, f in enumerate(h.fields):
         c = h.counts[k]
-        if f != "_":
+        if f != "_" and c > 0:
             names.append(f)
             formats.append((h.numpy_type(k), (n,) if c == 1 else (n, c)))
             offsets.append(off)
@@ -322,9 +357,21 @@ def _columns_dtype(h: PCDHeader) -> np.dtype:
     )
 
 
+def _trailing(where: str, what: str) -> None:
+    warnings.warn(PCDWarning(f"{where}: {what} after the last point ignored", "trailing bytes"),
+                  stacklevel=3)  # fmt: skip
+
+
 def _read_ascii(h: PCDHeader, body: bytes, where: str) -> dict[str, np.ndarray]:
     tokens = body.split()
     per_point = sum(h.counts)
+    if len(tokens) > h.points * per_point:
+        # extra lines after the WIDTH × HEIGHT points are trailing bytes, not a size mismatch
+        lines = [ln for ln in body.splitlines() if ln.strip()]
+        head = [ln.split() for ln in lines[: h.points]]
+        if len(head) == h.points and all(len(t) == per_point for t in head):
+            tokens = [t for row in head for t in row]
+            _trailing(where, f"{len(lines) - h.points} lines")
     if len(tokens) < h.points * per_point:
         raise FrameError(
             where,
@@ -340,7 +387,7 @@ def _read_ascii(h: PCDHeader, body: bytes, where: str) -> dict[str, np.ndarray]:
     col = 0
     for k, f in enumerate(h.fields):
         c = h.counts[k]
-        if f != "_":
+        if f != "_" and c > 0:
             t = h.numpy_type(k)
             block = table[:, col : col + c]
             try:
@@ -359,8 +406,9 @@ def read_pcd(path_or_bytes, where: str | None = None) -> dict[str, np.ndarray]:
     """Read a PCD v0.7 file (a path, or the file's bytes) → ``{field name: array}``.
 
     Arrays have the header's type; ``COUNT`` 1 gives shape (N,), ``COUNT`` c > 1 gives (N, c).
-    Padding fields ``_`` are dropped. NaN/inf values are returned as they are (see
-    :func:`points_xyzi`). ``where`` names the source in error messages (default: the path).
+    Padding fields ``_`` and COUNT-0 fields are dropped; bytes after the last point are ignored
+    with a :class:`PCDWarning` (kind ``"trailing bytes"``). NaN/inf values are returned as they
+    are (see :func:`points_xyzi`). ``where`` names the source in error messages (default: the path).
     Raises :class:`FrameError` for a truncated file, a bad header or a size mismatch.
     """
     data, where = _source(path_or_bytes, where)
@@ -376,6 +424,8 @@ def read_pcd(path_or_bytes, where: str | None = None) -> dict[str, np.ndarray]:
                 f"truncated binary data: {len(body)} bytes for {h.points} points "
                 f"× {h.point_size} bytes",
             )
+        if len(body) > need:
+            _trailing(where, f"{len(body) - need} bytes")
         rec = np.frombuffer(body, dtype=_record_dtype(h), count=h.points)
         return {f: np.ascontiguousarray(rec[f]) for f in rec.dtype.names}
     # binary_compressed
@@ -393,6 +443,8 @@ def read_pcd(path_or_bytes, where: str | None = None) -> dict[str, np.ndarray]:
             where,
             f"truncated binary_compressed data: {len(body) - 8} of {csize} bytes",
         )
+    if len(body) > 8 + csize:
+        _trailing(where, f"{len(body) - 8 - csize} bytes")
     if need == 0:
         raw = b""
     else:
@@ -416,7 +468,8 @@ def _finite(points: np.ndarray, where: str, return_dropped: bool, allow_empty: b
     if dropped:
         points = points[keep]
         if not return_dropped:
-            warnings.warn(f"{where}: dropped {dropped} NaN/inf points", PCDWarning, stacklevel=3)
+            msg = f"{where}: dropped {dropped} NaN/inf points"
+            warnings.warn(PCDWarning(msg, "NaN/inf points"), stacklevel=3)
     if len(points) == 0 and not allow_empty:
         reason = "empty scan" if not dropped else f"empty scan (all {dropped} points NaN/inf)"
         raise FrameError(where, reason)

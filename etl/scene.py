@@ -52,7 +52,12 @@ _IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
 
 class SceneWarning(UserWarning):
-    """A repairable problem in a scene (a broken label file, …); one line naming the file."""
+    """A repairable problem in a scene (a broken label file, …); one line naming the file.
+    ``kind`` names the problem: the build counts them per drive and kind."""
+
+    def __init__(self, message: str, kind: str = "bad labels"):
+        super().__init__(message)
+        self.kind = kind
 
 
 # --------------------------------------------------------------------------- discovery
@@ -346,19 +351,19 @@ class _Labels:
             with open(path) as f:
                 d = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            warnings.warn(f"{path}: broken label JSON ({e}): frame unlabelled", SceneWarning,
+            warnings.warn(SceneWarning(f"{path}: broken label JSON ({e}): frame unlabelled"),
                           stacklevel=2)  # fmt: skip
             return None
         if isinstance(d, dict) and isinstance(d.get("objs"), list):
             d = d["objs"]
         if not isinstance(d, list):
-            warnings.warn(f"{path}: label file is not a list of boxes: frame unlabelled",
-                          SceneWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(SceneWarning(f"{path}: label file is not a list of boxes: frame "
+                                       "unlabelled"), stacklevel=2)  # fmt: skip
             return None
         boxes = [b for b in d if _valid_box(b)]
         if len(boxes) != len(d):
-            warnings.warn(f"{path}: {len(d) - len(boxes)} malformed boxes dropped",
-                          SceneWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(SceneWarning(f"{path}: {len(d) - len(boxes)} malformed boxes dropped"),
+                          stacklevel=2)  # fmt: skip
         return boxes
 
 

@@ -277,3 +277,71 @@ def test_32_beam_cloud_reads_fast(tmp_path):
             pts = points_xyzi(read_pcd(p))
         assert time.perf_counter() - t < 1.0, enc
         assert pts.shape == (n, 4)
+
+
+# PCL's own padding: `_` with COUNT 0 (no bytes) beside `_` with COUNT 12 (12 bytes)
+_PCL = ("x y z _ intensity _", "4 4 4 1 4 1", "F F F U F U", "1 1 1 0 1 12")
+
+
+def _pcl_file(enc: str, n: int = 9, trailing: bytes = b"") -> tuple[bytes, np.ndarray]:
+    xyzi = np.arange(4 * n, dtype=np.float32).reshape(n, 4)
+    hdr = _header(*_PCL, n, enc)
+    if enc == "binary":
+        rec = np.zeros(n, [("xyz", "<f4", (3,)), ("i", "<f4"), ("pad", "u1", (12,))])
+        rec["xyz"], rec["i"], rec["pad"] = xyzi[:, :3], xyzi[:, 3], 0xAB
+        body = rec.tobytes()
+        assert len(body) == n * 28
+    elif enc == "ascii":
+        body = b"".join(b" ".join(b"%g" % v for v in row) + b" 0" * 12 + b"\n" for row in xyzi)
+    else:
+        soa = b"".join([xyzi[:, 0].tobytes(), xyzi[:, 1].tobytes(), xyzi[:, 2].tobytes(),
+                        xyzi[:, 3].tobytes(), b"\xab" * 12 * n])  # fmt: skip
+        comp = lzf_compress(soa)
+        body = struct.pack("<II", len(comp), len(soa)) + comp
+    return hdr + body + trailing, xyzi
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_pcl_count_zero_padding_reads(tmp_path, enc):
+    data, xyzi = _pcl_file(enc)
+    h, _ = parse_header(data)
+    assert h.point_size == 28
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no trailing-bytes notice on an exact file
+        g = read_pcd(data, where="pcl.pcd")
+    assert list(g) == ["x", "y", "z", "intensity"]
+    np.testing.assert_array_equal(points_xyzi(g), xyzi)
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_pcl_trailing_bytes_ignored_with_a_notice(enc):
+    data, xyzi = _pcl_file(enc, trailing=b"\x00\x01junk after the points\n")
+    with pytest.warns(PCDWarning, match="after the last point ignored") as rec:
+        g = read_pcd(data, where="pcl.pcd")
+    assert [w.message.kind for w in rec] == ["trailing bytes"]
+    assert str(rec[0].message).startswith("pcl.pcd: ")
+    np.testing.assert_array_equal(points_xyzi(g), xyzi)
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_pcl_file_shorter_than_its_header_is_a_bad_frame(enc):
+    data, _ = _pcl_file(enc)
+    with pytest.raises(FrameError, match="truncated|corrupt"):
+        read_pcd(data[:-20], where="short.pcd")
+
+
+def test_compiled_and_pure_lzf_give_the_same_bytes():
+    from etl.pcd import lzf_decompress_py
+
+    lzf = pytest.importorskip("lzf", reason="python-lzf not installed (uv sync --extra lzf)")
+    rng = np.random.default_rng(3)
+    raw = b"".join([rng.normal(size=5000).astype(np.float32).tobytes(), bytes(4000),
+                    np.repeat(rng.integers(0, 255, 500, np.uint8), 7).tobytes()])  # fmt: skip
+    comp = lzf_compress(raw)
+    assert lzf.decompress(comp, len(raw)) == lzf_decompress_py(comp, len(raw)) == raw
+    assert lzf_decompress(comp, len(raw)) == raw
+    for bad in (comp[:-7], bytes([0xFF, 0xFF])):  # both refuse corrupt input
+        with pytest.raises(ValueError):
+            lzf_decompress(bad, len(raw))
+        with pytest.raises(ValueError):
+            lzf_decompress_py(bad, len(raw))

@@ -352,3 +352,36 @@ def test_one_spiked_timestamp_drops_one_frame(tmp_path):
     d = open_scene(scene, "a")
     assert scene_frames(d)["lidar"] == [0, 1, 2, 3, 4, 6, 7, 9]
     np.testing.assert_allclose(d.lidar.times[-2:], [6.7, 6.9])
+
+
+# --------------------------------------------------------------------------- build notices
+SMALL_SETS = ["--set", "preprocess.image.rgb_size=[16, 16]", "--set",
+              "preprocess.image.ir_size=[8, 8]", "--set", "output.shard_size=2"]  # fmt: skip
+
+
+def test_repairs_are_one_line_per_drive_and_counted(tmp_path, capsys):
+    """Trailing PCD bytes, NaN points, bad labels: one line per drive and kind, whatever the
+    chunking; counted in the manifest; no Python warning text on stderr."""
+    from etl import build as B
+
+    scene = _write_scene(tmp_path / "raw")
+    for p in sorted((scene / "lidar").glob("*.pcd")):
+        if p.name != "00000001.pcd":  # (the corrupt one stays a bad frame)
+            p.write_bytes(p.read_bytes() + b"\x00" * 7)
+    nan = {k: np.array([1.0, np.nan, 3.0], np.float32) for k in ("x", "y", "z", "intensity")}
+    write_pcd(scene / "lidar" / "00000009.pcd", nan, "binary")
+    out = tmp_path / "out"
+    rc = B.main(["--src", str(tmp_path / "raw"), "--out", str(out), "--no-progress",
+                 *SMALL_SETS])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    trailing = [x for x in err.splitlines() if "trailing bytes" in x]
+    assert len(trailing) == 1 and trailing[0].startswith("warning: drive_a/drive_a_1: ")
+    assert "7 bytes after the last point ignored" in trailing[0]
+    assert "warnings.warn" not in err and "UserWarning" not in err and "PCDWarning" not in err
+    notices = json.loads((out / "manifest.json").read_text())["drives"]["drive_a/drive_a_1"][
+        "notices"
+    ]
+    assert notices["trailing bytes"] == 5  # frames 0, 2, 4, 6, 7 (8 missing, 1 corrupt, 9 NaN)
+    assert notices["NaN/inf points"] == 1
+    assert notices["bad labels"] == 2  # one malformed box, one broken label file
