@@ -33,12 +33,33 @@ class BEVGrid:
         w = round((self.y_max - self.y_min) / self.resolution)
         return h, w
 
+    def check(self, prefix: str) -> None:
+        """Ranges, naming the key under ``prefix`` (the grid sits in two sections)."""
+        configlib.check_ranges(self, prefix, {"resolution": (0, None, True),
+                                              "density_max": (0, None, True)})  # fmt: skip
+        for lo, hi in (("x_min", "x_max"), ("y_min", "y_max"), ("z_min", "z_max")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if not b > a:
+                raise configlib.ConfigError(
+                    f"{prefix}.{hi}: must be greater than {lo} ({a:g}), got {b:g}")
+        h, w = self.shape
+        if h < 1 or w < 1:
+            raise configlib.ConfigError(
+                f"{prefix}.resolution: must leave at least one cell, got {self.resolution:g}")
+
 
 @dataclass(frozen=True)
 class RadarConfig:
     grid: BEVGrid = field(default_factory=BEVGrid)
     velocity_min: float = -30.0  # Doppler (m/s) min-max range
     velocity_max: float = 30.0
+
+    def __post_init__(self):
+        self.grid.check("preprocess.radar.grid")
+        if not self.velocity_max > self.velocity_min:
+            raise configlib.ConfigError(
+                f"preprocess.radar.velocity_max: must be greater than velocity_min "
+                f"({self.velocity_min:g}), got {self.velocity_max:g}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,8 @@ class ImageConfig:
     ir16_max: float = 65535.0
 
     def __post_init__(self):  # also when built in code (tests), not loaded
+        configlib.check_ranges(self, "preprocess.image", {"rgb_size": (1, None),
+                                                          "ir_size": (1, None)})  # fmt: skip
         for lo, hi in (("ir_min", "ir_max"), ("ir16_min", "ir16_max")):
             a, b = getattr(self, lo), getattr(self, hi)
             if not b > a:
@@ -68,6 +91,10 @@ class PreprocessConfig:
     radar: RadarConfig = field(default_factory=RadarConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     max_boxes: int = 64  # labels per sample, padded
+
+    def __post_init__(self):
+        self.lidar.check("preprocess.lidar")
+        configlib.check_range("preprocess.max_boxes", self.max_boxes, 1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +136,11 @@ class SyncConfig:
     gps_max_gap_s: float = 6.0  # no GPS interpolation across a longer gap (after dedupe;
     # the CMHT sample's new fixes are 4.2 s apart, at most 4.6 s)
 
+    def __post_init__(self):
+        configlib.check_ranges(self, "sync", {"tolerance_s": (0, None),
+                                              "gps_imu_max_gap_s": (0, None, True),
+                                              "gps_max_gap_s": (0, None, True)})  # fmt: skip
+
 
 @dataclass(frozen=True)
 class OutputConfig:
@@ -129,6 +161,12 @@ class OutputConfig:
     # by ~half per RGB frame; the pixels differ from full decode + INTER_AREA by a small,
     # tested tolerance (tests/test_etl_speed_equivalence.py). False: bit-exact full decode.
     reduced_jpeg_decode: bool = True
+
+    def __post_init__(self):
+        configlib.check_ranges(self, "output", {"shard_size": (1, None),
+                                                "val_fraction": (0, 1, False, True),
+                                                "block_s": (0, None, True),
+                                                "guard_s": (0, None)})  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,41 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
+def check_range(key: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise :class:`ConfigError` ``<key>: must be in (lo, hi], got <value>`` (or ``≥ lo``,
+    ``> lo``, ``≤ hi``, ``< hi`` with one bound) unless ``value`` lies in the range. NaN never
+    does. For ``__post_init__`` range checks: config values are checked when loaded."""
+    ok = value == value  # not NaN
+    if lo is not None:
+        ok = ok and (value > lo if lo_open else value >= lo)
+    if hi is not None:
+        ok = ok and (value < hi if hi_open else value <= hi)
+    if ok:
+        return
+    if lo is not None and hi is not None:
+        rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{'>' if lo_open else '≥'} {lo:g}"
+    else:
+        rng = f"{'<' if hi_open else '≤'} {hi:g}"
+    shown = f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else repr(value)
+    raise ConfigError(f"{key}: must be {rng}, got {shown}")
+
+
+def check_ranges(obj: Any, prefix: str, rules: dict[str, tuple]) -> None:
+    """:func:`check_range` for several fields of ``obj``: ``{name: (lo, hi[, lo_open,
+    hi_open])}``; a tuple value (an image size) is checked item by item."""
+    for name, rule in rules.items():
+        lo, hi, *opens = rule
+        lo_open, hi_open = (opens + [False, False])[:2]
+        v = getattr(obj, name)
+        for x in v if isinstance(v, tuple) else (v,):
+            check_range(f"{prefix}.{name}" if prefix else name, x, lo, hi,
+                        lo_open=lo_open, hi_open=hi_open)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -134,6 +134,13 @@ class EnvConfig:
     def __post_init__(self):
         if not 0.0 <= self.min_speed <= 3.0:
             raise configlib.ConfigError(f"env.min_speed: m/s in [0, 3], got {self.min_speed}")
+        configlib.check_ranges(self, "env", {
+            "laps": (1, None), "time_limit": (0, None, True), "action_repeat": (1, None),
+            "collision_penalty": (0, None), "proximity_penalty": (0, None),
+            "wall_margin": (0, None), "stall_time": (0, None), "stall_speed": (0, None),
+            "lidar_rays": (1, None), "yaw_rate_noise": (0, None),
+            "world_scale": (0, None, True), "bullet_workers": (0, None),
+        })  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,9 @@ class ModelConfig:
     # not any more)
     velocity: Literal["planar", "all"] = "planar"
     modalities: tuple[str, ...] = ("lidar", "gps", "imu")  # multimodal policy's inputs
+
+    def __post_init__(self):
+        configlib.check_ranges(self, "model", {"hidden": (1, None), "lidar_beams": (1, None)})
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,15 @@ class ImitateConfig:
     bullet_noise: float | None = None  # None: noise
     bullet_weight: int = 8  # times each PyBullet state counts in the fit
 
+    def __post_init__(self):
+        configlib.check_ranges(self, "imitate", {
+            "rounds": (0, None), "envs": (1, None), "steps": (1, None), "epochs": (1, None),
+            "noise": (0, None), "clearance": (0, None), "turn_radius": (0, None),
+            "lr": (0, None, True), "batch": (1, None), "max_samples": (1, None),
+            "bullet_rounds": (0, None), "bullet_envs": (1, None), "bullet_steps": (1, None),
+            "bullet_weight": (1, None),
+        })  # fmt: skip
+
 
 @dataclass(frozen=True)
 class StageConfig:
@@ -242,6 +261,8 @@ class RLConfig:
 
     def __post_init__(self):
         configlib.check_literals(self)  # env.backend, …: also when built in code, not loaded
+        configlib.check_ranges(self, "", {"updates_per_log": (1, None), "ckpt_every": (1, None),
+                                          "keep": (1, None)})  # fmt: skip
         for i in range(len(self.stages)):
             stage_config(self, i)  # the stage's [env] keys are EnvConfig's, valid values
         if self.finetune.init == "pretrained" and not self.finetune.pretrained_ckpt:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from etl import configlib
+
 
 @dataclass(frozen=True)
 class PPOConfig:
@@ -43,6 +45,15 @@ class PPOConfig:
     norm_obs: bool = True
     norm_reward: bool = True
     init_log_std: float = -0.5
+
+    def __post_init__(self):  # config values are checked when loaded (and built in code)
+        configlib.check_ranges(self, "ppo", {
+            "learning_rate": (0, None, True), "gamma": (0, 1, True), "gae_lambda": (0, 1),
+            "clip_eps": (0, None, True), "vf_coef": (0, None), "ent_coef": (0, None),
+            "max_grad_norm": (0, None, True), "adam_eps": (0, None, True),
+            "update_epochs": (1, None), "num_minibatches": (1, None), "num_envs": (1, None),
+            "num_steps": (1, None), "total_timesteps": (1, None),
+        })  # fmt: skip
 
     @property
     def num_updates(self) -> int:

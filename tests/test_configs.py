@@ -265,3 +265,108 @@ def test_named_python_modules_exist():
     assert not missing, f"python -m of a missing module (module: where named): {missing}"
     foreign = {m for m in refs if m.split(".")[0] not in ("etl", "train", "rl", "benchmarks")}
     assert foreign <= {"pip", "pytest", "venv", "uv"}, f"unexpected python -m targets: {foreign}"
+
+
+# --------------------------------------------------------------------------- ranges
+RANGES = [  # (loader, --set override, the one line expected): checked when loaded
+    ("pretrain", "training.mask_ratio=0", "training.mask_ratio: must be in (0, 1), got 0"),
+    ("pretrain", "training.mask_ratio=1.0", "training.mask_ratio: must be in (0, 1), got 1"),
+    ("pretrain", "training.learning_rate=-3e-4",
+     "training.learning_rate: must be > 0, got -0.0003"),
+    ("pretrain", "training.batch_size=0", "training.batch_size: must be ≥ 1, got 0"),
+    ("pretrain", "training.ckpt_every=0", "training.ckpt_every: must be ≥ 1, got 0"),
+    ("pretrain", "training.steps=-5", "training.steps: must be ≥ 1, got -5"),
+    ("pretrain", "training.b2=1.0", "training.b2: must be in [0, 1), got 1"),
+    ("pretrain", "training.grad_clip=nan", "training.grad_clip: must be ≥ 0, got nan"),
+    ("pretrain", "model.patch_size=0", "model.patch_size: must be ≥ 1, got 0"),
+    ("pretrain", "model.num_heads=3", "model.num_heads: must divide embed_dim (256), got 3"),
+    ("pretrain", "data.read_threads=0", "data.read_threads: must be ≥ 1, got 0"),
+    ("pretrain", "mesh.fsdp=0", "mesh.fsdp: must be ≥ 1, got 0"),
+    ("pretrain", "mesh.data=0", "mesh.data: must be ≥ 1, got 0"),
+    ("etl", "output.val_fraction=1.5", "output.val_fraction: must be in [0, 1), got 1.5"),
+    ("etl", "output.shard_size=0", "output.shard_size: must be ≥ 1, got 0"),
+    ("etl", "output.block_s=0", "output.block_s: must be > 0, got 0"),
+    ("etl", "sync.tolerance_s=-1", "sync.tolerance_s: must be ≥ 0, got -1"),
+    ("etl", "preprocess.lidar.resolution=0", "preprocess.lidar.resolution: must be > 0, got 0"),
+    ("etl", "preprocess.radar.grid.x_max=-40",
+     "preprocess.radar.grid.x_max: must be greater than x_min (-32), got -40"),
+    ("etl", "preprocess.radar.velocity_max=-31",
+     "preprocess.radar.velocity_max: must be greater than velocity_min (-30), got -31"),
+    ("etl", "preprocess.image.rgb_size=[0, 224]",
+     "preprocess.image.rgb_size: must be ≥ 1, got 0"),
+    ("etl", "preprocess.max_boxes=0", "preprocess.max_boxes: must be ≥ 1, got 0"),
+    ("rl", "ppo.learning_rate=-1e-3", "ppo.learning_rate: must be > 0, got -0.001"),
+    ("rl", "ppo.num_envs=0", "ppo.num_envs: must be ≥ 1, got 0"),
+    ("rl", "ppo.num_steps=0", "ppo.num_steps: must be ≥ 1, got 0"),
+    ("rl", "ppo.update_epochs=0", "ppo.update_epochs: must be ≥ 1, got 0"),
+    ("rl", "ppo.num_minibatches=0", "ppo.num_minibatches: must be ≥ 1, got 0"),
+    ("rl", "ppo.gamma=0", "ppo.gamma: must be in (0, 1], got 0"),
+    ("rl", "ppo.gamma=1.01", "ppo.gamma: must be in (0, 1], got 1.01"),
+    ("rl", "ppo.gae_lambda=-0.1", "ppo.gae_lambda: must be in [0, 1], got -0.1"),
+    ("rl", "ppo.clip_eps=0", "ppo.clip_eps: must be > 0, got 0"),
+    ("rl", "ppo.total_timesteps=0", "ppo.total_timesteps: must be ≥ 1, got 0"),
+    ("rl", "ckpt_every=0", "ckpt_every: must be ≥ 1, got 0"),
+    ("rl", "updates_per_log=0", "updates_per_log: must be ≥ 1, got 0"),
+    ("rl", "keep=0", "keep: must be ≥ 1, got 0"),
+    ("rl", "env.time_limit=0", "env.time_limit: must be > 0, got 0"),
+    ("rl", "env.action_repeat=0", "env.action_repeat: must be ≥ 1, got 0"),
+    ("rl", "env.laps=0", "env.laps: must be ≥ 1, got 0"),
+    ("rl", "env.collision_penalty=-1", "env.collision_penalty: must be ≥ 0, got -1"),
+    ("rl", "model.lidar_beams=0", "model.lidar_beams: must be ≥ 1, got 0"),
+    ("rl", "imitate.lr=0", "imitate.lr: must be > 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("kind,override,line", RANGES, ids=[o for _, o, _ in RANGES])
+def test_out_of_range_value_fails_at_load_naming_the_key(kind, override, line):
+    with pytest.raises(configlib.ConfigError) as e:
+        LOADERS[kind](None, [override])
+    assert str(e.value) == line
+
+
+def test_ranges_are_checked_when_built_in_code():
+    from etl.config import OutputConfig
+    from rl.ppo_core import PPOConfig
+    from train.config import TrainingConfig
+
+    with pytest.raises(configlib.ConfigError, match=r"^training\.mask_ratio: must be in \(0, 1\)"):
+        TrainingConfig(mask_ratio=0.0)
+    with pytest.raises(configlib.ConfigError, match=r"^ppo\.gamma: must be in \(0, 1\]"):
+        PPOConfig(gamma=2.0)
+    with pytest.raises(configlib.ConfigError, match=r"^output\.val_fraction"):
+        OutputConfig(val_fraction=-0.1)
+
+
+RANGE_ENTRY_POINTS = {  # prog -> (argv, the line after "<prog>: config error: ")
+    "etl.build": (lambda t: ["--out", str(t / "o"), "--set", "output.val_fraction=2.0"],
+                  "output.val_fraction: must be in [0, 1), got 2"),
+    "train.pretrain": (lambda t: ["--config", PRE_TINY, "--set", "training.mask_ratio=0"],
+                       "training.mask_ratio: must be in (0, 1), got 0"),
+    "rl.ppo": (lambda t: ["--set", "ppo.learning_rate=-0.1"],
+               "ppo.learning_rate: must be > 0, got -0.1"),
+    "rl.imitate": (lambda t: ["--set", "env.action_repeat=0"],
+                   "env.action_repeat: must be ≥ 1, got 0"),
+    "benchmarks.ppo": (lambda t: ["--set", "ppo.num_envs=0"], "ppo.num_envs: must be ≥ 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("prog", sorted(RANGE_ENTRY_POINTS))
+def test_out_of_range_exits_2_with_one_line(prog, tmp_path, capsys):
+    argv, line = RANGE_ENTRY_POINTS[prog]
+    capsys.readouterr()
+    assert _main(prog)(argv(tmp_path)) == configlib.EXIT_CONFIG == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{prog}: config error: {line}"]
+
+
+def test_patch_size_not_dividing_the_data_exits_2(tmp_path, capsys):
+    from _train_fixtures import run_pretrain, tiny_config, write_shards
+
+    data = write_shards(tmp_path / "data", n_train=8, n_val=0, shards=1)  # 32×32 grids
+    cfg = tiny_config(tmp_path, data)
+    capsys.readouterr()
+    assert run_pretrain(["--config", str(cfg), "--set", "model.patch_size=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train.pretrain: config error: model.patch_size: must divide the "
+                              "lidar size 32×32 of the data in "), err
+    assert not (tmp_path / "runs").exists()  # nothing started

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from etl import configlib
+from etl.config import PreprocessConfig
+from etl.schema import IMAGE_MODALITIES, MODALITIES, sample_spec
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,18 @@ class ModelConfig:
 
     def __post_init__(self):  # also when built in code (tests, benchmarks), not loaded
         configlib.check_literals(self, "model")
+        configlib.check_ranges(self, "model", {
+            "embed_dim": (1, None), "depth": (1, None), "num_heads": (1, None),
+            "patch_size": (1, None), "fusion_depth": (0, None), "mlp_ratio": (0, None, True),
+            "decoder_dim": (1, None), "decoder_depth": (1, None), "decoder_heads": (1, None),
+            "gps_tokens": (1, None), "imu_tokens": (1, None), "gps_scale": (0, None, True),
+            "gyro_scale": (0, None, True), "accel_scale": (0, None, True),
+        })  # fmt: skip
+        for dim, heads in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
+            if getattr(self, dim) % getattr(self, heads):
+                raise configlib.ConfigError(
+                    f"model.{heads}: must divide {dim} ({getattr(self, dim)}), "
+                    f"got {getattr(self, heads)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +73,12 @@ class DataConfig:
     read_threads: int = 4  # threads per process reading and decoding records
     prefetch: int = 64  # records buffered per process
     device_prefetch: int = 2  # batches put on the devices ahead of the step
+
+    def __post_init__(self):
+        configlib.check_ranges(self, "data", {
+            "worker_count": (0, None), "worker_buffer_size": (1, None), "read_threads": (1, None),
+            "prefetch": (1, None), "device_prefetch": (0, None),
+        })  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,15 @@ class TrainingConfig:
     async_checkpoint: bool = True
     progress: bool = True  # a tqdm bar on a terminal (log lines otherwise)
 
+    def __post_init__(self):
+        configlib.check_ranges(self, "training", {
+            "batch_size": (1, None), "learning_rate": (0, None, True), "steps": (1, None),
+            "mask_ratio": (0, 1, True, True), "warmup_steps": (0, None),
+            "min_lr_ratio": (0, 1), "weight_decay": (0, None), "b1": (0, 1, False, True),
+            "b2": (0, 1, False, True), "grad_clip": (0, None), "log_every": (1, None),
+            "image_metrics_every": (0, None), "ckpt_every": (1, None), "keep": (1, None),
+        })  # fmt: skip
+
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -93,6 +122,11 @@ class MeshConfig:
     # jax.distributed.initialize(): "auto" (when SLURM_NTASKS > 1), "on", "off"
     distributed: Literal["auto", "on", "off"] = "auto"
 
+    def __post_init__(self):
+        if self.data != -1:
+            configlib.check_range("mesh.data", self.data, 1)  # -1: every device left
+        configlib.check_range("mesh.fsdp", self.fsdp, 1)
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -102,6 +136,30 @@ class PretrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     run_name: str = "pretrain"
     runs_dir: str = "runs"
+
+
+def check_against_data(model: ModelConfig, pre: PreprocessConfig, source: str) -> None:
+    """The model config against the data's sample sizes (known once the manifest of
+    ``source`` is read, before anything is built): :class:`etl.configlib.ConfigError` naming
+    the key, e.g. a ``model.patch_size`` that does not divide an image or BEV grid."""
+    spec = sample_spec(pre)
+    p = model.patch_size
+    for m in model.modalities:
+        if m not in MODALITIES:
+            raise configlib.ConfigError(f"model.modalities: unknown modality {m!r} "
+                                        f"(known: {list(MODALITIES)})")  # fmt: skip
+        if m in IMAGE_MODALITIES:
+            h, w = spec[m].shape[:2]
+            if h % p or w % p:
+                raise configlib.ConfigError(
+                    f"model.patch_size: must divide the {m} size {h}×{w} of the data in "
+                    f"{source}, got {p}")
+        else:
+            key = f"{m}_tokens"
+            n = getattr(model, key)
+            if spec[m].shape[0] % n:
+                raise configlib.ConfigError(
+                    f"model.{key}: must divide the {spec[m].shape[0]} {m} channels, got {n}")
 
 
 def load_pretrain_config(path=None, overrides=()) -> PretrainConfig:

@@ -37,7 +37,7 @@ from train import checkpoint as ckptlib
 from train import data as datalib
 from train import metrics as metricslib
 from train import sharding as shardlib
-from train.config import PretrainConfig
+from train.config import PretrainConfig, check_against_data
 from train.preempt import Preemption
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3
@@ -157,6 +157,7 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     mesh = shardlib.make_mesh(cfg.mesh)
     local_bs = shardlib.local_batch_size(tc.batch_size, mesh)
     pre = datalib.preprocess_config(cfg.data.path)
+    check_against_data(cfg.model, pre, cfg.data.path)  # ConfigError: exit 2 (main)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     log(f"run {run_dir} · mesh {dict(mesh.shape)} on {mesh.devices.size}× "
@@ -346,6 +347,8 @@ def main(argv=None, *, model_cls=None, flops_fn=None, hooks=()) -> int:
         return configlib.EXIT_CONFIG
     try:
         return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
+    except configlib.ConfigError as e:  # the config against the data (model.patch_size, …)
+        return configlib.cli_error("train.pretrain", e)
     except (ckptlib.ArchitectureMismatch, ckptlib.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
