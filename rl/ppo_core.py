@@ -47,8 +47,9 @@ class PPOConfig:
     init_log_std: float = -0.5
 
     def __post_init__(self):  # config values are checked when loaded (and built in code)
+        # learning_rate 0 holds the policy fixed (warm-start checks); negative ascends: refused
         configlib.check_ranges(self, "ppo", {
-            "learning_rate": (0, None, True), "gamma": (0, 1, True), "gae_lambda": (0, 1),
+            "learning_rate": (0, None), "gamma": (0, 1, True), "gae_lambda": (0, 1),
             "clip_eps": (0, None, True), "vf_coef": (0, None), "ent_coef": (0, None),
             "max_grad_norm": (0, None, True), "adam_eps": (0, None, True),
             "update_epochs": (1, None), "num_minibatches": (1, None), "num_envs": (1, None),

@@ -44,7 +44,7 @@ class ModelConfig:
     def __post_init__(self):  # also when built in code (tests, benchmarks), not loaded
         configlib.check_literals(self, "model")
         configlib.check_ranges(self, "model", {
-            "embed_dim": (1, None), "depth": (1, None), "num_heads": (1, None),
+            "embed_dim": (1, None), "depth": (0, None), "num_heads": (1, None),
             "patch_size": (1, None), "fusion_depth": (0, None), "mlp_ratio": (0, None, True),
             "decoder_dim": (1, None), "decoder_depth": (1, None), "decoder_heads": (1, None),
             "gps_tokens": (1, None), "imu_tokens": (1, None), "gps_scale": (0, None, True),
