@@ -255,7 +255,9 @@ def read_calibration(calib_dir, layout: SceneLayout | None = None, warn: list[st
     further translation (metres, vehicle frame) added to ``translation`` — the sample's files
     carry zeros in both, so the two readings cannot be told apart from the data.
     Any other file under ``calib/`` (the real sample has a stray ``front (copy).json``) is
-    ignored with a warning naming it; a broken configured file is a :class:`DriveError`.
+    ignored with a warning naming it. A broken radar file is a :class:`DriveError` (the radar
+    BEV needs the mount); a broken camera file is ignored with one warning naming the file and
+    the reason — no modality of the sample uses the camera calibration.
     """
     layout = layout or SceneLayout()
     warn = [] if warn is None else warn
@@ -274,16 +276,19 @@ def read_calibration(calib_dir, layout: SceneLayout | None = None, warn: list[st
         if not p.is_file():
             warn.append(f"{p}: no {cam} camera calibration")
             continue
-        d = _load_json(p)
-        if not isinstance(d, dict):
-            raise DriveError(p, "broken calibration: not a JSON object")
-        if "extrinsic" in d:
-            ext = _numbers(d["extrinsic"], 16, "extrinsic", p).reshape(4, 4)
-            setattr(cal, f"{cam}_extrinsic", ext)
-        if "intrinsic" in d:
-            setattr(
-                cal, f"{cam}_intrinsic", _numbers(d["intrinsic"], 9, "intrinsic", p).reshape(3, 3)
-            )
+        try:  # unused by the sample: a broken file costs a warning, not the drive
+            d = _load_json(p)
+            if not isinstance(d, dict):
+                raise DriveError(p, "broken calibration: not a JSON object")
+            ext = (_numbers(d["extrinsic"], 16, "extrinsic", p).reshape(4, 4)
+                   if "extrinsic" in d else None)  # fmt: skip
+            intr = (_numbers(d["intrinsic"], 9, "intrinsic", p).reshape(3, 3)
+                    if "intrinsic" in d else None)  # fmt: skip
+        except DriveError as e:
+            warn.append(f"{p}: {e.reason}: {cam} camera calibration ignored (not used)")
+            continue
+        setattr(cal, f"{cam}_extrinsic", ext)
+        setattr(cal, f"{cam}_intrinsic", intr)
     p = calib_dir / layout.radar_calib
     if p.is_file():
         d = _load_json(p)

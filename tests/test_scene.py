@@ -238,13 +238,10 @@ def test_scene_gps_only_flag_and_missing_lidar(tmp_path):
 
 def test_scene_drive_errors(tmp_path):
     scene = _write_scene(tmp_path)
-    (scene / "calib" / "camera" / "ir.json").write_text('{"extrinsic": [1, 2, 3]}')
-    with pytest.raises(DriveError, match=r"ir\.json: broken calibration: extrinsic needs 16"):
-        open_scene(scene, "a")
-    (scene / "calib" / "camera" / "ir.json").write_text('{"extrinsic": [1, 2, 3')
-    with pytest.raises(DriveError, match=r"ir\.json: broken calibration JSON"):
-        open_scene(scene, "a")
-    (scene / "calib" / "camera" / "ir.json").unlink()
+    (scene / "calib" / "radar" / "front_points.json").write_text('{"translation": [1, 2')
+    with pytest.raises(DriveError, match=r"front_points\.json: broken calibration JSON"):
+        open_scene(scene, "a")  # the radar mount is used: a broken one fails the drive
+    (scene / "calib" / "radar" / "front_points.json").unlink()
     (scene / "Gps_Imu" / "data" / "timestamp.txt").write_text("1000\n11OO\n")
     with pytest.raises(DriveError, match="bad timestamp '11OO'"):
         open_scene(scene, "a")
@@ -385,3 +382,25 @@ def test_repairs_are_one_line_per_drive_and_counted(tmp_path, capsys):
     assert notices["trailing bytes"] == 5  # frames 0, 2, 4, 6, 7 (8 missing, 1 corrupt, 9 NaN)
     assert notices["NaN/inf points"] == 1
     assert notices["bad labels"] == 2  # one malformed box, one broken label file
+
+
+@pytest.mark.parametrize("text,reason", [
+    ('{"extrinsic": ' + json.dumps(list(range(15))) + "}", "extrinsic needs 16 finite numbers"),
+    ('{"intrinsic": [1, 2, 3]}', "intrinsic needs 9 finite numbers"),
+    ('{"extrinsic": [1, 2, 3', "broken calibration JSON"),
+    ("[1, 2]", "not a JSON object"),
+])
+def test_broken_camera_calibration_is_ignored_with_one_warning(tmp_path, text, reason):
+    """Camera calibration is not used by the sample: a broken file warns once, the drive and
+    its good calibration (the radar mount, the other camera) are kept."""
+    scene = _write_scene(tmp_path, stray=False)
+    ir = scene / "calib" / "camera" / "ir.json"
+    ir.write_text(text)
+    d = open_scene(scene, "a")
+    lines = [w for w in d.warnings if "ir.json" in w]
+    assert len(lines) == 1 and lines[0].startswith(f"{ir}: ") and reason in lines[0]
+    assert "ir camera calibration ignored" in lines[0]
+    assert d.calib.ir_extrinsic is None and d.calib.ir_intrinsic is None
+    np.testing.assert_allclose(d.calib.rgb_extrinsic[:3, 3], [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(d.calib.radar_to_vehicle[:3, 3], [1.25, 0, 0.5])
+    assert d.lidar is not None and len(d.lidar.times) == 7
