@@ -72,7 +72,7 @@ import numpy as np
 
 from etl.config import ETLConfig
 from etl.errors import DriveError, FrameError
-from etl.sources import Calibration, Drive, Stream, TimeSeries
+from etl.sources import Calibration, Drive, Stream, TimeSeries, walk
 
 PC2 = "sensor_msgs/msg/PointCloud2"
 IMAGE = "sensor_msgs/msg/Image"
@@ -113,12 +113,13 @@ def _is_bag(p: Path) -> bool:
 def find_bags(src) -> list[Path]:
     """Every bag under ``src``, sorted: ROS 2 bag directories (holding ``metadata.yaml``; not
     searched further), bare ``.mcap``/``.db3`` files and ROS 1 ``.bag`` files. ``src`` may
-    itself be a bag. Hidden entries and ``*_calib`` folders are skipped."""
+    itself be a bag. Hidden entries and ``*_calib`` folders are skipped. Symbolic links are
+    followed, each real folder searched once (:func:`etl.sources.walk`)."""
     src = Path(src)
     if _is_bag(src):
         return [src]
     found: list[Path] = []
-    for root, dirs, files in os.walk(src):
+    for root, dirs, files in walk(src):
         if "metadata.yaml" in files:
             found.append(Path(root))
             dirs[:] = []

@@ -168,18 +168,25 @@ def discover(src: Path, cfg: ETLConfig | None = None) -> tuple[list[DriveRef], l
     for kind, finder in FINDERS.items():
         mod = finder.partition(":")[0]
         try:
-            found = _resolve(finder)(src, cfg.scene) if kind == "scene" else _resolve(finder)(src)
+            with warnings.catch_warnings(record=True) as caught:  # duplicates behind links
+                warnings.simplefilter("always", UserWarning)
+                found = (_resolve(finder)(src, cfg.scene) if kind == "scene"
+                         else _resolve(finder)(src))  # fmt: skip
         except ModuleNotFoundError as e:
             if e.name != mod:
                 raise
             notes.append(f"{mod} is not available; {kind} drives were not searched")
             continue
+        notes += [m for m in dict.fromkeys(str(w.message) for w in caught) if m not in notes]
         for p in found:
             p = Path(p)
-            try:
-                rel = p.resolve().relative_to(src.resolve()).as_posix()
+            try:  # the path under src as found (a drive behind a symbolic link keeps its name)
+                rel = p.absolute().relative_to(src.absolute()).as_posix()
             except ValueError:
-                rel = p.name
+                try:
+                    rel = p.resolve().relative_to(src.resolve()).as_posix()
+                except ValueError:
+                    rel = p.name
             drive_id = rel if rel not in ("", ".") else src.resolve().name
             refs.setdefault(drive_id, DriveRef(drive_id, str(p), OPENERS[kind]))
     return sorted(refs.values()), notes

@@ -43,7 +43,7 @@ from etl.config import ETLConfig, SceneLayout
 from etl.errors import DriveError, FrameError
 from etl.images import read_image
 from etl.pcd import points_xyzi, radar_points, read_pcd
-from etl.sources import Calibration, Drive, Stream, TimeSeries
+from etl.sources import Calibration, Drive, Stream, TimeSeries, walk
 
 __all__ = ["SceneWarning", "find_scenes", "open_scene", "read_calibration", "scene_frames"]
 
@@ -69,14 +69,15 @@ def find_scenes(src, layout: SceneLayout | None = None) -> list[Path]:
     """Every scene folder under ``src`` (``src`` itself if it is one), sorted.
 
     A scene is a folder that contains the configured LiDAR folder or the ``Gps_Imu`` folder;
-    the search does not descend into a scene.
+    the search does not descend into a scene. Symbolic links are followed, each real folder
+    searched once (:func:`etl.sources.walk`).
     """
     layout = layout or SceneLayout()
     src = Path(src)
     if _is_scene(src, layout):
         return [src]
     found = []
-    for root, dirs, _files in os.walk(src):
+    for root, dirs, _files in walk(src):
         d = Path(root)
         if d != src and _is_scene(d, layout):
             found.append(d)

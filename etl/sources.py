@@ -17,11 +17,35 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+class DiscoveryWarning(UserWarning):
+    """A folder reached twice while searching for drives (through a symbolic link), skipped."""
+
+
+def walk(src) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(src)`` that follows symbolic links (drives often sit behind one) and enters
+    each real folder once: a folder whose real path was already visited (a second link to it,
+    a link back up the tree) is skipped with a :class:`DiscoveryWarning` naming both paths.
+    Prune ``dirs`` in place as with ``os.walk``."""
+    seen: dict[str, str] = {}
+    for root, dirs, files in os.walk(src, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            warnings.warn(DiscoveryWarning(
+                f"{root}: the same folder as {seen[real]} (through a symbolic link): skipped"),
+                stacklevel=2)  # fmt: skip
+            dirs[:] = []
+            continue
+        seen[real] = root
+        yield root, dirs, files
 
 
 @dataclass

@@ -404,3 +404,31 @@ def test_broken_camera_calibration_is_ignored_with_one_warning(tmp_path, text, r
     np.testing.assert_allclose(d.calib.rgb_extrinsic[:3, 3], [0.1, 0.2, 0.3])
     np.testing.assert_allclose(d.calib.radar_to_vehicle[:3, 3], [1.25, 0, 0.5])
     assert d.lidar is not None and len(d.lidar.times) == 7
+
+
+def test_drives_behind_symlinks_are_found_once(tmp_path, capsys):
+    """A drive folder reached through a symbolic link is found (named by its path under
+    --src); a second link to the same folder, or a link back up the tree, is skipped with a
+    note naming the duplicate; the build then builds it."""
+    from etl import build as B
+
+    _write_scene(tmp_path / "disk")  # disk/drive_a/drive_a_1
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a_link").symlink_to(tmp_path / "disk" / "drive_a", target_is_directory=True)
+    (raw / "b_link").symlink_to(tmp_path / "disk" / "drive_a", target_is_directory=True)
+    (raw / "loop").symlink_to(raw, target_is_directory=True)
+    refs, notes = B.discover(raw)
+    assert [r.drive_id for r in refs] == ["a_link/drive_a_1"]
+    assert refs[0].path == str(raw / "a_link" / "drive_a_1")
+    dup = [n for n in notes if "b_link" in n]
+    assert len(dup) == 1 and dup[0].startswith(f"{raw / 'b_link'}: the same folder as ")
+    assert str(raw / "a_link") in dup[0] and "skipped" in dup[0]
+    assert any(n.startswith(f"{raw / 'loop'}: the same folder as {raw}") for n in notes)
+    rc = B.main(["--src", str(raw), "--out", str(tmp_path / "out"), "--no-progress",
+                 *SMALL_SETS])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"note: {raw / 'b_link'}: the same folder as" in err
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert list(m["drives"]) == ["a_link/drive_a_1"] and m["counts"]["samples"] > 0
