@@ -4,6 +4,8 @@
 #   - the JAX simulator alone, lidar (and camera): steps/s                     (issue 4, goal >= 1e6)
 #   - pretraining step, bf16: samples/s and MFU, seed and ViT-B widths        (issue 3, goals 25% / 40%)
 #   - PPO training loop, multimodal policy of the full pretraining config: steps/s (issue 5)
+#   - the from-scratch Austria recipe, trained and evaluated end to end: wall time (issue 12,
+#     goal <= 5 min)
 #
 #   bash benchmarks/gpu.sh [LOG]        # LOG defaults to gpu_bench.log
 #
@@ -19,11 +21,13 @@ export RACEFORMER_CACHE=${RACEFORMER_CACHE:-$(mktemp -d)}
 
 if [ "${SMALL:-0}" = 1 ]; then
   ENVS_BIG=256; ENVS_HUGE=512; SIM_ENVS="256 512"; PRE_BS=2; PRE_STEPS=2; MM_ENVS=4; UPD=1
-  PRE_CFG=configs/pretrain_tiny.toml
+  PRE_CFG=configs/pretrain_tiny.toml; SCRATCH_MAX=(--set ppo.total_timesteps=16384
+  --set "stages=[{name='contact', total_timesteps=16384, env={terminate_on_collision=false}}]")
 else
   ENVS_BIG=16384; ENVS_HUGE=65536; SIM_ENVS="4096 16384 65536"; PRE_BS=64; PRE_STEPS=20
-  MM_ENVS=256; UPD=4; PRE_CFG=configs/pretrain_cmht.toml
+  MM_ENVS=256; UPD=4; PRE_CFG=configs/pretrain_cmht.toml; SCRATCH_MAX=()
 fi
+RUNS=$(mktemp -d)
 
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$(( $2 * SCALE )); shift 2
@@ -54,5 +58,9 @@ step ppo_lidar_${ENVS_HUGE} 110 $PY -m benchmarks.ppo --num-envs "$ENVS_HUGE" --
 step pretrain_seed_cudnn 90 $PY -m benchmarks.pretrain --config "$PRE_CFG" --preset seed \
   --batch-size $(( PRE_BS * 4 )) --steps "$PRE_STEPS" --dtype bfloat16 \
   --set model.attention_impl=cudnn
+step scratch_recipe_train 420 $PY -m rl.ppo --config configs/rl_austria_scratch.toml \
+  --set "runs_dir='$RUNS'" "${SCRATCH_MAX[@]}"
+step scratch_recipe_eval 300 $PY -m rl.evaluate --ckpt "$RUNS/ppo_austria_scratch/ckpt" \
+  --tracks austria --episodes 10 --time-limit 160 --collision terminate --no-plots
 echo "=== summary" | tee -a "$LOG"
-grep -E '"policy"|"num_envs"|policy_steps_per_s"|physics_steps_per_s"|^jax  |MFU|rc=' "$LOG"
+grep -E '"policy"|"num_envs"|policy_steps_per_s"|physics_steps_per_s"|^jax  |MFU|rc=|  laps ' "$LOG"
