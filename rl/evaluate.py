@@ -88,7 +88,7 @@ from rl.envs.jax_env import make_params
 from rl.envs.spec import TaskConfig
 from rl.fmt import num, pm
 from rl.plots import plot_learning_curves, plot_trajectories
-from rl.tracks import Track, load_track
+from rl.tracks import Track, TrackError, load_track
 from train.checkpoint import Checkpointer
 
 BIG_LAPS = 100_000  # "laps = a large number": only the time limit (or a collision) ends it
@@ -523,6 +523,15 @@ def _modes(choice: str, trained: bool) -> dict[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a missing or broken track is one line on stderr, exit code 2."""
+    try:
+        return _main(argv)
+    except TrackError as e:
+        print(f"rl.evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="runs/<run>/ckpt of a PPO run")

@@ -231,6 +231,17 @@ def speed_profile(path: np.ndarray, step: float, v_max: float = 3.5, a_lat: floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a missing or broken track is one line on stderr, exit code 2."""
+    from rl.tracks import TrackError
+
+    try:
+        return _main(argv)
+    except TrackError as e:
+        print(f"rl.plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tracks", default="austria,berlin,montreal,torino")
     ap.add_argument("--turn-radius", type=float, default=TURN_RADIUS_M)

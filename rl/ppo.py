@@ -32,6 +32,7 @@ from rl import factory
 from rl.config import RLConfig, after_stages, cli_config, stage_config
 from rl.fmt import num
 from rl.runners import Runner, RunnerState
+from rl.tracks import TrackError
 from train.checkpoint import ArchitectureMismatch, Checkpointer, CheckpointError
 from train.preempt import Preemption
 
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # no intact checkpoint to resume from
         print(f"rl.ppo: error: {e}", file=sys.stderr)
         return 1
+    except TrackError as e:  # a missing or broken track (env.track): bad input, one line
+        print(f"rl.ppo: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

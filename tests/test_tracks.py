@@ -3,6 +3,7 @@ procedural circuits. Tests that need ../shared/data skip when it is absent."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -284,3 +285,29 @@ def test_tracks_modules_import_standalone(module):
     r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
                        text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("member", ["../escape.txt", "/etc/escape.txt", "a/../../escape.txt"])
+def test_zip_member_outside_the_folder_is_refused_leaving_nothing(tmp_path, monkeypatch, member):
+    """A zipped track whose member would land outside the extraction folder: one line naming
+    the archive and the member (no traceback from the command line), and no folder left in the
+    cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("RACEFORMER_CACHE", str(cache))
+    zpath = tmp_path / "evil.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("evil/evil.yml", "name: evil\nmap: {resolution: 0.05, origin: [0, 0]}\n")
+        z.writestr(member, "x")
+    with pytest.raises(TrackError, match=rf"evil\.zip: refused member '{member}'"):
+        load_track(zpath)
+    assert [p.name for p in (cache / "tracks").iterdir()] == []
+    assert not (tmp_path / "escape.txt").exists()
+
+    r = subprocess.run([sys.executable, "-m", "rl.plan", "--tracks", str(zpath)],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RACEFORMER_CACHE": str(cache)})
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "evil.zip: refused member" in lines[0] and member in lines[0], \
+        r.stderr
+    assert [p.name for p in (cache / "tracks").iterdir()] == []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 import zipfile
@@ -92,7 +93,9 @@ def hash_files(paths, extra: str = "") -> str:
 
 
 def extract_zip(zpath: Path) -> Path:
-    """Extract once into the cache, named by the zip's content hash; returns the scene dir."""
+    """Extract once into the cache, named by the zip's content hash; returns the scene dir.
+    A member that would land outside the extraction folder (``../x``, ``/x``) is refused
+    before anything is written: one TrackError naming the archive and the member."""
     key = hash_files([zpath])
     out = cache_dir() / f"{zpath.stem}-zip-{key}"
     if not (out / ".complete").exists():
@@ -100,14 +103,20 @@ def extract_zip(zpath: Path) -> Path:
             zf = zipfile.ZipFile(zpath)
         except zipfile.BadZipFile as e:
             raise TrackError(f"{zpath}: not a valid zip ({e})") from e
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".extract-"))
         with zf:
             for info in zf.infolist():
-                target = (tmp / info.filename).resolve()
-                if not str(target).startswith(str(tmp.resolve())):
-                    raise TrackError(f"{zpath}: unsafe member path {info.filename!r}")
-            zf.extractall(tmp)
-        (tmp / ".complete").touch()
+                name = info.filename
+                norm = posixpath.normpath(name.replace("\\", "/"))
+                if norm.startswith("/") or norm.split("/")[0] == ".." or name[1:2] == ":":
+                    raise TrackError(f"{zpath}: refused member {name!r} (it would be written "
+                                     f"outside the extraction folder)")
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".extract-"))
+            try:
+                zf.extractall(tmp)
+                (tmp / ".complete").touch()
+            except (OSError, zipfile.BadZipFile) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise TrackError(f"{zpath}: cannot extract ({type(e).__name__}: {e})") from e
         if out.exists():
             shutil.rmtree(out, ignore_errors=True)
         try:
