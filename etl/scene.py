@@ -3,7 +3,8 @@
 One scene folder (e.g. ``drive_dusk_clear_0/drive_dusk_1/``) holds, with the folder names of
 :class:`etl.config.SceneLayout`::
 
-    Gps_Imu/data/timestamp.txt     one integer per frame: milliseconds
+    Gps_Imu/data/timestamp.txt     one stamp per frame: integer milliseconds (float seconds,
+                                   integer µs or ns are recognised by their values, with a note)
     Gps_Imu/data/%08d.txt          8 lines: lat, lon (signed NMEA ddmm.mmmm), gyro xyz (rad/s),
                                    accel xyz (G)
     lidar/%08d.pcd                 radar/front_points/%08d.pcd
@@ -124,8 +125,21 @@ def _load_json(path: Path):
 
 
 # --------------------------------------------------------------------------- timestamps
-def _read_timestamps(path: Path) -> np.ndarray:
-    """``timestamp.txt`` → (N,) float64 seconds (the file holds integer milliseconds)."""
+# seconds per unit, and the spacing of successive frames (seconds) a scene can have
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "µs": 1e-6, "ns": 1e-9}
+FRAME_PERIOD_S = (1e-3, 10.0)  # 1 kHz … 0.1 Hz
+EPOCH_S = (631152000.0, 4102444800.0)  # a Unix time 1990 … 2100
+
+
+def _read_timestamps(path: Path) -> tuple[np.ndarray, str | None]:
+    """``timestamp.txt`` → ((N,) float64 seconds, a note naming the unit when it is not ms).
+
+    The release writes integer milliseconds; other exports write float seconds (``1650000000.1``)
+    or integer µs / ns. The unit is inferred from the values: the one that makes the median
+    frame spacing a plausible frame period (:data:`FRAME_PERIOD_S`); when several do, the one
+    that makes the first stamp a Unix time (:data:`EPOCH_S`), else milliseconds for integer
+    stamps. Stamps that fit no unit, or several (float stamps spaced 1–10 apart, not Unix
+    times), fail with one line naming the file."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -134,15 +148,43 @@ def _read_timestamps(path: Path) -> np.ndarray:
         raise DriveError(path, f"cannot read timestamps: {e}") from None
     lines = text.split()
     try:
-        ms = np.array(lines, dtype=np.float64)
+        raw = np.array(lines, dtype=np.float64)
     except ValueError:
         bad = next(i for i, s in enumerate(lines) if not _is_number(s))
         raise DriveError(path, f"bad timestamp {lines[bad]!r} (entry {bad + 1})") from None
-    if ms.size == 0:
+    if raw.size == 0:
         raise DriveError(path, "timestamp.txt is empty")
-    if not np.isfinite(ms).all():
+    if not np.isfinite(raw).all():
         raise DriveError(path, "timestamp.txt holds NaN/inf")
-    return ms / 1000.0
+    unit, why = _time_unit(raw, integers=all(s.lstrip("+-").isdigit() for s in lines))
+    if unit is None:
+        raise DriveError(path, f"timestamp unit unknown: {why}")
+    note = None if unit == "ms" else f"{path}: timestamps read as {unit}, not ms ({why})"
+    return raw * TIME_UNITS[unit], note
+
+
+def _time_unit(raw: np.ndarray, integers: bool) -> tuple[str | None, str]:
+    """The unit of raw stamps (see :func:`_read_timestamps`) and why, or (None, why not)."""
+    steps = np.diff(raw)
+    steps = steps[steps > 0]
+    if steps.size == 0:  # one frame (or none in order): the spacing cannot tell
+        return "ms", "one frame"
+    step = float(np.median(steps))
+    lo, hi = FRAME_PERIOD_S
+    fits = [u for u, k in TIME_UNITS.items() if lo <= step * k <= hi]
+    spacing = f"median spacing {step:g}"
+    if len(fits) == 1:
+        return fits[0], f"{spacing} = {step * TIME_UNITS[fits[0]]:g} s"
+    if not fits:
+        return None, (f"{spacing} is no frame period ({lo:g}–{hi:g} s) in any of "
+                      f"{', '.join(TIME_UNITS)}")
+    epoch = [u for u in fits if EPOCH_S[0] <= raw[0] * TIME_UNITS[u] <= EPOCH_S[1]]
+    if len(epoch) == 1:
+        return epoch[0], f"{spacing}, first stamp {raw[0]:.6g} a Unix time in {epoch[0]}"
+    if integers and "ms" in fits:
+        return "ms", spacing
+    return None, (f"{spacing} reads as {' or '.join(fits)} and the stamps are no Unix time; "
+                  f"write integer milliseconds")
 
 
 def _is_number(s: str) -> bool:
@@ -424,7 +466,9 @@ def open_scene(path, drive_id: str, cfg: ETLConfig | None = None, *,
         raise DriveError(root, "scene folder not found")
     warn: list[str] = []
     data_dir = root / lay.gps_imu / "data"
-    times = _read_timestamps(data_dir / "timestamp.txt")
+    times, unit_note = _read_timestamps(data_dir / "timestamp.txt")
+    if unit_note:
+        warn.append(unit_note)
     keep = _monotonic(times)
     if not keep.all():
         bad = np.flatnonzero(~keep).tolist()

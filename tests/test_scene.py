@@ -432,3 +432,39 @@ def test_drives_behind_symlinks_are_found_once(tmp_path, capsys):
     assert f"note: {raw / 'b_link'}: the same folder as" in err
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert list(m["drives"]) == ["a_link/drive_a_1"] and m["counts"]["samples"] > 0
+
+
+# --------------------------------------------------------------------------- timestamp units
+@pytest.mark.parametrize(("stamps", "unit"), [
+    ([f"{1650000000 + s / 1000:.3f}" for s in STAMPS_MS], "s"),  # float Unix seconds
+    ([f"{s / 1000:.1f}" for s in STAMPS_MS], "s"),  # float seconds from the drive start
+    ([str(1650000000000000 + s * 1000) for s in STAMPS_MS], "µs"),  # integer Unix µs
+    ([str(s * 1_000_000) for s in STAMPS_MS], "ns"),  # integer ns from the drive start
+])
+def test_timestamp_unit_inferred_from_the_values(tmp_path, stamps, unit):
+    """Float seconds (or µs, ns) in timestamp.txt are converted, not taken as ms; one note per
+    drive names the unit where it is not milliseconds."""
+    scene = _write_scene(tmp_path)
+    (scene / "Gps_Imu" / "data" / "timestamp.txt").write_text("\n".join(stamps) + "\n")
+    d = open_scene(scene, "a")
+    t = d.lidar.times
+    expect = np.array(STAMPS_MS, np.float64)[[0, 1, 2, 4, 6, 7, 9]] / 1000  # lidar frames
+    np.testing.assert_allclose(t - t[0], expect - expect[0], atol=1e-6)
+    notes = [w for w in d.warnings if "timestamps read as" in w]
+    assert len(notes) == 1 and f"read as {unit}, not ms" in notes[0], d.warnings
+    assert "timestamp.txt" in notes[0]
+    # the release's integer ms: no note
+    (scene / "Gps_Imu" / "data" / "timestamp.txt").write_text("\n".join(map(str, STAMPS_MS)))
+    assert not [w for w in open_scene(scene, "a").warnings if "timestamps read as" in w]
+
+
+@pytest.mark.parametrize("stamps", [
+    [f"{5.0 * i:.1f}" for i in range(10)],  # spaced 5: 5 s or 5 ms, and no Unix time
+    [str(10**13 * i) for i in range(10)],  # spaced 1e13: no frame period in any unit
+])
+def test_timestamp_unit_ambiguous_fails_naming_the_file(tmp_path, stamps):
+    scene = _write_scene(tmp_path)
+    (scene / "Gps_Imu" / "data" / "timestamp.txt").write_text("\n".join(stamps) + "\n")
+    with pytest.raises(DriveError, match=r"timestamp\.txt: timestamp unit unknown") as e:
+        open_scene(scene, "a")
+    assert "\n" not in str(e.value)
