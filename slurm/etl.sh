@@ -15,14 +15,28 @@
 # By hand: `sbatch --array=0-15 slurm/etl.sh` (the array) and, after it,
 # `sbatch --array=0-0 slurm/etl.sh --merge`.
 #
+# Without Slurm (no sbatch on PATH, or ETL_LOCAL=1) it builds every drive and merges, here:
+#
+#   SRC=cmht_raw OUT=data_cache bash slurm/etl.sh
+#
+# Preemption / time limit: SIGUSR1 300 s before the end stops the task and requeues it; the
+# drives it finished are skipped on the rerun (their markers), the one it was on is rebuilt.
+#
 # Expected: ~N_frames / (frames/s per worker × CPUS × ETL_GROUPS) wall time for the array (see
 # benchmarks/etl.py for frames/s per worker on your nodes); the merge takes seconds.
+#
+# Another cluster: change only the --partition and --account lines (CPU nodes; no --gres).
 #SBATCH --job-name=raceformer-etl
+##SBATCH --partition=main
+##SBATCH --account=your_account
 #SBATCH --array=0-15
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=32G
 #SBATCH --time=04:00:00
-#SBATCH --output=logs/etl-%A_%a.out
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/etl-%A_%a.out
 
 set -euo pipefail
 
@@ -37,22 +51,32 @@ if [[ -n "$CONFIG" ]]; then cfg_args=(--config "$CONFIG"); fi
 extra_args=($EXTRA)
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+mkdir -p slurm/logs
+export RACEFORMER_EXTRA="${RACEFORMER_EXTRA:-cpu}"  # the ETL needs no GPU
+source slurm/lib.sh
 
 if [[ "${1:-}" == "--merge" ]]; then
-  exec uv run python -m etl.build --src "$SRC" --out "$OUT" --merge-only "${cfg_args[@]}" \
-    "${extra_args[@]}"
+  run_requeueable --kill python -m etl.build --src "$SRC" --out "$OUT" --merge-only \
+    "${cfg_args[@]}" "${extra_args[@]}"
+  exit $?
 fi
 
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  if [[ "${ETL_LOCAL:-0}" == 1 ]] || ! command -v sbatch >/dev/null; then
+    echo "slurm/etl.sh: no Slurm here (no sbatch, or ETL_LOCAL=1): building every drive of" \
+         "$SRC into $OUT in this shell"
+    run_requeueable python -m etl.build --src "$SRC" --out "$OUT" "${cfg_args[@]}" \
+      "${extra_args[@]}" --workers "${WORKERS:-$(nproc)}"
+    exit $?
+  fi
   # On the login node: submit the array and the merge that waits for it.
-  mkdir -p logs
   array_id=$(sbatch --parsable --array="0-$((ETL_GROUPS - 1))" \
     --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" "$0")
   sbatch --dependency="afterany:${array_id}" --job-name=raceformer-etl-merge --array=0-0 \
-    --cpus-per-task=2 --mem=8G --time=00:30:00 --output=logs/etl-merge-%j.out \
+    --cpus-per-task=2 --mem=8G --time=00:30:00 --output=slurm/logs/etl-merge-%j.out \
     --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" \
     "$0" --merge
-  echo "submitted ETL array ${array_id} (${ETL_GROUPS} tasks) and its merge"
+  echo "submitted ETL array ${array_id} (${ETL_GROUPS} tasks) and its merge; logs in slurm/logs/"
   exit 0
 fi
 
@@ -60,5 +84,7 @@ task=${SLURM_ARRAY_TASK_ID:-0}
 count=${SLURM_ARRAY_TASK_COUNT:-$ETL_GROUPS}
 # Workers per task = the CPUs Slurm gave it. Exit code 1 = some drive of this group failed
 # (reported in the merge); the other tasks and the merge still run.
-exec uv run python -m etl.build --src "$SRC" --out "$OUT" "${cfg_args[@]}" "${extra_args[@]}" \
-  --workers "${SLURM_CPUS_PER_TASK:-1}" --shard-index "$task" --num-shards "$count" --no-progress
+run_requeueable --kill python -m etl.build --src "$SRC" --out "$OUT" "${cfg_args[@]}" \
+  "${extra_args[@]}" --workers "${SLURM_CPUS_PER_TASK:-1}" --shard-index "$task" \
+  --num-shards "$count" --no-progress
+exit $?

@@ -1,30 +1,75 @@
-# Shared by the Slurm job scripts: run one Python entry point on this node, forward Slurm's
-# preemption signal to it, and requeue the job when it exits with code 3 ("checkpoint saved,
-# stopped early"). Outside Slurm it simply runs the command with `uv run`.
+# Shared by the Slurm job scripts: pick the Python environment, run one Python entry point
+# (under Slurm: `srun`, one process per task), forward Slurm's early-warning signal to it, and
+# requeue the job when it exits with code 3 ("checkpoint saved, stopped early"). Outside Slurm
+# (`bash slurm/X.sh`) the same command runs here with `uv run`.
 #
 #   source slurm/lib.sh
 #   run_requeueable python -m train.pretrain --config configs/pretrain_cmht.toml
+#   run_requeueable --kill python -m etl.build ...   # no checkpointing: on the signal, stop
+#                                                    # the command and requeue (it resumes)
+#
+# RACEFORMER_EXTRA picks the jaxlib build: cuda13 (the default under Slurm: `uv sync --extra
+# cuda13`, JAX_PLATFORMS=cuda so a node without GPUs fails instead of crawling on its CPU) or
+# cpu (the default outside Slurm; on a CPU-only cluster: `RACEFORMER_EXTRA=cpu sbatch ...`).
+#
+# On a cluster other than Amarel, change only the #SBATCH --partition, --account and --gres
+# lines of the job scripts, and the `module load` line below if your site needs one.
+
+raceformer_env() {
+    # module load ...   # site modules, if any (Amarel needs none: the CUDA wheels carry CUDA)
+    local extra="${RACEFORMER_EXTRA:-}"
+    if [[ -z "$extra" ]]; then
+        if [[ -n "${SLURM_JOB_ID:-}" ]]; then extra=cuda13; else extra=cpu; fi
+    fi
+    case "$extra" in
+        cpu)
+            RF_EXTRA_ARGS=()
+            if [[ -n "${RACEFORMER_EXTRA:-}" ]]; then export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"; fi
+            ;;
+        cuda13)
+            RF_EXTRA_ARGS=(--extra cuda13)
+            export JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
+            ;;
+        *)
+            echo "slurm/lib.sh: RACEFORMER_EXTRA=$extra: expected cuda13 or cpu" >&2
+            return 2
+            ;;
+    esac
+    export RACEFORMER_EXTRA="$extra"
+}
 
 run_requeueable() {
-    set -uo pipefail
+    set +e -uo pipefail  # the child's exit code is handled below, not by `set -e`
+    local kill_on_signal=0
+    if [[ "${1:-}" == "--kill" ]]; then kill_on_signal=1; shift; fi
+    raceformer_env || return $?
     export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
     export PYTHONUNBUFFERED=1
     local launch
     if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-        # the CUDA build of jaxlib (uv.lock pins it); --frozen: never re-resolve on a compute node
-        uv sync --frozen --extra cuda13 || return 1
-        launch=(srun --kill-on-bad-exit=1 uv run --frozen --extra cuda13)
-        echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): $*"
+        # once, on the first node (the environment is on the shared file system); --frozen:
+        # never re-resolve on a compute node; --inexact: leave other extras (dev) installed
+        uv sync --frozen --inexact "${RF_EXTRA_ARGS[@]}" || return 1
+        # srun does not inherit --cpus-per-task from sbatch (Slurm ≥ 22.05)
+        export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
+        # one process per task (#SBATCH --ntasks-per-node); with several, the program calls
+        # jax.distributed.initialize(), which reads the Slurm environment
+        launch=(srun --kill-on-bad-exit=1 uv run --frozen --no-sync)
+        echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname)," \
+             "${SLURM_NNODES:-1} node(s), ${SLURM_NTASKS:-1} task(s), $RACEFORMER_EXTRA: $*"
     else
-        launch=(uv run)
+        launch=(uv run --frozen "${RF_EXTRA_ARGS[@]}")
     fi
 
     "${launch[@]}" "$@" &
     local child=$!
+    local signalled=0
+    local forward="TERM"
+    [[ $kill_on_signal -eq 1 ]] || forward="USR1"
     # shellcheck disable=SC2064
-    trap "echo \"\$(date -u +%FT%TZ) got USR1: asking $1 to checkpoint and stop\"; kill -s USR1 $child 2>/dev/null" USR1
+    trap "signalled=1; echo \"\$(date -u +%FT%TZ) got USR1: stopping $1 ($forward)\"; kill -s $forward $child 2>/dev/null" USR1
     # shellcheck disable=SC2064
-    trap "echo \"\$(date -u +%FT%TZ) got TERM: asking $1 to checkpoint and stop\"; kill -s TERM $child 2>/dev/null" TERM
+    trap "signalled=1; echo \"\$(date -u +%FT%TZ) got TERM: asking $1 to checkpoint and stop\"; kill -s TERM $child 2>/dev/null" TERM
 
     # `wait` returns early when a trapped signal arrives: keep waiting for the child itself.
     local code
@@ -33,8 +78,12 @@ run_requeueable() {
         code=$?
         kill -0 "$child" 2>/dev/null || break
     done
+    trap - USR1 TERM
+    if [[ $kill_on_signal -eq 1 && $signalled -eq 1 ]]; then
+        code=3  # stopped on purpose; what is finished stays finished (completion markers)
+    fi
     if [[ $code -eq 3 && -n "${SLURM_JOB_ID:-}" ]]; then
-        echo "checkpoint saved; requeueing job $SLURM_JOB_ID"
+        echo "stopped early (exit 3); requeueing job $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
     fi
     return "$code"

@@ -1,0 +1,169 @@
+"""The Slurm job scripts (slurm/*.sh), run with bash and no Slurm: a fake ``uv``, ``srun``,
+``scontrol`` on PATH record what would run, so these tests are fast and need no cluster."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ["etl.sh", "pretrain.sh", "ppo.sh"]
+
+FAKE_UV = """#!/bin/bash
+echo "uv $* | JAX_PLATFORMS=${JAX_PLATFORMS:-} SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}" \\
+  >> "$FAKE_LOG"
+[[ "$1" == run ]] || exit 0
+if [[ -n "${FAKE_WAIT:-}" ]]; then
+  trap 'echo "child got USR1" >> "$FAKE_LOG"; exit 3' USR1
+  trap 'echo "child got TERM" >> "$FAKE_LOG"; exit 143' TERM
+  touch "$FAKE_WAIT"
+  while true; do sleep 0.05; done
+fi
+exit "${FAKE_EXIT:-0}"
+"""
+FAKE_SRUN = """#!/bin/bash
+echo "srun $*" >> "$FAKE_LOG"
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$FAKE_LOG"
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """(env, log path): PATH with the fakes first, no Slurm variables, no RACEFORMER_EXTRA."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in (("uv", FAKE_UV), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    log = tmp_path / "log"
+    log.touch()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "RACEFORMER_", "JAX_PLATFORMS"))}
+    env.update(PATH=f"{bin_}:/usr/bin:/bin", FAKE_LOG=str(log))
+    return env, log
+
+
+def _run(script, args, env, **kw):
+    return subprocess.run(["bash", f"slurm/{script}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, **kw)
+
+
+def _slurm(env, **extra):
+    return {**env, "SLURM_JOB_ID": "123", "SLURM_NTASKS": "1", "SLURM_NNODES": "1",
+            "SLURM_CPUS_PER_TASK": "8", "SLURM_SUBMIT_DIR": str(ROOT), **extra}
+
+
+@pytest.mark.parametrize("script", [*JOBS, "lib.sh"])
+def test_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("script", JOBS)
+def test_sbatch_lines_requeue_on_the_early_signal(script):
+    """Every job asks for SIGUSR1 before its end (to the batch shell), may be requeued, and
+    appends to its log across restarts."""
+    lines = [ln for ln in (ROOT / "slurm" / script).read_text().splitlines()
+             if ln.startswith("#SBATCH")]
+    assert any(re.fullmatch(r"#SBATCH --signal=B:USR1@\d+", ln) for ln in lines), lines
+    assert "#SBATCH --requeue" in lines
+    assert "#SBATCH --open-mode=append" in lines
+
+
+def test_pretrain_without_slurm_runs_here_on_the_cpu_env(fake):
+    env, log = fake
+    r = _run("pretrain.sh", ["configs/pretrain_tiny.toml", "--set", "training.steps=2"], env)
+    assert r.returncode == 0, r.stderr
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("uv run --frozen python -m train.pretrain --config "
+                           "configs/pretrain_tiny.toml --set training.steps=2 |"), line
+    assert "--extra" not in line and "JAX_PLATFORMS= " in line
+
+
+@pytest.mark.parametrize(("extra", "sync", "platforms"), [
+    (None, "uv sync --frozen --inexact --extra cuda13 ", "cuda"),
+    ("cpu", "uv sync --frozen --inexact |", "cpu"),
+])
+def test_pretrain_under_slurm_one_process_per_task_and_requeue_on_usr1(
+        fake, tmp_path, extra, sync, platforms):
+    """Under Slurm: one sync, then srun (one process per task); USR1 to the batch shell reaches
+    the program, which exits 3 (checkpoint saved), and the job requeues itself."""
+    env, log = fake
+    env = _slurm(env, SLURM_NTASKS="8", SLURM_NNODES="2", FAKE_WAIT=str(tmp_path / "started"))
+    if extra:
+        env["RACEFORMER_EXTRA"] = extra
+    p = subprocess.Popen(["bash", "slurm/pretrain.sh", "configs/pretrain_tiny.toml"], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 3, err
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith(sync), lines
+    assert lines[1].startswith("srun --kill-on-bad-exit=1 uv run --frozen --no-sync python -m "
+                               "train.pretrain"), lines
+    assert f"JAX_PLATFORMS={platforms} SRUN_CPUS_PER_TASK=8" in lines[2], lines
+    assert lines[3:] == ["child got USR1", "scontrol requeue 123"], lines
+    assert "2 node(s), 8 task(s)" in out
+
+
+def test_unknown_extra_is_one_line(fake):
+    env, log = fake
+    r = _run("pretrain.sh", [], {**env, "RACEFORMER_EXTRA": "cuda99"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == "slurm/lib.sh: RACEFORMER_EXTRA=cuda99: expected cuda13 or cpu"
+    assert log.read_text() == ""
+
+
+def test_ppo_refuses_several_tasks(fake):
+    """rl.ppo is one process: several nodes or tasks fail with one line, before any work."""
+    env, log = fake
+    r = _run("ppo.sh", [], _slurm(env, SLURM_NTASKS="8", SLURM_NNODES="2"))
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "--nodes=1" in r.stderr
+    assert log.read_text() == ""
+
+
+def test_etl_without_slurm_builds_everything_here(fake):
+    env, log = fake
+    r = _run("etl.sh", [], {**env, "SRC": "raw", "OUT": "cache", "WORKERS": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "no Slurm here" in r.stdout
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("uv run --frozen python -m etl.build --src raw --out cache "
+                           "--workers 2 |"), line
+
+
+def test_etl_array_task_stops_and_requeues_on_usr1(fake, tmp_path):
+    """An array task has no checkpoint to save: USR1 stops the build (finished drives keep
+    their markers) and requeues the task; it builds its own group of drives."""
+    env, log = fake
+    env = _slurm(env, SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="4", SRC="raw",
+                 OUT="cache", FAKE_WAIT=str(tmp_path / "started"))
+    p = subprocess.Popen(["bash", "slurm/etl.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 3, err
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("uv sync --frozen --inexact |"), lines  # no CUDA for the ETL
+    assert "--shard-index 2 --num-shards 4 --no-progress" in lines[1], lines
+    assert lines[3:] == ["child got TERM", "scontrol requeue 123"], lines
