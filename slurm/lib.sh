@@ -1,7 +1,7 @@
 # Shared by the Slurm job scripts: pick the Python environment, run one Python entry point
 # (under Slurm: `srun`, one process per task), forward Slurm's early-warning signal to it, and
 # requeue the job when it exits with code 3 ("checkpoint saved, stopped early"). Outside Slurm
-# (`bash slurm/X.sh`) the same command runs here with `uv run`.
+# (`bash slurm/<job>.sh`) the same command runs here with `uv run`.
 #
 #   source slurm/lib.sh
 #   run_requeueable python -m train.pretrain --config configs/pretrain_cmht.toml
