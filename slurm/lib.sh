@@ -38,6 +38,12 @@ raceformer_env() {
     export RACEFORMER_EXTRA="$extra"
 }
 
+_rf_pass() {  # a trap: signal $1 arrived; pass $2 on to the child (or when it starts)
+    echo "$(date -u +%FT%TZ) got $1: stopping $_rf_what (sending $2)"
+    _rf_signalled=$2
+    if [[ -n "$_rf_child" ]]; then kill -s "$2" "$_rf_child" 2>/dev/null; fi
+}
+
 run_requeueable() {
     set +e -uo pipefail  # the child's exit code is handled below, not by `set -e`
     local kill_on_signal=0
@@ -61,15 +67,17 @@ run_requeueable() {
         launch=(uv run --frozen "${RF_EXTRA_ARGS[@]}")
     fi
 
+    # The traps go up before the child starts, so an early signal is not lost (it is passed on
+    # as soon as the child exists).
+    _rf_child="" _rf_signalled="" _rf_what="$1"
+    _rf_forward=USR1
+    [[ $kill_on_signal -eq 0 ]] || _rf_forward=TERM
+    trap '_rf_pass USR1 "$_rf_forward"' USR1
+    trap '_rf_pass TERM TERM' TERM
     "${launch[@]}" "$@" &
-    local child=$!
-    local signalled=0
-    local forward="TERM"
-    [[ $kill_on_signal -eq 1 ]] || forward="USR1"
-    # shellcheck disable=SC2064
-    trap "signalled=1; echo \"\$(date -u +%FT%TZ) got USR1: stopping $1 ($forward)\"; kill -s $forward $child 2>/dev/null" USR1
-    # shellcheck disable=SC2064
-    trap "signalled=1; echo \"\$(date -u +%FT%TZ) got TERM: asking $1 to checkpoint and stop\"; kill -s TERM $child 2>/dev/null" TERM
+    _rf_child=$!
+    local child=$_rf_child
+    if [[ -n "$_rf_signalled" ]]; then kill -s "$_rf_signalled" "$child" 2>/dev/null; fi
 
     # `wait` returns early when a trapped signal arrives: keep waiting for the child itself.
     local code
@@ -79,7 +87,7 @@ run_requeueable() {
         kill -0 "$child" 2>/dev/null || break
     done
     trap - USR1 TERM
-    if [[ $kill_on_signal -eq 1 && $signalled -eq 1 ]]; then
+    if [[ $kill_on_signal -eq 1 && -n "$_rf_signalled" ]]; then
         code=3  # stopped on purpose; what is finished stays finished (completion markers)
     fi
     if [[ $code -eq 3 && -n "${SLURM_JOB_ID:-}" ]]; then
