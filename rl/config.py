@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from etl import configlib
 from rl.ppo_core import PPOConfig
 
@@ -128,6 +130,14 @@ class EnvConfig:
     min_speed: float = 0.0
     # JAX backend only: per-episode domain randomization of the car and its sensors
     randomize: RandomizeConfig = field(default_factory=RandomizeConfig)
+    # JAX backend only: a pool of training tracks beside env.track — every pool_every updates
+    # pool_size of them are drawn anew (seeded by the run's seed and the draw's number) and
+    # tiled with env.track's into one map of fixed slots of pool_slot_m metres (no recompile);
+    # every car restarts on the new map. "" = off. E.g. "procedural:circuit:0-9999"
+    track_pool: str = ""
+    pool_size: int = 16
+    pool_every: int = 50  # updates
+    pool_slot_m: float = 64.0
     world_scale: float = 10.0  # sim metres → real-car metres, for the observation adapter
     bullet_workers: int = 0  # gymnasium runner: 0 = envs in this process, else subprocesses
 
@@ -140,7 +150,11 @@ class EnvConfig:
             "wall_margin": (0, None), "stall_time": (0, None), "stall_speed": (0, None),
             "lidar_rays": (1, None), "yaw_rate_noise": (0, None),
             "world_scale": (0, None, True), "bullet_workers": (0, None),
+            "pool_size": (1, None), "pool_every": (1, None), "pool_slot_m": (0, None, True),
         })  # fmt: skip
+        if self.track_pool and self.backend != "jax":
+            raise configlib.ConfigError(f"env.track_pool: the JAX backend's (fast runner), "
+                                        f"not {self.backend!r}")
 
 
 @dataclass(frozen=True)
@@ -309,6 +323,20 @@ def after_stages(cfg: RLConfig) -> RLConfig:
         return cfg
     last = (stage_dir(cfg, len(cfg.stages) - 1) / "ckpt").as_posix()
     return replace(cfg, finetune=replace(cfg.finetune, init_policy=last))
+
+
+def pool_draw(cfg: RLConfig, draw: int) -> list[str]:
+    """The tracks of the track pool's ``draw``-th draw (``env.track_pool``): env.track's
+    tracks, then ``env.pool_size`` names from the pool without replacement, seeded by the
+    run's seed and the draw's number (the same names on a resume)."""
+    from rl.tracks import track_names
+
+    fixed, pool = track_names(cfg.env.track), track_names(cfg.env.track_pool)
+    if cfg.env.pool_size > len(pool):
+        raise configlib.ConfigError(f"env.pool_size: {cfg.env.pool_size} tracks from a pool of "
+                                    f"{len(pool)} ({cfg.env.track_pool})")
+    rng = np.random.default_rng([cfg.seed, draw])
+    return fixed + [pool[i] for i in rng.choice(len(pool), cfg.env.pool_size, replace=False)]
 
 
 def load_config(path=None, overrides=()) -> RLConfig:

@@ -35,7 +35,7 @@ from rl.agent import (
     lidar_features,
     split_agent,
 )
-from rl.config import RandomizeConfig, RLConfig
+from rl.config import RandomizeConfig, RLConfig, pool_draw
 from rl.envs import spec
 from rl.envs.adapter import ObservationAdapter
 from rl.envs.functional import RacecarFunctional
@@ -100,7 +100,16 @@ def make_functional(cfg: RLConfig, featurize) -> tuple[RacecarFunctional, TrackP
     e = cfg.env
     sim = make_sim(task_config(cfg), e.randomize, e.min_speed, camera=e.camera,
                    lidar_rays=e.lidar_rays, yaw_rate_noise=e.yaw_rate_noise)
-    return RacecarFunctional(sim, featurize, e.action_repeat), make_params(e.track)
+    params = pool_params(cfg, 0) if e.track_pool else make_params(e.track)
+    return RacecarFunctional(sim, featurize, e.action_repeat), params
+
+
+def pool_params(cfg: RLConfig, draw: int) -> TrackParams:
+    """The track parameters of the track pool's ``draw``-th draw (:func:`rl.config.pool_draw`):
+    the same array shapes for every draw (fixed slots), so the fast runner swaps them in
+    without recompiling."""
+    names = pool_draw(cfg, draw)
+    return make_params(names, slot_m=cfg.env.pool_slot_m, slots=len(names))
 
 
 def make_env(backend: str, track, task: TaskConfig, camera: bool = False) -> gym.Env:

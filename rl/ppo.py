@@ -29,10 +29,10 @@ import numpy as np
 
 from etl import configlib
 from rl import factory
-from rl.config import RLConfig, after_stages, cli_config, stage_config
+from rl.config import RLConfig, after_stages, cli_config, pool_draw, stage_config
 from rl.fmt import num
 from rl.runners import Runner, RunnerState
-from rl.tracks import TrackError
+from rl.tracks import TrackError, track_names
 from train.checkpoint import ArchitectureMismatch, Checkpointer, CheckpointError
 from train.preempt import Preemption
 
@@ -178,6 +178,13 @@ def train(cfg: RLConfig, runner: Runner, run_dir: Path, max_updates: int | None 
                     "this update is not saved")
                 code = EXIT_NONFINITE
                 break
+            if cfg.env.track_pool and update < total and (
+                    update // cfg.env.pool_every > prev // cfg.env.pool_every):
+                draw = update // cfg.env.pool_every  # before the save: a resume has its maps
+                state = runner.swap_env_params(state, factory.pool_params(cfg, draw))
+                names = pool_draw(cfg, draw)[len(track_names(cfg.env.track)):]
+                log(f"track pool draw {draw}: {len(names)} tracks ({', '.join(names[:4])}"
+                    f"{', …' if len(names) > 4 else ''})")
             due = update // cfg.ckpt_every > prev // cfg.ckpt_every
             if due or update >= total or preempt.signal:
                 ckpt.save(update, runner.checkpoint(state), {"update": update}, record)

@@ -145,6 +145,7 @@ class FastRunner:
         self.tx = make_optimizer(cfg, self.num_updates)
         self.learn = make_learn(self.agent.apply, self.tx, cfg)
         self._chunk = jax.jit(self._run_chunk, static_argnums=(1,), donate_argnums=(0,))
+        self._reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
 
     # -- state ---------------------------------------------------------------------------
     def init(self, key: jax.Array) -> RunnerState:
@@ -154,6 +155,16 @@ class FastRunner:
         state = _new_state(self.agent, self.tx, key, obs, _obs_stats(self.cfg, obs),
                            self.cfg.num_envs, jnp.zeros, env_state, self.env_params)
         return self.place(state)
+
+    def swap_env_params(self, state: RunnerState, env_params) -> RunnerState:
+        """``state`` on other track parameters of the same shapes (the track pool's next
+        draw): every environment reset on them, its running episode dropped (no compile:
+        the chunk sees arrays of the shapes it was compiled for)."""
+        key, k_env = jax.random.split(state.key)
+        obs, env_state = self._reset(jax.random.split(k_env, self.cfg.num_envs), env_params)
+        z = jnp.zeros(self.cfg.num_envs)
+        return self.place(state._replace(env_params=env_params, env_state=env_state, obs=obs,
+                                         ret_acc=z, ep_ret=z, ep_len=z, key=key))
 
     def place(self, state: RunnerState) -> RunnerState:
         """Per-env arrays along the mesh's ``data`` axis, the rest replicated; every leaf its

@@ -252,3 +252,37 @@ def test_stages_train_in_order_then_the_run_starts_from_the_last(tmp_path, capsy
         _cfg(tmp_path, "bad", ["stages=[{name='x', total_timesteps=1, env={trak='a'}}]"])
     with pytest.raises(configlib.ConfigError, match=r"env\.min_speed"):
         _cfg(tmp_path, "bad", ["stages=[{name='x', total_timesteps=1, env={min_speed=9.0}}]"])
+
+
+def test_track_pool_draws_new_tracks_without_recompiling(tmp_path, capsys):
+    """env.track_pool: every pool_every updates pool_size tracks are drawn anew (seeded by
+    the run's seed and the draw), tiled with env.track's on fixed slots — the same array
+    shapes, so the jitted chunk compiles once — and every car restarts on the new map."""
+    from rl import factory
+    from rl.config import pool_draw
+    from rl.ppo import train
+    from rl.tracks import TrackError, load_track, slot_tracks
+
+    pool = ["env.track_pool='procedural:1-4'", "env.pool_size=2", "env.pool_every=1",
+            "updates_per_log=1"]
+    cfg = _cfg(tmp_path, "pool", pool)
+    d0, d1 = pool_draw(cfg, 0), pool_draw(cfg, 1)
+    assert d0[0] == "procedural:0" and len(d0) == 3 and len(set(d0)) == 3
+    assert d0 == pool_draw(cfg, 0) and d0 != d1  # seeded per draw
+    p0, p1 = factory.pool_params(cfg, 0), factory.pool_params(cfg, 1)
+    assert jax.tree.map(np.shape, p0) == jax.tree.map(np.shape, p1)
+    assert not np.array_equal(np.asarray(p0.obstacle_m), np.asarray(p1.obstacle_m))
+
+    runner = factory.make_runner(cfg)
+    run_dir = tmp_path / "pool"
+    run_dir.mkdir()
+    assert train(cfg, runner, run_dir, max_updates=3) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "track pool draw 1: 2 tracks" in err and "track pool draw 2: 2 tracks" in err
+    assert runner._chunk._cache_size() == 1  # one compile for three track sets
+    with pytest.raises(configlib.ConfigError, match=r"env\.pool_size: 9 tracks from a pool of 4"):
+        pool_draw(_cfg(tmp_path, "big", [*pool[:1], "env.pool_size=9"]), 0)
+    with pytest.raises(TrackError, match=r"procedural_1 needs .* more than a slot of 5\.0 m"):
+        slot_tracks([load_track("procedural:1")], 5.0, 1)
+    with pytest.raises(configlib.ConfigError, match=r"env\.track_pool: the JAX backend's"):
+        _cfg(tmp_path, "pb", [*pool[:1], "env.backend='bullet'"])

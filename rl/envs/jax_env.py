@@ -53,7 +53,7 @@ import numpy as np
 from rl.config import RandomizeConfig
 from rl.envs import spec
 from rl.envs.spec import TaskConfig
-from rl.tracks import Track, load_track, tile_tracks, track_names
+from rl.tracks import Track, load_track, slot_tracks, tile_tracks, track_names
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,8 @@ class EnvState(NamedTuple):
 # ------------------------------------------------------------------------------ track
 
 
-def make_params(track: Track | str | list, max_random: int = 20000) -> TrackParams:
+def make_params(track: Track | str | list, max_random: int = 20000, *,
+                slot_m: float | None = None, slots: int | None = None) -> TrackParams:
     """Device arrays of a track (numpy work done once here), on the track's cropped map
     (Track.cropped: the drivable area plus 2 m of wall on every side, the same lookups for
     every drivable position): cache-sized, and the wall band lets the lidar skip bounds
@@ -287,8 +288,27 @@ def make_params(track: Track | str | list, max_random: int = 20000) -> TrackPara
     Several tracks (a list of Tracks or names, or a "a,b,procedural:1-8" string) are tiled
     into one map (rl.tracks.tile_tracks), each a walled island: random resets spawn on every
     track equally often (max_random / n candidates each) and a car races the track it
-    spawned on; the grid start is track 0's."""
+    spawned on; the grid start is track 0's.
+
+    ``slot_m`` and ``slots``: the tracks on a fixed grid of ``slots`` slots of ``slot_m``
+    metres (rl.tracks.slot_tracks) with exactly ``max_random // slots`` spawns each, so that
+    every set of up to ``slots`` tracks gives arrays of the same shapes (the track pool swaps
+    them without a recompile)."""
     names = track_names(track) if isinstance(track, str) else None
+    if slot_m is not None:
+        tracks = [t if isinstance(t, Track) else load_track(t)
+                  for t in (names if names is not None else
+                            (track if isinstance(track, list | tuple) else [track]))]
+        tiled, offsets = slot_tracks(tracks, slot_m, slots, LIDAR_WALL_BAND_M)
+        per = max(1, max_random // slots)
+        spawns = []
+        for i in range(slots):  # unused slots: more spawns on the tracks there are
+            t, off = tracks[i % len(tracks)], offsets[i % len(tracks)]
+            pose = _random_spawns(t.cropped(LIDAR_WALL_BAND_M), per)
+            pick = np.random.default_rng(i).choice(len(pose), per, replace=len(pose) < per)
+            spawns.append(pose[np.sort(pick)] + np.array([off[0], off[1], 0.0], np.float32))
+        return _params(_checked(tiled), _grid_pose(tracks[0]) + np.float32([*offsets[0], 0]),
+                       np.concatenate(spawns))
     if names is not None and len(names) == 1:
         track = load_track(names[0])
     elif names is not None or isinstance(track, list | tuple):

@@ -9,7 +9,7 @@ Modules, each importing only those above it:
     scene       where scenes and the cache live, reading a scene's yml, the pixel grid
     compile     the wall-mesh → maps compiler and its cache of compiled scenes
     procedural  seeded random circuits, written and compiled as scenes
-    track       Track, load_track, track_names, tile_tracks
+    track       Track, load_track, track_names, tile_tracks, slot_tracks
 
 This package re-exports their public names.
 """
@@ -42,6 +42,7 @@ from rl.tracks.track import (
     Track,
     centreline_from_maps,
     load_track,
+    slot_tracks,
     tile_tracks,
     track_names,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "ring_topology",
     "save_maps",
     "scene_grid",
+    "slot_tracks",
     "tile_tracks",
     "track_names",
     "tracks_dir",

@@ -176,14 +176,6 @@ def tile_tracks(tracks: list[Track], margin_m: float = 2.0) -> tuple[Track, np.n
     offset (x, y) that was added to each track's coordinates."""
     if not tracks:
         raise TrackError("tile_tracks: no tracks")
-    res = tracks[0].resolution
-    for t in tracks[1:]:
-        if abs(t.resolution - res) > 1e-9:
-            raise TrackError(f"tile_tracks: {t.name} has resolution {t.resolution}, "
-                             f"{tracks[0].name} {res}")
-        if t.checkpoints != tracks[0].checkpoints:
-            raise TrackError(f"tile_tracks: {t.name} has {t.checkpoints} checkpoints, "
-                             f"{tracks[0].name} {tracks[0].checkpoints}")
     tiles = [t.cropped(margin_m) for t in tracks]
     per_shelf = int(np.ceil(np.sqrt(len(tiles))))
     shelves = [tiles[i:i + per_shelf] for i in range(0, len(tiles), per_shelf)]
@@ -197,7 +189,49 @@ def tile_tracks(tracks: list[Track], margin_m: float = 2.0) -> tuple[Track, np.n
             place.append((bottom, left))
             left += t.shape[1]
         bottom += max(t.shape[0] for t in shelf)
-    ox, oy = tiles[0].origin  # tile 0 at the bottom-left corner keeps its coordinates
+    return _compose(tracks, tiles, place, height, width)
+
+
+def slot_tracks(tracks: list[Track], slot_m: float, slots: int,
+                margin_m: float = 2.0) -> tuple[Track, np.ndarray]:
+    """Like :func:`tile_tracks`, but on a fixed grid of ``slots`` square slots of ``slot_m``
+    metres (ceil(sqrt(slots)) per row): the map has the same shape for any tracks that fit,
+    so the JAX backend can swap one set of tracks for another without recompiling (the
+    training track pool, ``env.track_pool``). Unused slots are wall. A track (plus
+    ``margin_m``) larger than a slot is an error naming it."""
+    if not tracks:
+        raise TrackError("slot_tracks: no tracks")
+    if len(tracks) > slots:
+        raise TrackError(f"slot_tracks: {len(tracks)} tracks for {slots} slots")
+    res = tracks[0].resolution
+    n = int(round(slot_m / res))
+    tiles = [t.cropped(margin_m) for t in tracks]
+    for t in tiles:
+        if t.shape[0] > n or t.shape[1] > n:
+            raise TrackError(f"slot_tracks: {t.name} needs {t.shape[1] * res:.1f} × "
+                             f"{t.shape[0] * res:.1f} m with its {margin_m} m margin, more than "
+                             f"a slot of {slot_m} m (env.pool_slot_m)")
+    cols = int(np.ceil(np.sqrt(slots)))
+    rows = -(-slots // cols)
+    place = [((i // cols) * n, (i % cols) * n) for i in range(len(tiles))]
+    return _compose(tracks, tiles, place, rows * n, cols * n)
+
+
+def _compose(tracks: list[Track], tiles: list[Track], place: list[tuple[int, int]],
+             height: int, width: int) -> tuple[Track, np.ndarray]:
+    """Tiles pasted at ``place`` (bottom row from the map's bottom, left column) into one
+    (height, width) map; tile 0 keeps its world coordinates."""
+    res = tracks[0].resolution
+    for t in tracks[1:]:
+        if abs(t.resolution - res) > 1e-9:
+            raise TrackError(f"tile_tracks: {t.name} has resolution {t.resolution}, "
+                             f"{tracks[0].name} {res}")
+        if t.checkpoints != tracks[0].checkpoints:
+            raise TrackError(f"tile_tracks: {t.name} has {t.checkpoints} checkpoints, "
+                             f"{tracks[0].name} {tracks[0].checkpoints}")
+    b0, c0 = place[0]
+    ox = tiles[0].origin[0] - c0 * res  # the map's origin: tile 0 keeps its coordinates
+    oy = tiles[0].origin[1] - b0 * res
     maps = {k: np.zeros((height, width), getattr(tiles[0], k).dtype)
             for k in ("drivable", "progress", "dist_to", "obstacle", "obstacle_m")}
     offsets = np.zeros((len(tiles), 2))
