@@ -34,6 +34,7 @@ from rl.fmt import num
 from rl.runners import Runner, RunnerState
 from rl.tracks import TrackError, track_names
 from train.checkpoint import ArchitectureMismatch, Checkpointer, CheckpointError
+from train.metrics import truncate_jsonl
 from train.preempt import Preemption
 
 EXIT_OK, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3
@@ -149,6 +150,9 @@ def train(cfg: RLConfig, runner: Runner, run_dir: Path, max_updates: int | None 
             ckpt.close()
             raise
         state = runner.restore(state, saved)
+        # the records logged after this checkpoint are logged again from here: drop them
+        truncate_jsonl(run_dir / "metrics.jsonl",
+                       int(state.update) * cfg.ppo.num_envs * cfg.ppo.num_steps, "env_steps")
         log(f"resumed {run_dir} at update {int(state.update)}")
     elif cfg.finetune.init_policy:
         params, frozen, obs_rms = factory.warm_start_policy(cfg)

@@ -286,3 +286,16 @@ def test_track_pool_draws_new_tracks_without_recompiling(tmp_path, capsys):
         slot_tracks([load_track("procedural:1")], 5.0, 1)
     with pytest.raises(configlib.ConfigError, match=r"env\.track_pool: the JAX backend's"):
         _cfg(tmp_path, "pb", [*pool[:1], "env.backend='bullet'"])
+
+
+def test_resume_after_a_lost_checkpoint_logs_each_update_once(tmp_path):
+    """A run that logged updates past its last checkpoint and died: the resumed run logs
+    those updates again, and metrics.jsonl keeps one record per update, not two."""
+    import shutil
+
+    cfg = _cfg(tmp_path, "dup")
+    assert run(cfg, max_updates=3) == EXIT_OK  # checkpoints at 2 and 3
+    shutil.rmtree(tmp_path / "dup/ckpt/3")  # as if it died after logging update 3
+    assert [m["env_steps"] for m in _metrics(tmp_path / "dup")] == [128, 256, 384]
+    assert run(cfg, max_updates=4) == EXIT_OK
+    assert [m["env_steps"] for m in _metrics(tmp_path / "dup")] == [128, 256, 384, 512]

@@ -183,9 +183,9 @@ class Logger:
             self.tb.close()
 
 
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop the records after ``step`` (logged by a run that then died before its next
-    checkpoint): a resumed run logs those steps again, with the same values."""
+def truncate_jsonl(path: Path, step: int, key: str = "step") -> None:
+    """Drop the records whose ``key`` is after ``step`` (logged by a run that then died before
+    its next checkpoint): a resumed run logs those steps again, with the same values."""
     if not path.is_file():
         return
     lines = [x for x in path.read_text().splitlines() if x.strip()]
@@ -197,6 +197,6 @@ def truncate_jsonl(path: Path, step: int) -> None:
             if n == len(lines):  # torn by a kill mid-write: dropped, its step is logged again
                 break
             raise ValueError(f"{path}:{n}: not a JSON record") from None
-        if rec.get("step", 0) <= step:
+        if rec.get(key, 0) <= step:
             keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
