@@ -94,7 +94,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_one_before(finished, tmp_pat
     assert len(msgs) == 1 and "step 4:" in msgs[0] and "resuming from step 2" in msgs[0]
     assert _ckpt_names(tmp_path / "done") == ["2", "4", "4.corrupt"]  # update 4 trained again
     steps = [m["env_steps"] for m in _metrics(tmp_path / "done")]
-    assert steps == [128, 256, 384, 512, 384, 512]  # the rerun's updates 3 and 4 appended
+    assert steps == [128, 256, 384, 512]  # updates 3 and 4 logged once: the rerun's
 
 
 def test_resume_with_another_model_or_no_intact_checkpoint_is_one_line(finished, tmp_path,
