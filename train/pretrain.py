@@ -78,22 +78,36 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 
 
 # --------------------------------------------------------------------------- train state
-def init_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=None):
-    """(graphdef, state, shardings): state = {"params", "rest", "opt"}, a plain pytree, created
-    by one jitted function straight into its shardings (FSDP never holds a full copy)."""
-
+def _creator(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx):
     def create():
         model = model_cls(cfg.model, pre, rngs=nnx.Rngs(cfg.training.seed))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return {"params": params, "rest": rest, "opt": tx.init(params)}
 
+    return create
+
+
+def abstract_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=None):
+    """(graphdef, state as ShapeDtypeStructs — with their shardings on a mesh —, shardings):
+    the train state's shapes, nothing allocated (to lower and compile a step ahead of time)."""
     abstract_model = nnx.eval_shape(
         lambda: model_cls(cfg.model, pre, rngs=nnx.Rngs(cfg.training.seed)))
     graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+    shapes = jax.eval_shape(_creator(cfg, pre, model_cls, tx))
     shardings = None
     if mesh is not None:
-        shardings = shardlib.state_shardings(mesh, jax.eval_shape(create))
-    return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
+        shardings = shardlib.state_shardings(mesh, shapes)
+        shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              shapes, shardings)
+    return graphdef, shapes, shardings
+
+
+def init_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=None):
+    """(graphdef, state, shardings): state = {"params", "rest", "opt"}, a plain pytree, created
+    by one jitted function straight into its shardings (FSDP never holds a full copy)."""
+    graphdef, _, shardings = abstract_state(cfg, pre, model_cls, tx, mesh)
+    return graphdef, jax.jit(_creator(cfg, pre, model_cls, tx), out_shardings=shardings)(), \
+        shardings
 
 
 PARAMS_FINITE = "params_finite"  # a train-step metric for the NaN guard, never logged
