@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import grain
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
 
@@ -107,6 +108,15 @@ def grain_reader(cfg: DataConfig, batch: int, batches: int) -> Rate:
     return Rate(batches * batch / dt, batches * batch / max(dc, 1e-9))
 
 
+def shuffle_cost(n: int, samples: int = 2000) -> float:
+    """CPU µs per index of Grain's shuffle over ``n`` elements (part of every grain figure)."""
+    ds = grain.MapDataset.range(n).shuffle(seed=0)
+    c = cpu_seconds()
+    for i in range(samples):
+        ds[i]
+    return (cpu_seconds() - c) / samples * 1e6
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.reader", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,19 +159,24 @@ def main(argv=None) -> int:
                if k.startswith("grain") else "")
             for k, v in got.items()), flush=True)
 
-    med = lambda f: statistics.median(f(g) for g in rounds)
+    def med(name: str, field: str, relative: bool = False) -> float:
+        ref = lambda g: getattr(g["raw+decode"], field) if relative else 1.0
+        return statistics.median(getattr(g[name], field) / ref(g) for g in rounds)
+
     print(f"\nmedian of {args.repeats} round(s)       samples/s   per CPU-s    wall ×   core ×")
     names = list(rounds[0])
     for k in names:
-        line = f"  {k:<30s} {med(lambda g: g[k].wall):9.0f}  {med(lambda g: g[k].cpu):10.0f}"
+        line = f"  {k:<30s} {med(k, 'wall'):9.0f}  {med(k, 'cpu'):10.0f}"
         if k.startswith("grain"):
-            wall_x = med(lambda g: g[k].wall / g["raw+decode"].wall)
-            core_x = med(lambda g: g[k].cpu / g["raw+decode"].cpu)
-            line += f"  {wall_x:7.2f}  {core_x:7.2f}"
+            line += f"  {med(k, 'wall', True):7.2f}  {med(k, 'cpu', True):7.2f}"
         print(line)
+    small, large = shuffle_cost(len(ArrayRecordDataSource(paths))), shuffle_cost(2**20)
+    print(f"  (of each grain sample's CPU time, Grain's index shuffle takes {small:.0f} µs at this "
+          f"split's size, {large:.0f} µs at 2^20 samples: it cycle-walks a cipher over ≥ 2^16 "
+          "indices, so a split of fewer than 65,536 samples pays for the difference)")
     print(f"\ncores a node needs to feed {args.gpus} GPUs (samples per CPU-s as measured above):")
     for k in (k for k in names if k.startswith("grain")):
-        per_core = med(lambda g: g[k].cpu)
+        per_core = med(k, "cpu")
         need = [math.ceil(args.gpus * rate / per_core) for rate in args.gpu_rate]
         print(f"  {k:<12s} " + " · ".join(
             f"{rate:,.0f} samples/s per GPU ({args.gpus * rate:,.0f}/s): {c} cores"
