@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import mmap
+import os
 import threading
 import weakref
 from collections.abc import Mapping
@@ -104,6 +105,7 @@ class RingBatch:
     flags: str  # shared-memory name of the ring's flag bytes (1 = slot taken)
     slot: int
     layout: Layout
+    pid: int  # the worker process that owns the ring
 
 
 class _Segment(shared_memory.SharedMemory):
@@ -166,7 +168,7 @@ class SharedRing:
             }
         shm = self._slots[slot]
         owner = np.frombuffer(shm.buf, np.uint8, count=self.layout.nbytes)
-        handle = RingBatch(shm.name, self._flags_shm.name, slot, self.layout)
+        handle = RingBatch(shm.name, self._flags_shm.name, slot, self.layout, os.getpid())
         return handle, self.layout.views(owner)
 
     def discard(self, handle: RingBatch | None, arrays: Mapping[str, Any]) -> None:
@@ -186,32 +188,54 @@ def _unlink_all(slots: list[shared_memory.SharedMemory], flags: shared_memory.Sh
             pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover — exists, another user's (a reused pid)
+        return True
+    return True
+
+
 class RingOpener:
     """In the training process: `RingBatch` → the batch's arrays (views of the mapped slot).
 
-    Each segment is mapped once and kept (one mapping per slot of every worker); other
-    elements (Grain's fresh shared arrays when a ring was full) pass through unchanged.
+    Each segment is mapped once and kept while its worker lives (one mapping per slot of each
+    ring); when a new ring shows up, the rings of workers that have exited are let go (their
+    memory is freed once their last batch is). Other elements (Grain's fresh shared arrays,
+    when a ring was full) pass through unchanged.
     """
 
     def __init__(self):
-        self._maps: dict[str, shared_memory.SharedMemory] = {}
+        self._rings: dict[str, tuple[int, dict[str, shared_memory.SharedMemory]]] = {}
         self._lock = threading.Lock()
 
-    def _segment(self, name: str) -> shared_memory.SharedMemory:
+    def _segments(self, element: RingBatch) -> tuple[np.ndarray, shared_memory.SharedMemory]:
         with self._lock:
-            shm = self._maps.get(name)
-            if shm is None:
-                shm = self._maps[name] = _attach(name)
-            return shm
+            ring = self._rings.get(element.flags)
+            if ring is None:
+                for key, (pid, _) in list(self._rings.items()):
+                    if not _alive(pid):
+                        del self._rings[key]
+                ring = self._rings[element.flags] = (element.pid, {})
+                ring[1][element.flags] = _attach(element.flags)
+            maps = ring[1]
+            if element.segment not in maps:
+                maps[element.segment] = _attach(element.segment)
+            return np.frombuffer(maps[element.flags].buf, np.uint8), maps[element.segment]
 
     def __call__(self, element: Any) -> Any:
         if not isinstance(element, RingBatch):
             return element
-        flags = np.frombuffer(self._segment(element.flags).buf, np.uint8)
-        shm = self._segment(element.segment)
+        flags, shm = self._segments(element)
         owner = np.frombuffer(shm.buf, np.uint8, count=element.layout.nbytes)
         weakref.finalize(owner, flags.__setitem__, element.slot, 0)
         return element.layout.views(owner)
+
+    def mapped(self) -> int:
+        """Segments mapped now (for tests)."""
+        return sum(len(maps) for _, maps in self._rings.values())
 
     def __getstate__(self):  # a fresh opener in whatever process unpickles it
         return {}
