@@ -5,14 +5,21 @@
     python -m rl.evaluate --scripted --backend bullet --tracks austria --time-limit 160
 
 Protocol: grid start, the deterministic policy (the Gaussian mean clipped to [-1, 1]), the
-training config's observation featurization, ``obs_rms`` normalization and action repeat,
-``--episodes`` episodes per track, a time limit (default: the training config's) and an
-effectively unbounded lap count, so an episode runs to the time limit unless a wall contact
-ends it. ``--collision both`` (the default) runs the protocol twice: ``terminate`` (a wall
-contact ends the episode, racecar_gym's ``terminate_on_collision`` and our training default)
-and ``continue`` (the car keeps driving after contacts, so collisions per km and laps within
-the time limit are both meaningful); ``--collision config`` runs only the training config's
-rule, ``terminate`` / ``continue`` only that one. Collisions are reported in both.
+training config's observation featurization, ``obs_rms`` normalization, action repeat and
+(JAX backend) lidar rays, ``--episodes`` episodes per track, a time limit (default: the
+training config's) and an effectively unbounded lap count, so an episode runs to the time
+limit unless a wall contact ends it. ``--collision both`` (the default) runs the protocol
+twice: ``terminate`` (a wall contact ends the episode, racecar_gym's
+``terminate_on_collision`` and our training default) and ``continue`` (the car keeps driving
+after contacts, so collisions per km and laps within the time limit are both meaningful);
+``--collision config`` runs only the training config's rule, ``terminate`` / ``continue``
+only that one. Collisions are reported in both.
+
+Robustness without retraining (:class:`Perturbation`): ``--lidar-noise K`` (× the lidar's
+±3 % noise), ``--lidar-drop P`` (a fraction of the rays return nothing) — the JAX simulator's
+sensor, so the JAX backend only — and ``--imu-absent`` (no velocity/acceleration reaches the
+policy: the multimodal policy's imu modality is absent, the lidar MLP's velocity inputs sit at
+their training mean).
 
 Metrics per episode, per track and overall (metrics.json):
 
@@ -649,11 +656,13 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                  time_limit: float, seed: int, modes: dict[str, bool], action_repeat: int,
                  camera: bool, actuator: str, perturbation: Perturbation | None = None,
                  policy_args: tuple = (), out: Path | None = None,
-                 line_driver: bool = False) -> tuple[dict[str, Any], list[str]]:
+                 line_driver: bool = False,
+                 sensors: dict | None = None) -> tuple[dict[str, Any], list[str]]:
     """Every collision mode × track of the protocol: ``(results, pngs)``, ``results[mode] =
     {"tracks": {name: result}, "overall": …}``; trajectory PNGs into ``out`` (None: none).
-    ``line_driver``: the policy is rl.plan's line follower, made per track."""
-    sensors = (perturbation or Perturbation()).sensors()
+    ``line_driver``: the policy is rl.plan's line follower, made per track. ``sensors``: JAX
+    simulator sensor settings (the training config's rays), the perturbation's on top."""
+    sensors = {**(sensors or {}), **(perturbation or Perturbation()).sensors()}
     results: dict[str, Any] = {}
     pngs: list[str] = []
     for mode, term in modes.items():
@@ -715,6 +724,10 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
     cfg, policy, args = load_checkpoint_policy(ckpt, step, imu_absent=perturbation.imu_absent,
                                                acts=acts)
     backend = backend or cfg.env.backend
+    # the JAX simulator casts the rays the policy trained with (a multimodal policy's BEV
+    # from 540 rays is not the BEV from 1080); the other backends cast racecar_gym's scan
+    sensors = ({"lidar_rays": cfg.env.lidar_rays}
+               if backend == "jax" and cfg.env.lidar_rays != spec.LIDAR_RAYS else {})
     repeat = action_repeat or cfg.env.action_repeat
     time_limit = time_limit if time_limit is not None else cfg.env.time_limit
     modes = _modes(collision, cfg.env.terminate_on_collision)
@@ -723,7 +736,8 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
                                  time_limit=time_limit, seed=seed, modes=modes,
                                  action_repeat=repeat, camera=cfg.env.camera,
                                  actuator=cfg.env.actuator, perturbation=perturbation,
-                                 policy_args=args, out=out if plots else None)  # fmt: skip
+                                 policy_args=args, out=out if plots else None,
+                                 sensors=sensors)  # fmt: skip
     run_dir = ckpt.parent
     if plots and (run_dir / "metrics.jsonl").exists():
         p = plot_learning_curves(run_dir / "metrics.jsonl", out / "learning_curves.png")
@@ -733,6 +747,7 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
         "command": command, "backend": backend, "checkpoint": str(ckpt),
         "checkpoint_step": step, "run": cfg.run_name, "policy": cfg.model.policy,
         "trained_backend": cfg.env.backend, "trained_track": cfg.env.track,
+        "sensors": sensors,
         "protocol": _protocol_record(cfg, episodes, time_limit, seed, modes, repeat,
                                      perturbation),
         "results": results, "plots": pngs,
