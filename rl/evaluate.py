@@ -633,23 +633,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class PolicyCache:
+    """What evaluating many checkpoints can share: one policy function per architecture (so
+    the compiled rollouts of :func:`_jax_rollout` serve every checkpoint of it) and the last
+    checkpoint restored (its evaluations under several conditions restore it once)."""
+
+    def __init__(self):
+        self.acts: dict = {}
+        self.last: tuple | None = None  # ((ckpt, step), (cfg, model, obs_rms))
+
+    def restore(self, ckpt: str | Path, step: int | None):
+        key = (str(Path(ckpt).resolve()), step)
+        if self.last is None or self.last[0] != key:
+            self.last = (key, factory.restore_policy(ckpt, step))
+        return self.last[1]
+
+
 def load_checkpoint_policy(ckpt: str | Path, step: int | None = None, *,
-                           imu_absent: bool = False, acts: dict | None = None):
+                           imu_absent: bool = False, cache: PolicyCache | None = None):
     """(config, policy_fn, policy_args) of a PPO checkpoint: ``policy_fn(obs, *policy_args)``
-    is its deterministic policy (:func:`make_act`), ``policy_args`` its arrays. ``acts``: a
-    cache of policy functions by architecture (pass the same dict for many checkpoints: the
-    compiled rollouts are shared by every checkpoint of one architecture)."""
-    cfg, model, obs_rms = factory.restore_policy(ckpt, step)
+    is its deterministic policy (:func:`make_act`), ``policy_args`` its arrays. ``cache``
+    (:class:`PolicyCache`): share policy functions, and the restored checkpoint, between
+    calls."""
+    cache = cache or PolicyCache()
+    cfg, model, obs_rms = cache.restore(ckpt, step)
     graphdef, state = nnx.split(model)
     ft = cfg.finetune
     key = (graphdef, json.dumps(configlib.to_dict(cfg.model), sort_keys=True),
            cfg.env.world_scale, ft.pretrained_ckpt, ft.pretrain_config, ft.absent, imu_absent)
-    acts = {} if acts is None else acts
-    if key not in acts:
+    if key not in cache.acts:
         _, featurize, _ = factory.make_agent(cfg)
-        acts[key] = make_act(graphdef, featurize, imu_absent=imu_absent,
-                             velocity_dims=velocity_dims(cfg))
-    return cfg, acts[key], (state, obs_rms)
+        cache.acts[key] = make_act(graphdef, featurize, imu_absent=imu_absent,
+                                   velocity_dims=velocity_dims(cfg))
+    return cfg, cache.acts[key], (state, obs_rms)
 
 
 def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
@@ -711,10 +727,10 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
                         episodes: int = 10, time_limit: float | None = None, seed: int = 0,
                         collision: str = "both", action_repeat: int | None = None,
                         perturbation: Perturbation | None = None, plots: bool = True,
-                        acts: dict | None = None, command: str = "") -> dict[str, Any]:
+                        cache: PolicyCache | None = None, command: str = "") -> dict[str, Any]:
     """The protocol for one PPO checkpoint (default: its latest step) on ``tracks``; writes
     ``out/metrics.json`` (last: its presence means the evaluation completed) and, with
-    ``plots``, the PNGs; returns the report. ``acts``: see :func:`load_checkpoint_policy`."""
+    ``plots``, the PNGs; returns the report. ``cache``: see :class:`PolicyCache`."""
     ckpt, out = Path(ckpt), Path(out)
     perturbation = perturbation or Perturbation()
     if step is None:
@@ -722,7 +738,7 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
         step = c.latest_step()
         c.close()
     cfg, policy, args = load_checkpoint_policy(ckpt, step, imu_absent=perturbation.imu_absent,
-                                               acts=acts)
+                                               cache=cache)
     backend = backend or cfg.env.backend
     # the JAX simulator casts the rays the policy trained with (a multimodal policy's BEV
     # from 540 rays is not the BEV from 1080); the other backends cast racecar_gym's scan

@@ -13,12 +13,15 @@ Units (rl.study_config.units), in order: ``data/synth`` (etl.synth), ``data/etl`
 ``runs/<name>/ppo/<arm>_s<seed>``) and its ``eval/<arm>_s<seed>/<condition>`` (rl.evaluate:
 the training tracks, each sensor fault, the unseen tracks). Each unit that finishes leaves a
 completion marker, ``runs/<name>/markers/<unit>.json`` (status, exit code, wall time, the
-hash of the unit's config); a unit whose marker says done for the same config is skipped, so
-running the command again resumes — and the programs it runs resume themselves (rl.ppo and
-train.pretrain from their checkpoints, etl.build drive by drive). A unit that fails is
-recorded (marker ``failed``, the error) and the study goes on without it and without what
-needs it; the report names every missing result and why. Exit codes: 0 all done, 1 some unit
-failed (the report is still written), 2 config error, 3 preempted (requeue: it resumes).
+hash of the unit's config and of its needs'); a unit whose marker says done for the same
+config is skipped, so running the command again resumes — and the programs it runs resume
+themselves (rl.ppo and train.pretrain from their checkpoints, etl.build drive by drive). A
+unit whose config changed — or whose needs' did: a new pretraining makes every multimodal
+arm stale — runs again afresh: its old run folder is renamed ``<folder>.stale-<hash>``. A
+unit that fails is recorded (marker ``failed``, the error) and the study goes on without it
+and without what needs it; the report names every missing result and why. Exit codes: 0 all
+done, 1 some unit failed (the report is still written), 2 config error, 3 preempted
+(requeue: it resumes).
 
 Then the report (rl/study_report.py): ``runs/<name>/report.md``, ``report.json`` (every
 number), ``figures/``: per arm the IQM with 95 % stratified-bootstrap intervals (rliable) of
@@ -93,10 +96,14 @@ class Study:
         self.config_path = config_path
         self.layout = Layout.of(cfg)
         self.base: RLConfig = check_base(cfg)
+        from train.config import load_pretrain_config
+
+        # the pretraining config loads (and is in range) before anything runs
+        self.pretrain_cfg = load_pretrain_config(cfg.pretrain.config, self.pretrain_sets())
         self.units = units(cfg, self.base)
         self.by_name = {u.name: u for u in self.units}
         self.arm_cfgs = {(a, s): arm_config(cfg, a, s) for a in cfg.arms for s in cfg.seeds}
-        self.acts: dict = {}  # rl.evaluate's compiled policies, shared by the evaluations
+        self.policies = None  # rl.evaluate.PolicyCache, shared by the evaluations
 
     # ----------------------------------------------------------------------- what a unit is
     def pretrain_sets(self) -> list[str]:
@@ -130,7 +137,32 @@ class Study:
                 "episodes": e.episodes, "time_limit": e.time_limit, "collision": e.collision}
 
     def unit_hash(self, unit: Unit) -> str:
-        return _hash(self.unit_config(unit))
+        """The hash of the unit's config and of its needs' hashes (a new pretraining makes
+        every multimodal arm's training, and its evaluations, stale)."""
+        return _hash({"config": self.unit_config(unit),
+                      "needs": [self.unit_hash(self.by_name[n]) for n in unit.needs]})
+
+    def stale(self, unit: Unit) -> bool:
+        """Whether the unit ran (or started) for another config than today's."""
+        m = self.marker(unit)
+        return m is not None and m.get("hash") != self.unit_hash(unit)
+
+    def unit_folder(self, unit: Unit) -> Path | None:
+        """The run folder a unit's program resumes from (pretraining, PPO), if any."""
+        if unit.stage == "pretrain":
+            return self.layout.pretrain
+        if unit.stage == "train":
+            return self.layout.run(unit.arm, unit.seed)
+        return None
+
+    def set_aside(self, unit: Unit, folder: Path) -> None:
+        """Before a stale unit runs again: its old run folder is renamed (kept, never
+        deleted), so its program starts afresh instead of resuming another config's run."""
+        if folder.exists():
+            old = (self.marker(unit) or {}).get("hash", "unknown")
+            dst = folder.with_name(f"{folder.name}.stale-{old}")
+            log(f"{unit.name}: its config changed; {folder} moved to {dst}")
+            folder.rename(dst)
 
     # ----------------------------------------------------------------------- markers
     def marker_path(self, unit: Unit | str) -> Path:
@@ -193,6 +225,10 @@ class Study:
             log(f"[{i}/{len(pending)}] {unit.name} …")
             t0 = time.perf_counter()
             try:
+                folder = self.unit_folder(unit)
+                if folder is not None and self.stale(unit):
+                    self.set_aside(unit, folder)
+                self.write_marker(unit, "running", -1, 0.0)  # what it ran for, if cut off
                 code, error = runner(self, unit), None
             except Exception as e:  # the unit failed; the study goes on without it
                 code, error = EXIT_FAILED, f"{type(e).__name__}: {' '.join(str(e).split())}"
@@ -251,13 +287,7 @@ class Study:
         }  # fmt: skip
 
     def _pretrain_summary(self) -> str:
-        from train.config import load_pretrain_config
-
-        try:
-            p = load_pretrain_config(self.cfg.pretrain.config, list(self.cfg.pretrain.set))
-        except configlib.ConfigError as e:
-            return f"{self.cfg.pretrain.config}: {e}"
-        m, t = p.model, p.training
+        m, t = self.pretrain_cfg.model, self.pretrain_cfg.training
         return (f"{self.cfg.pretrain.config} (+ {list(self.cfg.pretrain.set)}): {t.steps:,} "
                 f"steps × batch {t.batch_size}, mask ratio {t.mask_ratio:g}; encoder "
                 f"embed_dim {m.embed_dim}, depth {m.depth}, fusion depth {m.fusion_depth}, "
@@ -348,13 +378,11 @@ class LocalRunner:
     def _pretrain(self, study: Study, unit: Unit) -> int:
         from train import pretrain
         from train.checkpoint import Checkpointer
-        from train.config import load_pretrain_config
 
         code = pretrain.main(study.pretrain_args())
         if code != 0:
             return code
-        steps = load_pretrain_config(study.cfg.pretrain.config,
-                                     study.pretrain_sets()).training.steps
+        steps = study.pretrain_cfg.training.steps
         c = Checkpointer(study.layout.pretrain_ckpt)
         try:
             last = c.latest_step()
@@ -397,10 +425,12 @@ class LocalRunner:
         out = study.layout.eval(unit.arm, unit.seed, c.name)
         (out / "metrics.json").unlink(missing_ok=True)  # its presence means a finished run
         pert = evaluate.Perturbation(c.lidar_noise, c.lidar_drop, c.imu_absent)
+        if study.policies is None:
+            study.policies = evaluate.PolicyCache()
         evaluate.evaluate_checkpoint(
             Path(cfg.runs_dir) / cfg.run_name / "ckpt", c.tracks, out, backend="jax",
             episodes=e.episodes, time_limit=e.time_limit, collision=e.collision,
-            perturbation=pert, plots=False, acts=study.acts,
+            perturbation=pert, plots=False, cache=study.policies,
             command=f"rl.study {study.cfg.name}: {unit.name}")  # fmt: skip
         return 0
 

@@ -179,18 +179,26 @@ def _read_json(path: Path) -> dict | None:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def track_scores(report: dict, condition: Condition) -> dict[str, dict[str, float | None]]:
-    """Per track of an evaluation report (rl.evaluate's metrics.json, one protocol):
-    ``{"laps", "clean", "lap_time"}``. Raises ValueError naming a track that is missing."""
-    (mode,) = report["results"]  # the study evaluates one collision protocol
-    tracks = report["results"][mode]["tracks"]
+def track_scores(report: dict, condition: Condition,
+                 path: Path | str = "") -> dict[str, dict[str, float | None]]:
+    """Per track of an evaluation report (rl.evaluate's metrics.json at ``path``, one
+    protocol): ``{"laps", "clean", "lap_time"}`` (lap time None where no lap was completed).
+    Raises ValueError naming the file and what is wrong with it."""
+    try:
+        (mode,) = report["results"]  # the study evaluates one collision protocol
+        tracks = report["results"][mode]["tracks"]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: not an rl.evaluate report of one protocol") from None
     out = {}
     for t in condition.tracks:
         if t not in tracks:
-            raise ValueError(f"{condition.name}: no result for track {t!r}")
+            raise ValueError(f"{path}: no result for track {t!r} ({condition.name})")
         a = tracks[t]["aggregate"]
-        out[t] = {"laps": finite(a["laps_mean"]), "clean": finite(a["collision_free_fraction"]),
-                  "lap_time": finite(a["lap_time_mean"])}
+        out[t] = {"laps": finite(a.get("laps_mean")),
+                  "clean": finite(a.get("collision_free_fraction")),
+                  "lap_time": finite(a.get("lap_time_mean"))}
+        if out[t]["laps"] is None or out[t]["clean"] is None:
+            raise ValueError(f"{path}: track {t!r} has no laps or clean-episode value")
     return out
 
 
@@ -204,6 +212,8 @@ def why_missing(layout: Layout, by_name: dict[str, Unit], name: str) -> str:
     m = marker(layout, name)
     if m is not None and m.get("status") == "failed":
         return f"{name} failed: {m.get('error') or 'exit code ' + str(m.get('code'))}"
+    if m is not None and m.get("status") == "running":
+        return f"{name} was interrupted (started, never finished)"
     for need in by_name[name].needs if name in by_name else ():
         nm = marker(layout, need)
         if nm is None or nm.get("status") != "done":
@@ -239,11 +249,12 @@ def collect(cfg: StudyConfig, base: RLConfig) -> dict[str, Any]:
                                 "reason": why_missing(lay, by_name, f"train/{name}")})
             for c in conds:
                 unit = f"eval/{name}/{c.name}"
-                rep = _read_json(lay.eval(arm, seed, c.name) / "metrics.json")
+                path = lay.eval(arm, seed, c.name) / "metrics.json"
+                rep = _read_json(path)
                 if rep is None:
                     missing.append({"unit": unit, "reason": why_missing(lay, by_name, unit)})
                     continue
-                rec["conditions"][c.name] = track_scores(rep, c)
+                rec["conditions"][c.name] = track_scores(rep, c, path)
             runs.setdefault(arm, {})[seed] = rec
     return {"runs": runs, "missing": missing, "conditions": conds, "budget": budget}
 

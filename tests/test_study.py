@@ -80,6 +80,10 @@ def test_study_config_errors():
     cfg = load_study(None, ["rl.config='configs/rl_tiny.toml'"])  # a lidar policy as the base
     with pytest.raises(configlib.ConfigError, match="model.policy must be 'multimodal'"):
         check_base(cfg)
+    from rl.study import Study
+
+    with pytest.raises(configlib.ConfigError, match="nope.toml: config file not found"):
+        Study(load_study(None, ["pretrain.config='nope.toml'"]))
 
 
 def test_encoder_lr_scale_scales_only_the_encoders_updates():
@@ -119,7 +123,7 @@ def test_intervals_against_a_hand_computed_example():
     is 0 and the 97.5 % one 20/3 (the CDF passes 0.975 inside k = 3: 0.942 → 0.993)."""
     from rl.study_report import improvement_interval, iqm_interval, probability_of_improvement
 
-    s = iqm_interval(np.array([[0.0], [0.0], [0.0], [0.0], [10.0]]), reps=2000)
+    s = iqm_interval(np.array([[0.0], [0.0], [0.0], [0.0], [10.0]]), reps=1000)
     assert (s["iqm"], s["runs"], s["tasks"]) == (0.0, 5, 1)
     assert s["lo"] == 0.0 and s["hi"] == pytest.approx(20 / 3)
     # IQM of 1..4: the middle two, (2 + 3) / 2; of two tasks: over all eight scores
@@ -128,10 +132,10 @@ def test_intervals_against_a_hand_computed_example():
     assert iqm_interval(two, 500)["iqm"] == pytest.approx(np.mean([3.0, 4.0, 10.0, 20.0]))
     # P(X > Y), ties one half: X = 3, 4, 5 against Y = 1, 2, 4 wins 2 + 2.5 + 3 of 9 pairs
     x, y = np.array([[3.0], [4.0], [5.0]]), np.array([[1.0], [2.0], [4.0]])
-    p = improvement_interval(x, y, reps=2000)
+    p = improvement_interval(x, y, reps=1000)
     assert p["p"] == pytest.approx(7.5 / 9)
     assert 0.0 <= p["lo"] < p["p"] < p["hi"] == 1.0  # X's best resample beats every Y
-    assert improvement_interval(x, x, 500)["p"] == 0.5
+    assert improvement_interval(x, x, 200)["p"] == 0.5
     # the vectorised P(X > Y) is rliable's (Mann-Whitney U / (n m), averaged over tasks)
     from rliable import metrics
 
@@ -184,7 +188,8 @@ def _tiny_study(tmp_path, *extra):
         "arms=['scratch', 'pretrained_frozen']", "rl.config='configs/rl_study.toml'",
         "eval.lidar_noise=[2.0]", "eval.lidar_drop=[]", "eval.imu_absent=false",
         "eval.unseen=['procedural:wide:900']", "report.reps=300", "report.curve_reps=100",
-        "report.curve_points=5", "pretrain.probe=false", *extra])  # fmt: skip
+        "report.curve_points=5", "pretrain.probe=false",
+        "pretrain.config='configs/pretrain_tiny.toml'", *extra])  # fmt: skip
 
 
 def _marker(lay: Layout, unit: str, status: str, error: str | None = None):
@@ -295,10 +300,11 @@ class StubRunner:
 def test_resume_skips_completed_units(tmp_path):
     from rl.study import Study
 
-    cfg = _tiny_study(tmp_path)
+    three = "arms=['scratch', 'pretrained_frozen', 'lidar_mlp']"
+    cfg = _tiny_study(tmp_path, three)
     study = Study(cfg)
     names = [u.name for u in study.units]
-    assert names[0] == "pretrain" and len(study.tasks()) == 6
+    assert names[0] == "pretrain" and len(study.tasks()) == 9
 
     first = StubRunner(fail={"train/pretrained_frozen_s1"})
     assert study.execute(study.units, first) == 1
@@ -314,17 +320,30 @@ def test_resume_skips_completed_units(tmp_path):
     assert Study(cfg).execute(Study(cfg).units, nothing) == 0 and nothing.calls == []
 
     # another evaluation protocol: every evaluation again, no training, no pretraining
-    changed = Study(_tiny_study(tmp_path, "eval.episodes=2"))
+    changed = Study(_tiny_study(tmp_path, three, "eval.episodes=2"))
     redo = StubRunner()
     assert changed.execute(changed.units, redo) == 0
-    assert redo.calls and all(n.startswith("eval/") for n in redo.calls)
-    assert len(redo.calls) == sum(n.startswith("eval/") for n in names)
+    assert redo.calls == [n for n in names if n.startswith("eval/")]
 
-    # a preempted unit stops the loop at once (exit 3, for the requeue) and stays undone
-    more = Study(_tiny_study(tmp_path, "eval.episodes=2", "seeds=[0, 1, 2, 3]"))
+    # another pretraining: it runs again, and so does every multimodal arm after it (its old
+    # run folder set aside, not resumed) with its evaluations; the lidar MLP needs none of it
+    old_run = Layout.of(cfg).run("scratch", 0)
+    (old_run / "ckpt").mkdir(parents=True)
+    newpre = Study(_tiny_study(tmp_path, three, "eval.episodes=2",
+                               "pretrain.set=['training.steps=7']"))
+    re = StubRunner()
+    assert newpre.execute(newpre.units, re) == 0
+    assert re.calls == [n for n in names if "lidar_mlp" not in n]
+    assert not old_run.exists() and len(list(old_run.parent.glob("scratch_s0.stale-*"))) == 1
+
+    # a preempted unit stops the loop at once (exit 3, for the requeue) and is not done
+    more = Study(_tiny_study(tmp_path, three, "eval.episodes=2",
+                             "pretrain.set=['training.steps=7']", "seeds=[0, 1, 2, 3]"))
     pre = StubRunner(preempt={"train/scratch_s3"})
     assert more.execute(more.units, pre) == 3
-    assert pre.calls == ["train/scratch_s3"] and more.marker("train/scratch_s3") is None
+    assert pre.calls == ["train/scratch_s3"]
+    assert more.marker("train/scratch_s3")["status"] == "running"
+    assert not more.is_done(more.by_name["train/scratch_s3"])
 
 
 def test_cli_task_list_count_and_report_stage(tmp_path, capsys):
@@ -334,7 +353,8 @@ def test_cli_task_list_count_and_report_stage(tmp_path, capsys):
     toml.write_text(
         f'name = "fake"\nruns_dir = "{tmp_path}"\nseeds = [0, 1, 2]\n'
         'arms = ["scratch", "pretrained_frozen"]\n'
-        '[rl]\nconfig = "configs/rl_study.toml"\n[pretrain]\nprobe = false\n'
+        '[rl]\nconfig = "configs/rl_study.toml"\n'
+        '[pretrain]\nconfig = "configs/pretrain_tiny.toml"\nprobe = false\n'
         '[eval]\nlidar_noise = [2.0]\nlidar_drop = []\nimu_absent = false\n'
         'unseen = ["procedural:wide:900"]\n'
         '[report]\nreps = 200\ncurve_reps = 200\ncurve_points = 5\n')
