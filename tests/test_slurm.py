@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ["etl.sh", "pretrain.sh", "ppo.sh"]
+JOBS = ["etl.sh", "pretrain.sh", "ppo.sh", "study.sh"]
 
 FAKE_UV = """#!/bin/bash
 echo "uv $* | JAX_PLATFORMS=${JAX_PLATFORMS:-} SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}" \\
@@ -167,3 +167,58 @@ def test_etl_array_task_stops_and_requeues_on_usr1(fake, tmp_path):
     assert lines[0].startswith("uv sync --frozen --inexact |"), lines  # no CUDA for the ETL
     assert "--shard-index 2 --num-shards 4 --no-progress" in lines[1], lines
     assert lines[3:] == ["child got TERM", "scontrol requeue 123"], lines
+
+
+# --------------------------------------------------------------------------- the study
+FAKE_SBATCH = """#!/bin/bash
+echo "sbatch $*" >> "$FAKE_LOG"
+n=$(grep -c '^sbatch' "$FAKE_LOG")
+echo "90$n"
+"""
+
+
+def test_study_submits_pretrain_then_the_array_then_the_report(fake):
+    """On a login node: the pretraining job, the arm × seed array after it succeeded
+    (afterok), the report after the whole array (afterany: failed tasks reported missing)."""
+    env, log = fake
+    sbatch = Path(env["PATH"].split(":")[0]) / "sbatch"
+    sbatch.write_text(FAKE_SBATCH)
+    sbatch.chmod(0o755)
+    r = _run("study.sh", ["configs/study_cluster.toml", "--set", "seeds=[0,1]"],
+             {**env, "TASKS": "10"})
+    assert r.returncode == 0, r.stderr
+    subs = [ln for ln in log.read_text().splitlines() if ln.startswith("sbatch")]
+    assert len(subs) == 3, subs
+    assert "--gres=gpu:a100:4" in subs[0]
+    assert subs[0].endswith("slurm/study.sh --job pretrain configs/study_cluster.toml --set "
+                            "seeds=[0,1]")
+    assert "--dependency=afterok:901 --array=0-9" in subs[1] and "--job task" in subs[1]
+    assert "--dependency=afterany:902" in subs[2] and "--job report" in subs[2]
+    assert "901" in r.stdout and "10 arm × seed tasks 902" in r.stdout
+
+
+@pytest.mark.parametrize(("job", "args"), [
+    ("pretrain", ["--stage", "data,pretrain,probe"]),
+    ("task", ["--task", "7"]),
+    ("report", ["--stage", "report"]),
+])
+def test_study_jobs_run_their_units(fake, job, args):
+    env, log = fake
+    r = _run("study.sh", ["--job", job, "configs/study_cluster.toml"],
+             _slurm(env, SLURM_ARRAY_TASK_ID="7"))
+    assert r.returncode == 0, r.stderr
+    run = [ln for ln in log.read_text().splitlines() if ln.startswith("srun")]
+    assert run == ["srun --kill-on-bad-exit=1 uv run --frozen --no-sync python -m rl.study "
+                   "--config configs/study_cluster.toml " + " ".join(args)], run
+
+
+def test_study_without_slurm_runs_everything_here(fake):
+    env, log = fake
+    env = {**env, "STUDY_LOCAL": "1"}  # as if no sbatch were on PATH
+    r = _run("study.sh", ["configs/study_cpu.toml"], env)
+    assert r.returncode == 0, r.stderr
+    assert "no Slurm here" in r.stdout
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("uv run --frozen python -m rl.study --config configs/study_cpu.toml |")
+    bad = _run("study.sh", ["--job", "bogus", "configs/study_cpu.toml"], env)
+    assert bad.returncode == 2 and "expected pretrain, task or report" in bad.stderr
