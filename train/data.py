@@ -1,12 +1,15 @@
 """The Grain input pipeline: ETL shards → decoded, shuffled, batched samples on the devices.
 
     ArrayRecord shards ─ MapDataset.source(etl.dataset.ShardSource: decode with etl.codec)
-        ─ shuffle(seed) ─ repeat ─ this process's slice ─ select keys ─ batch(drop_remainder)
-        ─ to_iter_dataset (reader threads)
+        ─ shuffle(seed) ─ repeat ─ select keys ─ batch(drop_remainder) ─ this process's
+        batches ─ to_iter_dataset (reader threads)
         ─ mp_prefetch (worker processes) ─ device_put with the batch's NamedSharding
 
-Every process of a multi-process run reads the disjoint slice ``index::count`` of the one
-global shuffled order and feeds its local part of each global batch. The iterator's state is
+Every process of a multi-process run reads a disjoint part of the one global shuffled order:
+with P processes and a local batch of L, global batch k is the samples kPL … (k+1)PL − 1, and
+process p reads its block kPL + pL … kPL + (p+1)L − 1 (local batch kP + p). Laid out in process
+order on the mesh, the global batch is the one a single process would train on, sample for
+sample — so the masks and the losses are those of a one-process run. The iterator's state is
 a small JSON-able dict (`get_state`/`set_state`): it goes into every checkpoint, so a resumed
 run continues with exactly the batch after the last one it trained on.
 """
@@ -77,9 +80,9 @@ def make_dataset(
         ds = ds.shuffle(seed=cfg.shuffle_seed)
     if repeat:
         ds = ds.repeat(None)  # endless; reshuffled every epoch
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     ds = ds.map(SelectKeys(keys)).batch(batch_size, drop_remainder=True)
+    if process_count > 1:  # global batch k = local batches kP … kP+P-1, in process order
+        ds = ds[process_index::process_count]
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     )
