@@ -20,7 +20,8 @@ echo "uv $* | JAX_PLATFORMS=${JAX_PLATFORMS:-} SRUN_CPUS_PER_TASK=${SRUN_CPUS_PE
   >> "$FAKE_LOG"
 [[ "$1" == run ]] || exit 0
 if [[ -n "${FAKE_WAIT:-}" ]]; then
-  trap 'echo "child got USR1" >> "$FAKE_LOG"; exit 3' USR1
+  # FAKE_DIE: no handler yet (or killed by srun): USR1 ends the child (exit 128 + 10)
+  [[ -n "${FAKE_DIE:-}" ]] || trap 'echo "child got USR1" >> "$FAKE_LOG"; exit 3' USR1
   trap 'echo "child got TERM" >> "$FAKE_LOG"; exit 143' TERM
   touch "$FAKE_WAIT"
   while true; do sleep 0.05; done
@@ -37,19 +38,28 @@ echo "scontrol $*" >> "$FAKE_LOG"
 """
 
 
+SLURM_TOOLS = {"sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo", "salloc", "sacct"}
+
+
 @pytest.fixture
 def fake(tmp_path):
-    """(env, log path): PATH with the fakes first, no Slurm variables, no RACEFORMER_EXTRA."""
-    bin_ = tmp_path / "bin"
+    """(env, log path): PATH with the fakes first, then /usr/bin and /bin without any real
+    Slurm commands (this machine may have them), no Slurm variables, no RACEFORMER_EXTRA."""
+    bin_, sys_bin = tmp_path / "bin", tmp_path / "sysbin"
     bin_.mkdir()
+    sys_bin.mkdir()
     for name, text in (("uv", FAKE_UV), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_ / name).write_text(text)
         (bin_ / name).chmod(0o755)
+    for d in (Path("/usr/bin"), Path("/bin")):
+        for tool in d.iterdir():
+            if tool.name not in SLURM_TOOLS and not (sys_bin / tool.name).exists():
+                (sys_bin / tool.name).symlink_to(tool)
     log = tmp_path / "log"
     log.touch()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RACEFORMER_", "JAX_PLATFORMS"))}
-    env.update(PATH=f"{bin_}:/usr/bin:/bin", FAKE_LOG=str(log))
+    env.update(PATH=f"{bin_}:{sys_bin}", FAKE_LOG=str(log))
     return env, log
 
 
@@ -167,3 +177,27 @@ def test_etl_array_task_stops_and_requeues_on_usr1(fake, tmp_path):
     assert lines[0].startswith("uv sync --frozen --inexact |"), lines  # no CUDA for the ETL
     assert "--shard-index 2 --num-shards 4 --no-progress" in lines[1], lines
     assert lines[3:] == ["child got TERM", "scontrol requeue 123"], lines
+
+
+def test_pretrain_killed_by_a_signal_after_the_stop_still_requeues(fake, tmp_path):
+    """A program that dies of a signal once the stop was passed on (no handler installed yet,
+    or a task srun ended when another exited 3 first) is requeued like one that exited 3: the
+    rerun resumes from the newest intact checkpoint. Without the stop, a death is a failure."""
+    env, log = fake
+    env = _slurm(env, RACEFORMER_EXTRA="cpu", FAKE_WAIT=str(tmp_path / "started"), FAKE_DIE="1")
+    p = subprocess.Popen(["bash", "slurm/pretrain.sh", "configs/pretrain_tiny.toml"], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 3, err
+    assert "python died of signal 10 after the stop: requeueing" in out
+    assert log.read_text().splitlines()[-1] == "scontrol requeue 123"
+
+    log.write_text("")
+    r = _run("pretrain.sh", ["configs/pretrain_tiny.toml"], {**env, "FAKE_WAIT": "",
+                                                              "FAKE_EXIT": "137"})
+    assert r.returncode == 137 and "scontrol" not in log.read_text()

@@ -314,6 +314,12 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
         logger.close()
     if code == EXIT_OK:
         log(f"done: step {step}, checkpoints {ckpt.all_steps()} in {ckpt.directory}")
+    if jax.process_count() > 1:
+        # Leave together: srun (--kill-on-bad-exit) kills the other tasks as soon as one exits
+        # with 3, and none may be killed before every checkpoint write has finished.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"train.pretrain exit {code}")
     return code
 
 
