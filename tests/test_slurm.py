@@ -201,3 +201,23 @@ def test_pretrain_killed_by_a_signal_after_the_stop_still_requeues(fake, tmp_pat
     r = _run("pretrain.sh", ["configs/pretrain_tiny.toml"], {**env, "FAKE_WAIT": "",
                                                               "FAKE_EXIT": "137"})
     assert r.returncode == 137 and "scontrol" not in log.read_text()
+
+
+def test_etl_on_a_login_node_submits_the_array_and_its_merge_with_the_options_given(fake):
+    """`bash slurm/etl.sh [sbatch options]` where sbatch exists: the array (ETL_GROUPS tasks)
+    and the merge after it, the options going to both (after the merge's own defaults, so
+    they win: a cluster whose nodes are smaller needs no edit)."""
+    env, log = fake
+    bin_ = Path(env["PATH"].split(":")[0])
+    (bin_ / "sbatch").write_text('#!/bin/bash\necho "sbatch $*" >> "$FAKE_LOG"\necho 77\n')
+    (bin_ / "sbatch").chmod(0o755)
+    r = _run("etl.sh", ["--partition=cpu", "--mem=4G"],
+             {**env, "SRC": "raw", "OUT": "cache", "ETL_GROUPS": "3"})
+    assert r.returncode == 0, r.stderr
+    array, merge = log.read_text().splitlines()
+    assert array.startswith("sbatch --parsable --partition=cpu --mem=4G --array=0-2 "), array
+    assert array.endswith("slurm/etl.sh") and "SRC=raw,OUT=cache" in array, array
+    assert merge.startswith("sbatch --cpus-per-task=2 --mem=8G --time=00:30:00 "), merge
+    assert "--partition=cpu --mem=4G --dependency=afterany:77 " in merge, merge
+    assert merge.endswith("slurm/etl.sh --merge"), merge
+    assert "submitted ETL array 77 (3 tasks)" in r.stdout

@@ -313,8 +313,9 @@ def dataset(cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("etl")
     raw, out, logs = tmp / "raw", tmp / "cache", tmp / "logs"
     logs.mkdir()
-    r = cluster.sh(sys.executable, "-m", "etl.synth", "--out", str(raw), "--drives", "2",
-                   "--frames", "24", "--format", "scene", check=False)
+    r = subprocess.run([sys.executable, "-m", "etl.synth", "--out", str(raw), "--drives", "2",
+                        "--frames", "24", "--format", "scene"], cwd=ROOT, env=cluster.env,
+                       capture_output=True, text=True, timeout=JOB_TIMEOUT)
     assert r.returncode == 0, r.stderr
     env = {"SRC": str(raw), "OUT": str(out),
            "EXTRA": "--set preprocess.image.rgb_size=[32,32] "
