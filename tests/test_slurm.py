@@ -41,20 +41,26 @@ echo "scontrol $*" >> "$FAKE_LOG"
 SLURM_TOOLS = {"sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo", "salloc", "sacct"}
 
 
+@pytest.fixture(scope="module")
+def sys_bin(tmp_path_factory):
+    """/usr/bin and /bin as links, without any real Slurm command (this machine may have them)."""
+    out = tmp_path_factory.mktemp("sysbin")
+    for d in (Path("/usr/bin"), Path("/bin")):
+        for tool in d.iterdir():
+            if tool.name not in SLURM_TOOLS and not (out / tool.name).exists():
+                (out / tool.name).symlink_to(tool)
+    return out
+
+
 @pytest.fixture
-def fake(tmp_path):
-    """(env, log path): PATH with the fakes first, then /usr/bin and /bin without any real
-    Slurm commands (this machine may have them), no Slurm variables, no RACEFORMER_EXTRA."""
-    bin_, sys_bin = tmp_path / "bin", tmp_path / "sysbin"
+def fake(tmp_path, sys_bin):
+    """(env, log path): PATH with the fakes first, then the system's programs without Slurm's,
+    no Slurm variables, no RACEFORMER_EXTRA."""
+    bin_ = tmp_path / "bin"
     bin_.mkdir()
-    sys_bin.mkdir()
     for name, text in (("uv", FAKE_UV), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_ / name).write_text(text)
         (bin_ / name).chmod(0o755)
-    for d in (Path("/usr/bin"), Path("/bin")):
-        for tool in d.iterdir():
-            if tool.name not in SLURM_TOOLS and not (sys_bin / tool.name).exists():
-                (sys_bin / tool.name).symlink_to(tool)
     log = tmp_path / "log"
     log.touch()
     env = {k: v for k, v in os.environ.items()
