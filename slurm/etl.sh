@@ -72,13 +72,14 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   fi
   # On the login node: submit the array and the merge that waits for it; the options given
   # here ("$@": partition, account, resources) go to both, after the merge's own defaults.
-  array_id=$(sbatch --parsable "$@" --array="0-$((ETL_GROUPS - 1))" \
-    --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" \
-    "$0") || exit $?
+  # The settings travel in the environment (--export=ALL), not in --export's list, which
+  # would split a value at its commas (EXTRA="--set preprocess.image.rgb_size=[32,32]").
+  export SRC OUT CONFIG ETL_GROUPS EXTRA
+  array_id=$(sbatch --parsable "$@" --array="0-$((ETL_GROUPS - 1))" --export=ALL "$0") \
+    || exit $?
   sbatch --cpus-per-task=2 --mem=8G --time=00:30:00 --output=slurm/logs/etl-merge-%j.out "$@" \
     --dependency="afterany:${array_id}" --job-name=raceformer-etl-merge --array=0-0 \
-    --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" \
-    "$0" --merge || exit $?
+    --export=ALL "$0" --merge || exit $?
   echo "submitted ETL array ${array_id} (${ETL_GROUPS} tasks) and its merge; logs in slurm/logs/"
   exit 0
 fi

@@ -215,15 +215,19 @@ def test_etl_on_a_login_node_submits_the_array_and_its_merge_with_the_options_gi
     they win: a cluster whose nodes are smaller needs no edit)."""
     env, log = fake
     bin_ = Path(env["PATH"].split(":")[0])
-    (bin_ / "sbatch").write_text('#!/bin/bash\necho "sbatch $*" >> "$FAKE_LOG"\necho 77\n')
+    (bin_ / "sbatch").write_text('#!/bin/bash\necho "sbatch $* | SRC=$SRC OUT=$OUT '
+                                 'ETL_GROUPS=$ETL_GROUPS EXTRA=$EXTRA" >> "$FAKE_LOG"\necho 77\n')
     (bin_ / "sbatch").chmod(0o755)
-    r = _run("etl.sh", ["--partition=cpu", "--mem=4G"],
-             {**env, "SRC": "raw", "OUT": "cache", "ETL_GROUPS": "3"})
+    extra = "--set preprocess.image.rgb_size=[32,32] --strict"  # a comma: no --export list
+    r = _run("etl.sh", ["--partition=cpu", "--mem=4G"], {**env, "OUT": "cache", "SRC": "raw",
+                                                         "ETL_GROUPS": "3", "EXTRA": extra})
     assert r.returncode == 0, r.stderr
     array, merge = log.read_text().splitlines()
-    assert array.startswith("sbatch --parsable --partition=cpu --mem=4G --array=0-2 "), array
-    assert array.endswith("slurm/etl.sh") and "SRC=raw,OUT=cache" in array, array
-    assert merge.startswith("sbatch --cpus-per-task=2 --mem=8G --time=00:30:00 "), merge
-    assert "--partition=cpu --mem=4G --dependency=afterany:77 " in merge, merge
-    assert merge.endswith("slurm/etl.sh --merge"), merge
+    job_env = f" | SRC=raw OUT=cache ETL_GROUPS=3 EXTRA={extra}"
+    assert array == ("sbatch --parsable --partition=cpu --mem=4G --array=0-2 --export=ALL "
+                     "slurm/etl.sh" + job_env), array
+    assert merge == ("sbatch --cpus-per-task=2 --mem=8G --time=00:30:00 "
+                     "--output=slurm/logs/etl-merge-%j.out --partition=cpu --mem=4G "
+                     "--dependency=afterany:77 --job-name=raceformer-etl-merge --array=0-0 "
+                     "--export=ALL slurm/etl.sh --merge" + job_env), merge
     assert "submitted ETL array 77 (3 tasks)" in r.stdout
