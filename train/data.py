@@ -1,15 +1,18 @@
 """The Grain input pipeline: ETL shards → decoded, shuffled, batched samples on the devices.
 
-    record indices ─ MapDataset.range ─ shuffle(seed) ─ repeat ─ this process's slice
+    record indices ─ MapDataset.range ─ shuffle(seed) ─ repeat
         ─ batch(drop_remainder, BatchReader: read each record and decode it straight into
-          row j of the batch's arrays, etl.codec.decode_into)
+          row j of the batch's arrays, etl.codec.decode_into) ─ this process's batches
         ─ to_iter_dataset (reader threads) ─ mp_prefetch (worker processes; batch arrays
           allocated in shared memory, handed over by name) ─ device_put (NamedSharding)
 
-The order is that of ``MapDataset.source(ShardSource).shuffle(seed).repeat()[slice]``: the
-shuffle permutes positions, whatever the source holds. Every process of a multi-process run
-reads the disjoint slice ``index::count`` of the one global shuffled order and feeds its
-local part of each global batch. The iterator's state is a small JSON-able dict
+The order is that of ``MapDataset.source(ShardSource).shuffle(seed).repeat()``: the shuffle
+permutes positions, whatever the source holds. Every process of a multi-process run reads a
+disjoint part of the one global shuffled order: with P processes and a local batch of L,
+global batch k is the samples kPL … (k+1)PL − 1, and process p reads its block kPL + pL …
+kPL + (p+1)L − 1 (local batch kP + p). Laid out in process order on the mesh, the global batch
+is the one a single process would train on, sample for sample — so the masks and the losses
+are those of a one-process run. The iterator's state is a small JSON-able dict
 (`get_state`/`set_state`): it goes into every checkpoint, so a resumed run continues with
 exactly the batch after the last one it trained on.
 
@@ -148,8 +151,6 @@ def make_dataset(
         ds = ds.shuffle(seed=cfg.shuffle_seed)
     if repeat:
         ds = ds.repeat(None)  # endless; reshuffled every epoch
-    if process_count > 1:
-        ds = ds[process_index::process_count]
     # cfg.prefetch counts records; Grain's buffer counts batches (and at least one per thread)
     buffered = max(cfg.read_threads, math.ceil(cfg.prefetch / batch_size))
     # batches alive at once: the reader's buffer, the workers' queues, the device prefetch, the
@@ -157,6 +158,8 @@ def make_dataset(
     alive = buffered + 2 * cfg.worker_buffer_size * (cfg.worker_count > 0) + cfg.device_prefetch + 3
     reader = BatchReader(source, keys, shared_memory=cfg.worker_count > 0, max_slots=alive)
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=reader)
+    if process_count > 1:  # global batch k = local batches kP … kP+P-1, in process order
+        ds = ds[process_index::process_count]  # (lazy: only this process's batches are read)
     it = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=buffered)
     )

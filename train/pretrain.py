@@ -25,10 +25,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -98,6 +98,7 @@ def init_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=N
 
 
 PARAMS_FINITE = "params_finite"  # a train-step metric for the NaN guard, never logged
+STOP = "stop"  # a train-step metric: some process had a preemption signal (never logged)
 
 
 def params_finite(params) -> jax.Array:
@@ -110,7 +111,9 @@ def make_train_step(graphdef, tx, cfg: PretrainConfig):
     base_key = jax.random.PRNGKey(cfg.training.seed)
     mask_ratio = cfg.training.mask_ratio
 
-    def train_step(state, batch, step):
+    def train_step(state, batch, step, stop):
+        """``stop``: one flag per device, 1 where that process has been signalled; its max
+        comes back as the metric STOP, the same on every process (see train())."""
         key = jax.random.fold_in(base_key, step)
 
         def loss_fn(params):
@@ -123,7 +126,7 @@ def make_train_step(graphdef, tx, cfg: PretrainConfig):
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **losses, "grad_norm": optax.tree.norm(grads),
-                   PARAMS_FINITE: params_finite(params)}
+                   PARAMS_FINITE: params_finite(params), STOP: jnp.max(stop)}
         return {"params": params, "rest": rest, "opt": opt}, metrics
 
     return train_step
@@ -147,8 +150,7 @@ def log(msg: str):
 
 # --------------------------------------------------------------------------- the run
 def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
-          hooks: Sequence[Callable[[int, dict], None]] = (),
-          clock: Callable[[], float] = time.perf_counter) -> int:
+          hooks: Sequence[Callable[[int, dict], None]] = ()) -> int:
     """Run (or resume) the configured pretraining; returns the process exit code."""
     if model_cls is None or flops_fn is None:
         default_cls, default_flops = default_model()
@@ -201,7 +203,14 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
         grain_it, lambda b: shardlib.to_global(b, batch_sh), depth=cfg.data.device_prefetch)
 
     train_step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0,),
-                         in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))
+                         in_shardings=(state_sh, batch_sh, None, batch_sh),
+                         out_shardings=(state_sh, None))
+    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+    def stop_flags() -> jax.Array:
+        """This process's preemption flag on each of its devices (the step's STOP input)."""
+        local = np.full((n_local,), preempt.signal is not None, np.float32)
+        return jax.make_array_from_process_local_data(batch_sh, local)
     eval_step = jax.jit(make_eval_step(graphdef, cfg))
     schedule = learning_rate_schedule(tc)
     flops = flops_fn(cfg.model, pre, tc.mask_ratio, training=True)
@@ -212,18 +221,14 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
 
     logger = metricslib.Logger(run_dir, tc.steps, start, tc.progress)
     history: dict[str, list[float]] = {}
-    # The speed window (samples/s, MFU, step time): it opens at the top of an iteration with no
-    # step in flight and closes when the logged step has finished (its metrics fetched), so it
-    # holds the whole device time of exactly the steps it counts. The first step of a start
-    # (compile + run) is timed on its own; image metrics are taken out; checkpoint saves stay
-    # in (a conservative figure).
-    window: dict[str, Any] = {"t": None, "steps": 0}
+    window = {"t": time.perf_counter(), "steps": 0}
 
-    def finish_step(done: int, metrics) -> None:
-        """Host side of a finished step: NaN guard, hooks, accumulation, logging. Fetching
-        the metrics waits for the step."""
+    def finish_step(done: int, metrics) -> bool:
+        """Host side of a finished step: NaN guard, hooks, accumulation, logging. Returns
+        whether some process had been signalled when the step was dispatched."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         params_ok = host.pop(PARAMS_FINITE) == 1.0
+        stop = host.pop(STOP) > 0
         last = ckpt.latest_step()
         unsaved = ("No checkpoint was written." if last is None
                    else f"No checkpoint was written after step {last}.")
@@ -241,8 +246,7 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
             h(done, host)
         for k, v in host.items():
             history.setdefault(k, []).append(v)
-        if window["t"] is not None:
-            window["steps"] += 1
+        window["steps"] += 1
         logger.advance()
         if done % tc.log_every == 0 or done == tc.steps:
             import metrax
@@ -250,57 +254,52 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
             out = {k: float(metrax.Average.from_model_output(jnp.asarray(v)).compute())
                    for k, v in history.items()}
             history.clear()
-            out["lr"] = float(schedule(done - 1))
-            if window["steps"]:  # (none after a start's first step alone)
-                dt = clock() - window["t"]
-                sps = window["steps"] * tc.batch_size / dt
-                out.update(samples_per_s=sps, samples_per_s_per_device=sps / n_dev,
-                           mfu=flops * sps / (peak * n_dev), step_time_s=dt / window["steps"])
-                window.update(t=None, steps=0)
+            dt = time.perf_counter() - window["t"]
+            sps = window["steps"] * tc.batch_size / dt
+            out.update(lr=float(schedule(done - 1)), samples_per_s=sps,
+                       samples_per_s_per_device=sps / n_dev,
+                       mfu=flops * sps / (peak * n_dev), step_time_s=dt / window["steps"])
+            window.update(t=time.perf_counter(), steps=0)
             logger.write(done, out)
+        return stop
 
     code = EXIT_OK
     pending = None  # (step, metrics) of the step dispatched last, checked one step late
     step = start
-    t_first = clock()
+    # A preemption signal reaches each process at its own moment; a process that stopped alone
+    # would wait in the checkpoint's collective save while the others wait in the next step's.
+    # So the stop is decided from a finished step's STOP metric (any process signalled when it
+    # was dispatched), which every process reads the same: all save the same step and exit.
+    stop = False
     try:
         while step < tc.steps:
-            if window["t"] is None and step > start:
-                window.update(t=clock(), steps=0)  # the step before has finished (see below)
             batch = next(batches)
             data_state = batches.state
             want_images = tc.image_metrics_every and (step + 1) % tc.image_metrics_every == 0
             if want_images:  # forward pass on the batch before this step's update
-                jax.block_until_ready(state)  # the step before, inside the window; then
-                t_img = clock()  # the image metrics alone, taken out of it
+                t_img = time.perf_counter()
                 _, aux = eval_step(state, batch, step)
                 img = metricslib.image_metrics(jax.device_get(aux), jax.device_get(batch),
                                                cfg.model.patch_size, cfg.model.norm_pix_loss)
                 logger.write(step + 1, img)
-                if window["t"] is not None:
-                    window["t"] += clock() - t_img
-            state, metrics = train_step(state, batch, jnp.int32(step))
+                window["t"] += time.perf_counter() - t_img  # not part of the step time
+            state, metrics = train_step(state, batch, jnp.int32(step), stop_flags())
+            if step == start:
+                jax.block_until_ready(metrics)
+                log(f"first step (compile + run) {time.perf_counter() - window['t']:.1f} s")
+                window["t"] = time.perf_counter()
             step += 1
             if pending is not None:
-                finish_step(*pending)
+                stop |= finish_step(*pending)
             pending = (step, metrics)
-            log_now = step % tc.log_every == 0 or step == tc.steps
-            save_now = step % tc.ckpt_every == 0 or step == tc.steps
-            if step == start + 1 or log_now or save_now or preempt.signal:
-                # waited for now, not one step late: the first step is timed alone, a logged
-                # one closes the speed window, a saved one must have finite parameters
-                finish_step(*pending)
+            save_now = step % tc.ckpt_every == 0 or step == tc.steps or stop
+            if save_now:
+                stop |= finish_step(*pending)  # never save a state whose loss was not finite
                 pending = None
-                if step == start + 1:
-                    log(f"first step (compile + run) {clock() - t_first:.1f} s")
-            signal_now = preempt.signal  # (one that arrives later is seen next step)
-            if save_now or signal_now:
-                if pending is not None:  # the signal came while the step before was checked
-                    finish_step(*pending)
-                    pending = None
                 ckpt.save(step, state, datalib.state_to_json(data_state), config_rec)
-            if signal_now:
-                log(f"signal {signal_now}: saved step {step}, exiting for requeue")
+            if stop:
+                what = f"signal {preempt.signal}" if preempt.signal else "another process's signal"
+                log(f"{what}: saved step {step}, exiting for requeue")
                 code = EXIT_PREEMPTED
                 break
         if pending is not None:
@@ -315,6 +314,12 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
         logger.close()
     if code == EXIT_OK:
         log(f"done: step {step}, checkpoints {ckpt.all_steps()} in {ckpt.directory}")
+    if jax.process_count() > 1:
+        # Leave together: srun (--kill-on-bad-exit) kills the other tasks as soon as one exits
+        # with 3, and none may be killed before every checkpoint write has finished.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"train.pretrain exit {code}")
     return code
 
 
@@ -361,13 +366,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv=None, *, model_cls=None, flops_fn=None, hooks=(), clock=time.perf_counter) -> int:
+def main(argv=None, *, model_cls=None, flops_fn=None, hooks=()) -> int:
     args = parse_args(argv)
     cfg = configlib.cli_load("train.pretrain", PretrainConfig, args.config, args.set)
     if cfg is None:
         return configlib.EXIT_CONFIG
     try:
-        return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks, clock=clock)
+        return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
     except configlib.ConfigError as e:  # the config against the data (model.patch_size, …)
         return configlib.cli_error("train.pretrain", e)
     except (ckptlib.ArchitectureMismatch, ckptlib.CheckpointError) as e:
