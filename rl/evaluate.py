@@ -89,7 +89,7 @@ from rl.envs.spec import TaskConfig
 from rl.fmt import num, pm
 from rl.plots import plot_learning_curves, plot_trajectories
 from rl.tracks import Track, TrackError, load_track
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError
 
 BIG_LAPS = 100_000  # "laps = a large number": only the time limit (or a collision) ends it
 DEFAULT_TRACKS = "austria,berlin,montreal,torino"
@@ -570,13 +570,13 @@ def _main(argv: list[str] | None = None) -> int:
     else:
 
         ckpt = Path(args.ckpt)
-        c = Checkpointer(ckpt)
-        step = args.step if args.step is not None else c.latest_step()
-        c.close()
-        try:  # the checkpoint's config record
-            cfg, model, obs_rms = factory.restore_policy(ckpt, step)
+        try:  # the checkpoint's config record; without --step its newest intact step
+            cfg, model, obs_rms, step = factory.restore_policy_step(ckpt, args.step)
         except configlib.ConfigError as e:
             return configlib.cli_error("rl.evaluate", e)
+        except (CheckpointError, FileNotFoundError) as e:
+            print(f"rl.evaluate: error: {e}", file=sys.stderr)
+            return 1
         _, featurize, _ = factory.make_agent(cfg)
         policy = checkpoint_policy(model, featurize, obs_rms)
         backend = args.backend or cfg.env.backend

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,8 @@ def log(msg: str):
 
 # --------------------------------------------------------------------------- the run
 def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
-          hooks: Sequence[Callable[[int, dict], None]] = ()) -> int:
+          hooks: Sequence[Callable[[int, dict], None]] = (),
+          clock: Callable[[], float] = time.perf_counter) -> int:
     """Run (or resume) the configured pretraining; returns the process exit code."""
     if model_cls is None or flops_fn is None:
         default_cls, default_flops = default_model()
@@ -210,10 +212,16 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
 
     logger = metricslib.Logger(run_dir, tc.steps, start, tc.progress)
     history: dict[str, list[float]] = {}
-    window = {"t": time.perf_counter(), "steps": 0}
+    # The speed window (samples/s, MFU, step time): it opens at the top of an iteration with no
+    # step in flight and closes when the logged step has finished (its metrics fetched), so it
+    # holds the whole device time of exactly the steps it counts. The first step of a start
+    # (compile + run) is timed on its own; image metrics are taken out; checkpoint saves stay
+    # in (a conservative figure).
+    window: dict[str, Any] = {"t": None, "steps": 0}
 
     def finish_step(done: int, metrics) -> None:
-        """Host side of a finished step: NaN guard, hooks, accumulation, logging."""
+        """Host side of a finished step: NaN guard, hooks, accumulation, logging. Fetching
+        the metrics waits for the step."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         params_ok = host.pop(PARAMS_FINITE) == 1.0
         last = ckpt.latest_step()
@@ -233,7 +241,8 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
             h(done, host)
         for k, v in host.items():
             history.setdefault(k, []).append(v)
-        window["steps"] += 1
+        if window["t"] is not None:
+            window["steps"] += 1
         logger.advance()
         if done % tc.log_every == 0 or done == tc.steps:
             import metrax
@@ -241,45 +250,57 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
             out = {k: float(metrax.Average.from_model_output(jnp.asarray(v)).compute())
                    for k, v in history.items()}
             history.clear()
-            dt = time.perf_counter() - window["t"]
-            sps = window["steps"] * tc.batch_size / dt
-            out.update(lr=float(schedule(done - 1)), samples_per_s=sps,
-                       samples_per_s_per_device=sps / n_dev,
-                       mfu=flops * sps / (peak * n_dev), step_time_s=dt / window["steps"])
-            window.update(t=time.perf_counter(), steps=0)
+            out["lr"] = float(schedule(done - 1))
+            if window["steps"]:  # (none after a start's first step alone)
+                dt = clock() - window["t"]
+                sps = window["steps"] * tc.batch_size / dt
+                out.update(samples_per_s=sps, samples_per_s_per_device=sps / n_dev,
+                           mfu=flops * sps / (peak * n_dev), step_time_s=dt / window["steps"])
+                window.update(t=None, steps=0)
             logger.write(done, out)
 
     code = EXIT_OK
     pending = None  # (step, metrics) of the step dispatched last, checked one step late
     step = start
+    t_first = clock()
     try:
         while step < tc.steps:
+            if window["t"] is None and step > start:
+                window.update(t=clock(), steps=0)  # the step before has finished (see below)
             batch = next(batches)
             data_state = batches.state
             want_images = tc.image_metrics_every and (step + 1) % tc.image_metrics_every == 0
             if want_images:  # forward pass on the batch before this step's update
-                t_img = time.perf_counter()
+                jax.block_until_ready(state)  # the step before, inside the window; then
+                t_img = clock()  # the image metrics alone, taken out of it
                 _, aux = eval_step(state, batch, step)
                 img = metricslib.image_metrics(jax.device_get(aux), jax.device_get(batch),
                                                cfg.model.patch_size, cfg.model.norm_pix_loss)
                 logger.write(step + 1, img)
-                window["t"] += time.perf_counter() - t_img  # not part of the step time
+                if window["t"] is not None:
+                    window["t"] += clock() - t_img
             state, metrics = train_step(state, batch, jnp.int32(step))
-            if step == start:
-                jax.block_until_ready(metrics)
-                log(f"first step (compile + run) {time.perf_counter() - window['t']:.1f} s")
-                window["t"] = time.perf_counter()
             step += 1
             if pending is not None:
                 finish_step(*pending)
             pending = (step, metrics)
-            save_now = step % tc.ckpt_every == 0 or step == tc.steps or preempt.signal
-            if save_now:
-                finish_step(*pending)  # never save a state whose loss was not finite
+            log_now = step % tc.log_every == 0 or step == tc.steps
+            save_now = step % tc.ckpt_every == 0 or step == tc.steps
+            if step == start + 1 or log_now or save_now or preempt.signal:
+                # waited for now, not one step late: the first step is timed alone, a logged
+                # one closes the speed window, a saved one must have finite parameters
+                finish_step(*pending)
                 pending = None
+                if step == start + 1:
+                    log(f"first step (compile + run) {clock() - t_first:.1f} s")
+            signal_now = preempt.signal  # (one that arrives later is seen next step)
+            if save_now or signal_now:
+                if pending is not None:  # the signal came while the step before was checked
+                    finish_step(*pending)
+                    pending = None
                 ckpt.save(step, state, datalib.state_to_json(data_state), config_rec)
-            if preempt.signal:
-                log(f"signal {preempt.signal}: saved step {step}, exiting for requeue")
+            if signal_now:
+                log(f"signal {signal_now}: saved step {step}, exiting for requeue")
                 code = EXIT_PREEMPTED
                 break
         if pending is not None:
@@ -340,13 +361,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv=None, *, model_cls=None, flops_fn=None, hooks=()) -> int:
+def main(argv=None, *, model_cls=None, flops_fn=None, hooks=(), clock=time.perf_counter) -> int:
     args = parse_args(argv)
     cfg = configlib.cli_load("train.pretrain", PretrainConfig, args.config, args.set)
     if cfg is None:
         return configlib.EXIT_CONFIG
     try:
-        return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
+        return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks, clock=clock)
     except configlib.ConfigError as e:  # the config against the data (model.patch_size, …)
         return configlib.cli_error("train.pretrain", e)
     except (ckptlib.ArchitectureMismatch, ckptlib.CheckpointError) as e:
