@@ -229,3 +229,42 @@ def test_frozen_runner_reuses_features_and_matches_todays_path(tmp_path, phase1)
     _, _, m_old = jax.jit(old.learn)(rs.params, rs.opt_state, poisoned, None, raw_traj,
                                      jax.vmap(featurize)(rs_new.obs), key)
     assert not np.isfinite(m_old["loss/total"])  # recomputing reads the (poisoned) encoders
+
+
+def _subjaxprs(eqn):
+    for v in eqn.params.values():
+        for sub in v if isinstance(v, list | tuple) else (v,):
+            if hasattr(sub, "eqns"):
+                yield sub
+            elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                yield sub.jaxpr
+
+
+def _primitives(jaxpr) -> set[str]:
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        for sub in _subjaxprs(eqn):
+            out |= _primitives(sub)
+    return out
+
+
+def test_bev_is_built_in_the_compiled_rollout(tmp_path, phase1):
+    """One jitted chunk of updates holds the whole rollout as a scan whose body builds the
+    simulator's BEV (the adapter's scatter-add and scatter-max) and runs the encoders
+    (dot_general), with no host callback anywhere: the observation never leaves the device."""
+    from rl import factory
+
+    cfg = _rl_cfg(tmp_path, phase1)
+    runner = factory.make_runner(cfg)
+    state = runner.init(jax.random.PRNGKey(0))
+    jaxpr = jax.make_jaxpr(runner._run_chunk, static_argnums=(1,))(state, 1).jaxpr
+    everything = _primitives(jaxpr)
+    assert not [p for p in everything if "callback" in p], everything
+    updates = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(updates) == 1
+    body = next(_subjaxprs(updates[0]))
+    bev_and_encoders = {"scatter-add", "scatter-max", "dot_general"}
+    rollouts = [e for e in body.eqns if e.primitive.name == "scan"
+                and bev_and_encoders <= _primitives(next(_subjaxprs(e)))]
+    assert rollouts, "no scan in the update builds the BEV and runs the encoders"
