@@ -228,9 +228,15 @@ def make_runner(cfg: RLConfig) -> Runner:
     """The fast runner for the JAX backend, the gymnasium runner for the host backends."""
     model, featurize, trainable = make_agent(cfg)
     if cfg.env.backend == "jax":
+        mesh = device_mesh(cfg.ppo.num_envs)
+        if cfg.model.policy == "multimodal":
+            # the observation adapter (a BEV per observation) runs in the runner, once per
+            # step; frozen encoders: their features are computed once per step and reused
+            env, params = make_functional(cfg, lambda obs: obs)
+            return FastRunner(env, model, cfg.ppo, trainable, mesh=mesh, env_params=params,
+                              featurize=featurize)
         env, params = make_functional(cfg, featurize)
-        return FastRunner(env, model, cfg.ppo, trainable, mesh=device_mesh(cfg.ppo.num_envs),
-                          env_params=params)
+        return FastRunner(env, model, cfg.ppo, trainable, mesh=mesh, env_params=params)
     envs = make_vector_env(cfg, cfg.ppo.num_envs)
     to_env = functools.partial(spec.action_dict, actuator=cfg.env.actuator)
     return GymRunner(envs, model, cfg.ppo, jax.vmap(featurize), to_env, trainable,

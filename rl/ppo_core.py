@@ -6,7 +6,8 @@
   limit is not a terminal state) from the value of their last observation;
 * :func:`ppo_loss` — clipped surrogate, (optionally clipped) value loss, entropy bonus;
 * :class:`RunningMeanStd` — observation / return normalization statistics;
-* :func:`make_learn` — one learning step: GAE, then epochs × minibatches of the loss.
+* :func:`make_loss`, :func:`make_learn` — the loss of an agent on a minibatch; one learning
+  step: GAE, then epochs × minibatches of the loss.
 
 Everything is a pure function of arrays: it jits, vmaps and is easy to check by hand.
 """
@@ -239,11 +240,10 @@ def make_optimizer(cfg: PPOConfig, num_updates: int) -> optax.GradientTransforma
     return optax.chain(*parts)
 
 
-def make_update(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
-    """``update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``:
-    ``update_epochs`` passes over the (T, N) ``batch`` (normalized observations, actions, old
-    log-probabilities and values, advantages, returns), each in ``num_minibatches`` shuffled
-    minibatches of the clipped loss."""
+def make_loss(apply: Apply, cfg: PPOConfig) -> Callable:
+    """``loss(params, frozen, minibatch) -> (total, LossInfo)``: the agent's outputs on the
+    minibatch's ``obs`` (whatever ``apply`` reads: observations, or frozen features with an
+    agent's ``heads``) through :func:`ppo_loss`."""
 
     def loss_fn(params, frozen, mb):
         mean, log_std, value = apply(params, frozen, mb["obs"])
@@ -253,7 +253,15 @@ def make_update(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) 
             new_logp, mb["log_prob"], mb["adv"], value, mb["value"], mb["ret"], ent, cfg
         )
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def make_update(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
+    """``update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``:
+    ``update_epochs`` passes over the (T, N) ``batch`` (normalized observations, actions, old
+    log-probabilities and values, advantages, returns), each in ``num_minibatches`` shuffled
+    minibatches of the clipped loss."""
+    grad_fn = jax.value_and_grad(make_loss(apply, cfg), has_aux=True)
 
     def update(params, opt_state, frozen, batch: dict, key):
         n = batch["adv"].shape[0] * batch["adv"].shape[1]
