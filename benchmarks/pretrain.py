@@ -95,8 +95,11 @@ def lower(cfg, pre) -> dict:
     batch = {k: jax.ShapeDtypeStruct((cfg.training.batch_size, *v.shape[1:]), v.dtype,
                                      sharding=batch_sh) for k, v in random_batch(pre, 1).items()}
     step_fn = jax.jit(pretrain.make_train_step(graphdef, tx, cfg), donate_argnums=(0,),
-                      in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))
-    lowered = step_fn.lower(shapes, batch, jax.ShapeDtypeStruct((), jnp.int32))
+                      in_shardings=(state_sh, batch_sh, None, batch_sh),
+                      out_shardings=(state_sh, None))
+    n_dev = mesh.devices.size  # the step's preemption flags: one per device, none raised
+    stop = jax.ShapeDtypeStruct((n_dev,), jnp.float32, sharding=batch_sh)
+    lowered = step_fn.lower(shapes, batch, jax.ShapeDtypeStruct((), jnp.int32), stop)
     return {"cfg": cfg, "mesh": mesh, "tx": tx, "batch_sh": batch_sh, "lowered": lowered,
             "lower_s": time.perf_counter() - t0}
 
@@ -117,6 +120,7 @@ def bench(cfg, pre, steps: int, warmup: int, prep: dict | None = None) -> dict:
     t_compile = prep["compile_s"]
     _, state, _ = pretrain.init_state(cfg, pre, model_cls, tx, mesh)
     batch = shardlib.to_global(random_batch(pre, cfg.training.batch_size), prep["batch_sh"])
+    stop = jax.device_put(jnp.zeros(mesh.devices.size, jnp.float32), prep["batch_sh"])
     xla_flops = None
     try:
         cost = compiled.cost_analysis()
@@ -127,14 +131,14 @@ def bench(cfg, pre, steps: int, warmup: int, prep: dict | None = None) -> dict:
     mem = compiled.memory_analysis()  # XLA's plan for this device: activations (temp) and state
     loss_first = None
     for i in range(warmup):
-        state, m = compiled(state, batch, jnp.int32(i))
+        state, m = compiled(state, batch, jnp.int32(i), stop)
         if loss_first is None:
             loss_first = float(m["loss"])  # before any update: the same for every lever
     jax.block_until_ready(state)
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        state, m = compiled(state, batch, jnp.int32(warmup + i))
+        state, m = compiled(state, batch, jnp.int32(warmup + i), stop)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
     n_dev = mesh.devices.size
@@ -202,8 +206,9 @@ def analyze(cfg: PretrainConfig, pre: PreprocessConfig, compiler_options=None) -
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = {"params": params, "rest": rest, "opt": jax.eval_shape(tx.init, params)}
     step = jax.jit(pretrain.make_train_step(graphdef, tx, cfg), donate_argnums=(0,))
-    compiled = step.lower(state, abstract_batch(pre, bs),
-                          jax.ShapeDtypeStruct((), jnp.int32)).compile(compiler_options)
+    compiled = step.lower(state, abstract_batch(pre, bs), jax.ShapeDtypeStruct((), jnp.int32),
+                          jax.ShapeDtypeStruct((1,), jnp.float32)  # one device's stop flag
+                          ).compile(compiler_options)
     t_compile = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
