@@ -18,7 +18,7 @@ FLOP/byte), the kernels (fusions) per step, the activation memory and the larges
 the roofline estimate a GPU run then confirms (issue 15). ``--lever`` picks the speed levers
 (LEVERS below; several → side by side in one run):
 
-    python -m benchmarks.pretrain --analyze                   # seed + ViT-B widths, ~3 min here
+    python -m benchmarks.pretrain --analyze        # seed + ViT-B widths, 2-4 min a compile here
     python -m benchmarks.pretrain --analyze --preset seed --lever baseline --lever scores_bf16 \
         --lever stacked --lever remat --lever xla_all
     python -m benchmarks.pretrain --preset seed --batch-size 256 --lever baseline --lever all
