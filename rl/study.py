@@ -11,8 +11,9 @@ Units (rl.study_config.units), in order: ``data/synth`` (etl.synth), ``data/etl`
 (etl.build), ``pretrain`` (train.pretrain, the run ``runs/<name>/pretrain``), ``probe``
 (train.probe on it), ``domain_gap`` (rl.domain_gap on it: the simulator's BEV next to the
 pretraining data's, and the shift the encoder sees), then seed by seed, arm by arm,
-``train/<arm>_s<seed>`` (rl.ppo, the run ``runs/<name>/ppo/<arm>_s<seed>``) and its ``eval/<arm>_s<seed>/<condition>`` (rl.evaluate:
-the training tracks, each sensor fault, the unseen tracks). Each unit that finishes leaves a
+``train/<arm>_s<seed>`` (rl.ppo, the run ``runs/<name>/ppo/<arm>_s<seed>``) and its
+``eval/<arm>_s<seed>/<condition>`` (rl.evaluate: the training tracks, each sensor fault, the
+unseen tracks). Each unit that finishes leaves a
 completion marker, ``runs/<name>/markers/<unit>.json`` (status, exit code, wall time, the
 hash of the unit's config and of its needs'); a unit whose marker says done for the same
 config is skipped, so running the command again resumes — and the programs it runs resume
