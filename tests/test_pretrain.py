@@ -21,6 +21,7 @@ from _train_fixtures import (
     make_standin,
     read_losses,
     run_pretrain,
+    standin_flops,
     tiny_config,
     write_shards,
 )
@@ -275,6 +276,61 @@ def test_overflowing_update_is_never_saved(shards, tmp_path, capsys):
     assert "No checkpoint was written." in err and "step None" not in err
     ckpt = tmp_path / "runs" / "overflow" / "ckpt"
     assert not ckpt.exists() or not [p for p in ckpt.iterdir() if p.name.isdigit()]
+
+
+class DeviceClock:
+    """A virtual clock that only the devices' work advances: the timed model below adds
+    ``cost`` seconds in a callback that runs when its step runs on the device — not when the
+    step is dispatched — so the time the loop reads around a step is that step's only if the
+    loop really waited for it."""
+
+    def __init__(self, cost: float = 1.0):
+        self.t, self.cost, self.calls = 0.0, cost, 0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def work(self) -> None:
+        self.t += self.cost
+        self.calls += 1
+
+
+def test_step_time_is_the_device_time_of_the_steps_it_counts(shards, tmp_path):
+    """samples/s and MFU come from a window that holds whole steps: it opens with no step in
+    flight and closes once its last step has finished; image metrics (a forward pass) are
+    taken out of it. Under the device clock each forward pass costs 1 s, so every logged
+    step_time_s is exactly 1.0 — less would be a step counted outside its time (the MFU above
+    1 of issue 14), more a step timed but not counted. Checkpoint saves and image metrics fall
+    inside windows; the run starts at 0 and again at a resume."""
+    import jax
+
+    from train import pretrain
+
+    clock = DeviceClock()
+
+    class Timed(make_standin()):
+        def __call__(self, batch, key, mask_ratio):
+            jax.debug.callback(clock.work)
+            return super().__call__(batch, key, mask_ratio)
+
+    cfg = tiny_config(tmp_path, shards, "timed")
+    args = ["--config", str(cfg), "--set", "training.log_every=3", "--set",
+            "training.ckpt_every=2", "--set", "training.image_metrics_every=4"]
+    for steps in (5, 12):  # 5 steps (saved at 2, 4, 5), then resumed at 5 and run to 12
+        assert pretrain.main([*args, "--set", f"training.steps={steps}"], model_cls=Timed,
+                             flops_fn=standin_flops, clock=clock) == 0
+    assert clock.calls == 12 + 3  # one pass per train step, one per image step (4, 8, 12)
+    recs = [json.loads(x) for x in
+            (tmp_path / "runs" / "timed" / "metrics.jsonl").read_text().splitlines()]
+    # logged at 3, 5 (the end), 6, 9, 12; the first step of each start is compile time and
+    # not timed, so the window that ends at 6 holds no step and logs no speed
+    assert sorted(r["step"] for r in recs if "loss" in r) == [3, 5, 6, 9, 12]
+    timed = {r["step"]: r for r in recs if "step_time_s" in r}
+    assert sorted(timed) == [3, 5, 9, 12], sorted(timed)
+    for step, r in timed.items():
+        assert r["step_time_s"] == 1.0, (step, r["step_time_s"])
+        assert r["samples_per_s"] == 8.0  # batch 8 per 1 s step
+    assert len({r["mfu"] for r in timed.values()}) == 1
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,8 @@ def reason_line(e: BaseException) -> str:
 
 
 # ModelConfig keys that change how the model computes, not what its parameters are.
-COMPUTE_ONLY_KEYS = frozenset({"dtype", "attention_impl"})
+COMPUTE_ONLY_KEYS = frozenset({"dtype", "attention_impl", "score_dtype", "stack_encoders",
+                               "remat"})
 
 
 def model_config_diff(saved: dict[str, Any], current: Any) -> list[str]:

@@ -39,7 +39,16 @@ class ModelConfig:
     gps_scale: float = 100.0  # metres: gps input is symlog(x / gps_scale) (see encoders.py)
     gyro_scale: float = 1.0  # rad/s
     accel_scale: float = 9.81  # m/s² (1 g)
-    attention_impl: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention backend
+    # Speed levers (issue 15; train/encoders.py's doc): none changes the parameters, so a
+    # checkpoint restores under any setting of them.
+    # attention kernel: "xla"; "cudnn" (flash, GPU only); "auto" = cuDNN on an NVIDIA GPU in
+    # bf16, XLA otherwise (off by default until a GPU run shows the same losses, issue 15)
+    attention_impl: Literal["auto", "xla", "cudnn"] = "xla"
+    # XLA attention's T×T scores/probabilities in memory: "float32", or the "compute" dtype
+    # (softmax max/sum still float32)
+    score_dtype: Literal["float32", "compute"] = "float32"
+    stack_encoders: bool = False  # lidar+radar, rgb+ir blocks as one batched (vmapped) call
+    remat: bool = False  # recompute each transformer block in the backward pass
 
     def __post_init__(self):  # also when built in code (tests, benchmarks), not loaded
         configlib.check_literals(self, "model")

@@ -11,11 +11,31 @@ for less work.
 
 Parameters are float32; ``cfg.dtype == "bfloat16"`` runs every matmul and the residual stream in
 bfloat16 (flax's ``dtype``/``param_dtype``). LayerNorm statistics are computed in float32 by flax.
+
+Levers of speed that leave the parameters (and so checkpoints) as they are — issue 15; each is a
+ModelConfig key, equivalence-tested in tests/test_levers.py:
+
+- ``attention_impl``: "xla" (the default: jax's reference attention, float32 T×T scores in
+  memory), "cudnn" (flash attention: the scores never leave the chip; bfloat16 only) or "auto"
+  (cuDNN on an NVIDIA GPU when the compute dtype and head width allow it, XLA otherwise — so
+  on a CPU nothing changes). See :func:`attention_backend`.
+- ``score_dtype = "compute"``: the XLA path keeps its T×T scores and probabilities in the
+  compute dtype (bfloat16) instead of float32; the softmax's max, exponentials and sum stay in
+  float32 inside the fused kernel (:func:`softmax_lowp`). A no-op under ``dtype = "float32"``.
+- ``stack_encoders``: image encoders of the same token count (lidar + radar BEV; rgb + ir) run
+  their transformer blocks as one batched call, ``jax.vmap`` over their parameters stacked on
+  the fly (:func:`encode_stacked`). The parameters stay one tree per modality.
+- ``remat``: every transformer block is rematerialised in the backward pass
+  (``jax.checkpoint``): less activation memory for a larger batch, ~1/3 more FLOPs.
+
+All are off by default (the plain path) until a GPU run measures them (benchmarks/gpu.sh).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,15 +112,83 @@ def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def attention_backend(impl: str, dtype, head_dim: int, device=None) -> str:
+    """The attention kernel ``model.attention_impl`` resolves to: "xla" or "cudnn".
+
+    "auto" picks cuDNN flash attention on an NVIDIA GPU when it can run it (a 16-bit compute
+    dtype, a head width that is a multiple of 8 and at most 128) and XLA everywhere else (CPUs,
+    float32 models). "xla" and "cudnn" are taken as they are ("cudnn" fails on a CPU).
+    """
+    if impl != "auto":
+        return impl
+    device = device or jax.devices()[0]
+    nvidia = device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if nvidia and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # jax XLA attention's masked logit
+
+
+def _softmax_fwd_f32(logits, mask, scale):
+    x = logits.astype(jnp.float32) * scale
+    if mask is not None:
+        x = jnp.where(mask, x, _MASKED)
+    x = x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True))
+    e = jnp.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def softmax_lowp(logits: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+    """softmax(scale·logits) over the last axis, masked (``mask`` False → probability 0), with
+    its max, exponentials and sum in float32 and the result in ``logits.dtype``.
+
+    The backward pass keeps only that result (no float32 copy of the T×T probabilities) and
+    computes ``p·(dp − Σ p·dp)·scale`` in float32, returned in ``logits.dtype``.
+    """
+    return _softmax_fwd_f32(logits, mask, scale).astype(logits.dtype)
+
+
+def _softmax_lowp_fwd(logits, mask, scale):
+    p = softmax_lowp(logits, mask, scale)
+    return p, (p, mask)
+
+
+def _softmax_lowp_bwd(scale, res, dp):
+    p, mask = res
+    p32, dp32 = p.astype(jnp.float32), dp.astype(jnp.float32)
+    dx = p32 * (dp32 - (p32 * dp32).sum(axis=-1, keepdims=True)) * scale
+    return dx.astype(p.dtype), None
+
+
+softmax_lowp.defvjp(_softmax_lowp_fwd, _softmax_lowp_bwd)
+
+
+def attention_lowp(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
+                   ) -> jax.Array:
+    """Multi-head attention with the T×T scores and probabilities in the inputs' dtype.
+
+    q, k, v (B, T, N, H); ``mask`` (B or 1, 1, T, S) bool, True = may attend. The same function
+    as ``jax.nn.dot_product_attention`` (XLA), whose scores are float32 in memory; here only the
+    softmax statistics are (inside the kernel, see :func:`softmax_lowp`).
+    """
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k)
+    p = softmax_lowp(logits, mask, 1.0 / math.sqrt(q.shape[-1]))
+    return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
 class Attention(nnx.Module):
     """Multi-head attention. ``kv=None`` is self-attention; ``mask`` (B, 1, Tq, Tk) bool, True =
-    may attend."""
+    may attend. The kernel follows ``cfg.attention_impl`` and ``cfg.score_dtype`` (module doc)."""
 
     def __init__(self, dim: int, num_heads: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.impl = None if cfg.attention_impl == "xla" else cfg.attention_impl
+        self.impl = cfg.attention_impl
+        self.lowp_scores = cfg.score_dtype == "compute" and cfg.dtype != "float32"
+        self.dtype = compute_dtype(cfg)
         self.qkv = dense(dim, 3 * dim, cfg, rngs)
         self.proj = dense(dim, dim, cfg, rngs)
 
@@ -108,8 +196,13 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads),
                             3, axis=2)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask=mask,
-                                           implementation=self.impl)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        impl = attention_backend(self.impl, self.dtype, d // self.num_heads)
+        if impl == "xla" and self.lowp_scores:
+            out = attention_lowp(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                               implementation=None if impl == "xla" else impl)
         return self.proj(out.reshape(b, t, d))
 
 
@@ -134,6 +227,22 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))
+
+
+def apply_blocks(blocks: Sequence[Block], x: jax.Array, mask: jax.Array | None = None, *,
+                 remat: bool = False) -> jax.Array:
+    """x through ``blocks`` in order (a Python loop: every layer is unrolled in the program).
+
+    ``remat``: each block is a ``jax.checkpoint`` — only its input is kept for the backward
+    pass, its inside is computed again there.
+    """
+    for block in blocks:
+        if remat:
+            graphdef, state = nnx.split(block)
+            x = jax.checkpoint(lambda s, h, m, g=graphdef: nnx.merge(g, s)(h, m))(state, x, mask)
+        else:
+            x = block(x, mask)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,21 +287,56 @@ class ModalityViT(nnx.Module):
         self.blocks = nnx.List([Block(cfg.embed_dim, cfg.num_heads, cfg, rngs=rngs)
                                 for _ in range(cfg.depth)])
         self.norm = layer_norm(cfg.embed_dim, cfg, rngs)
+        self.remat = cfg.remat
 
     def positions(self) -> jax.Array:
         if self.learned_pos:
             return self.pos_embed[...]
         return jnp.asarray(sincos_pos_embed_2d(self.embed_dim, self.grid))
 
-    def __call__(self, x: jax.Array, ids_keep: jax.Array | None = None) -> jax.Array:
+    def embed(self, x: jax.Array, ids_keep: jax.Array | None = None) -> jax.Array:
+        """Patches (the visible ones) → tokens with positions (B, n_vis, D), before the blocks."""
         patches = patchify(x, self.patch_size)  # (B, N, p·p·C)
         pos = jnp.broadcast_to(self.positions(), (x.shape[0], self.n_patches, self.embed_dim))
         if ids_keep is not None:  # MAE: the masked patches never enter the encoder
             patches, pos = gather_tokens(patches, ids_keep), gather_tokens(pos, ids_keep)
-        z = self.patch_embed(patches.astype(self.dtype)) + pos.astype(self.dtype)
-        for block in self.blocks:
-            z = block(z)
-        return self.norm(z)
+        return self.patch_embed(patches.astype(self.dtype)) + pos.astype(self.dtype)
+
+    def trunk(self, z: jax.Array) -> jax.Array:
+        """Tokens through the blocks and the final LayerNorm."""
+        return self.norm(apply_blocks(self.blocks, z, remat=self.remat))
+
+    def __call__(self, x: jax.Array, ids_keep: jax.Array | None = None) -> jax.Array:
+        return self.trunk(self.embed(x, ids_keep))
+
+
+def encode_stacked(encoders: Sequence[ModalityViT], xs: Sequence[jax.Array],
+                   ids_keep: Sequence[jax.Array | None]) -> list[jax.Array]:
+    """Several image encoders of one shape as one batched program: each embeds its own patches
+    (the patch sizes may differ: rgb 3 channels, ir 1), then the token sets (all of one shape)
+    go through the blocks together, ``jax.vmap`` over the encoders' parameters stacked on the
+    fly. The same tokens as ``[e(x, i) for e, x, i in zip(encoders, xs, ids_keep)]`` up to
+    float rounding; the parameters stay per encoder (a checkpoint is the same either way).
+    """
+    z = [e.embed(x, i) for e, x, i in zip(encoders, xs, ids_keep, strict=True)]
+    if len({t.shape for t in z}) != 1:
+        raise ValueError(f"encode_stacked: token shapes differ {[t.shape for t in z]}")
+    graphdef, first = nnx.split((encoders[0].blocks, encoders[0].norm))
+    states = [first]
+    for e in encoders[1:]:
+        g, s = nnx.split((e.blocks, e.norm))
+        if g != graphdef:
+            raise ValueError("encode_stacked: the encoders' blocks differ in structure")
+        states.append(s)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    remat = encoders[0].remat
+
+    def trunk(state, tokens):
+        blocks, norm = nnx.merge(graphdef, state)
+        return norm(apply_blocks(blocks, tokens, remat=remat))
+
+    out = jax.vmap(trunk)(stacked, jnp.stack(z))
+    return list(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from flax import nnx
 
 from etl.schema import MODALITY_INDEX
 from train.config import ModelConfig
-from train.encoders import TOKEN_INIT, Block, compute_dtype, layer_norm
+from train.encoders import TOKEN_INIT, Block, apply_blocks, compute_dtype, layer_norm
 
 PAD_MULTIPLE = 8  # attention sequences are padded to a multiple of this (see pad_tokens)
 
@@ -110,6 +110,7 @@ class MultimodalFusion(nnx.Module):
         self.blocks = nnx.List([Block(d, cfg.num_heads, cfg, rngs=rngs)
                                 for _ in range(cfg.fusion_depth)])
         self.norm = layer_norm(d, cfg, rngs)
+        self.remat = cfg.remat
 
     def __call__(self, tokens: dict[str, jax.Array], present: jax.Array
                  ) -> tuple[jax.Array, jax.Array]:
@@ -134,6 +135,5 @@ class MultimodalFusion(nnx.Module):
         x = pad_tokens(x)
         mask = attention_mask(valid if self.drop_absent else None, np.concatenate(groups),
                               cross=self.cross, length=x.shape[1])
-        for block in self.blocks:
-            x = block(x, mask)
+        x = apply_blocks(self.blocks, x, mask, remat=self.remat)
         return self.norm(x[:, :t]), valid

@@ -13,6 +13,7 @@ from train.config import ModelConfig
 from train.encoders import (
     TOKEN_INIT,
     Block,
+    apply_blocks,
     compute_dtype,
     dense,
     gather_tokens,
@@ -56,6 +57,7 @@ class PretrainHead(nnx.Module):
         self.blocks = nnx.List([Block(dd, cfg.decoder_heads, cfg, rngs=rngs)
                                 for _ in range(cfg.decoder_depth)])
         self.norm = layer_norm(dd, cfg, rngs)
+        self.remat = cfg.remat
         self.pred = nnx.Dict({m: dense(dd, pd, cfg, rngs) for m, _, pd, _ in self.specs})
 
     def positions(self, m: str, n: int, grid) -> jax.Array:
@@ -90,8 +92,7 @@ class PretrainHead(nnx.Module):
         x = pad_tokens(x)  # to a multiple of 8; the padding is isolated and sliced off
         mask = attention_mask(jnp.concatenate(valid, axis=1) if self.drop_absent else None,
                               np.concatenate(groups), length=x.shape[1])
-        for block in self.blocks:
-            x = block(x, mask)
+        x = apply_blocks(self.blocks, x, mask, remat=self.remat)
         x = self.norm(x[:, :t])
         out, start = {}, 0
         for m, n, _, _ in self.specs:

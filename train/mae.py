@@ -47,7 +47,7 @@ from flax import nnx
 from etl.config import PreprocessConfig
 from etl.schema import IMAGE_MODALITIES, MODALITIES, sample_spec
 from train.config import ModelConfig
-from train.encoders import ModalityViT, VectorEmbed, patchify, unpatchify
+from train.encoders import ModalityViT, VectorEmbed, encode_stacked, patchify, unpatchify
 from train.fusion import MultimodalFusion
 from train.heads import PretrainHead
 
@@ -197,13 +197,13 @@ class MultimodalMAE(nnx.Module):
         present = jnp.asarray(batch["present"])
         b = present.shape[0]
         # 1. mask and encode the visible patches of every modality
-        ids, tokens = {}, {}
+        ids = {}
         for m in self.modalities:
             k = jax.random.fold_in(key, MODALITIES.index(m))
             ids_keep, _, ids_restore = random_masking(k, b, self.layout[m].n_patches,
                                                       mask_ratio)
             ids[m] = (ids_keep, ids_restore)
-            tokens[m] = self.encoders[m](batch[m], ids_keep)
+        tokens = self._encode(batch, self.modalities, {m: ids[m][0] for m in ids})
         # 2. fuse, 3. decode every patch
         fused, _ = self.fusion(tokens, present)
         preds = self.decoder(fused, ids, present)
@@ -243,8 +243,33 @@ class MultimodalMAE(nnx.Module):
         Modalities left out are simply not there (the model was pretrained to cope with absence).
         """
         modalities = self._select(modalities)
-        tokens = {m: self.encoders[m](batch[m]) for m in modalities}
+        tokens = self._encode(batch, modalities, dict.fromkeys(modalities))
         return self.fusion(tokens, jnp.asarray(batch["present"]))
+
+    def encoder_groups(self, modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
+        """How :meth:`_encode` runs the encoders of ``modalities``: one group per call. With
+        ``cfg.stack_encoders`` the image modalities of one patch count share a group (lidar +
+        radar BEV, rgb + ir at the same image size); otherwise every modality is its own."""
+        groups: dict[object, list[str]] = {}
+        for m in modalities:
+            lay = self.layout[m]
+            same = ("image", lay.n_patches) if self.cfg.stack_encoders and lay.grid else m
+            groups.setdefault(same, []).append(m)
+        return [tuple(g) for g in groups.values()]
+
+    def _encode(self, batch: dict, modalities: tuple[str, ...],
+                ids_keep: dict[str, jax.Array | None]) -> dict[str, jax.Array]:
+        """Tokens of each modality from its encoder (visible patches only where ids_keep)."""
+        tokens = {}
+        for group in self.encoder_groups(modalities):
+            if len(group) == 1:
+                m = group[0]
+                tokens[m] = self.encoders[m](batch[m], ids_keep[m])
+            else:
+                out = encode_stacked([self.encoders[m] for m in group],
+                                     [batch[m] for m in group], [ids_keep[m] for m in group])
+                tokens.update(zip(group, out, strict=True))
+        return tokens
 
     def token_layout(self, modalities: tuple[str, ...] | None = None) -> dict[str, slice]:
         """The slice of :meth:`encode`'s token axis that holds each modality."""

@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,22 +80,36 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 
 
 # --------------------------------------------------------------------------- train state
-def init_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=None):
-    """(graphdef, state, shardings): state = {"params", "rest", "opt"}, a plain pytree, created
-    by one jitted function straight into its shardings (FSDP never holds a full copy)."""
-
+def _creator(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx):
     def create():
         model = model_cls(cfg.model, pre, rngs=nnx.Rngs(cfg.training.seed))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return {"params": params, "rest": rest, "opt": tx.init(params)}
 
+    return create
+
+
+def abstract_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=None):
+    """(graphdef, state as ShapeDtypeStructs — with their shardings on a mesh —, shardings):
+    the train state's shapes, nothing allocated (to lower and compile a step ahead of time)."""
     abstract_model = nnx.eval_shape(
         lambda: model_cls(cfg.model, pre, rngs=nnx.Rngs(cfg.training.seed)))
     graphdef = nnx.split(abstract_model, nnx.Param, ...)[0]
+    shapes = jax.eval_shape(_creator(cfg, pre, model_cls, tx))
     shardings = None
     if mesh is not None:
-        shardings = shardlib.state_shardings(mesh, jax.eval_shape(create))
-    return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
+        shardings = shardlib.state_shardings(mesh, shapes)
+        shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              shapes, shardings)
+    return graphdef, shapes, shardings
+
+
+def init_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=None):
+    """(graphdef, state, shardings): state = {"params", "rest", "opt"}, a plain pytree, created
+    by one jitted function straight into its shardings (FSDP never holds a full copy)."""
+    graphdef, _, shardings = abstract_state(cfg, pre, model_cls, tx, mesh)
+    return graphdef, jax.jit(_creator(cfg, pre, model_cls, tx), out_shardings=shardings)(), \
+        shardings
 
 
 PARAMS_FINITE = "params_finite"  # a train-step metric for the NaN guard, never logged
@@ -150,7 +165,8 @@ def log(msg: str):
 
 # --------------------------------------------------------------------------- the run
 def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
-          hooks: Sequence[Callable[[int, dict], None]] = ()) -> int:
+          hooks: Sequence[Callable[[int, dict], None]] = (),
+          clock: Callable[[], float] = time.perf_counter) -> int:
     """Run (or resume) the configured pretraining; returns the process exit code."""
     if model_cls is None or flops_fn is None:
         default_cls, default_flops = default_model()
@@ -221,11 +237,17 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
 
     logger = metricslib.Logger(run_dir, tc.steps, start, tc.progress)
     history: dict[str, list[float]] = {}
-    window = {"t": time.perf_counter(), "steps": 0}
+    # The speed window (samples/s, MFU, step time): it opens at the top of an iteration with no
+    # step in flight and closes when the logged step has finished (its metrics fetched), so it
+    # holds the whole device time of exactly the steps it counts. The first step of a start
+    # (compile + run) is timed on its own; image metrics are taken out; checkpoint saves stay
+    # in (a conservative figure).
+    window: dict[str, Any] = {"t": None, "steps": 0}
 
     def finish_step(done: int, metrics) -> bool:
-        """Host side of a finished step: NaN guard, hooks, accumulation, logging. Returns
-        whether some process had been signalled when the step was dispatched."""
+        """Host side of a finished step: NaN guard, hooks, accumulation, logging (fetching the
+        metrics waits for the step). Returns whether some process had been signalled when the
+        step was dispatched."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         params_ok = host.pop(PARAMS_FINITE) == 1.0
         stop = host.pop(STOP) > 0
@@ -246,7 +268,8 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
             h(done, host)
         for k, v in host.items():
             history.setdefault(k, []).append(v)
-        window["steps"] += 1
+        if window["t"] is not None:
+            window["steps"] += 1
         logger.advance()
         if done % tc.log_every == 0 or done == tc.steps:
             import metrax
@@ -254,12 +277,13 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
             out = {k: float(metrax.Average.from_model_output(jnp.asarray(v)).compute())
                    for k, v in history.items()}
             history.clear()
-            dt = time.perf_counter() - window["t"]
-            sps = window["steps"] * tc.batch_size / dt
-            out.update(lr=float(schedule(done - 1)), samples_per_s=sps,
-                       samples_per_s_per_device=sps / n_dev,
-                       mfu=flops * sps / (peak * n_dev), step_time_s=dt / window["steps"])
-            window.update(t=time.perf_counter(), steps=0)
+            out["lr"] = float(schedule(done - 1))
+            if window["steps"]:  # (none after a start's first step alone)
+                dt = clock() - window["t"]
+                sps = window["steps"] * tc.batch_size / dt
+                out.update(samples_per_s=sps, samples_per_s_per_device=sps / n_dev,
+                           mfu=flops * sps / (peak * n_dev), step_time_s=dt / window["steps"])
+                window.update(t=None, steps=0)
             logger.write(done, out)
         return stop
 
@@ -271,31 +295,38 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     # So the stop is decided from a finished step's STOP metric (any process signalled when it
     # was dispatched), which every process reads the same: all save the same step and exit.
     stop = False
+    t_first = clock()
     try:
         while step < tc.steps:
+            if window["t"] is None and step > start:
+                window.update(t=clock(), steps=0)  # the step before has finished (see below)
             batch = next(batches)
             data_state = batches.state
             want_images = tc.image_metrics_every and (step + 1) % tc.image_metrics_every == 0
             if want_images:  # forward pass on the batch before this step's update
-                t_img = time.perf_counter()
+                jax.block_until_ready(state)  # the step before, inside the window; then
+                t_img = clock()  # the image metrics alone, taken out of it
                 _, aux = eval_step(state, batch, step)
                 img = metricslib.image_metrics(jax.device_get(aux), jax.device_get(batch),
                                                cfg.model.patch_size, cfg.model.norm_pix_loss)
                 logger.write(step + 1, img)
-                window["t"] += time.perf_counter() - t_img  # not part of the step time
+                if window["t"] is not None:
+                    window["t"] += clock() - t_img
             state, metrics = train_step(state, batch, jnp.int32(step), stop_flags())
-            if step == start:
-                jax.block_until_ready(metrics)
-                log(f"first step (compile + run) {time.perf_counter() - window['t']:.1f} s")
-                window["t"] = time.perf_counter()
             step += 1
             if pending is not None:
                 stop |= finish_step(*pending)
             pending = (step, metrics)
+            log_now = step % tc.log_every == 0 or step == tc.steps
             save_now = step % tc.ckpt_every == 0 or step == tc.steps or stop
-            if save_now:
-                stop |= finish_step(*pending)  # never save a state whose loss was not finite
+            if step == start + 1 or log_now or save_now:
+                # waited for now, not one step late: the first step is timed alone, a logged
+                # one closes the speed window, a saved one must have finite parameters
+                stop |= finish_step(*pending)
                 pending = None
+                if step == start + 1:
+                    log(f"first step (compile + run) {clock() - t_first:.1f} s")
+            if save_now or stop:  # (a stop read from this very step saves it too)
                 ckpt.save(step, state, datalib.state_to_json(data_state), config_rec)
             if stop:
                 what = f"signal {preempt.signal}" if preempt.signal else "another process's signal"
@@ -366,13 +397,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv=None, *, model_cls=None, flops_fn=None, hooks=()) -> int:
+def main(argv=None, *, model_cls=None, flops_fn=None, hooks=(), clock=time.perf_counter) -> int:
     args = parse_args(argv)
     cfg = configlib.cli_load("train.pretrain", PretrainConfig, args.config, args.set)
     if cfg is None:
         return configlib.EXIT_CONFIG
     try:
-        return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks)
+        return train(cfg, model_cls=model_cls, flops_fn=flops_fn, hooks=hooks, clock=clock)
     except configlib.ConfigError as e:  # the config against the data (model.patch_size, …)
         return configlib.cli_error("train.pretrain", e)
     except (ckptlib.ArchitectureMismatch, ckptlib.CheckpointError) as e:
