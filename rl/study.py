@@ -9,9 +9,11 @@ the probes, every arm × seed of PPO, every evaluation, and the report.
 
 Units (rl.study_config.units), in order: ``data/synth`` (etl.synth), ``data/etl``
 (etl.build), ``pretrain`` (train.pretrain, the run ``runs/<name>/pretrain``), ``probe``
-(train.probe on it), then seed by seed, arm by arm, ``train/<arm>_s<seed>`` (rl.ppo, the run
-``runs/<name>/ppo/<arm>_s<seed>``) and its ``eval/<arm>_s<seed>/<condition>`` (rl.evaluate:
-the training tracks, each sensor fault, the unseen tracks). Each unit that finishes leaves a
+(train.probe on it), ``domain_gap`` (rl.domain_gap on it: the simulator's BEV next to the
+pretraining data's, and the shift the encoder sees), then seed by seed, arm by arm,
+``train/<arm>_s<seed>`` (rl.ppo, the run ``runs/<name>/ppo/<arm>_s<seed>``) and its
+``eval/<arm>_s<seed>/<condition>`` (rl.evaluate: the training tracks, each sensor fault, the
+unseen tracks). Each unit that finishes leaves a
 completion marker, ``runs/<name>/markers/<unit>.json`` (status, exit code, wall time, the
 hash of the unit's config and of its needs'); a unit whose marker says done for the same
 config is skipped, so running the command again resumes — and the programs it runs resume
@@ -30,7 +32,8 @@ the first lap; P(arm > scratch); performance profiles; learning curves with band
 under each sensor fault and on unseen tracks; the probe scores of the checkpoint; what data
 the encoders saw, the budgets, the commit and the config hash.
 
-On a cluster, ``slurm/study.sh`` runs the same units as jobs: data + pretraining + probe, then
+On a cluster, ``slurm/study.sh`` runs the same units as jobs: data + pretraining + probe + domain
+gap, then
 an array of arm × seed tasks (``--task``), then the report (``--stage report``).
 """
 
@@ -129,12 +132,23 @@ class Study:
         if unit.stage == "probe":
             return {"args": list(c.pretrain.probe_args),
                     "pretrain": self.unit_config(self.by_name["pretrain"])}
+        if unit.stage == "gap":
+            return {"args": self.domain_gap_args(),
+                    "pretrain": self.unit_config(self.by_name["pretrain"])}
         rl = configlib.to_dict(self.arm_cfgs[(unit.arm, unit.seed)])
         if unit.stage == "train":
             return rl
         e = c.eval
         return {"rl": rl, "condition": configlib.to_dict(unit.condition),
                 "episodes": e.episodes, "time_limit": e.time_limit, "collision": e.collision}
+
+    def domain_gap_args(self) -> list[str]:
+        """rl.domain_gap's arguments but the checkpoint and the output: the base RL config's
+        ``env.track`` (its pool, if any, left out) and world scale, then
+        ``pretrain.domain_gap_args``."""
+        e = self.base.env
+        return ["--tracks", e.track, "--world-scale", f"{e.world_scale:g}",
+                *self.cfg.pretrain.domain_gap_args]
 
     def unit_hash(self, unit: Unit) -> str:
         """The hash of the unit's config and of its needs' hashes (a new pretraining makes
@@ -274,6 +288,8 @@ class Study:
               f"{list(e.lidar_drop)}, IMU absent {e.imu_absent}; unseen {list(e.unseen)}")
         probe_path = self.layout.probe_json()
         probe = json.loads(probe_path.read_text()) if probe_path else None
+        gap_path = self.layout.domain_gap_json()
+        gap = json.loads(gap_path.read_text()) if gap_path else None
         return {
             "command": command, "commit": git_commit(), "config_path": self.config_path,
             "config_hash": configlib.config_hash(c), "config": configlib.to_dict(c),
@@ -284,6 +300,10 @@ class Study:
             "probe_missing": None if probe_path else (
                 "probe disabled (pretrain.probe = false)" if not c.pretrain.probe
                 else f"no probe.json under {self.layout.pretrain}"),
+            "domain_gap": gap, "domain_gap_path": str(gap_path) if gap_path else None,
+            "domain_gap_missing": None if gap_path else (
+                "disabled (pretrain.domain_gap = false)" if not c.pretrain.domain_gap
+                else f"no domain_gap.json under {self.layout.domain_gap}"),
         }  # fmt: skip
 
     def _pretrain_summary(self) -> str:
@@ -406,6 +426,17 @@ class LocalRunner:
             raise UnitError(f"train.probe exited 0 but wrote no probe.json under "
                             f"{study.layout.pretrain}")
         return 0
+
+    def _gap(self, study: Study, unit: Unit) -> int:
+        from rl import domain_gap
+
+        out = study.layout.domain_gap
+        (out / "domain_gap.json").unlink(missing_ok=True)  # its presence means a finished run
+        code = domain_gap.main(["--ckpt", str(study.layout.pretrain), "--out", str(out),
+                                *study.domain_gap_args()])
+        if code == 0 and study.layout.domain_gap_json() is None:
+            raise UnitError(f"rl.domain_gap exited 0 but wrote no {out}/domain_gap.json")
+        return code
 
     def _train(self, study: Study, unit: Unit) -> int:
         from rl import ppo

@@ -91,12 +91,15 @@ class DataSection:
 class PretrainSection:
     """``[pretrain]``: the pretraining config (a configs/pretrain_*.toml) and its overrides;
     the run is ``<runs_dir>/<name>/pretrain``. ``probe``: run train.probe on the checkpoint
-    (with ``probe_args``)."""
+    (with ``probe_args``). ``domain_gap``: run rl.domain_gap on it (the simulator's BEV next
+    to the pretraining data's, on the base RL config's training tracks; ``domain_gap_args``)."""
 
     config: str = "configs/pretrain_tiny.toml"  # (issue 13 §1: a CPU config, not yet)
     set: tuple[str, ...] = ()
     probe: bool = True
     probe_args: tuple[str, ...] = ()
+    domain_gap: bool = True
+    domain_gap_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,15 @@ class Layout:
                 return p
         return None
 
+    @property
+    def domain_gap(self) -> Path:
+        """rl.domain_gap's report folder for the pretraining run."""
+        return self.pretrain / "domain_gap"
+
+    def domain_gap_json(self) -> Path | None:
+        p = self.domain_gap / "domain_gap.json"
+        return p if p.is_file() else None
+
 
 def run_name(arm: str, seed: int) -> str:
     return f"{arm}_s{seed}"
@@ -353,7 +365,7 @@ def conditions(cfg: StudyConfig, base: RLConfig) -> list[Condition]:
 
 
 # --------------------------------------------------------------------------- units of work
-STAGES = ("data", "pretrain", "probe", "train", "evaluate")
+STAGES = ("data", "pretrain", "probe", "gap", "train", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -362,7 +374,7 @@ class Unit:
     ``needs``: the units that must be done first."""
 
     name: str
-    stage: Literal["data", "pretrain", "probe", "train", "evaluate"]
+    stage: Literal["data", "pretrain", "probe", "gap", "train", "evaluate"]
     needs: tuple[str, ...] = ()
     arm: str = ""
     seed: int = -1
@@ -384,6 +396,8 @@ def units(cfg: StudyConfig, base: RLConfig) -> list[Unit]:
     out.append(Unit("pretrain", "pretrain", data))
     if cfg.pretrain.probe:
         out.append(Unit("probe", "probe", ("pretrain",)))
+    if cfg.pretrain.domain_gap:
+        out.append(Unit("domain_gap", "gap", ("pretrain",)))
     conds = conditions(cfg, base)
     for seed in cfg.seeds:
         for arm in cfg.arms:

@@ -485,6 +485,89 @@ def _flat_numbers(d: Any, prefix: str = "") -> list[tuple[str, float]]:
     return out
 
 
+def _ci3(d: dict | None, spec: str = "{:+.3f}") -> str:
+    """A train.probe / rl.domain_gap interval record {estimate, low, high} as "x [lo, hi]"."""
+    if not isinstance(d, dict) or d.get("estimate") is None:
+        return DASH
+    return (f"{spec.format(d['estimate'])} [{spec.format(d['low'])}, "
+            f"{spec.format(d['high'])}]")
+
+
+def _verdict(d: dict | None, higher_is_better: bool = True) -> str:
+    if not isinstance(d, dict) or d.get("low") is None:
+        return DASH
+    if d["low"] > 0:
+        return "pretrained better" if higher_is_better else "pretrained worse"
+    if d["high"] < 0:
+        return "pretrained worse" if higher_is_better else "pretrained better"
+    return "no difference shown (the interval holds 0)"
+
+
+def probe_section(meta: dict) -> list[str]:
+    """The probe scores of the checkpoint used: train.probe's differences (pretrained − random
+    init, paired 95 % intervals) and each feature set's scores; any other probe record as its
+    numbers."""
+    probe = meta.get("probe")
+    L = ["## Probe scores of the pretraining checkpoint used", ""]
+    if probe is None:
+        return L + [f"No probe report ({meta.get('probe_missing', 'train.probe did not run')}).",
+                    ""]
+    L.append(f"From `{meta.get('probe_path')}` (train.probe, step "
+             f"{probe.get('checkpoint_step', DASH)}; {probe.get('data_note', DASH)}):")
+    L.append("")
+    occ, fs = probe.get("occupancy"), probe.get("free_space")
+    if isinstance(occ, dict) and isinstance(occ.get("differences"), dict) and isinstance(fs, dict):
+        L += ["| difference | occupancy IoU [95 % CI] | free-space R² [95 % CI] | "
+              "free-space MAE m [95 % CI] |", "|---|---|---|---|"]
+        for name, d in occ["differences"].items():
+            f = fs.get("differences", {}).get(name, {})
+            L.append(f"| {name} | {_ci3(d.get('iou'))} ({_verdict(d.get('iou'))}) | "
+                     f"{_ci3(f.get('r2'))} ({_verdict(f.get('r2'))}) | "
+                     f"{_ci3(f.get('mae_m'))} ({_verdict(f.get('mae_m'), False)}) |")
+        L += ["", "| features | occupancy IoU | free-space R² | free-space MAE m |",
+              "|---|---|---|---|"]
+        for name in probe.get("feature_sets", []):
+            o, r = occ.get(name, {}), fs.get(name, {})
+            L.append(f"| {name} | {num(o.get('iou'), '.3f')} | {num(r.get('r2'), '.3f')} | "
+                     f"{num(r.get('mae_m'), '.2f')} |")
+        L.append("")
+        return L
+    L += ["| probe number | value |", "|---|---|"]
+    rows = _flat_numbers(probe)
+    for k, v in rows[:80]:
+        L.append(f"| {k} | {v if isinstance(v, list) else num(v, '.4g')} |")
+    if len(rows) > 80:
+        L.append(f"| … {len(rows) - 80} more in report.json | |")
+    return L + [""]
+
+
+def domain_gap_section(meta: dict, figs: dict[str, str]) -> list[str]:
+    """rl.domain_gap's record: the shift the encoder sees between the simulator's BEV and the
+    pretraining data's, and what that does and does not show."""
+    gap = meta.get("domain_gap")
+    L = ["## The domain gap: the simulator's BEV next to the pretraining data's", ""]
+    if gap is None:
+        return L + [f"Not measured ({meta.get('domain_gap_missing', 'rl.domain_gap did not run')})"
+                    ".", ""]
+    L += [f"From `{meta.get('domain_gap_path')}` (rl.domain_gap): {gap.get('n_etl', DASH)} "
+          f"held-out samples of `{gap.get('data', DASH)}` ({gap.get('data_note', DASH)}) against "
+          f"{gap.get('n_sim', DASH)} simulator samples on {', '.join(gap.get('tracks', []))}; "
+          f"modalities {', '.join(gap.get('modalities', []))}.", "",
+          "| model | masked LiDAR error / predicting zeros, pretraining data | the same, "
+          "simulator | Fréchet distance ÷ within-data floor | domain classifier accuracy |",
+          "|---|---|---|---|---|"]
+    for name, m in gap.get("models", {}).items():
+        L.append(f"| {name} | {_ci3(m.get('etl', {}).get('recon_relative'), '{:.3f}')} | "
+                 f"{_ci3(m.get('sim', {}).get('recon_relative'), '{:.3f}')} | "
+                 f"{num(m.get('frechet_ratio'), '.1f')} | "
+                 f"{num(m.get('domain_classifier_accuracy'), '.3f')} |")
+    L.append("")
+    if "domain gap" in figs:
+        L += [f"![domain gap]({figs['domain gap']})", ""]
+    L += [*gap.get("reading", []), ""]
+    return L
+
+
 def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str, str]) -> str:
     n_seeds = len(cfg.seeds)
     train = data["conditions"][0]
@@ -503,19 +586,8 @@ def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str
           f"- seeds per arm: {n_seeds} ({', '.join(map(str, cfg.seeds))}); intervals: 95 % "
           f"stratified bootstrap, {cfg.report.reps} resamples (rliable), seed "
           f"{cfg.report.seed}", ""]
-    probe = meta.get("probe")
-    L += ["## Probe scores of the pretraining checkpoint used", ""]
-    if probe is None:
-        L += [f"No probe report ({meta.get('probe_missing', 'train.probe did not run')}).", ""]
-    else:
-        L += [f"From `{meta.get('probe_path')}` (train.probe):", "", "| probe number | value |",
-              "|---|---|"]
-        rows = _flat_numbers(probe)
-        for k, v in rows[:80]:
-            L.append(f"| {k} | {v if isinstance(v, list) else num(v, '.4g')} |")
-        if len(rows) > 80:
-            L.append(f"| … {len(rows) - 80} more in report.json | |")
-        L.append("")
+    L += probe_section(meta)
+    L += domain_gap_section(meta, figs)
     L += [f"## Training track(s): {', '.join(train.tracks)}", "",
           "IQM over runs × tracks [95 % CI]; n = runs evaluated / seeds.", "",
           "| arm | n | laps | clean episodes | lap time (s) | AUC (laps) | "
@@ -547,9 +619,10 @@ def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str
                              f"{_ci(s['clean'])}")
             L.append(f"| {c.name} | {', '.join(c.tracks)} | " + " | ".join(cells) + " |")
         L.append("")
-    if figs:
+    rest = {k: v for k, v in figs.items() if k != "domain gap"}  # shown in its section
+    if rest:
         L += ["## Figures", ""]
-        L += [f"![{k}]({v})" for k, v in figs.items()]
+        L += [f"![{k}]({v})" for k, v in rest.items()]
         L.append("")
     L += ["## Missing or failed", ""]
     if data["missing"]:
@@ -613,6 +686,11 @@ def build_report(cfg: StudyConfig, base: RLConfig, meta: dict[str, Any],
                                                         lay.figures / "robustness.png"))):
         if path is not None:
             figs[name] = Path(path).relative_to(lay.root).as_posix()
+    gap_png = lay.domain_gap / "bev_side_by_side.png"
+    if meta.get("domain_gap") is not None and gap_png.is_file():
+        lay.figures.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(gap_png, lay.figures / "domain_gap_bev.png")
+        figs["domain gap"] = "figures/domain_gap_bev.png"
     record = {"meta": meta, "arms": list(cfg.arms), "seeds": list(cfg.seeds),
               "baseline": BASELINE, "reference": REFERENCE,
               "conditions": data["conditions"], "budget_env_steps": data["budget"],

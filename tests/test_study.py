@@ -188,7 +188,7 @@ def _tiny_study(tmp_path, *extra):
         "arms=['scratch', 'pretrained_frozen']", "rl.config='configs/rl_study.toml'",
         "eval.lidar_noise=[2.0]", "eval.lidar_drop=[]", "eval.imu_absent=false",
         "eval.unseen=['procedural:wide:900']", "report.reps=300", "report.curve_reps=100",
-        "report.curve_points=5", "pretrain.probe=false",
+        "report.curve_points=5", "pretrain.probe=false", "pretrain.domain_gap=false",
         "pretrain.config='configs/pretrain_tiny.toml'", *extra])  # fmt: skip
 
 
@@ -270,6 +270,69 @@ def test_report_on_fake_runs(fake_study):
         assert (lay.root / f).stat().st_size > 0
     assert {"learning curves", "performance profiles", "intervals", "robustness"} <= set(
         rec["figures"])
+
+
+def test_report_shows_the_probe_differences_and_the_domain_gap(fake_study):
+    from rl.study import Study
+    from rl.study_report import build_report
+
+    cfg, base, lay = fake_study
+    ci = {"estimate": 0.031, "low": 0.004, "high": 0.058}
+    neg = {"estimate": -0.02, "low": -0.05, "high": 0.01}
+    probe = {"checkpoint_step": 1500, "data_note": "synthetic drives (etl.synth)",
+             "feature_sets": ["pretrained", "random_init"],
+             "occupancy": {"pretrained": {"iou": 0.51}, "random_init": {"iou": 0.48},
+                           "differences": {"pretrained - random_init": {"iou": ci}}},
+             "free_space": {"pretrained": {"r2": 0.42, "mae_m": 1.9},
+                            "random_init": {"r2": 0.40, "mae_m": 1.95},
+                            "differences": {"pretrained - random_init": {"r2": neg,
+                                                                         "mae_m": ci}}}}
+    (lay.pretrain / "probe").mkdir(parents=True)
+    (lay.pretrain / "probe" / "probe.json").write_text(json.dumps(probe))
+    rel = {"etl": {"recon_relative": {"estimate": 0.74, "low": 0.71, "high": 0.77}},
+           "sim": {"recon_relative": {"estimate": 4.6, "low": 4.4, "high": 4.9}},
+           "frechet_ratio": 75.4, "domain_classifier_accuracy": 1.0}
+    gap = {"n_etl": 60, "n_sim": 60, "tracks": ["procedural:0"], "modalities": ["lidar", "imu"],
+           "data": "cache", "data_note": "synthetic drives (etl.synth)",
+           "models": {"pretrained": rel}, "reading": ["- a sentence the numbers support"]}
+    lay.domain_gap.mkdir(parents=True)
+    (lay.domain_gap / "domain_gap.json").write_text(json.dumps(gap))
+    (lay.domain_gap / "bev_side_by_side.png").write_bytes(b"\x89PNG fake")
+    meta = Study(cfg).meta("test")
+    assert meta["domain_gap"]["n_sim"] == 60 and meta["probe"]["checkpoint_step"] == 1500
+    rec = build_report(cfg, base, meta)
+    md = (lay.root / "report.md").read_text()
+    assert ("| pretrained - random_init | +0.031 [+0.004, +0.058] (pretrained better) | "
+            "-0.020 [-0.050, +0.010] (no difference shown (the interval holds 0)) | "
+            "+0.031 [+0.004, +0.058] (pretrained worse) |") in md
+    assert "| pretrained | 0.740 [0.710, 0.770] | 4.600 [4.400, 4.900] | 75.4 | 1.000 |" in md
+    assert "- a sentence the numbers support" in md
+    assert rec["figures"]["domain gap"] == "figures/domain_gap_bev.png"
+    assert (lay.root / "figures" / "domain_gap_bev.png").read_bytes() == b"\x89PNG fake"
+    # without the files: each section says it is missing and why
+    (lay.domain_gap / "domain_gap.json").unlink()
+    (lay.pretrain / "probe" / "probe.json").unlink()
+    build_report(cfg, base, Study(cfg).meta("test"))
+    md = (lay.root / "report.md").read_text()
+    assert "Not measured (disabled (pretrain.domain_gap = false))." in md
+    assert "No probe report (probe disabled (pretrain.probe = false))." in md
+
+
+def test_the_domain_gap_unit_follows_the_pretraining_with_the_training_tracks(tmp_path):
+    from rl.study import Study
+
+    study = Study(_tiny_study(tmp_path, "pretrain.domain_gap=true",
+                              "pretrain.domain_gap_args=['--samples', '64']"))
+    names = [u.name for u in study.units]
+    gap = study.by_name["domain_gap"]
+    assert names.index("domain_gap") == names.index("pretrain") + 1
+    assert gap.stage == "gap" and gap.needs == ("pretrain",)
+    assert study.domain_gap_args() == ["--tracks", study.base.env.track, "--world-scale",
+                                       f"{study.base.env.world_scale:g}", "--samples", "64"]
+    # its own arguments and the pretraining make its hash; a new one runs it again
+    other = Study(_tiny_study(tmp_path, "pretrain.domain_gap=true"))
+    assert study.unit_hash(gap) != other.unit_hash(other.by_name["domain_gap"])
+    assert [u.name for u in study.select({"gap"})] == ["domain_gap"]
 
 
 def test_a_broken_evaluation_file_fails_naming_it(fake_study):
