@@ -490,9 +490,16 @@ def test_parity_trajectory(parity_runs):
     Speeds now agree within 0.2 m/s throughout; what remains is PyBullet's heading wander:
     on the 1 s straight its car yaws ~0.09 rad to the right (the JAX car holds 0), and the
     next 2 s of open loop turn that into ~0.5-0.9 m sideways, and lidar scans from poses
-    that far apart differ by ~0.5 m in the median."""
+    that far apart differ by ~0.5 m in the median.
+
+    With the front-tyre model (Dynamics.tyre_*, fitted to full lock at speed; 2026-12-06):
+    0.83 m, 0.27 rad, 0.012 lap, lidar 0.27 m. The yaw gap grew: at 40 % lock and 2.5-3 m/s
+    on the motor PyBullet's car turns at the kinematic rate (0.79 rad/s on an open floor)
+    and the tyre model ~13 % below it (0.68) — its saturating curve (Pacejka C = 1, the
+    least-squares optimum over the cornering protocols; C > 1 fitted worse) already slips
+    there."""
     j, b = parity_runs["jax"], parity_runs["bullet"]
-    tol = {"pos_m": 1.1, "yaw_rad": 0.22, "progress_lap": 0.015, "lidar_median_m": 0.6}
+    tol = {"pos_m": 1.1, "yaw_rad": 0.32, "progress_lap": 0.015, "lidar_median_m": 0.6}
     gaps = {
         "pos_m": float(np.linalg.norm(j["xy"] - b["xy"], axis=1).max()),
         "yaw_rad": float(np.abs(np.angle(np.exp(1j * (j["yaw"] - b["yaw"])))).max()),
