@@ -142,14 +142,17 @@ def bench_bullet(steps: int = 2000, camera: bool = False, track: str = "procedur
 
 def calibration_table() -> list[tuple[str, float, float]]:
     """rl.envs.calibration.calibrate_bullet() (open floor at the tracks' friction) next to the
-    same protocol run on the JAX car's Dynamics (calibrate_jax)."""
+    same protocol run on each JAX car model (calibrate_jax): rows (figure, PyBullet, JAX
+    kinematic, JAX tyre)."""
     from rl.envs.calibration import calibrate_bullet, calibrate_jax
+    from rl.envs.jax_env import car
 
-    b, j = calibrate_bullet(), calibrate_jax()
-    rows = [(k, b[k], j[k]) for k in b]
-    print(f"{'figure':38} {'pybullet':>9} {'jax':>9}")
-    for k, x, y in rows:
-        print(f"{k:38} {x:9.3f} {y:9.3f}")
+    b = calibrate_bullet()
+    j = {m: calibrate_jax(car(m)) for m in ("kinematic", "tyre")}
+    rows = [(k, b[k], j["kinematic"][k], j["tyre"][k]) for k in b]
+    print(f"{'figure':38} {'pybullet':>9} {'jax kin.':>9} {'jax tyre':>9}")
+    for k, x, y, z in rows:
+        print(f"{k:38} {x:9.3f} {y:9.3f} {z:9.3f}")
     return rows
 
 
@@ -244,9 +247,9 @@ def bullet_traces(path: str | None = None) -> dict:
 
 def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
                  fields: str = "cornering", turn_speed_weight: float = 0.5) -> dict:
-    """Least-squares fit of jax_env.Dynamics to PyBullet open-floor traces (speed curves,
-    and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction; prints and
-    returns the fitted fields (then check them with --calibrate and the parity tests).
+    """Least-squares fit of the tyre car (jax_env.car("tyre")) to PyBullet open-floor traces
+    (speed curves, and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction;
+    prints and returns the fitted fields (then check them with --calibrate and the parity tests).
     ``traces``: an .npz cache of the PyBullet runs (:func:`bullet_traces`). ``fields``: a
     group of FIT_GROUPS ("cornering": the steering and the tyre, with the straight-line
     constants as they are; "straight"; "all") or comma-separated Dynamics fields.
@@ -258,7 +261,7 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
     from scipy.optimize import least_squares
 
     from rl.envs.calibration import open_floor_jax_batch, policy_actions
-    from rl.envs.jax_env import Dynamics
+    from rl.envs.jax_env import car
 
     names_ = FIT_GROUPS.get(fields) or tuple(f.strip() for f in fields.split(","))
     bad = [f for f in names_ if f not in FIT_BOUNDS]
@@ -284,7 +287,7 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
         (the fields as arrays: car_step broadcasts them)."""
         xs = np.atleast_2d(xs)
         k_, p_ = len(xs), len(names)
-        dyn = replace(Dynamics(), **{f: np.repeat(xs[:, i], p_) for i, f in enumerate(names_)})
+        dyn = replace(car("tyre"), **{f: np.repeat(xs[:, i], p_) for i, f in enumerate(names_)})
         sims = open_floor_jax_batch(dyn, *(np.tile(a, (k_, 1)) for a in acts))
         sims = sims.reshape(k_, p_, n_max, 5)
         out = []
@@ -306,13 +309,13 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
         r = resid_many(np.vstack([x, x + np.diag(h)]))
         return ((r[1:] - r[0]) / h[:, None]).T
 
-    x0 = np.array([getattr(Dynamics(), f) for f in names_], np.float64)
+    x0 = np.array([getattr(car("tyre"), f) for f in names_], np.float64)
     t0 = time.perf_counter()
     res = least_squares(lambda x: resid_many(x)[0], x0, jac=jac, bounds=(lb, ub),
                         x_scale="jac", max_nfev=max_nfev, verbose=2)
     print(f"{time.perf_counter() - t0:.0f} s")
     fitted = {k: round(float(v), 4) for k, v in zip(names_, res.x, strict=True)}
-    print(f"rms residual {np.sqrt(np.mean(resid_many(x0) ** 2)):.3f} (current Dynamics) -> "
+    print(f"rms residual {np.sqrt(np.mean(resid_many(x0) ** 2)):.3f} (current tyre car) -> "
           f"{np.sqrt(np.mean(res.fun ** 2)):.3f} (fitted)")
     print(fitted)
     return fitted

@@ -117,6 +117,10 @@ class EnvConfig:
     # car barely turns) or "speed" (racecar_gym's speed actuator: a target speed of
     # (a + 1) / 2 × 3.5 m/s); every backend has both
     actuator: Literal["motor", "speed"] = "motor"
+    # JAX backend only: the car model — "kinematic" (the bicycle model; every result before
+    # 2026-12-06) or "tyre" (a front tyre fitted to PyBullet's cornering at speed:
+    # rl.envs.jax_env.TYRE_CAR)
+    car: Literal["kinematic", "tyre"] = "kinematic"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)
     camera: bool = False  # render rgb_camera (needed by a policy that reads rgb)
     # JAX backend only: rays actually cast (1080 = racecar_gym's scan; 108 = every 10th ray,

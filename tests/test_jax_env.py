@@ -17,6 +17,7 @@ from rl.envs.jax_env import (
     JaxRacecar,
     JaxRacecarEnv,
     SensorConfig,
+    car,
     car_step,
     make_params,
     sphere_trace,
@@ -491,7 +492,7 @@ def test_full_lock_at_speed_saturates_and_scrubs():
     lock (its lateral acceleration saturates near 3.5 m/s^2) and costs speed (3.1 m/s
     where the straight holds 3.5). A kinematic car would turn 1.7x harder at full lock and
     lose nothing."""
-    dyn = Dynamics(actuator="speed")
+    dyn = car("tyre", actuator="speed")
     _, v_straight, _, _ = _corner(dyn, 1.0, 0.0)
     yaw_full, v_full, w_full, d_full = _corner(dyn, 1.0, 1.0)
     yaw_60, v_60, _, d_60 = _corner(dyn, 1.0, 0.6)
@@ -509,7 +510,7 @@ def test_low_lateral_acceleration_is_kinematic(entry, s):
     yaw rate is at most the kinematic bicycle's v tan(delta) / L and within 8 % of it (the
     tyre's small slip; PyBullet's car at 2.3 m/s and 30 % lock: 8 % below it), and turning
     costs (almost) no speed; a car at rest does not turn at all."""
-    dyn = Dynamics(actuator="speed")
+    dyn = car("tyre", actuator="speed")
     _, v_straight, _, _ = _corner(dyn, entry, 0.0, entry=entry)
     _, v, w, d = _corner(dyn, entry, s, entry=entry)
     assert v * abs(w) < 1.0
@@ -530,7 +531,7 @@ def test_tyre_curve_shape():
     from rl.envs.jax_env import tyre_curve
 
     slip = np.linspace(-3.0, 3.0, 6001)
-    dyn = Dynamics()
+    dyn = car("tyre")
     f = tyre_curve(dyn, slip, dyn.tyre_peak, xp=np)
     np.testing.assert_allclose(f, -f[::-1], atol=1e-12)
     h = 1e-7
@@ -539,7 +540,7 @@ def test_tyre_curve_shape():
     assert np.all(np.diff(f) > 0) and np.abs(f).max() < dyn.tyre_peak
     assert f[-1] > 0.98 * dyn.tyre_peak  # saturated at 3 units of slip
     c, peak = 1.6, 2.0
-    shaped = Dynamics(tyre_shape=c)
+    shaped = car("tyre", tyre_shape=c)
     g = tyre_curve(shaped, slip, peak, xp=np)
     i = int(np.argmax(g))
     b = shaped.tyre_stiffness / (c * peak)
@@ -585,13 +586,13 @@ def test_each_tyre_parameter_reaches_the_physics(field):
     from rl.envs.calibration import open_floor_jax_batch
 
     value, kind = _TYRE_FIELDS[field]
-    assert getattr(Dynamics(), field) != value
+    assert getattr(car("tyre"), field) != value
     acts = _protocol(kind)
-    base = open_floor_jax_batch(Dynamics(), *acts)[0]
-    again = open_floor_jax_batch(replace(Dynamics(), **{field: getattr(Dynamics(), field)}),
+    base = open_floor_jax_batch(car("tyre"), *acts)[0]
+    again = open_floor_jax_batch(replace(car("tyre"), **{field: getattr(car("tyre"), field)}),
                                  *acts)[0]
     np.testing.assert_array_equal(base, again)
-    changed = open_floor_jax_batch(replace(Dynamics(), **{field: value}), *acts)[0]
+    changed = open_floor_jax_batch(replace(car("tyre"), **{field: value}), *acts)[0]
     gap = max(np.abs(changed[:, 2] - base[:, 2]).max(), np.abs(changed[:, 3] - base[:, 3]).max())
     assert gap > 0.02, (field, gap)
 
@@ -603,7 +604,7 @@ def test_grip_draw_scales_the_tyre_peak():
 
     from rl.envs.jax_env import CarDraw
 
-    dyn = Dynamics()
+    dyn = car("tyre")
     for g in (0.8, 1.0, 1.25):
         scaled = replace(dyn, tyre_peak=dyn.tyre_peak * g, slip_gain=dyn.slip_gain * g,
                          brake_slip=dyn.brake_slip * g)
@@ -629,3 +630,50 @@ def test_grip_draw_scales_the_tyre_peak():
             yaw += float(w) * dyn.dt
         yaws.append(abs(yaw))
     assert yaws[0] < yaws[1] - 0.1, yaws
+
+
+# ------------------------------------------------------------------ the car model switch
+
+
+def test_the_default_car_is_the_kinematic_bicycle():
+    """Dynamics() / car() is the kinematic model: its yaw rate is v tan(delta) / L at the
+    step's midpoint speed, saturated by understeer, whatever yaw rate comes in (it keeps no
+    yaw-rate state); the tyre car is another car."""
+    dyn = car()
+    assert dyn == Dynamics() and dyn.model == "kinematic"
+    v = steer = 0.0
+    for i in range(400):  # 3 s straight at speed action 1, then full lock
+        s = 0.0 if i < 300 else 1.0
+        v_new, steer_new, w = car_step(dyn, v, steer, 0.0, 1.0, s, True, xp=np)
+        v_mid = 0.5 * (v + v_new)
+        k = v_mid * np.tan(steer_new) / dyn.wheelbase
+        assert w == pytest.approx(k / (1.0 + dyn.understeer * (v_mid * k) ** 2), rel=1e-12)
+        again = car_step(dyn, v, steer, 5.0, 1.0, s, True, xp=np)  # another yaw rate in
+        np.testing.assert_array_equal(np.array(again), np.array((v_new, steer_new, w)))
+        v, steer = v_new, steer_new
+    tyre = car("tyre", actuator="speed")
+    assert tyre.model == "tyre" and tyre.steer_tau != dyn.steer_tau
+    with pytest.raises(ValueError, match="unknown car model 'slick'"):
+        car("slick")
+
+
+def test_the_task_chooses_the_jax_car():
+    """env.car reaches the simulator the runner and the evaluation build (rl.factory.make_sim
+    from the task), and a simulator whose dynamics disagree with its task is refused."""
+    from rl import factory
+    from rl.config import RLConfig
+    from rl.evaluate import _task
+
+    cfg = RLConfig()
+    assert factory.make_sim(factory.task_config(cfg)).dynamics.model == "kinematic"
+    import dataclasses
+
+    tyre_cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, car="tyre"))
+    sim = factory.make_sim(factory.task_config(tyre_cfg))
+    assert sim.dynamics == car("tyre")
+    assert _task(10.0, True, False, "speed", "tyre").car == "tyre"
+    assert JaxRacecarEnv("procedural:0", TaskConfig(car="tyre")).sim.dynamics.model == "tyre"
+    with pytest.raises(ValueError, match="the task's car 'tyre' is not the dynamics' model"):
+        JaxRacecar(TaskConfig(car="tyre"), Dynamics())
+    with pytest.raises(ValueError):
+        TaskConfig(car="slick")
