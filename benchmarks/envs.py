@@ -142,69 +142,180 @@ def bench_bullet(steps: int = 2000, camera: bool = False, track: str = "procedur
 
 def calibration_table() -> list[tuple[str, float, float]]:
     """rl.envs.calibration.calibrate_bullet() (open floor at the tracks' friction) next to the
-    same protocol run on the JAX car's Dynamics (calibrate_jax)."""
+    same protocol run on each JAX car model (calibrate_jax): rows (figure, PyBullet, JAX
+    kinematic, JAX tyre)."""
     from rl.envs.calibration import calibrate_bullet, calibrate_jax
+    from rl.envs.jax_env import car
 
-    b, j = calibrate_bullet(), calibrate_jax()
-    rows = [(k, b[k], j[k]) for k in b]
-    print(f"{'figure':38} {'pybullet':>9} {'jax':>9}")
-    for k, x, y in rows:
-        print(f"{k:38} {x:9.3f} {y:9.3f}")
+    b = calibrate_bullet()
+    j = {m: calibrate_jax(car(m)) for m in ("kinematic", "tyre")}
+    rows = [(k, b[k], j["kinematic"][k], j["tyre"][k]) for k in b]
+    print(f"{'figure':38} {'pybullet':>9} {'jax kin.':>9} {'jax tyre':>9}")
+    for k, x, y, z in rows:
+        print(f"{k:38} {x:9.3f} {y:9.3f} {z:9.3f}")
     return rows
 
 
 # open-floor protocols for fit_dynamics: name -> (steps, policy(i) -> (actuator, a, steering))
 _SPEED_2 = 2.0 / 3.5 * 2.0 - 1.0  # speed-actuator command for 2 m/s
-FIT_PROTOCOLS = {
-    "motor_1": (800, lambda i: ("motor", 1.0, 0.0)),
-    "motor_0.3": (800, lambda i: ("motor", 0.3, 0.0)),
-    **{f"brake_{m}": (900, lambda i, m=m: ("motor", 1.0 if i < 500 else m, 0.0))
-       for m in (-1.0, -0.3, 0.0)},
-    **{f"speed_{v}": (600, lambda i, c=v / 3.5 * 2.0 - 1.0: ("speed", c, 0.0))
-       for v in (1.0, 2.0, 3.0)},
-    **{f"steer_{s}": (900, lambda i, s=s: ("speed", _SPEED_2, s if i >= 300 else 0.0))
-       for s in (1.0, -1.0)},
-    "motor_0.5_steer_1": (600, lambda i: ("motor", 0.5, 1.0 if i >= 200 else 0.0)),
+
+
+def _slalom(a: float):
+    """Speed action 1.0 straight for 3 s, then speed action a with full lock, the side
+    swapped every 0.5 s."""
+    return lambda i: ("speed", 1.0, 0.0) if i < 300 else (
+        "speed", a, 1.0 if (i - 300) // 50 % 2 == 0 else -1.0)
+
+
+def _brake_turn(m: float, s: float, entry_steps: int):
+    """Full throttle for entry_steps (300: ~3.7 m/s, 90: ~2.3 m/s), then motor m < 0 at
+    steering s."""
+    return lambda i: ("motor", 1.0, 0.0) if i < entry_steps else ("motor", m, s)
+
+
+def fit_protocols() -> dict:
+    from rl.envs.calibration import scrub_policy
+
+    return {
+        "motor_1": (800, lambda i: ("motor", 1.0, 0.0)),
+        "motor_0.3": (800, lambda i: ("motor", 0.3, 0.0)),
+        **{f"brake_{m}": (900, lambda i, m=m: ("motor", 1.0 if i < 500 else m, 0.0))
+           for m in (-1.0, -0.3, 0.0)},
+        **{f"speed_{v}": (600, lambda i, c=v / 3.5 * 2.0 - 1.0: ("speed", c, 0.0))
+           for v in (1.0, 2.0, 3.0)},
+        **{f"steer_{s}": (900, lambda i, s=s: ("speed", _SPEED_2, s if i >= 300 else 0.0))
+           for s in (1.0, -1.0)},
+        "motor_0.5_steer_1": (600, lambda i: ("motor", 0.5, 1.0 if i >= 200 else 0.0)),
+        # cornering at speed (calibration.SCRUB_*, 3 s of turn rather than 1.5), a left turn,
+        # and the straight speed-actuator transitions the turns start from
+        **{f"scrub_{a}_{s}": (600, scrub_policy(a, s))
+           for a in (1.0, 0.6, 0.2) for s in (1.0, 0.6, 0.3, 0.0)},
+        "scrub_1.0_-1.0": (600, scrub_policy(1.0, -1.0)),
+        # slower steady turns (speed action -0.2: ~1.6 m/s, -0.5: ~0.9 m/s)
+        **{f"turn_{e}_{s}": (600, scrub_policy(e, s, entry=e))
+           for e in (-0.2, -0.5) for s in (1.0, 0.6)},
+        **{f"slalom_{a}": (600, _slalom(a)) for a in (1.0, 0.6)},
+        "motor_1_steer_1": (600, lambda i: ("motor", 1.0, 1.0 if i >= 300 else 0.0)),
+        # brake and turn (the motor actuator's braked wheels slide; Dynamics.brake_yaw_*)
+        **{f"brake_turn_{m}_{s}": (450, _brake_turn(m, s, 300))
+           for m in (-1.0, -0.3, -0.1, -0.03) for s in (1.0, -0.5)},
+        **{f"brake_turn_slow_{m}": (240, _brake_turn(m, 1.0, 90)) for m in (-1.0, -0.1)},
+    }
+
+
+# the fitted fields of jax_env.Dynamics and their bounds, in two groups: the straight line
+# (fitted first; the cornering model does not touch a car driving straight) and cornering
+FIT_BOUNDS = {
+    "accel_max": (1, 20), "motor_gamma": (0, 1.5), "slip_gain": (1, 200), "drag": (0, 3),
+    "rolling": (0, 3), "brake_max": (0, 20), "brake_gamma": (0.2, 3), "force_fade": (0, 1),
+    "brake_slip": (0.5, 50),
+    "steer_tau": (0.005, 0.5), "steer_rate": (0.5, 20),
+    "tyre_peak": (0.5, 10), "tyre_stiffness": (5, 2000), "tyre_shape": (1.0, 1.95),
+    "yaw_inertia": (0.01, 0.5), "cornering_drag": (0, 50), "traction_lateral": (0, 50),
+    "brake_yaw_loss": (0, 1.5), "brake_yaw_loss_slope": (-1.5, 1.5),
+    "brake_yaw_loss_v": (0.3, 10),
 }
-FIT_FIELDS = ("steer_tau", "understeer", "accel_max", "motor_gamma", "slip_gain", "drag",
-              "rolling", "brake_max", "brake_gamma", "force_fade", "brake_slip")
+FIT_GROUPS = {"straight": tuple(FIT_BOUNDS)[:9], "steering": tuple(FIT_BOUNDS)[9:11],
+              "cornering": tuple(FIT_BOUNDS)[11:]}
+FIT_GROUPS["all"] = tuple(FIT_BOUNDS)
 
 
-def fit_dynamics(max_nfev: int = 300) -> dict:
-    """Least-squares fit of jax_env.Dynamics to PyBullet open-floor traces (speed curves,
-    and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction; prints and
-    returns the fitted fields (then check them with --calibrate and the parity tests)."""
+def bullet_traces(path: str | None = None) -> dict:
+    """PyBullet open-floor traces of every fit protocol (name -> (n, 5) rows of x, y, yaw,
+    planar speed, yaw rate; the tracks' floor friction). ``path``: an .npz cache — read if it
+    exists (it must hold every protocol, at its length), else written after the runs."""
+    import numpy as np
+
+    from rl.envs.calibration import open_floor_bullet
+
+    protocols = fit_protocols()
+    if path and os.path.exists(path):
+        with np.load(path) as z:
+            ref = {k: z[k] for k in z.files}
+        bad = [k for k, (n, _) in protocols.items() if k not in ref or ref[k].shape != (n, 5)]
+        if bad:
+            raise SystemExit(f"{path}: traces missing or of the wrong length for {bad}; "
+                             "delete the file to rerun PyBullet")
+        return {k: ref[k] for k in protocols}
+    with open_floor_bullet() as car:  # the tracks' floor friction
+        ref = {k: car.run(pol, n) for k, (n, pol) in protocols.items()}
+    if path:
+        np.savez(path, **ref)
+        print(f"saved PyBullet traces of {len(ref)} protocols to {path}")
+    return ref
+
+
+def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
+                 fields: str = "cornering", turn_speed_weight: float = 0.5) -> dict:
+    """Least-squares fit of the tyre car (jax_env.car("tyre")) to PyBullet open-floor traces
+    (speed curves, and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction;
+    prints and returns the fitted fields (then check them with --calibrate and the parity tests).
+    ``traces``: an .npz cache of the PyBullet runs (:func:`bullet_traces`). ``fields``: a
+    group of FIT_GROUPS ("cornering": the steering and the tyre, with the straight-line
+    constants as they are; "straight"; "all") or comma-separated Dynamics fields.
+    ``turn_speed_weight``: the weight of a turning protocol's speed residual (m/s) next to
+    its yaw-rate residual (rad/s, weight 1); a straight one's speed has weight 1."""
     from dataclasses import replace
 
     import numpy as np
     from scipy.optimize import least_squares
 
-    from rl.envs.calibration import open_floor_bullet, open_floor_jax
-    from rl.envs.jax_env import Dynamics
+    from rl.envs.calibration import open_floor_jax_batch, policy_actions
+    from rl.envs.jax_env import car
 
-    with open_floor_bullet() as car:  # the tracks' floor friction
-        ref = {k: car.run(pol, n) for k, (n, pol) in FIT_PROTOCOLS.items()}
+    names_ = FIT_GROUPS.get(fields) or tuple(f.strip() for f in fields.split(","))
+    bad = [f for f in names_ if f not in FIT_BOUNDS]
+    if bad:
+        raise SystemExit(f"--fields: unknown {bad}; groups {list(FIT_GROUPS)} or fields "
+                         f"{list(FIT_BOUNDS)}")
+    protocols = fit_protocols()
+    ref = bullet_traces(traces)
+    names = list(protocols)
+    n_max = max(n for n, _ in protocols.values())
+    acts = [np.zeros((len(names), n_max), dt) for dt in (bool, np.float64, np.float64)]
+    for j, k in enumerate(names):
+        n, pol = protocols[k]
+        for x, y in zip(acts, policy_actions(pol, n), strict=True):
+            x[j, :n], x[j, n:] = y, y[-1]
 
-    def smooth(x):
-        return np.convolve(x, np.ones(15) / 15, mode="same")
+    turning = [any(t in k for t in ("steer", "scrub", "turn", "slalom")) for k in names]
+    kernel = np.ones(15) / 15
+    ref_w = {k: np.convolve(ref[k][:, 4], kernel, mode="same") for k in names}
 
-    def resid(x):
-        dyn = replace(Dynamics(), **dict(zip(FIT_FIELDS, x, strict=True)))
+    def resid_many(xs):
+        """Residuals of K parameter sets (K, fields) -> (K, m), in one batch of K x P runs
+        (the fields as arrays: car_step broadcasts them)."""
+        xs = np.atleast_2d(xs)
+        k_, p_ = len(xs), len(names)
+        dyn = replace(car("tyre"), **{f: np.repeat(xs[:, i], p_) for i, f in enumerate(names_)})
+        sims = open_floor_jax_batch(dyn, *(np.tile(a, (k_, 1)) for a in acts))
+        sims = sims.reshape(k_, p_, n_max, 5)
         out = []
-        for k, (n, pol) in FIT_PROTOCOLS.items():
-            sim, tr = open_floor_jax(dyn, pol, n), ref[k]
-            if k.startswith("steer") or "steer" in k:
-                out += [(smooth(tr[:, 4]) - sim[:, 4])[::5], 0.5 * (tr[:, 3] - sim[:, 3])[::5]]
-            else:
-                out.append((tr[:, 3] - sim[:, 3])[::5])
-        return np.concatenate(out)
+        for j, k in enumerate(names):
+            n, tr = protocols[k][0], ref[k]
+            sim = sims[:, j, :n]
+            w_v = turn_speed_weight if turning[j] else 1.0
+            out.append((tr[:, 3] - sim[..., 3])[:, ::5] * w_v)
+            if turning[j]:
+                out.append((ref_w[k] - sim[..., 4])[:, ::5])
+        return np.concatenate(out, axis=1)
 
-    x0 = [getattr(Dynamics(), f) for f in FIT_FIELDS]
-    lb = [0.005, 0, 1, 0, 1, 0, 0, 0, 0.2, 0, 0.5]
-    ub = [0.5, 0.1, 20, 1.5, 200, 3, 3, 20, 3, 1, 50]
-    res = least_squares(resid, x0, bounds=(lb, ub), x_scale="jac", max_nfev=max_nfev)
-    fitted = {k: round(float(v), 4) for k, v in zip(FIT_FIELDS, res.x, strict=True)}
-    print(f"rms residual {np.sqrt(np.mean(resid(x0) ** 2)):.3f} (current Dynamics) -> "
+    lb, ub = (np.array(b, np.float64) for b in zip(*(FIT_BOUNDS[f] for f in names_),
+                                                   strict=True))
+
+    def jac(x):  # forward differences, every perturbed set in the same batch
+        h = 1e-4 * np.maximum(np.abs(x), 1e-2)
+        h = np.where(x + h > ub, -h, h)
+        r = resid_many(np.vstack([x, x + np.diag(h)]))
+        return ((r[1:] - r[0]) / h[:, None]).T
+
+    x0 = np.array([getattr(car("tyre"), f) for f in names_], np.float64)
+    t0 = time.perf_counter()
+    res = least_squares(lambda x: resid_many(x)[0], x0, jac=jac, bounds=(lb, ub),
+                        x_scale="jac", max_nfev=max_nfev, verbose=2)
+    print(f"{time.perf_counter() - t0:.0f} s")
+    fitted = {k: round(float(v), 4) for k, v in zip(names_, res.x, strict=True)}
+    print(f"rms residual {np.sqrt(np.mean(resid_many(x0) ** 2)):.3f} (current tyre car) -> "
           f"{np.sqrt(np.mean(res.fun ** 2)):.3f} (fitted)")
     print(fitted)
     return fitted
@@ -236,9 +347,19 @@ def main(argv=None) -> None:
                     help="print the car's calibration figures in both backends and exit")
     ap.add_argument("--fit", action="store_true",
                     help="least-squares fit of the JAX car's Dynamics to PyBullet, and exit")
+    ap.add_argument("--traces", default=None,
+                    help="with --fit: an .npz cache of the PyBullet traces (read if it "
+                         "exists, else written), so a refit does not rerun PyBullet")
+    ap.add_argument("--max-nfev", type=int, default=300, help="with --fit: evaluations")
+    ap.add_argument("--fields", default="cornering",
+                    help="with --fit: 'cornering' (default), 'straight', 'all' or a "
+                         "comma-separated list of Dynamics fields")
+    ap.add_argument("--turn-speed-weight", type=float, default=0.5,
+                    help="with --fit: weight of a turning run's speed residual (m/s) next "
+                         "to its yaw rate's (rad/s, 1)")
     args = ap.parse_args(argv)
     if args.fit:
-        fit_dynamics()
+        fit_dynamics(args.max_nfev, args.traces, args.fields, args.turn_speed_weight)
         return
     if args.calibrate:
         calibration_table()

@@ -22,7 +22,7 @@ class RandomizeConfig:
 
         [env.randomize]
         mass = 0.15                 # accel_max and brake_max / (1 ± 0.15)
-        grip = 0.15                 # tyres: slip_gain, brake_slip × g; understeer / g²; ...
+        grip = 0.15                 # tyres: slip_gain, brake_slip, tyre_peak × g; ...
         motor_gain = 0.1            # motor force and wheel target speed × (1 ± 0.1)
         steer_gain = 0.1            # wheel angle per unit steering × (1 ± 0.1)
         steer_offset = 0.02         # rad added to the wheel angle, ± 0.02
@@ -37,9 +37,10 @@ class RandomizeConfig:
     # accel_max and brake_max are divided by the factor (the tyre limits, drag are not)
     mass: float = 0.0
     # tyre grip (relative): the tyre-limited terms of rl.envs.jax_env.car_step — longitudinal
-    # traction slip_gain × g, locked-wheel braking brake_slip × g, the lateral limit
-    # understeer / g² (the lateral acceleration where the yaw rate saturates scales by g) and
-    # the braked wheels' yaw loss / g. Not wall_friction (the chassis on the wall, not a tyre)
+    # traction slip_gain × g, locked-wheel braking brake_slip × g, the front tyre's peak
+    # lateral force tyre_peak × g (the lateral acceleration where the car saturates scales by
+    # g; its cornering stiffness does not) and the braked wheels' grip loss / g. Not
+    # wall_friction (the chassis on the wall, not a tyre)
     grip: float = 0.0
     # motor gain (relative): the motor's drive force (accel_max) and its wheel target speed
     # (motor_target; the speed actuator's target) × the factor; not the brake
@@ -116,6 +117,10 @@ class EnvConfig:
     # car barely turns) or "speed" (racecar_gym's speed actuator: a target speed of
     # (a + 1) / 2 × 3.5 m/s); every backend has both
     actuator: Literal["motor", "speed"] = "motor"
+    # JAX backend only: the car model — "kinematic" (the bicycle model; every result before
+    # 2026-12-06) or "tyre" (a front tyre fitted to PyBullet's cornering at speed:
+    # rl.envs.jax_env.TYRE_CAR)
+    car: Literal["kinematic", "tyre"] = "kinematic"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)
     camera: bool = False  # render rgb_camera (needed by a policy that reads rgb)
     # JAX backend only: rays actually cast (1080 = racecar_gym's scan; 108 = every 10th ray,

@@ -350,12 +350,13 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None, *, imu_absent: b
 
 # =========================================================================== rollouts
 def _task(time_limit: float, terminate_on_collision: bool, camera: bool,
-          actuator: str = "motor") -> TaskConfig:
+          actuator: str = "motor", car: str = "kinematic") -> TaskConfig:
     """The evaluation protocol's task: grid start, many laps, the given time limit; the
-    policy's drive action goes to ``actuator`` (the training config's)."""
+    policy's drive action goes to ``actuator`` and the JAX backend drives ``car`` (the
+    training config's)."""
     return TaskConfig(laps=BIG_LAPS, time_limit=float(time_limit),
                       terminate_on_collision=bool(terminate_on_collision), reset_mode="grid",
-                      observe_camera=bool(camera), actuator=actuator)  # fmt: skip
+                      observe_camera=bool(camera), actuator=actuator, car=car)  # fmt: skip
 
 
 def _episode_key(seed: int):
@@ -415,12 +416,12 @@ def _traces_from_jax(first: dict, recs: dict) -> list[tuple[dict, str]]:
 def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
                 terminate_on_collision=False, camera=False,
                 actuator="motor", *, sensors: dict | None = None,
-                policy_args: tuple = ()) -> list[tuple[dict, str]]:
+                policy_args: tuple = (), car: str = "kinematic") -> list[tuple[dict, str]]:
     """All episodes of one track in the JAX backend as one jitted, vmapped scan; the lidar's
     ``sensors`` settings changed where given (:meth:`Perturbation.sensors`); the policy
     called ``policy_fn(obs, *policy_args)``."""
 
-    env = factory.make_sim(_task(time_limit, terminate_on_collision, camera, actuator),
+    env = factory.make_sim(_task(time_limit, terminate_on_collision, camera, actuator, car),
                            camera=camera, **(sensors or {}))
     params = make_params(track)
     n_physics = int(round(time_limit / PHYSICS_DT))
@@ -432,10 +433,11 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
 
 
 def make_gym_env(backend: str, track, time_limit: float, terminate_on_collision: bool,
-                 camera: bool = False, actuator: str = "motor", sensors: dict | None = None):
+                 camera: bool = False, actuator: str = "motor", sensors: dict | None = None,
+                 car: str = "kinematic"):
     """One raw (physics-rate) environment of a backend in the evaluation protocol's task;
     ``sensors``: the JAX simulator's changed sensor settings (JAX backend only)."""
-    task = _task(time_limit, terminate_on_collision, camera, actuator)
+    task = _task(time_limit, terminate_on_collision, camera, actuator, car)
     if sensors:
         if backend != "jax":
             raise ValueError(f"lidar perturbations {sorted(sensors)}: the JAX backend's "
@@ -522,7 +524,8 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
                     time_limit: float = 60.0, seed: int = 0, *, action_repeat: int = 1,
                     terminate_on_collision: bool = False, camera: bool = False,
                     rollout: str = "auto", actuator: str = "motor",
-                    sensors: dict | None = None, policy_args: tuple = ()) -> dict[str, Any]:
+                    sensors: dict | None = None, policy_args: tuple = (),
+                    car: str = "kinematic") -> dict[str, Any]:
     """Run ``episodes`` grid-start episodes of ``policy_fn`` (one obs dict → action) on
     ``track`` (a name, path, ``procedural:<seed>`` or :class:`rl.tracks.Track`).
 
@@ -545,7 +548,7 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
         try:
             results = rollout_jax(policy_fn, trk, seeds, time_limit, action_repeat,
                                   terminate_on_collision, camera, actuator, sensors=sensors,
-                                  policy_args=policy_args)  # fmt: skip
+                                  policy_args=policy_args, car=car)  # fmt: skip
             used = "scan"
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                 jax.errors.TracerIntegerConversionError, TypeError) as e:  # fmt: skip
@@ -559,7 +562,8 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
 
         def make():
             return make_gym_env(backend, trk if backend != "racecar_gym" else track, time_limit,
-                                terminate_on_collision, camera, actuator, sensors)  # fmt: skip
+                                terminate_on_collision, camera, actuator, sensors,
+                                car)  # fmt: skip
 
         if backend == "racecar_gym":  # a fresh, seeded env per episode (see rollout_gym)
             results = rollout_gym(make, policy_fn, seeds, action_repeat, fresh=True)
@@ -676,8 +680,8 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                  time_limit: float, seed: int, modes: dict[str, bool], action_repeat: int,
                  camera: bool, actuator: str, perturbation: Perturbation | None = None,
                  policy_args: tuple = (), out: Path | None = None,
-                 line_driver: bool = False,
-                 sensors: dict | None = None) -> tuple[dict[str, Any], list[str]]:
+                 line_driver: bool = False, sensors: dict | None = None,
+                 car: str = "kinematic") -> tuple[dict[str, Any], list[str]]:
     """Every collision mode × track of the protocol: ``(results, pngs)``, ``results[mode] =
     {"tracks": {name: result}, "overall": …}``; trajectory PNGs into ``out`` (None: none).
     ``line_driver``: the policy is rl.plan's line follower, made per track. ``sensors``: JAX
@@ -697,7 +701,7 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                                   episodes, time_limit, seed, action_repeat=action_repeat,
                                   terminate_on_collision=term, camera=camera,
                                   actuator=actuator, sensors=sensors,
-                                  policy_args=policy_args)  # fmt: skip
+                                  policy_args=policy_args, car=car)  # fmt: skip
             log(summary_line(res))
             if out is not None:
                 pngs.append(str(plot_trajectories(
@@ -714,7 +718,7 @@ def _protocol_record(cfg: RLConfig, episodes: int, time_limit: float, seed: int,
     return {
         "episodes": episodes, "time_limit_s": time_limit, "laps": BIG_LAPS,
         "start": "grid", "action": "deterministic: clip(Gaussian mean, -1, 1)",
-        "actuator": cfg.env.actuator,
+        "actuator": cfg.env.actuator, "car": cfg.env.car,
         "action_repeat": repeat, "seeds": [seed + i for i in range(episodes)],
         "seed_note": "episode i uses seed + i; with a deterministic policy and the grid "
                      "start, episodes differ only through the lidar noise",
@@ -753,7 +757,8 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
     results, pngs = run_protocol(policy, tracks, backend=backend, episodes=episodes,
                                  time_limit=time_limit, seed=seed, modes=modes,
                                  action_repeat=repeat, camera=cfg.env.camera,
-                                 actuator=cfg.env.actuator, perturbation=perturbation,
+                                 actuator=cfg.env.actuator, car=cfg.env.car,
+                                 perturbation=perturbation,
                                  policy_args=args, out=out if plots else None,
                                  sensors=sensors)  # fmt: skip
     run_dir = ckpt.parent
@@ -853,7 +858,8 @@ def _scripted(args, tracks: list[str], perturbation: Perturbation, command: str)
     results, pngs = run_protocol(policy, tracks, backend=backend, episodes=args.episodes,
                                  time_limit=time_limit, seed=args.seed, modes=modes,
                                  action_repeat=repeat, camera=cfg.env.camera,
-                                 actuator=cfg.env.actuator, perturbation=perturbation,
+                                 actuator=cfg.env.actuator, car=cfg.env.car,
+                                 perturbation=perturbation,
                                  out=None if args.no_plots else out,
                                  line_driver=driver == "line")  # fmt: skip
     report = {

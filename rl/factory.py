@@ -37,11 +37,10 @@ from rl.agent import (
     split_agent,
 )
 from rl.config import RandomizeConfig, RLConfig, pool_draw
-from rl.envs import spec
+from rl.envs import jax_env, spec
 from rl.envs.adapter import ObservationAdapter
 from rl.envs.functional import RacecarFunctional
 from rl.envs.jax_env import (
-    Dynamics,
     JaxRacecar,
     JaxRacecarEnv,
     SensorConfig,
@@ -86,6 +85,7 @@ def task_config(cfg: RLConfig) -> TaskConfig:
         reset_mode=e.reset_mode,
         observe_camera=e.camera,
         actuator=e.actuator,
+        car=e.car,
     )
 
 
@@ -96,7 +96,7 @@ def make_sim(task: TaskConfig, randomize: RandomizeConfig | None = None, min_spe
     ``min_speed`` m/s, 0 = none), the default sensors but for the
     :class:`rl.envs.jax_env.SensorConfig` fields given (``camera``, ``lidar_rays``, …), and the
     per-episode domain randomization ``randomize`` (``[env.randomize]``; None = none)."""
-    return JaxRacecar(task, Dynamics(min_speed=min_speed, actuator=task.actuator),
+    return JaxRacecar(task, jax_env.car(task.car, min_speed=min_speed, actuator=task.actuator),
                       SensorConfig(**sensors),
                       randomize or RandomizeConfig())
 

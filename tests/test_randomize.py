@@ -198,7 +198,7 @@ def test_a_heavier_car_accelerates_and_brakes_less(floor):
 def test_motor_gain_and_grip(floor):
     v = roll(floor, draws(motor_gain=[0.9, 1.0, 1.1]), 1.0)[0]
     assert v[0, -1] < v[1, -1] < v[2, -1]
-    # full lock at speed: a grippier tyre turns harder (the lateral limit, understeer / g^2)
+    # full lock at speed: a grippier tyre turns harder (the lateral limit, tyre_peak x g)
     v, yaw, *_ = roll(floor, draws(grip=[0.8, 1.0, 1.2]), 1.0, steer=1.0)
     turned = np.abs(np.unwrap(yaw, axis=1)[:, -1])
     assert turned[0] < turned[1] < turned[2]

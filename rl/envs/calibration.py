@@ -52,27 +52,58 @@ def brake_turn_policy(m: float):
     return lambda i: ("motor", 1.0, 0.0) if i < BRAKE_TURN_AT else ("motor", m, 1.0)
 
 
+# Cornering-at-speed ("scrub") protocol of both calibrations (issue 12: where a policy trained
+# in JAX takes hairpins at full lock and speed): 3 s straight at speed action 1.0 (~3.5 m/s),
+# then 1.5 s at speed action a and steering s, over SCRUB_GRID; reported: the yaw change
+# (rad), the speed at the end (mean of the last 0.1 s) and the yaw rate at the end (mean of
+# the last 0.5 s: PyBullet's chassis wobbles, ~0.2 rad/s at a ~0.45 s period).
+SCRUB_AT, SCRUB_STEPS = 300, 450
+SCRUB_GRID = tuple((a, s) for a in (1.0, 0.6, 0.2) for s in (1.0, 0.6, 0.3))
+
+
+def scrub_policy(a: float, s: float, entry: float = 1.0):
+    """Step i -> (actuator, speed action, steering) of the cornering-at-speed protocol:
+    ``entry`` straight for SCRUB_AT steps, then (a, s)."""
+    return lambda i: ("speed", entry, 0.0) if i < SCRUB_AT else ("speed", a, s)
+
+
 # --------------------------------------------------------------------------- open floor
+
+
+def policy_actions(policy, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``policy(i) -> (kind, a, steering)`` for i < n as arrays: (speed actuator?, a, s)."""
+    rows = [policy(i) for i in range(n)]
+    return (np.array([k == "speed" for k, _, _ in rows]),
+            np.array([a for _, a, _ in rows], np.float64),
+            np.array([s for _, _, s in rows], np.float64))
+
+
+def open_floor_jax_batch(dyn: Dynamics, speed_mode, a, s) -> np.ndarray:
+    """(P, n, 5) rows of x, y, yaw, planar CoM speed, yaw rate of P JAX car models stepped
+    together (numpy, no map) on an open floor; ``speed_mode`` (bool), ``a``, ``s``: (P, n)
+    actions (speed actuator or motor, its action, steering) of each run and step."""
+    speed_mode, a, s = (np.atleast_2d(np.asarray(x)) for x in (speed_mode, a, s))
+    p_, n = a.shape
+    v, steer, yaw, w = (np.zeros(p_) for _ in range(4))
+    rear = np.zeros((2, p_))
+    out = np.zeros((p_, n, 5))
+    b = dyn.com_offset
+    for i in range(n):
+        v0 = v
+        v, steer, w = car_step(dyn, v, steer, w, a[:, i], s[:, i], speed_mode[:, i], xp=np)
+        ym = yaw + 0.5 * w * dyn.dt
+        rear = rear + 0.5 * (v0 + v) * dyn.dt * np.stack([np.cos(ym), np.sin(ym)])
+        yaw = yaw + w * dyn.dt
+        out[:, i, 0] = rear[0] + b * np.cos(yaw)
+        out[:, i, 1] = rear[1] + b * np.sin(yaw)
+        out[:, i, 2], out[:, i, 3], out[:, i, 4] = yaw, np.hypot(v, b * w), w
+    return out
 
 
 def open_floor_jax(dyn: Dynamics, policy, n: int) -> np.ndarray:
     """(n, 5) rows of x, y, yaw, planar CoM speed, yaw rate of the JAX car model (numpy, no
     map) on an open floor under ``policy(i) -> (kind, a, steering)``."""
-    v = steer = yaw = 0.0
-    rear = np.zeros(2)
-    out = np.zeros((n, 5))
-    b = dyn.com_offset
-    for i in range(n):
-        kind, a, s = policy(i)
-        v0 = v
-        v, steer, w = car_step(dyn, v, steer, a, s, kind == "speed", xp=np)
-        v, steer, w = float(v), float(steer), float(w)
-        ym = yaw + 0.5 * w * dyn.dt
-        rear = rear + 0.5 * (v0 + v) * dyn.dt * np.array([np.cos(ym), np.sin(ym)])
-        yaw += w * dyn.dt
-        pos = rear + b * np.array([np.cos(yaw), np.sin(yaw)])
-        out[i] = pos[0], pos[1], yaw, np.hypot(v, b * w), w
-    return out
+    return open_floor_jax_batch(dyn, *policy_actions(policy, n))[0]
 
 
 class BulletFloorCar:
@@ -174,6 +205,12 @@ def _figures(run, dt: float, seconds: float) -> dict[str, float]:
     for m in BRAKE_TURN_MOTOR:
         tr = run(brake_turn_policy(m), BRAKE_TURN_STEPS)
         out[f"brake_turn_yaw_motor_{m}"] = float(tr[-1, 2] - tr[BRAKE_TURN_AT - 1, 2])
+    for a, s in SCRUB_GRID:
+        tr = run(scrub_policy(a, s), SCRUB_STEPS)
+        yaw = np.unwrap(tr[:, 2])
+        out[f"scrub_yaw_a{a}_s{s}"] = float(yaw[-1] - yaw[SCRUB_AT - 1])
+        out[f"scrub_speed_a{a}_s{s}"] = float(tr[-int(0.1 / dt):, 3].mean())
+        out[f"scrub_yaw_rate_a{a}_s{s}"] = float(tr[-int(0.5 / dt):, 4].mean())
     return out
 
 

@@ -73,17 +73,42 @@ class Dynamics:
 
     The wheel traction saturates with relative slip: that is why motor 0.3 ends at 3.36 m/s
     rather than near 3.8, and why the speed actuator overshoots its target (u = 1.25 x).
-    Steering: the wheel angle lags its command (first order, `steer_tau`, and `steer_rate`),
-    and the tyres saturate: yaw rate = w / (1 + understeer * (v w) ** 2), w = v tan(delta) / L
-    (about none at steering 0.4, 14 % less than kinematic at full lock and 2.2 m/s)."""
+    Steering: the wheel angle lags its command (first order, `steer_tau`, and `steer_rate`).
+    Two models turn the car (`model`; build either with :func:`car`). "kinematic" (the
+    default): yaw rate = w / (1 + understeer * (v w) ** 2), w = v tan(delta) / L (about none
+    at steering 0.4, 14 % less than kinematic at full lock and 2.2 m/s). "tyre" (TYRE_CAR):
+    the front tyre (car_step, `tyre_curve`) turns the car: a yaw-rate state, the tyre's
+    lateral force a saturating (Pacejka) function of the front axle's lateral slip, and the
+    part of that force along the body slows the car (cornering drag, `cornering_drag`) and,
+    with the speed actuator, takes traction from the drive (`traction_lateral`). Below
+    ~1 m/s^2 of lateral acceleration the car is the kinematic bicycle (yaw rate
+    v tan(delta) / L); at full lock and ~3.5 m/s it turns no harder than at 60 % lock and
+    scrubs ~0.3 m/s, as PyBullet's car does (calibration.SCRUB_*: full lock at speed action
+    1, 1.5 s: PyBullet yaws -1.49 rad and ends at 3.13 m/s; this model -1.46 rad, 3.30 m/s;
+    the kinematic model -1.76 rad, 3.60 m/s)."""
 
     dt: float = spec.PHYSICS_DT
     wheelbase: float = spec.WHEELBASE
     com_offset: float = spec.COM_AHEAD_OF_REAR_AXLE  # pose ahead of the rear axle, m
     max_steer: float = spec.STEER_MAX_RAD
+    # "kinematic": the bicycle model, its yaw rate saturating by `understeer` (the default,
+    # every result before 2026-12-06); "tyre": the front-tyre model below (TYRE_CAR, car())
+    model: str = "kinematic"
     steer_tau: float = 0.114  # s, first-order lag of the wheel angle
     steer_rate: float = 4.0  # rad/s, wheel-angle slew limit
-    understeer: float = 0.0131  # s^4/m^2, per (lateral acceleration) ** 2
+    understeer: float = 0.0131  # s^4/m^2, per (lateral acceleration) ** 2 (kinematic model)
+    # the front tyre (model "tyre"; car_step, tyre_curve): the front axle's peak lateral
+    # force per unit car mass (m/s^2), its slope at zero lateral slip (m/s^2 per unit slip =
+    # tan of the slip angle), Pacejka's shape factor C (1: saturates; > 1: past its peak the
+    # force falls toward sin(C pi / 2) of it), the speed below which slip is measured against
+    # it (no singular slip at rest)
+    tyre_peak: float = 2.19
+    tyre_stiffness: float = 173.0
+    tyre_shape: float = 1.0
+    tyre_slip_v: float = 0.3  # m/s
+    yaw_inertia: float = 0.052  # m^2: yaw moment of inertia about the rear axle / mass
+    cornering_drag: float = 0.79  # drag beyond the front tyre's own: this x F x slip, m/s^2
+    traction_lateral: float = 2.6  # weight of the front's side slip in the drive's (car_step)
     accel_max: float = 4.07  # m/s^2 at motor = 1 (traction permitting)
     motor_gamma: float = 0.167  # drive ~ m ** gamma (motor 0.3 still gives 82 %)
     slip_gain: float = 17.7  # m/s^2 per unit relative slip
@@ -93,12 +118,15 @@ class Dynamics:
     brake_gamma: float = 0.349
     force_fade: float = 0.204  # the drive force falls by this fraction of v / motor_target
     brake_slip: float = 4.37  # 1/s: braking decel is at most brake_slip * v (locked wheels)
-    # yaw rate lost while braking (motor < 0): (loss + slope * |motor|) * min(1, v / loss_v).
-    # PyBullet's braked wheels slide and its car turns far less than the steering says — a
-    # light brake most of all: from 3.7 m/s at full lock and motor -0.1 it yaws 0.60 rad in
-    # 1.5 s where a kinematic car yaws 1.28. Fitted to 20 brake-and-turn runs (entry 2.3 and
-    # 3.7 m/s, motor -1 ... -0.03, steering 1 and -0.5; calibrate_*'s brake_turn_yaw_*): mean
-    # squared yaw error 0.063 -> 0.008 rad^2.
+    # grip lost while braking (motor < 0): (loss + slope * |motor|) * min(1, v / loss_v) of
+    # the yaw rate (kinematic model) or of the front tyre's peak (tyre model). PyBullet's
+    # braked wheels slide and its car turns far less than the steering says — a light brake
+    # most of all: from 3.7 m/s at full lock and motor -0.1 it yaws 0.5-0.85 rad in 1.5 s
+    # where a kinematic car yaws 1.28, and PyBullet itself varies that much from run to run
+    # (motor -1: -0.69 ... -1.02 rad over 4 runs). Kinematic model: fitted to 20 brake-and-turn
+    # runs (entry 2.3 and 3.7 m/s, motor -1 ... -0.03, steering 1 and -0.5; calibrate_*'s
+    # brake_turn_yaw_*): mean squared yaw error 0.063 -> 0.008 rad^2. Tyre model (TYRE_CAR):
+    # chosen on a grid against those runs' means (rms yaw error 0.10 rad).
     brake_yaw_loss: float = 0.8
     brake_yaw_loss_slope: float = -0.55
     brake_yaw_loss_v: float = 3.0  # m/s
@@ -122,13 +150,28 @@ class Dynamics:
     min_speed: float = 0.0
 
 
+# The front-tyre car (issue 12 goal 2): its own steering lag and braked-grip loss, the tyre_*
+# constants least-squares fitted to 41 PyBullet open-floor runs (benchmarks.envs --fit).
+TYRE_CAR = {"model": "tyre", "steer_tau": 0.09, "brake_yaw_loss": 0.85,
+            "brake_yaw_loss_slope": -0.75, "brake_yaw_loss_v": 1.28}
+CAR_MODELS = ("kinematic", "tyre")
+
+
+def car(model: str = "kinematic", **kw) -> Dynamics:
+    """The JAX car of ``model`` ("kinematic" | "tyre": TYRE_CAR's constants), ``kw``
+    replacing any field (actuator, min_speed, ...)."""
+    if model not in CAR_MODELS:
+        raise ValueError(f"unknown car model {model!r} (kinematic | tyre)")
+    return Dynamics(**{**(TYRE_CAR if model == "tyre" else {}), **kw})
+
+
 class CarDraw(NamedTuple):
     """One episode's randomized car (drawn by `JaxRacecar._spawn` from
     `JaxRacecar.randomize`, a rl.config.RandomizeConfig; held in `EnvState.draw`). A field
     is None where its range is zero: that quantity is today's car, and no code reads it."""
 
     mass: Any = None  # factor: accel_max / mass, brake_max / mass (car_step)
-    grip: Any = None  # factor: slip_gain, brake_slip x grip; understeer / grip^2; yaw loss / grip
+    grip: Any = None  # factor: slip_gain, brake_slip, tyre_peak x grip; brake grip loss / grip
     motor_gain: Any = None  # factor: the motor's force and wheel target speed (car_step)
     steer_gain: Any = None  # factor on the wheel-angle target per unit steering (car_step)
     steer_offset: Any = None  # rad added to the wheel-angle target (car_step)
@@ -142,10 +185,20 @@ class CarDraw(NamedTuple):
 NO_DRAW = CarDraw()
 
 
-def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp,
+def tyre_curve(dyn: Dynamics, slip, peak, xp=jnp):
+    """The front axle's lateral force per unit car mass (m/s^2) at lateral slip ``slip``
+    (tan of the slip angle): Pacejka's magic formula F = peak sin(C atan(B slip)),
+    C = tyre_shape, B C peak = tyre_stiffness (the slope at zero slip). C = 1 saturates
+    toward the peak; C > 1 peaks at B slip = tan(pi / 2C) and falls past it toward
+    peak sin(C pi / 2) (a sliding tyre)."""
+    c = dyn.tyre_shape
+    return peak * xp.sin(c * xp.arctan(dyn.tyre_stiffness / (c * peak) * slip))
+
+
+def car_step(dyn: Dynamics, v, steer, yaw_rate, a_motor, a_steer, speed_mode=None, xp=jnp,
              draw: CarDraw | None = None):
-    """One physics step of the speed and wheel angle (numpy or jax arrays): returns
-    (v_new, steer_new, yaw_rate) where yaw_rate is that of the step (midpoint speed).
+    """One physics step of the speed, wheel angle and yaw rate (numpy or jax arrays):
+    returns (v_new, steer_new, yaw_rate_new); integrate the yaw with yaw_rate_new.
     speed_mode: None -> dyn.actuator, else a bool (array) selecting the speed actuator.
     draw: an episode's randomized car (CarDraw; None or a None field = the nominal car)."""
     g = NO_DRAW if draw is None else draw
@@ -160,7 +213,7 @@ def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp,
     resist = dyn.drag * v + dyn.rolling * (v > 0)
     # the randomized car's constants (python floats, exactly today's, where not randomized)
     accel_max, brake_max = dyn.accel_max, dyn.brake_max
-    slip_gain, brake_slip, understeer = dyn.slip_gain, dyn.brake_slip, dyn.understeer
+    slip_gain, brake_slip, peak = dyn.slip_gain, dyn.brake_slip, dyn.tyre_peak
     u_motor, speed_scale = dyn.motor_target, dyn.speed_scale
     if g.motor_gain is not None:
         accel_max = accel_max * g.motor_gain
@@ -168,41 +221,90 @@ def car_step(dyn: Dynamics, v, steer, a_motor, a_steer, speed_mode=None, xp=jnp,
     if g.mass is not None:
         accel_max, brake_max = accel_max / g.mass, brake_max / g.mass
     if g.grip is not None:
-        slip_gain, brake_slip = slip_gain * g.grip, brake_slip * g.grip
-        understeer = understeer / (g.grip * g.grip)
+        slip_gain, brake_slip, peak = slip_gain * g.grip, brake_slip * g.grip, peak * g.grip
+
+    speed_actuator = dyn.actuator == "speed" if speed_mode is None else speed_mode
+    braking = (a_motor < 0) & ~xp.asarray(speed_actuator)
+    # braking wheels lose lateral grip: the car ploughs on (the motor actuator's brake only)
+    loss = dyn.brake_yaw_loss + dyn.brake_yaw_loss_slope * xp.abs(a_motor)
+    if g.grip is not None:
+        loss = loss / g.grip
+    loss = xp.clip(loss, 0.0, 1.0)
+    tyre = dyn.model == "tyre"
+    if tyre:
+        # the front tyre. The rear axle rolls without side slip (velocity v along the body);
+        # the front axle moves at (v, L w) in the body frame, and its wheel, turned by
+        # steer_new, slides across its own direction at v_lat: lateral slip -v_lat / v_par
+        # (tan of the slip angle; the sliding speed / tyre_slip_v at walking pace, so a car
+        # at rest has none). The tyre's force F (per unit mass, perpendicular to the wheel)
+        # turns the car about the rear axle and its component along the body slows it.
+        ell, b = dyn.wheelbase, dyn.com_offset
+        cd, sd = xp.cos(steer_new), xp.sin(steer_new)
+        w = yaw_rate
+        v_par = xp.maximum(v * cd + ell * w * sd, dyn.tyre_slip_v)
+        v_lat = ell * w * cd - v * sd
+        loss = loss * xp.minimum(v / dyn.brake_yaw_loss_v, 1.0)
+        peak = xp.maximum(peak * xp.where(braking, 1.0 - loss, 1.0), 1e-6)
+        slip = -v_lat / v_par
+        force = tyre_curve(dyn, slip, peak, xp)
+
+    def traction(u):
+        """The wheels' slip-limited drive shares the friction with the front's side slip:
+        x |u - v| / |(u - v, traction_lateral * v_lat)| (a wheel held at its target speed,
+        the speed actuator's, loses drive in a sliding turn; a force-limited motor spins
+        its wheels up and keeps it). The kinematic car has no side slip: 1."""
+        c = dyn.traction_lateral
+        if not tyre or (isinstance(c, int | float) and c == 0):
+            return 1.0
+        sx = xp.abs(u - v)
+        return sx / xp.sqrt(sx * sx + (c * v_lat) ** 2 + 1e-12)
 
     def motor():
         u = u_motor
-        slip = slip_gain * (u - v) / u
-        force = accel_max * xp.maximum(a_motor, 0.0) ** dyn.motor_gamma
-        drive = xp.minimum(force * (1.0 - dyn.force_fade * v / u), slip)
+        held = slip_gain * (u - v) / u * traction(u)  # slip-limited
+        push = accel_max * xp.maximum(a_motor, 0.0) ** dyn.motor_gamma  # force-limited
+        drive = xp.minimum(push * (1.0 - dyn.force_fade * v / u), held)
         brake = -xp.minimum(brake_max * xp.abs(a_motor) ** dyn.brake_gamma,
                             brake_slip * v)
         return xp.where(a_motor > 0, drive, xp.where(a_motor < 0, brake, 0.0))
 
     def speed():
         u = xp.maximum((a_motor + 1.0) / 2.0 * spec.SPEED_MAX_VELOCITY * speed_scale, 0.05)
-        return xp.clip(slip_gain * (u - v) / u, -brake_max, accel_max)
+        return xp.clip(slip_gain * (u - v) / u * traction(u), -brake_max, accel_max)
 
     if speed_mode is None:
         acc = speed() if dyn.actuator == "speed" else motor()
     else:
         acc = xp.where(speed_mode, speed(), motor())
-    v_new = xp.maximum(v + (acc - resist) * dt, 0.0)
+    if not tyre:
+        # the kinematic bicycle: yaw rate v tan(delta) / L at the step's midpoint speed,
+        # saturating as w / (1 + understeer (v w)^2) (the lateral limit scales with grip^2)
+        v_new = xp.maximum(v + (acc - resist) * dt, 0.0)
+        if dyn.min_speed > 0.0:  # the speed floor: no slower than min(v, min_speed)
+            v_new = xp.maximum(v_new, xp.minimum(v, dyn.min_speed))
+        understeer = dyn.understeer if g.grip is None else dyn.understeer / (g.grip * g.grip)
+        v_mid = 0.5 * (v + v_new)
+        w = v_mid * xp.tan(steer_new) / dyn.wheelbase
+        w = w / (1.0 + understeer * (v_mid * w) ** 2)
+        loss = loss * xp.minimum(v_mid / dyn.brake_yaw_loss_v, 1.0)
+        return v_new, steer_new, xp.where(braking, w * (1.0 - loss), w)
+    # rigid body, the rear axle's side force a constraint (Newton along the body; the yaw
+    # moment about the rear axle, yaw_inertia = that moment of inertia / mass):
+    #   dv/dt = drive - resistance - F sin(delta) + b w^2
+    #   dw/dt = (L F cos(delta) - b v w) / yaw_inertia
+    # The yaw rate is stiff at low speed (there the tyre holds the car to the kinematic yaw
+    # rate v tan(delta) / L): it takes a backward-Euler step with the tyre's secant
+    # stiffness F / slip held (slip is linear in w) — no overshoot past the equilibrium on
+    # a tyre curve whose secant falls with slip, as Pacejka's does.
+    corner = b * w * w - force * sd - dyn.cornering_drag * force * slip
+    v_new = xp.maximum(v + (acc - resist + corner) * dt, 0.0)
     if dyn.min_speed > 0.0:  # the speed floor: no slower than min(v, min_speed)
         v_new = xp.maximum(v_new, xp.minimum(v, dyn.min_speed))
-    v_mid = 0.5 * (v + v_new)
-    w = v_mid * xp.tan(steer_new) / dyn.wheelbase  # kinematic yaw rate
-    w = w / (1.0 + understeer * (v_mid * w) ** 2)
-    # braking wheels lose lateral grip: the car ploughs on (the motor actuator's brake only)
-    loss = dyn.brake_yaw_loss + dyn.brake_yaw_loss_slope * xp.abs(a_motor)
-    if g.grip is not None:
-        loss = loss / g.grip
-    loss = xp.clip(loss, 0.0, 1.0)
-    loss = loss * xp.minimum(v_mid / dyn.brake_yaw_loss_v, 1.0)
-    speed_actuator = dyn.actuator == "speed" if speed_mode is None else speed_mode
-    braking = (a_motor < 0) & ~xp.asarray(speed_actuator)
-    return v_new, steer_new, xp.where(braking, w * (1.0 - loss), w)
+    small = xp.abs(slip) < 1e-6
+    secant = xp.where(small, dyn.tyre_stiffness, force / xp.where(small, 1.0, slip))
+    k = dt * ell * cd * secant / (v_par * dyn.yaw_inertia)
+    w_new = (w + k * v * sd) / (1.0 + k * ell * cd + dt * b * v / dyn.yaw_inertia)
+    return v_new, steer_new, w_new
 
 
 @dataclass(frozen=True)
@@ -256,7 +358,7 @@ class EnvState(NamedTuple):
     yaw: jax.Array
     v: jax.Array  # forward speed, m/s
     steer: jax.Array  # wheel angle, CCW positive
-    yaw_rate: jax.Array
+    yaw_rate: jax.Array  # the tyres' yaw rate (car_step); vel[5] adds a wall's pivot
     vel: jax.Array  # (6,) body frame
     acc: jax.Array  # (6,)
     time: jax.Array
@@ -462,6 +564,10 @@ class JaxRacecar:
             raise ValueError(f"JaxRacecar: the task's actuator {self.task.actuator!r} is not the "
                              f"car's ({self.dynamics.actuator!r}); build Dynamics(actuator=…) "
                              "from the task (rl.factory.make_sim does)")
+        if self.dynamics.model != self.task.car:
+            raise ValueError(f"JaxRacecar: the task's car {self.task.car!r} is not the "
+                             f"dynamics' model ({self.dynamics.model!r}); build it with "
+                             "jax_env.car(task.car, …) (rl.factory.make_sim does)")
 
     # ---- sensors
     def _lidar(self, params, pos, yaw, key, draw: CarDraw | None = None):
@@ -743,8 +849,8 @@ class JaxRacecar:
             act_buf = jnp.concatenate([now[None], act_buf[:-1]])
             a_motor, a_steer = applied[0], applied[1]
         dt = dyn.dt
-        v_new, steer, yaw_rate = car_step(dyn, state.v, state.steer, a_motor, a_steer,
-                                          draw=state.draw)
+        v_new, steer, yaw_rate = car_step(dyn, state.v, state.steer, state.yaw_rate,
+                                          a_motor, a_steer, draw=state.draw)
         v_mid = 0.5 * (state.v + v_new)
         # the bicycle model moves the rear axle; the pose (CoM) rides com_offset ahead of it
         b = dyn.com_offset
@@ -754,6 +860,7 @@ class JaxRacecar:
         rear = state.pos - b * jnp.stack([c0, s0])
         rear = rear + v_mid * dt * jnp.stack([jnp.cos(yaw_mid), jnp.sin(yaw_mid)])
         pos_new = rear + b * jnp.stack([jnp.cos(yaw_new), jnp.sin(yaw_new)])
+        w_free = yaw_rate  # the tyres' yaw rate (state); the wall's pivot is observed only
         pos_new, yaw_new, v_new, yaw_rate, hit = self._wall(params, pos_new, yaw_new, v_new,
                                                             yaw_rate, a_steer, state.collision)
         yaw_new = jnp.arctan2(jnp.sin(yaw_new), jnp.cos(yaw_new))
@@ -779,7 +886,7 @@ class JaxRacecar:
         tick = state.tick + 1
         time = tick.astype(jnp.float32) * dt  # no float32 drift over long episodes
         new = state._replace(pos=pos_new, yaw=yaw_new, v=v_new, steer=steer,
-                             yaw_rate=yaw_rate, vel=vel, acc=accel, time=time, tick=tick,
+                             yaw_rate=w_free, vel=vel, acc=accel, time=time, tick=tick,
                              lidar_age=state.lidar_age + 1, lap=lap, checkpoint=cp,
                              progress=prog, total=total, wrong_ema=ema, wrong_way=wrong,
                              collision=hit, act_buf=act_buf,
@@ -856,7 +963,7 @@ class JaxRacecarEnv(gym.Env):
                  dynamics: Dynamics | None = None, sensors: SensorConfig | None = None,
                  render_mode: str | None = None, params: TrackParams | None = None):
         task = task or TaskConfig()
-        self.sim = JaxRacecar(task, dynamics or Dynamics(actuator=task.actuator),
+        self.sim = JaxRacecar(task, dynamics or car(task.car, actuator=task.actuator),
                               sensors or SensorConfig())
         self.params = params if params is not None else make_params(track)
         self.observation_space = observation_space(self.sim)

@@ -198,6 +198,9 @@ class TaskConfig:
     # the drive action: "motor" (racecar_gym's default: > 0 drives, < 0 brakes) or "speed"
     # (racecar_gym's speed actuator: a target speed (a + 1) / 2 * SPEED_MAX_VELOCITY)
     actuator: Literal["motor", "speed"] = "motor"
+    # the JAX simulator's car model (rl.envs.jax_env.car): "kinematic" (the bicycle model) or
+    # "tyre" (a front tyre fitted to PyBullet's cornering); other backends have their own
+    car: Literal["kinematic", "tyre"] = "kinematic"
 
     def __post_init__(self):
         configlib.check_literals(self, "TaskConfig")
