@@ -108,13 +108,16 @@ def params_finite(params) -> jax.Array:
 def make_train_step(graphdef, tx, cfg: PretrainConfig):
     base_key = jax.random.PRNGKey(cfg.training.seed)
     mask_ratio = cfg.training.mask_ratio
+    # only passed when set, so that a model without the knob (a stand-in) still trains
+    loss_kw = ({"visible_weight": cfg.training.visible_loss_weight}
+               if cfg.training.visible_loss_weight else {})
 
     def train_step(state, batch, step):
         key = jax.random.fold_in(base_key, step)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["rest"])
-            loss, aux = model(batch, key, mask_ratio)
+            loss, aux = model(batch, key, mask_ratio, **loss_kw)
             losses = {k: v for k, v in aux.items() if k.startswith("loss/")}
             return loss, (losses, nnx.state(model, nnx.Not(nnx.Param)))
 
