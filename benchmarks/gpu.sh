@@ -6,6 +6,8 @@
 #   - PPO training loop, multimodal policy of the full pretraining config: steps/s (issue 5)
 #   - the from-scratch Austria recipe, trained and evaluated end to end: wall time (issue 12,
 #     goal <= 5 min)
+#   - PPO training loop, multimodal policy over the seed config's encoders, frozen (features
+#     reused by the update) and fine-tuned: steps/s (issue 13, goals >= 1e5 and >= 2e4)
 #
 #   bash benchmarks/gpu.sh [LOG]        # LOG defaults to gpu_bench.log
 #
@@ -62,5 +64,25 @@ step scratch_recipe_train 420 $PY -m rl.ppo --config configs/rl_austria_scratch.
   --set "runs_dir='$RUNS'" "${SCRATCH_MAX[@]}"
 step scratch_recipe_eval 300 $PY -m rl.evaluate --ckpt "$RUNS/ppo_austria_scratch/ckpt" \
   --tracks austria --episodes 10 --time-limit 160 --collision terminate --no-plots
+
+# ---- issue 13 §2: the multimodal policy over the seed config's encoders (configs/pretrain_cmht.toml,
+# random weights: the speed does not depend on them), whole PPO loop, Austria in the JAX backend.
+# Goals on one H100: encoders frozen >= 1e5 policy steps/s (their features computed once per env
+# step, reused by the update), fine-tuned >= 2e4 (encoders in every minibatch, forward and
+# backward). Each prints policy_steps_per_s; the frozen one also the parts of an update
+# (breakdown: sim, BEV adapter, encoder forward, update) in ms per policy step of all envs.
+mm_policy_steps() {
+  local fro=8192 fin=2048 mb=16
+  if [ "${SMALL:-0}" = 1 ]; then fro=8; fin=4; mb=2; fi
+  step ppo_mm_frozen 200 $PY -m benchmarks.ppo --policy multimodal --pretrain-config "$PRE_CFG" \
+    --track austria --num-envs "$fro" --num-steps 32 --updates 2 --rounds 2 --breakdown \
+    --set finetune.freeze_encoders=true --set ppo.num_minibatches=8
+  step ppo_mm_finetuned 200 $PY -m benchmarks.ppo --policy multimodal --pretrain-config "$PRE_CFG" \
+    --track austria --num-envs "$fin" --num-steps 32 --updates 2 --rounds 2 \
+    --set finetune.freeze_encoders=false --set ppo.num_minibatches="$mb"
+}
+mm_policy_steps
+# ---- end of issue 13 §2
+
 echo "=== summary" | tee -a "$LOG"
 grep -E '"policy"|"num_envs"|policy_steps_per_s"|physics_steps_per_s"|^jax  |MFU|rc=|  laps ' "$LOG"

@@ -59,8 +59,10 @@ def bench(cfg, pre, steps: int, warmup: int) -> dict:
     batch_sh = shardlib.batch_sharding(mesh)
     batch = shardlib.to_global(random_batch(pre, cfg.training.batch_size), batch_sh)
     step_fn = jax.jit(pretrain.make_train_step(graphdef, tx, cfg), donate_argnums=(0,),
-                      in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))
-    compiled = step_fn.lower(state, batch, jnp.int32(0)).compile()
+                      in_shardings=(state_sh, batch_sh, None, batch_sh),
+                      out_shardings=(state_sh, None))
+    stop = jax.device_put(jnp.zeros(mesh.devices.size, jnp.float32), batch_sh)  # no preemption
+    compiled = step_fn.lower(state, batch, jnp.int32(0), stop).compile()
     t_compile = time.perf_counter() - t0
     xla_flops = None
     try:
@@ -70,12 +72,12 @@ def bench(cfg, pre, steps: int, warmup: int) -> dict:
     except Exception:  # cost analysis is best effort
         pass
     for i in range(warmup):
-        state, m = compiled(state, batch, jnp.int32(i))
+        state, m = compiled(state, batch, jnp.int32(i), stop)
     jax.block_until_ready(state)
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        state, m = compiled(state, batch, jnp.int32(warmup + i))
+        state, m = compiled(state, batch, jnp.int32(warmup + i), stop)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t)
     n_dev = mesh.devices.size

@@ -6,14 +6,22 @@ Topics
     Found by message type, then by name: ``sensor_msgs/msg/PointCloud2`` is radar when the
     topic name contains ``radar``, else LiDAR; ``Image``/``CompressedImage`` is IR when a name
     token is ``ir``/``thermal``/``flir``/``lwir``/``infrared`` (``/flir_boson/image_raw``),
-    else RGB (depth/disparity/mask/segmentation images are never candidates); ``NavSatFix`` is
-    GPS; ``Imu`` is IMU. ``cfg.bag.topics`` pins a modality to a topic (a pinned topic absent
+    else RGB. Never camera candidates: depth/disparity/mask/segmentation images (and
+    ``…/compressedDepth``), and images a LiDAR driver publishes — a name token ``ouster``,
+    ``velodyne``, ``lidar``, ``livox``, ``hesai`` or ``rslidar``, or Ouster's
+    ``range_image``/``signal_image``/``reflec_image``/``nearir_image`` (mono16 renderings
+    of the sweep, ``/ouster/range_image``, ``/img_node/nearir_image``). ``NavSatFix`` is GPS;
+    ``Imu`` is IMU. ``cfg.bag.topics`` pins a modality to a topic (a pinned topic absent
     from the bag, or of the wrong type, is a :class:`DriveError`). Without a pin and with
     several candidates the reader picks, in this order: the highest name score (LiDAR:
-    ``velodyne`` +3, ``lidar`` +2, ``points`` +1; RGB: ``rgb``/``color``/``front`` +1 each;
-    GPS: ``fix``/``gps``/``gnss`` +1 each; IMU: ``imu`` +1), then a raw ``Image`` over a
-    ``CompressedImage``, then the most messages, then the smallest topic name — and warns,
-    naming the candidates. Topics not used are listed once in one warning line.
+    ``velodyne`` +3, ``lidar`` +2, ``points`` +1; RGB: ``rgb``/``color``/``front``/``camera``
+    +1 each; GPS: ``fix``/``gps``/``gnss`` +1 each; IMU: ``imu`` +1, −2 in a LiDAR's
+    namespace such as ``/ouster/imu``, the sensor's own IMU rather than the vehicle's), then
+    a raw ``Image`` over a ``CompressedImage``, then the most messages, then the smallest
+    topic name — and warns, naming the candidates. Topics not used are listed once in one
+    warning line. The names the common drivers publish need no pin: ``/velodyne_points``,
+    ``/ouster/points``, ``/camera/image_raw`` or ``/camera/image_raw/compressed``,
+    ``/fix`` or ``/gps/fix``, ``/imu/data``.
 
 Times
     A message's time is its header stamp (``sec + nanosec``: each sensor's own clock), the
@@ -50,7 +58,11 @@ Calibration and labels
 Decoded data follows :mod:`etl.sources`: LiDAR → float32 (N, 4) x y z intensity (intensity
 0 where the cloud has no ``intensity``/``i``/``reflectivity`` field); radar → float32 (N, 4)
 x y z doppler (a field named velocity, v, doppler, v_r, vr or radial_velocity; none is a
-:class:`FrameError`); NaN/inf points dropped; a LiDAR sweep with no finite point is a
+:class:`FrameError`). Fields are read at the offsets and types the message lists (any order,
+padding anywhere in ``point_step``, extra fields such as ``ring``/``time``/``t`` ignored).
+NaN/inf points are dropped (a Velodyne's organized cloud marks a missing return so), and so
+are LiDAR points at exactly (0, 0, 0) (Ouster's organized cloud marks it so: a real return
+is never at the sensor's own origin); a LiDAR sweep with no point left is a
 :class:`FrameError` (a radar frame with no target is valid and returns (0, 4)).
 RGB → uint8 (H, W, 3) RGB; IR → uint8/uint16 (H, W).
 """
@@ -90,10 +102,14 @@ _TYPES = {
     "imu": (IMU,),
 }
 _IR_TOKENS = {"ir", "thermal", "flir", "lwir", "infrared", "boson"}
-_NOT_CAMERA_TOKENS = {"depth", "disparity", "mask", "seg", "segmentation", "label", "labels"}
+_NOT_CAMERA_TOKENS = {"depth", "disparity", "mask", "seg", "segmentation", "label", "labels",
+                      "compresseddepth"}
+# a LiDAR driver's namespace: its images are renderings of the sweep, its IMU is its own
+_LIDAR_TOKENS = {"ouster", "velodyne", "lidar", "livox", "hesai", "rslidar"}
+_LIDAR_IMAGES = {"range_image", "signal_image", "reflec_image", "nearir_image"}  # Ouster's
 _SCORES = {
     "lidar": (("velodyne", 3), ("lidar", 2), ("points", 1)),
-    "rgb": (("rgb", 1), ("color", 1), ("front", 1)),
+    "rgb": (("rgb", 1), ("color", 1), ("front", 1), ("camera", 1)),
     "gps": (("fix", 1), ("gps", 1), ("gnss", 1)),
     "imu": (("imu", 1),),
 }
@@ -143,7 +159,8 @@ def _find_field(fields: dict, names: tuple[str, ...]):
 def decode_pointcloud2(msg, kind: str, where: str = "PointCloud2") -> np.ndarray:
     """A ``sensor_msgs/PointCloud2`` → float32 (N, 4): x y z intensity (``kind='lidar'``) or
     x y z doppler (``kind='radar'``). Fields are found by name and may come in any order,
-    with padding and any ``point_step``/``row_step``; points with a NaN/inf value are dropped.
+    with padding and any ``point_step``/``row_step``; points with a NaN/inf value are dropped,
+    and LiDAR points at exactly (0, 0, 0) (no return, in an Ouster's organized cloud).
     """
     fields: dict[str, Any] = {}
     for f in msg.fields:
@@ -198,12 +215,14 @@ def decode_pointcloud2(msg, kind: str, where: str = "PointCloud2") -> np.ndarray
             if col.ndim == 3:  # COUNT > 1: the first element
                 col = col[..., 0]
             cols[j] = col.reshape(-1)
-    finite = np.isfinite(cols).all(axis=0)  # NaN/inf in any column drops the point
-    if not finite.all():
-        cols = cols[:, finite]
+    keep = np.isfinite(cols).all(axis=0)  # NaN/inf in any column drops the point
+    if kind != "radar":
+        keep &= (cols[:3] != 0).any(axis=0)  # (0, 0, 0): a pixel without a return
+    if not keep.all():
+        cols = cols[:, keep]
     out = np.ascontiguousarray(cols.T)
     if kind != "radar" and len(out) == 0:
-        raise FrameError(where, "empty scan (no finite points)")
+        raise FrameError(where, "empty scan (no finite points other than (0, 0, 0))")
     return out
 
 
@@ -425,7 +444,7 @@ def _candidate_modalities(name: str, msgtype: str | None) -> list[str]:
         return ["radar"] if "radar" in name.lower() else ["lidar"]
     if msgtype in (IMAGE, CIMAGE):
         tok = _tokens(name)
-        if tok & _NOT_CAMERA_TOKENS:
+        if tok & (_NOT_CAMERA_TOKENS | _LIDAR_TOKENS) or _is_lidar_image(name):
             return []
         return ["ir"] if tok & _IR_TOKENS else ["rgb"]
     if msgtype == NAVSAT:
@@ -435,8 +454,14 @@ def _candidate_modalities(name: str, msgtype: str | None) -> list[str]:
     return []
 
 
+def _is_lidar_image(name: str) -> bool:
+    return any(part in _LIDAR_IMAGES for part in name.lower().split("/"))
+
+
 def _rank_key(modality: str, name: str, msgtype: str, count: int):
     score = sum(s for word, s in _SCORES.get(modality, ()) if word in name.lower())
+    if modality == "imu" and _tokens(name) & _LIDAR_TOKENS:
+        score -= 2  # the LiDAR's internal IMU (/ouster/imu): the vehicle's is preferred
     return (-score, 0 if msgtype != CIMAGE else 1, -count, name)
 
 

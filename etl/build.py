@@ -67,6 +67,7 @@ from etl.preprocess import (
     preprocess_rgb,
     transform_points,
 )
+from etl.progress import Progress, run_captured, warnings_to
 from etl.schema import MODALITIES, MODALITY_INDEX, SCHEMA_VERSION, empty_sample, validate_sample
 from etl.sync import SyncTable, sync_drive
 
@@ -101,12 +102,14 @@ def writer_options(out_cfg) -> str:
     return f"group_size:1,{comp}"
 
 
-def _err(msg: str) -> None:
-    try:
-        from tqdm import tqdm
+_SHOWN: list[Progress] = []  # the progress display being shown, if any
 
-        tqdm.write(msg, file=sys.stderr)
-    except ImportError:  # pragma: no cover
+
+def _err(msg: str) -> None:
+    """One message on standard error, on lines of its own (above the progress bar)."""
+    if _SHOWN:
+        _SHOWN[-1].write(msg)
+    else:
         print(msg, file=sys.stderr)
 
 
@@ -528,19 +531,20 @@ def process_chunk(
             if s == GUARD:
                 res["skipped"]["split guard"] += 1
                 continue
+            caught: list = []
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", PCDWarning)
-                    warnings.simplefilter("always", UserWarning)
-                    try:
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always", PCDWarning)
+                        warnings.simplefilter("always", UserWarning)
                         sample, problems = make_sample(drive, table, i, cfg, res["ir_outside"])
-                    finally:
-                        _note_notices(res, [w for w in caught
-                                            if isinstance(w.message, UserWarning)])  # fmt: skip
-                        for w in caught:  # anything else goes on as it would have
-                            if not isinstance(w.message, UserWarning):
-                                warnings.warn_explicit(w.message, w.category, w.filename,
-                                                       w.lineno)  # fmt: skip
+                finally:  # outside the catcher: a warning passed on is not caught again
+                    _note_notices(res, [w for w in caught
+                                        if isinstance(w.message, UserWarning)])  # fmt: skip
+                    for w in caught:  # anything else goes on as it would have
+                        if not isinstance(w.message, UserWarning):
+                            warnings.warn_explicit(w.message, w.category, w.filename,
+                                                   w.lineno)  # fmt: skip
             except FrameError as e:
                 if strict:
                     raise DriveError(e.where, f"{e.reason} (--strict)") from None
@@ -1012,9 +1016,9 @@ def build(
 ) -> BuildResult:
     """Build the drives ``refs[shard_index::num_shards]`` into ``out``; merge when it is the
     whole set (or ``do_merge``). A drive finished under the same config from the same raw
-    files (:func:`input_fingerprint`) is reused, unless ``force``."""
-    from tqdm import tqdm
-
+    files (:func:`input_fingerprint`) is reused, unless ``force``. Progress: one bar (or, off
+    a terminal, a plain line now and then) with every message on lines of its own above it;
+    what the workers write to stderr is relayed by this process (:mod:`etl.progress`)."""
     out = Path(out)
     (out / DRIVES_DIR).mkdir(parents=True, exist_ok=True)
     chash = configlib.config_hash(cfg)
@@ -1045,12 +1049,14 @@ def build(
     pool = _executor(workers, cfg) if todo else None
 
     def submit(fn, *args) -> Future:
+        # what a task writes to stderr comes back with its result (see etl.progress)
         if pool is not None:
-            return pool.submit(fn, *args)
+            return pool.submit(run_captured, fn, *args)
         fut: Future = Future()
-        fut.set_result(fn(*args))
+        fut.set_result(run_captured(fn, *args))
         return fut
 
+    bar = None
     try:
         size = max(1, cfg.output.shard_size)
         plans: dict[DriveRef, dict] = {}
@@ -1058,10 +1064,23 @@ def build(
         done: dict[DriveRef, list] = {}
         printed: Counter = Counter()
         traces: dict[DriveRef, str] = {}
-        bar = tqdm(total=0, unit="frame", file=sys.stderr, disable=not progress, smoothing=0.1)
+        bar = Progress(enabled=progress, stream=sys.stderr, unit="frame")
+
+        def relay(ref: DriveRef, res: dict) -> None:
+            """What the task wrote to stderr (warnings, C libraries), the first lines."""
+            for line in res.get("output", ()):
+                if printed[ref, "out"] < LINES_PER_DRIVE:
+                    _err(f"warning: {ref.drive_id}: {line}")
+                printed[ref, "out"] += 1
+
+        def relay_end(ref: DriveRef) -> None:
+            more = printed[ref, "out"] - LINES_PER_DRIVE
+            if more > 0:
+                _err(f"… {more} more lines of output while building {ref.drive_id}")
 
         def on_chunk(ref: DriveRef, res: dict) -> None:
             bar.update(res["frames"])
+            relay(ref, res)
             result.cpu_s += res.get("cpu_s", 0.0)
             if res["error"]:
                 traces.setdefault(ref, res.get("trace", ""))
@@ -1088,6 +1107,7 @@ def build(
                     f"… {printed[ref, 'bad'] - printed[ref]} more bad frames in {ref.drive_id} "
                     "(counted in the manifest)"
                 )
+            relay_end(ref)
             if marker["status"] == "failed":
                 _err(f"drive failed: {marker['reason']}")
                 if show_traceback and traces.get(ref):
@@ -1100,7 +1120,8 @@ def build(
             submit(plan_drive, ref, dsplits.get(ref.drive_id), size, str(out), strict): (ref, None)
             for ref in todo
         }
-        with bar:
+        _SHOWN.append(bar)
+        with bar, warnings_to(_err):
             while pending:
                 finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
                 for fut in sorted(finished, key=lambda f: (pending[f][0], pending[f][1] or 0)):
@@ -1113,7 +1134,9 @@ def build(
                     result.cpu_s += res.get("cpu_s", 0.0)
                     for w in res["warnings"]:
                         _err(f"warning: {w}")
+                    relay(ref, res)
                     if res["error"]:
+                        relay_end(ref)
                         _err(f"drive failed: {res['error']}")
                         if show_traceback:
                             _err(res.get("trace", ""))
@@ -1129,8 +1152,7 @@ def build(
                         continue
                     n = res["frames"]
                     chunks[ref], done[ref] = max(1, math.ceil(n / size)), []
-                    bar.total += n
-                    bar.refresh()
+                    bar.add_total(n)
                     for k in range(1, chunks[ref]):
                         args = (
                             ref,
@@ -1144,6 +1166,8 @@ def build(
                         pending[submit(process_chunk, *args)] = (ref, k)
                     on_chunk(ref, res.pop("first"))
     finally:
+        if bar is not None and bar in _SHOWN:
+            _SHOWN.remove(bar)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     result.built.sort()

@@ -5,14 +5,21 @@ Layout of one record::
     b"RFS1" | u32 header length | header (UTF-8 JSON) | array bytes, concatenated
 
 The header holds ``{"v": CODEC_VERSION, "schema": SCHEMA_VERSION, "meta": {...},
-"arrays": [[key, dtype, shape, offset, nbytes], ...]}``. Decoding is ``np.frombuffer`` per
-array (no copies beyond the dtype cast). Absent modalities are not stored; :func:`decode`
-fills their placeholders from the contract so every decoded sample has one shape.
+"arrays": [[key, dtype, shape, offset, nbytes], ...]}``. Absent modalities are not stored;
+decoding fills their placeholders from the contract so every decoded sample has one shape.
 Image-like arrays are stored in ``storage_dtype`` (float16 by default) and decoded to float32.
+
+Decoding writes each stored array straight into its destination, cast on the way (one pass
+over the bytes, no intermediate array): :func:`decode_into` fills row ``i`` of a batch's
+arrays — how the Grain reader assembles batches without a copy — and :func:`decode` fills
+fresh arrays of one sample. float16 → float32 goes through OpenCV's vectorized conversion
+(≈6× faster than numpy's scalar loop; exact, as every float16 is a float32 — bit-identical to
+``ndarray.astype`` for every non-NaN value, NaN stays NaN: tests/test_data.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from typing import Any
@@ -98,27 +105,103 @@ def decode_header(record: bytes) -> dict[str, Any]:
     return header
 
 
+def _header_and_body(record: bytes) -> tuple[dict[str, Any], memoryview]:
+    header = decode_header(record)
+    base = 8 + struct.unpack_from("<I", record, 4)[0]
+    return header, memoryview(record)[base:]
+
+
+def _stored(body: memoryview, key: str, dtype: str, shape, offset: int, nbytes: int):
+    """The stored array ``key``: a read-only view of the record's bytes (no copy)."""
+    if dtype not in _ALLOWED_DTYPES:
+        raise CodecError(f"{key}: stored dtype {dtype!r} is not one the codec writes")
+    if offset < 0 or offset + nbytes > len(body):
+        raise CodecError(f"truncated record: {key} runs past the end")
+    try:
+        return np.frombuffer(body[offset : offset + nbytes], dtype=dtype).reshape(shape)
+    except ValueError as e:
+        raise CodecError(f"{key}: {nbytes} bytes do not hold {dtype} {shape}: {e}") from None
+
+
+_CV2 = None
+
+
+def _cv2():
+    global _CV2
+    if _CV2 is None:
+        import cv2
+
+        _CV2 = cv2
+    return _CV2
+
+
+def _copy_cast(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[...] = src.astype(dst.dtype)`` in one pass; float16 → float32 through OpenCV."""
+    if src.dtype == np.float16 and dst.dtype == np.float32 and src.size and dst.flags.c_contiguous:
+        cv2 = _cv2()
+        flat = dst.reshape(-1, 1)  # a view (contiguous): OpenCV writes the batch row itself
+        got = cv2.subtract(src.reshape(-1, 1), 0.0, dst=flat, dtype=cv2.CV_32F)  # x − 0 keeps −0
+        if got.ctypes.data != flat.ctypes.data:  # never seen; a silent copy would lose the data
+            raise RuntimeError("OpenCV did not write float16 → float32 into the given array")
+    else:
+        np.copyto(dst, src, casting="unsafe")  # what ndarray.astype does
+
+
+@functools.lru_cache(maxsize=8)
+def _contract(cfg: PreprocessConfig) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(sample_spec, empty_sample) of ``cfg``, built once (read-only: never hand these out)."""
+    empty = empty_sample(cfg)
+    for a in empty.values():
+        a.flags.writeable = False
+    return sample_spec(cfg), empty
+
+
+def decode_into(
+    record: bytes, out: dict[str, np.ndarray], index: int, cfg: PreprocessConfig
+) -> dict[str, Any]:
+    """Decode ``record`` into row ``index`` of the batch arrays ``out`` (key → array of shape
+    ``(batch, *contract shape)``, any subset of the contract's keys, any dtype); returns meta.
+
+    Each stored array is cast straight into ``out[key][index]``; keys the record does not store
+    (absent modalities) get the contract's placeholder, exactly as :func:`decode` gives them.
+    """
+    header, body = _header_and_body(record)
+    spec, empty = _contract(cfg)
+    stored = {e[0]: e for e in header["arrays"]}
+    for key, batch in out.items():
+        if key not in spec:
+            raise CodecError(f"{key}: not a key of the sample contract")
+        dst = batch[index, ...]  # a view of the row (0-d arrays stay arrays)
+        entry = stored.get(key)
+        if entry is None:
+            np.copyto(dst, empty[key], casting="unsafe")
+            continue
+        _, dtype, shape, offset, nbytes = entry
+        if tuple(shape) != spec[key].shape:
+            raise CodecError(f"{key}: stored shape {tuple(shape)} ≠ config {spec[key].shape}")
+        _copy_cast(_stored(body, key, dtype, shape, offset, nbytes), dst)
+    return header["meta"]
+
+
 def decode(record: bytes, cfg: PreprocessConfig | None = None) -> dict[str, Any]:
     """Bytes → sample dict of numpy arrays (float32 images) plus ``meta``.
 
     With ``cfg`` the result is completed to the full contract (placeholders for absent
     modalities, dtypes as in :func:`etl.schema.sample_spec`); without it only stored arrays.
     """
-    header = decode_header(record)
-    base = 8 + struct.unpack_from("<I", record, 4)[0]
-    out: dict[str, Any] = empty_sample(cfg) if cfg is not None else {}
-    spec = sample_spec(cfg) if cfg is not None else {}
-    body = memoryview(record)[base:]
+    header, body = _header_and_body(record)
+    stored = {e[0] for e in header["arrays"]}
+    spec, empty = _contract(cfg) if cfg is not None else ({}, {})
+    out: dict[str, Any] = {  # the contract's keys in its order; placeholders where not stored
+        k: np.empty(s.shape, s.dtype) if k in stored else empty[k].copy() for k, s in spec.items()
+    }
     for key, dtype, shape, offset, nbytes in header["arrays"]:
-        if offset + nbytes > len(body):
-            raise CodecError(f"truncated record: {key} runs past the end")
-        a = np.frombuffer(body[offset : offset + nbytes], dtype=dtype).reshape(shape)
+        a = _stored(body, key, dtype, shape, offset, nbytes)
         if key in spec:
             if tuple(shape) != spec[key].shape:
                 raise CodecError(f"{key}: stored shape {tuple(shape)} ≠ config {spec[key].shape}")
-            a = a.astype(spec[key].dtype, copy=False)
-        elif key in IMAGE_MODALITIES:
-            a = a.astype(np.float32)
-        out[key] = a
+        else:
+            out[key] = np.empty(a.shape, np.float32 if key in IMAGE_MODALITIES else a.dtype)
+        _copy_cast(a, out[key])
     out["meta"] = header["meta"]
     return out

@@ -116,11 +116,14 @@ class ShardSource:
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def record(self, i: int) -> bytes:
+        """The encoded record of sample ``i``, as ``etl.build`` wrote it (etl.codec format)."""
         if not -self._len <= i < self._len:
             raise IndexError(f"index {i} out of range for {self._len} samples")
-        rec = self._open()[int(i) % self._len]
-        sample = codec.decode(rec, self.cfg)
+        return self._open()[int(i) % self._len]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = codec.decode(self.record(i), self.cfg)
         if not self.keep_meta:
             sample.pop("meta", None)
         return sample

@@ -8,7 +8,9 @@ over the pre-clip action and a state value; ``log_std`` is a state-independent p
 * :class:`MultimodalActorCritic` — the pretrained encoders and fusion of train/, pooled,
   under a policy and a value head;
 * :func:`split_agent` — an agent split once into its graph and its trained / frozen states
-  (:class:`Agent`), so only arrays cross jit boundaries.
+  (:class:`Agent`), so only arrays cross jit boundaries. An agent whose feature extractor
+  (``FEATURES_FROM``) gets no gradient has *frozen features*: the runner computes them once
+  per environment step and the PPO update trains the heads on them (no encoder in the update).
 
 Which agent a config asks for, with which featurizer, is decided in rl/factory.py.
 """
@@ -26,20 +28,39 @@ from train.heads import MLP, PolicyHead, ValueHead, masked_mean
 
 
 class Agent(NamedTuple):
-    """An NNX agent split for jit: ``apply(params, frozen, obs) -> (mean, log_std, value)``."""
+    """An NNX agent split for jit: ``apply(params, frozen, obs) -> (mean, log_std, value)``.
+
+    With ``frozen_features`` (see :func:`split_agent`) ``apply`` is ``heads ∘ features``:
+    ``features(params, frozen, obs) -> z`` reads only frozen state, so ``z`` can be computed
+    once and ``heads(params, frozen, z)`` trained on it."""
 
     graphdef: Any
     params: nnx.State  # trained
     frozen: nnx.State  # everything else (frozen encoders, non-parameter state)
+    frozen_features: bool = False
 
     def apply(self, params, frozen, obs):
         return nnx.merge(self.graphdef, params, frozen)(obs)
 
+    def features(self, params, frozen, obs):
+        return nnx.merge(self.graphdef, params, frozen).features(obs)
+
+    def heads(self, params, frozen, z):
+        return nnx.merge(self.graphdef, params, frozen).heads(z)
+
 
 def split_agent(model: nnx.Module, trainable: Any = nnx.Param) -> Agent:
-    """Split ``model`` into trained parameters (``trainable`` filter) and the rest."""
+    """Split ``model`` into trained parameters (``trainable`` filter) and the rest.
+
+    ``frozen_features`` is set when the model splits into ``features`` and ``heads`` (it names
+    the submodule ``features`` reads in ``FEATURES_FROM``) and ``trainable`` selects nothing
+    in that submodule: its features are then a function of frozen state and the observation
+    only."""
     graphdef, params, frozen = nnx.split(model, trainable, ...)
-    return Agent(graphdef, params, frozen)
+    name = getattr(model, "FEATURES_FROM", None)
+    frozen_features = name is not None and not any(
+        path[0] == name for path, _ in nnx.to_flat_state(params))
+    return Agent(graphdef, params, frozen, frozen_features)
 
 
 class MLPActorCritic(nnx.Module):
@@ -104,7 +125,13 @@ class MultimodalActorCritic(nnx.Module):
     ``modalities``: those the simulator provides (radar and IR are absent there); with the
     checkpoint's ``absent = "token"`` the absent ones can be included and then enter as the
     model's learned absent tokens.
+
+    ``features`` (the encoders' pooled tokens, (B, embed_dim) float32) reads only ``mae``
+    (``FEATURES_FROM``); ``heads`` maps them to the policy's outputs. Frozen encoders: the
+    runner stores the features in the rollout and the update trains the heads on them.
     """
+
+    FEATURES_FROM = "mae"
 
     def __init__(
         self,
@@ -127,8 +154,10 @@ class MultimodalActorCritic(nnx.Module):
         tokens, valid = self.mae.encode(batch, self.modalities)
         return masked_mean(tokens.astype(jnp.float32), valid)
 
-    def __call__(self, batch: dict):
-        z = self.features(batch)
+    def heads(self, z: jax.Array):
         mean = self.policy(z)
         log_std = jnp.broadcast_to(self.log_std[...], mean.shape)
         return mean, log_std, self.value(z)
+
+    def __call__(self, batch: dict):
+        return self.heads(self.features(batch))

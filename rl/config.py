@@ -155,6 +155,16 @@ class EnvConfig:
         if self.track_pool and self.backend != "jax":
             raise configlib.ConfigError(f"env.track_pool: the JAX backend's (fast runner), "
                                         f"not {self.backend!r}")
+        if self.track_pool:
+            from rl.tracks import TrackError, track_names
+
+            try:
+                n = len(track_names(self.track_pool))
+            except TrackError as e:
+                raise configlib.ConfigError(f"env.track_pool: {e}") from e
+            if self.pool_size > n:
+                raise configlib.ConfigError(f"env.pool_size: {self.pool_size} tracks from a "
+                                            f"pool of {n} ({self.track_pool})")
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,21 @@
     python -m rl.evaluate --scripted --backend bullet --tracks austria --time-limit 160
 
 Protocol: grid start, the deterministic policy (the Gaussian mean clipped to [-1, 1]), the
-training config's observation featurization, ``obs_rms`` normalization and action repeat,
-``--episodes`` episodes per track, a time limit (default: the training config's) and an
-effectively unbounded lap count, so an episode runs to the time limit unless a wall contact
-ends it. ``--collision both`` (the default) runs the protocol twice: ``terminate`` (a wall
-contact ends the episode, racecar_gym's ``terminate_on_collision`` and our training default)
-and ``continue`` (the car keeps driving after contacts, so collisions per km and laps within
-the time limit are both meaningful); ``--collision config`` runs only the training config's
-rule, ``terminate`` / ``continue`` only that one. Collisions are reported in both.
+training config's observation featurization, ``obs_rms`` normalization, action repeat and
+(JAX backend) lidar rays, ``--episodes`` episodes per track, a time limit (default: the
+training config's) and an effectively unbounded lap count, so an episode runs to the time
+limit unless a wall contact ends it. ``--collision both`` (the default) runs the protocol
+twice: ``terminate`` (a wall contact ends the episode, racecar_gym's
+``terminate_on_collision`` and our training default) and ``continue`` (the car keeps driving
+after contacts, so collisions per km and laps within the time limit are both meaningful);
+``--collision config`` runs only the training config's rule, ``terminate`` / ``continue``
+only that one. Collisions are reported in both.
+
+Robustness without retraining (:class:`Perturbation`): ``--lidar-noise K`` (× the lidar's
+±3 % noise), ``--lidar-drop P`` (a fraction of the rays return nothing) — the JAX simulator's
+sensor, so the JAX backend only — and ``--imu-absent`` (no velocity/acceleration reaches the
+policy: the multimodal policy's imu modality is absent, the lidar MLP's velocity inputs sit at
+their training mean).
 
 Metrics per episode, per track and overall (metrics.json):
 
@@ -64,6 +71,7 @@ map, and the run's learning curves from ``runs/<run>/metrics.jsonl`` when presen
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -71,6 +79,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,21 +90,69 @@ from flax import nnx
 
 from etl import configlib
 from rl import factory
+from rl.agent import VELOCITY_COMPONENTS
 from rl.config import RLConfig
 from rl.drivers import scripted_policy
 from rl.envs import spec
-from rl.envs.jax_env import make_params
+from rl.envs.jax_env import JaxRacecarEnv, SensorConfig, make_params
 from rl.envs.spec import TaskConfig
 from rl.fmt import num, pm
 from rl.plots import plot_learning_curves, plot_trajectories
 from rl.tracks import Track, TrackError, load_track
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError
 
 BIG_LAPS = 100_000  # "laps = a large number": only the time limit (or a collision) ends it
 DEFAULT_TRACKS = "austria,berlin,montreal,torino"
 PHYSICS_DT = spec.PHYSICS_DT  # s
 DEBOUNCE_S = 0.5  # contacts closer than this (contact-free time) also count as one event
 TRACE_KEYS = ("time", "x", "y", "speed", "lap", "total", "collision")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Sensor faults the policy never trained with (robustness without retraining).
+
+    * ``lidar_noise`` — × the lidar's noise amplitude: each ray reads the true distance ×
+      U(1 ± k·0.03) (:data:`rl.envs.spec.LIDAR_NOISE`; 1 = the sensor as trained, 0 = exact),
+    * ``lidar_drop`` — the probability that a ray returns nothing (reads max range), drawn
+      per ray and scan,
+    * ``imu_absent`` — the IMU is missing: the multimodal policy's observation has no
+      velocity and acceleration, so the adapter marks the imu modality absent (present 0,
+      masked, as the ETL marks a missing sensor); the lidar MLP, which has no notion of an
+      absent input, gets its velocity inputs at their training mean (0 after normalisation).
+
+    The lidar faults are the JAX simulator's sensor settings (``SensorConfig``), so they
+    need the JAX backend; the IMU fault is applied to the policy's input, in any backend."""
+
+    lidar_noise: float = 1.0
+    lidar_drop: float = 0.0
+    imu_absent: bool = False
+
+    def __post_init__(self):
+        configlib.check_range("--lidar-noise", self.lidar_noise, 0.0, 100.0)
+        configlib.check_range("--lidar-drop", self.lidar_drop, 0.0, 1.0, hi_open=True)
+
+    @property
+    def name(self) -> str:
+        """``nominal``, or the faults joined by ``+``: ``lidar_noise_x2``, ``lidar_drop_10``
+        (per cent), ``imu_absent``."""
+        parts = []
+        if self.lidar_noise != 1.0:
+            parts.append(f"lidar_noise_x{self.lidar_noise:g}")
+        if self.lidar_drop:
+            parts.append(f"lidar_drop_{self.lidar_drop * 100:g}")
+        if self.imu_absent:
+            parts.append("imu_absent")
+        return "+".join(parts) or "nominal"
+
+    def sensors(self) -> dict[str, float]:
+        """The JAX simulator's :class:`SensorConfig` fields this perturbation changes."""
+        out = {}
+        if self.lidar_noise != 1.0:
+            out["lidar_noise"] = spec.LIDAR_NOISE * self.lidar_noise
+        if self.lidar_drop:
+            out["lidar_dropout"] = self.lidar_drop
+        return out
 
 
 def log(msg: str) -> None:
@@ -248,25 +305,47 @@ def overall(per_track: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 # =========================================================================== policies
-def checkpoint_policy(model, featurize: Callable, obs_rms=None) -> Callable:
-    """The deterministic policy of a trained agent: one raw observation dict → clip(mean).
+IMU_KEYS = ("velocity", "acceleration")  # the observation keys the IMU provides
 
-    Pure JAX (traceable: it runs inside the JAX backend's scan) and jitted on the host. The
-    observation goes through the training featurization (``featurize`` maps ONE observation,
-    as make_agent's does — the runners vmap it), gets a batch axis of one, the training
-    observation normalization, and the Gaussian mean is clipped to [-1, 1]."""
 
-    graphdef, state = nnx.split(model)
+def make_act(graphdef, featurize: Callable, *, imu_absent: bool = False,
+             velocity_dims: int = 0) -> Callable:
+    """``act(obs, state, obs_rms) -> action``: the deterministic policy of an agent with the
+    graph ``graphdef``, as a pure function of its arrays (``state``: ``nnx.split``'s state;
+    ``obs_rms``: the observation statistics or None), so one compiled rollout serves every
+    checkpoint of an architecture. The observation (ONE dict) goes through the training
+    featurization, gets a batch axis of one and the training normalization; the Gaussian mean
+    is clipped to [-1, 1]. ``imu_absent`` (:class:`Perturbation`): the IMU's keys are dropped
+    from the observation, or, for a flat-vector policy (``velocity_dims`` > 0: its last
+    inputs are the velocity), those inputs are set to their normalized mean, 0."""
 
-    def act(obs: dict):
-        feats = featurize({k: jnp.asarray(v) for k, v in obs.items()})
-        x = jax.tree.map(lambda a: a[None], feats)
+    def act(obs: dict, state, obs_rms):
+        obs = {k: jnp.asarray(v) for k, v in obs.items()
+               if not (imu_absent and not velocity_dims and k in IMU_KEYS)}
+        x = jax.tree.map(lambda a: a[None], featurize(obs))
         if obs_rms is not None:
             x = obs_rms.normalize(x)
+        if imu_absent and velocity_dims:
+            x = x.at[..., -velocity_dims:].set(0.0)
         mean, _, _ = nnx.merge(graphdef, state)(x)
         return jnp.clip(mean[0], -1.0, 1.0)
 
-    return jax.jit(act)
+    return act
+
+
+def velocity_dims(cfg: RLConfig) -> int:
+    """How many of the policy's flat inputs are the velocity (the lidar MLP's last ones)."""
+    return len(VELOCITY_COMPONENTS[cfg.model.velocity]) if cfg.model.policy == "lidar_mlp" else 0
+
+
+def checkpoint_policy(model, featurize: Callable, obs_rms=None, *, imu_absent: bool = False,
+                      velocity_dims: int = 0) -> Callable:
+    """The deterministic policy of a trained agent: one raw observation dict → clip(mean)
+    (:func:`make_act` with the agent's arrays bound). Pure JAX (traceable: it runs inside the
+    JAX backend's scan) and jitted on the host."""
+    graphdef, state = nnx.split(model)
+    act = make_act(graphdef, featurize, imu_absent=imu_absent, velocity_dims=velocity_dims)
+    return jax.jit(lambda obs: act(obs, state, obs_rms))
 
 
 # =========================================================================== rollouts
@@ -285,18 +364,23 @@ def _episode_key(seed: int):
     return jax.random.split(jax.random.PRNGKey(seed))[1]
 
 
+@functools.lru_cache(maxsize=32)
 def _jax_rollout(env, policy_fn: Callable, n_policy_steps: int, action_repeat: int):
-    """jit(vmap(episode)) over keys: every physics step recorded, frozen once done."""
+    """jit(vmap(episode)) over keys: every physics step recorded, frozen once done. The
+    policy is called ``policy_fn(obs, *args)`` with the rollout's ``args`` (jit arguments,
+    e.g. a checkpoint's arrays: another checkpoint of the same architecture, or another track
+    of the same map size, reuses the compiled rollout — hence the cache, keyed on the env,
+    the policy function and the lengths)."""
 
     def record(st):
         return {"time": st.time, "x": st.pos[0], "y": st.pos[1], "speed": st.v,
                 "lap": st.lap, "total": st.total, "collision": st.collision}  # fmt: skip
 
-    def episode(key, params):
+    def episode(key, params, args):
         obs, st = env.reset(key, params)
 
         def policy_step(carry, _):
-            a = spec.action_array(policy_fn(carry[1]), jnp)
+            a = spec.action_array(policy_fn(carry[1], *args), jnp)
 
             def physics(c, _):
                 st, obs, done = c
@@ -312,7 +396,7 @@ def _jax_rollout(env, policy_fn: Callable, n_policy_steps: int, action_repeat: i
         recs = jax.tree.map(lambda r: r.reshape(-1), recs)
         return record(st), recs
 
-    return jax.jit(jax.vmap(episode, in_axes=(0, None)))
+    return jax.jit(jax.vmap(episode, in_axes=(0, None, None)))
 
 
 def _traces_from_jax(first: dict, recs: dict) -> list[tuple[dict, str]]:
@@ -330,26 +414,34 @@ def _traces_from_jax(first: dict, recs: dict) -> list[tuple[dict, str]]:
 
 def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
                 terminate_on_collision=False, camera=False,
-                actuator="motor") -> list[tuple[dict, str]]:
-    """All episodes of one track in the JAX backend as one jitted, vmapped scan."""
+                actuator="motor", *, sensors: dict | None = None,
+                policy_args: tuple = ()) -> list[tuple[dict, str]]:
+    """All episodes of one track in the JAX backend as one jitted, vmapped scan; the lidar's
+    ``sensors`` settings changed where given (:meth:`Perturbation.sensors`); the policy
+    called ``policy_fn(obs, *policy_args)``."""
 
     env = factory.make_sim(_task(time_limit, terminate_on_collision, camera, actuator),
-                           camera=camera)
+                           camera=camera, **(sensors or {}))
     params = make_params(track)
     n_physics = int(round(time_limit / PHYSICS_DT))
     n_policy = -(-n_physics // action_repeat)
     keys = jnp.stack([_episode_key(int(s)) for s in seeds])
     fn = _jax_rollout(env, policy_fn, n_policy, action_repeat)
-    first, recs = fn(keys, params)
+    first, recs = fn(keys, params, tuple(policy_args))
     return _traces_from_jax(first, recs)
 
 
 def make_gym_env(backend: str, track, time_limit: float, terminate_on_collision: bool,
-                 camera: bool = False, actuator: str = "motor"):
-    """One raw (physics-rate) environment of a backend in the evaluation protocol's task."""
-    return factory.make_env(backend, track,
-                            _task(time_limit, terminate_on_collision, camera, actuator),
-                            camera)
+                 camera: bool = False, actuator: str = "motor", sensors: dict | None = None):
+    """One raw (physics-rate) environment of a backend in the evaluation protocol's task;
+    ``sensors``: the JAX simulator's changed sensor settings (JAX backend only)."""
+    task = _task(time_limit, terminate_on_collision, camera, actuator)
+    if sensors:
+        if backend != "jax":
+            raise ValueError(f"lidar perturbations {sorted(sensors)}: the JAX backend's "
+                             f"simulator only, not {backend!r}")
+        return JaxRacecarEnv(track, task, sensors=SensorConfig(camera=camera, **sensors))
+    return factory.make_env(backend, track, task, camera)
 
 
 def _vector(d: dict, key: str) -> np.ndarray | None:
@@ -429,17 +521,22 @@ def rollout_gym(env, policy_fn, seeds, action_repeat=1, *,
 def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: int = 10,
                     time_limit: float = 60.0, seed: int = 0, *, action_repeat: int = 1,
                     terminate_on_collision: bool = False, camera: bool = False,
-                    rollout: str = "auto", actuator: str = "motor") -> dict[str, Any]:
+                    rollout: str = "auto", actuator: str = "motor",
+                    sensors: dict | None = None, policy_args: tuple = ()) -> dict[str, Any]:
     """Run ``episodes`` grid-start episodes of ``policy_fn`` (one obs dict → action) on
     ``track`` (a name, path, ``procedural:<seed>`` or :class:`rl.tracks.Track`).
 
     Episode ``i`` is seeded ``seed + i``. ``rollout``: ``"scan"`` (JAX backend only: one
     jitted scan; the policy must be traceable), ``"host"`` (a Python loop) or ``"auto"``
     (scan for the JAX backend, falling back to the host loop for an untraceable policy).
+    ``sensors``: the JAX simulator's lidar settings a :class:`Perturbation` changes (JAX
+    backend only). ``policy_args``: the policy is called ``policy_fn(obs, *policy_args)``
+    (:func:`make_act`'s checkpoint arrays; they are jit arguments of the scan).
     Returns ``{"track", "backend", "episodes": [metrics…], "aggregate": {…},
     "traces": [{time, x, y, speed, lap, total, collision} arrays…]}``."""
-
-
+    if sensors and backend != "jax":
+        raise ValueError(f"lidar perturbations {sorted(sensors)}: the JAX backend's simulator "
+                         f"only, not {backend!r}")
     trk = track if isinstance(track, Track) else load_track(track)
     seeds = [seed + i for i in range(episodes)]
     t0 = time.perf_counter()
@@ -447,7 +544,8 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
     if backend == "jax" and rollout in ("auto", "scan"):
         try:
             results = rollout_jax(policy_fn, trk, seeds, time_limit, action_repeat,
-                                  terminate_on_collision, camera, actuator)  # fmt: skip
+                                  terminate_on_collision, camera, actuator, sensors=sensors,
+                                  policy_args=policy_args)  # fmt: skip
             used = "scan"
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                 jax.errors.TracerIntegerConversionError, TypeError) as e:  # fmt: skip
@@ -455,9 +553,13 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
                 raise
             log(f"policy is not traceable ({type(e).__name__}); host loop instead")
     if results is None:
+        if policy_args:  # the host loop calls the policy with an observation alone
+            jitted = jax.jit(policy_fn)
+            policy_fn = lambda obs: jitted(obs, *policy_args)  # noqa: E731
+
         def make():
             return make_gym_env(backend, trk if backend != "racecar_gym" else track, time_limit,
-                                terminate_on_collision, camera, actuator)  # fmt: skip
+                                terminate_on_collision, camera, actuator, sensors)  # fmt: skip
 
         if backend == "racecar_gym":  # a fresh, seeded env per episode (see rollout_gym)
             results = rollout_gym(make, policy_fn, seeds, action_repeat, fresh=True)
@@ -531,6 +633,149 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+class PolicyCache:
+    """What evaluating many checkpoints can share: one policy function per architecture (so
+    the compiled rollouts of :func:`_jax_rollout` serve every checkpoint of it) and the last
+    checkpoint restored (its evaluations under several conditions restore it once)."""
+
+    def __init__(self):
+        self.acts: dict = {}
+        self.last: tuple | None = None  # ((ckpt, step), (cfg, model, obs_rms))
+        self.step: int | None = None  # the step the last restore read
+
+    def restore(self, ckpt: str | Path, step: int | None):
+        """Without ``step``, the newest intact step (factory.restore_policy_step); the step
+        read is ``self.step``."""
+        key = (str(Path(ckpt).resolve()), step)
+        if self.last is None or self.last[0] != key:
+            cfg, model, obs_rms, used = factory.restore_policy_step(ckpt, step)
+            self.last, self.step = (key, (cfg, model, obs_rms)), used
+        return self.last[1]
+
+
+def load_checkpoint_policy(ckpt: str | Path, step: int | None = None, *,
+                           imu_absent: bool = False, cache: PolicyCache | None = None):
+    """(config, policy_fn, policy_args) of a PPO checkpoint: ``policy_fn(obs, *policy_args)``
+    is its deterministic policy (:func:`make_act`), ``policy_args`` its arrays. ``cache``
+    (:class:`PolicyCache`): share policy functions, and the restored checkpoint, between
+    calls."""
+    cache = cache or PolicyCache()
+    cfg, model, obs_rms = cache.restore(ckpt, step)
+    graphdef, state = nnx.split(model)
+    ft = cfg.finetune
+    key = (graphdef, json.dumps(configlib.to_dict(cfg.model), sort_keys=True),
+           cfg.env.world_scale, ft.pretrained_ckpt, ft.pretrain_config, ft.absent, imu_absent)
+    if key not in cache.acts:
+        _, featurize, _ = factory.make_agent(cfg)
+        cache.acts[key] = make_act(graphdef, featurize, imu_absent=imu_absent,
+                                   velocity_dims=velocity_dims(cfg))
+    return cfg, cache.acts[key], (state, obs_rms)
+
+
+def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
+                 time_limit: float, seed: int, modes: dict[str, bool], action_repeat: int,
+                 camera: bool, actuator: str, perturbation: Perturbation | None = None,
+                 policy_args: tuple = (), out: Path | None = None,
+                 line_driver: bool = False,
+                 sensors: dict | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Every collision mode × track of the protocol: ``(results, pngs)``, ``results[mode] =
+    {"tracks": {name: result}, "overall": …}``; trajectory PNGs into ``out`` (None: none).
+    ``line_driver``: the policy is rl.plan's line follower, made per track. ``sensors``: JAX
+    simulator sensor settings (the training config's rays), the perturbation's on top."""
+    sensors = {**(sensors or {}), **(perturbation or Perturbation()).sensors()}
+    results: dict[str, Any] = {}
+    pngs: list[str] = []
+    for mode, term in modes.items():
+        per_track = {}
+        for name in tracks:
+            trk = load_track(name)
+            if line_driver:
+                policy = scripted_policy("line", trk)
+            log(f"{name} ({trk.lap_length_m:.0f} m), {backend}, {mode}: "
+                f"{episodes} × {time_limit:.0f} s …")  # fmt: skip
+            res = evaluate_policy(policy, name if backend == "racecar_gym" else trk, backend,
+                                  episodes, time_limit, seed, action_repeat=action_repeat,
+                                  terminate_on_collision=term, camera=camera,
+                                  actuator=actuator, sensors=sensors,
+                                  policy_args=policy_args)  # fmt: skip
+            log(summary_line(res))
+            if out is not None:
+                pngs.append(str(plot_trajectories(
+                    trk, res, out / f"traj_{_slug(name)}_{backend}_{mode}.png")))
+            res.pop("traces")
+            per_track[name] = res
+        results[mode] = {"tracks": per_track, "overall": overall(per_track)}
+    return results, pngs
+
+
+def _protocol_record(cfg: RLConfig, episodes: int, time_limit: float, seed: int,
+                     modes: dict[str, bool], repeat: int,
+                     perturbation: Perturbation) -> dict[str, Any]:
+    return {
+        "episodes": episodes, "time_limit_s": time_limit, "laps": BIG_LAPS,
+        "start": "grid", "action": "deterministic: clip(Gaussian mean, -1, 1)",
+        "actuator": cfg.env.actuator,
+        "action_repeat": repeat, "seeds": [seed + i for i in range(episodes)],
+        "seed_note": "episode i uses seed + i; with a deterministic policy and the grid "
+                     "start, episodes differ only through the lidar noise",
+        "collision_modes": {m: {"terminate_on_collision": v} for m, v in modes.items()},
+        "trained_terminate_on_collision": cfg.env.terminate_on_collision,
+        "perturbation": {"name": perturbation.name, "lidar_noise": perturbation.lidar_noise,
+                         "lidar_drop": perturbation.lidar_drop,
+                         "imu_absent": perturbation.imu_absent},
+    }  # fmt: skip
+
+
+def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path, *,
+                        step: int | None = None, backend: str | None = None,
+                        episodes: int = 10, time_limit: float | None = None, seed: int = 0,
+                        collision: str = "both", action_repeat: int | None = None,
+                        perturbation: Perturbation | None = None, plots: bool = True,
+                        cache: PolicyCache | None = None, command: str = "") -> dict[str, Any]:
+    """The protocol for one PPO checkpoint (default: its latest step) on ``tracks``; writes
+    ``out/metrics.json`` (last: its presence means the evaluation completed) and, with
+    ``plots``, the PNGs; returns the report. ``cache``: see :class:`PolicyCache`."""
+    ckpt, out = Path(ckpt), Path(out)
+    perturbation = perturbation or Perturbation()
+    cache = cache or PolicyCache()
+    cfg, policy, args = load_checkpoint_policy(ckpt, step, imu_absent=perturbation.imu_absent,
+                                               cache=cache)
+    step = cache.step  # without a step: the newest intact one
+    backend = backend or cfg.env.backend
+    # the JAX simulator casts the rays the policy trained with (a multimodal policy's BEV
+    # from 540 rays is not the BEV from 1080); the other backends cast racecar_gym's scan
+    sensors = ({"lidar_rays": cfg.env.lidar_rays}
+               if backend == "jax" and cfg.env.lidar_rays != spec.LIDAR_RAYS else {})
+    repeat = action_repeat or cfg.env.action_repeat
+    time_limit = time_limit if time_limit is not None else cfg.env.time_limit
+    modes = _modes(collision, cfg.env.terminate_on_collision)
+    out.mkdir(parents=True, exist_ok=True)
+    results, pngs = run_protocol(policy, tracks, backend=backend, episodes=episodes,
+                                 time_limit=time_limit, seed=seed, modes=modes,
+                                 action_repeat=repeat, camera=cfg.env.camera,
+                                 actuator=cfg.env.actuator, perturbation=perturbation,
+                                 policy_args=args, out=out if plots else None,
+                                 sensors=sensors)  # fmt: skip
+    run_dir = ckpt.parent
+    if plots and (run_dir / "metrics.jsonl").exists():
+        p = plot_learning_curves(run_dir / "metrics.jsonl", out / "learning_curves.png")
+        if p is not None:
+            pngs.append(str(p))
+    report = {
+        "command": command, "backend": backend, "checkpoint": str(ckpt),
+        "checkpoint_step": step, "run": cfg.run_name, "policy": cfg.model.policy,
+        "trained_backend": cfg.env.backend, "trained_track": cfg.env.track,
+        "sensors": sensors,
+        "protocol": _protocol_record(cfg, episodes, time_limit, seed, modes, repeat,
+                                     perturbation),
+        "results": results, "plots": pngs,
+    }  # fmt: skip
+    path = out / "metrics.json"
+    path.write_text(json.dumps(_json_safe(report), indent=2))
+    log(f"wrote {path}" + (f" and {len(pngs)} PNGs" if pngs else ""))
+    return report
+
+
 def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -551,94 +796,75 @@ def _main(argv: list[str] | None = None) -> int:
                     help="--scripted: whose gap follower (default: the backend's), or 'line': "
                          "follow the clean lap rl.plan finds for each track")
     ap.add_argument("--seed", type=int, default=0, help="episode i uses seed + i")
+    ap.add_argument("--lidar-noise", type=float, default=1.0, metavar="K",
+                    help="robustness: × the lidar's noise amplitude (±3 %%; JAX backend)")
+    ap.add_argument("--lidar-drop", type=float, default=0.0, metavar="P",
+                    help="robustness: fraction of rays that return nothing (JAX backend)")
+    ap.add_argument("--imu-absent", action="store_true",
+                    help="robustness: no IMU (velocity, acceleration) reaches the policy")
     ap.add_argument("--out", help="output folder (default runs/<run>/eval)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    command = "python -m rl.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+    tracks = [t.strip() for t in args.tracks.split(",") if t.strip()]
+    try:
+        perturbation = Perturbation(args.lidar_noise, args.lidar_drop, args.imu_absent)
+    except configlib.ConfigError as e:
+        return configlib.cli_error("rl.evaluate", e)
+
+    try:
+        if not args.scripted:
+            ckpt = Path(args.ckpt)
+            out = Path(args.out) if args.out else ckpt.parent / "eval"
+            evaluate_checkpoint(ckpt, tracks, out, step=args.step, backend=args.backend,
+                                episodes=args.episodes, time_limit=args.time_limit,
+                                seed=args.seed, collision=args.collision,
+                                action_repeat=args.action_repeat, perturbation=perturbation,
+                                plots=not args.no_plots, command=command)  # fmt: skip
+            return 0
+        if perturbation.imu_absent:
+            print("rl.evaluate: --imu-absent: a trained policy's input (--ckpt), not a "
+                  "scripted driver's", file=sys.stderr)
+            return 2
+        return _scripted(args, tracks, perturbation, command)
+    except ImportError as e:
+        print(f"rl.evaluate: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"rl.evaluate: error: {e}", file=sys.stderr)
+        return 1
+    except configlib.ConfigError as e:
+        return configlib.cli_error("rl.evaluate", e)
+    except ValueError as e:  # a perturbation the backend cannot apply
+        print(f"rl.evaluate: error: {e}", file=sys.stderr)
+        return 2
 
 
-    run_dir = None
-    step = None
-    if args.scripted:
-        cfg = RLConfig()
-        backend = args.backend or "jax"
-        driver = args.driver or ("jax" if backend == "jax" else "bullet")
-        policy = None if driver == "line" else scripted_policy(driver)
-        repeat = args.action_repeat or 1
-        out = Path(args.out or f"runs/scripted_{driver}/eval_{backend}")
-        source = {"policy": "scripted line follower (rl.drivers)" if driver == "line"
-                  else f"scripted gap follower ({driver}, rl.drivers)"}
-    else:
-
-        ckpt = Path(args.ckpt)
-        c = Checkpointer(ckpt)
-        step = args.step if args.step is not None else c.latest_step()
-        c.close()
-        try:  # the checkpoint's config record
-            cfg, model, obs_rms = factory.restore_policy(ckpt, step)
-        except configlib.ConfigError as e:
-            return configlib.cli_error("rl.evaluate", e)
-        _, featurize, _ = factory.make_agent(cfg)
-        policy = checkpoint_policy(model, featurize, obs_rms)
-        backend = args.backend or cfg.env.backend
-        repeat = args.action_repeat or cfg.env.action_repeat
-        run_dir = ckpt.parent
-        out = Path(args.out) if args.out else run_dir / "eval"
-        source = {"checkpoint": str(ckpt), "checkpoint_step": step, "run": cfg.run_name,
-                  "policy": cfg.model.policy, "trained_backend": cfg.env.backend,
-                  "trained_track": cfg.env.track}  # fmt: skip
+def _scripted(args, tracks: list[str], perturbation: Perturbation, command: str) -> int:
+    cfg = RLConfig()
+    backend = args.backend or "jax"
+    driver = args.driver or ("jax" if backend == "jax" else "bullet")
+    policy = None if driver == "line" else scripted_policy(driver)
+    repeat = args.action_repeat or 1
+    out = Path(args.out or f"runs/scripted_{driver}/eval_{backend}")
     time_limit = args.time_limit if args.time_limit is not None else cfg.env.time_limit
     modes = _modes(args.collision, cfg.env.terminate_on_collision)
-    tracks = [t.strip() for t in args.tracks.split(",") if t.strip()]
     out.mkdir(parents=True, exist_ok=True)
-
-
-    report: dict[str, Any] = {
-        "command": "python -m rl.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "backend": backend,
-        **source,
-        "checkpoint_step": step,
-        "protocol": {
-            "episodes": args.episodes, "time_limit_s": time_limit, "laps": BIG_LAPS,
-            "start": "grid", "action": "deterministic: clip(Gaussian mean, -1, 1)",
-            "actuator": cfg.env.actuator,
-            "action_repeat": repeat, "seeds": [args.seed + i for i in range(args.episodes)],
-            "seed_note": "episode i uses seed + i; with a deterministic policy and the grid "
-                         "start, episodes differ only through the lidar noise",
-            "collision_modes": {m: {"terminate_on_collision": v} for m, v in modes.items()},
-            "trained_terminate_on_collision": cfg.env.terminate_on_collision,
-        },  # fmt: skip
-        "results": {},
-    }
-    pngs = []
-    for mode, term in modes.items():
-        per_track = {}
-        for name in tracks:
-            trk = load_track(name)
-            if args.scripted and driver == "line":
-                policy = scripted_policy("line", trk)
-            log(f"{name} ({trk.lap_length_m:.0f} m), {backend}, {mode}: "
-                f"{args.episodes} × {time_limit:.0f} s …")  # fmt: skip
-            try:
-                res = evaluate_policy(policy, name if backend == "racecar_gym" else trk, backend,
-                                      args.episodes, time_limit, args.seed,
-                                      action_repeat=repeat, terminate_on_collision=term,
-                                      camera=cfg.env.camera,
-                                      actuator=cfg.env.actuator)  # fmt: skip
-            except ImportError as e:
-                print(f"rl.evaluate: {e}", file=sys.stderr)
-                return 2
-            log(summary_line(res))
-            if not args.no_plots:
-                pngs.append(str(plot_trajectories(
-                    trk, res, out / f"traj_{_slug(name)}_{backend}_{mode}.png")))
-            res.pop("traces")
-            per_track[name] = res
-        report["results"][mode] = {"tracks": per_track, "overall": overall(per_track)}
-    if run_dir is not None and (run_dir / "metrics.jsonl").exists() and not args.no_plots:
-        p = plot_learning_curves(run_dir / "metrics.jsonl", out / "learning_curves.png")
-        if p is not None:
-            pngs.append(str(p))
-    report["plots"] = pngs
+    results, pngs = run_protocol(policy, tracks, backend=backend, episodes=args.episodes,
+                                 time_limit=time_limit, seed=args.seed, modes=modes,
+                                 action_repeat=repeat, camera=cfg.env.camera,
+                                 actuator=cfg.env.actuator, perturbation=perturbation,
+                                 out=None if args.no_plots else out,
+                                 line_driver=driver == "line")  # fmt: skip
+    report = {
+        "command": command, "backend": backend,
+        "policy": "scripted line follower (rl.drivers)" if driver == "line"
+                  else f"scripted gap follower ({driver}, rl.drivers)",
+        "checkpoint_step": None,
+        "protocol": _protocol_record(cfg, args.episodes, time_limit, args.seed, modes, repeat,
+                                     perturbation),
+        "results": results, "plots": pngs,
+    }  # fmt: skip
     path = out / "metrics.json"
     path.write_text(json.dumps(_json_safe(report), indent=2))
     log(f"wrote {path}" + (f" and {len(pngs)} PNGs" if pngs else ""))

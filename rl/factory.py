@@ -8,7 +8,7 @@ checkpoint to a policy.
                                 N of them with the action repeat, for the gymnasium runner
     make_agent(cfg)             (model, featurize, trainable filter) of the configured policy
     make_runner(cfg)            the backend's runner (rl.runners)
-    restore_policy / warm_start_policy   a PPO checkpoint's policy
+    restore_policy / warm_start_policy   a PPO checkpoint's policy (newest intact step)
 
 Entry points (rl.ppo, rl.evaluate, rl.imitate, benchmarks) build through here and nowhere
 else, so that every one of them sees the same car, sensors and task for the same config.
@@ -17,6 +17,7 @@ else, so that every one of them sees the same car, sensors and task for the same
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,14 @@ from rl.envs.wrappers import ActionRepeat
 from rl.ppo_core import RunningMeanStd
 from rl.runners import FastRunner, GymRunner
 from rl.tracks import track_names
-from train.checkpoint import ArchitectureMismatch, Checkpointer, abstract
+from train.checkpoint import (
+    ArchitectureMismatch,
+    Checkpointer,
+    CheckpointError,
+    CheckpointWarning,
+    abstract,
+    reason_line,
+)
 from train.config import load_pretrain_config
 from train.mae import MultimodalMAE
 from train.pretrain import load_trained
@@ -220,9 +228,15 @@ def make_runner(cfg: RLConfig) -> Runner:
     """The fast runner for the JAX backend, the gymnasium runner for the host backends."""
     model, featurize, trainable = make_agent(cfg)
     if cfg.env.backend == "jax":
+        mesh = device_mesh(cfg.ppo.num_envs)
+        if cfg.model.policy == "multimodal":
+            # the observation adapter (a BEV per observation) runs in the runner, once per
+            # step; frozen encoders: their features are computed once per step and reused
+            env, params = make_functional(cfg, lambda obs: obs)
+            return FastRunner(env, model, cfg.ppo, trainable, mesh=mesh, env_params=params,
+                              featurize=featurize)
         env, params = make_functional(cfg, featurize)
-        return FastRunner(env, model, cfg.ppo, trainable, mesh=device_mesh(cfg.ppo.num_envs),
-                          env_params=params)
+        return FastRunner(env, model, cfg.ppo, trainable, mesh=mesh, env_params=params)
     envs = make_vector_env(cfg, cfg.ppo.num_envs)
     to_env = functools.partial(spec.action_dict, actuator=cfg.env.actuator)
     return GymRunner(envs, model, cfg.ppo, jax.vmap(featurize), to_env, trainable,
@@ -269,35 +283,78 @@ def check_resume_architecture(cfg: RLConfig, ckpt: Checkpointer) -> None:
 
 
 def restore_policy(ckpt_dir: str | Path, step: int | None = None):
-    """(config, model, obs_rms) of a PPO checkpoint (default: its latest step).
+    """(config, model, obs_rms) of a PPO checkpoint: :func:`restore_policy_step` without the
+    step it was read from."""
+    return restore_policy_step(ckpt_dir, step)[:3]
+
+
+def restore_policy_step(ckpt_dir: str | Path, step: int | None = None):
+    """(config, model, obs_rms, step) of a PPO checkpoint.
 
     Restores only the policy — its parameters, the rest of the model where the checkpoint
     has it, and the observation statistics — so no simulator is built and checkpoints stay
-    loadable when a simulator's internal state changes between versions."""
+    loadable when a simulator's internal state changes between versions.
+
+    Without ``step``: the newest *intact* step, as a resumed run takes it — a step that
+    cannot be read (a truncated chunk or metadata file, a missing manifest) is skipped with
+    one :class:`train.checkpoint.CheckpointWarning` naming it and why. Unlike a resume, the
+    damaged folder is left as it is: evaluation and warm starts read runs they do not own
+    (one may still be training, or be read by others), and setting a damaged step aside
+    (``<step>.corrupt``) is that run's own resume's business. With ``step``: that step, or a
+    :class:`train.checkpoint.CheckpointError`. Where no step can be read: a
+    :class:`CheckpointError`, one line naming the folder. A checkpoint that is not a PPO
+    one is a ValueError; a config that no longer loads, a ConfigError."""
     ckpt = Checkpointer(ckpt_dir)
     try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
+        steps = [step] if step is not None else sorted(ckpt.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"{ckpt_dir}: no checkpoint")
-        rec = ckpt.saved_config(step)
-        if rec.get("kind") != "ppo":
-            raise ValueError(f"{ckpt_dir}: not a PPO checkpoint")
-        cfg = configlib.from_dict(RLConfig, _upgrade_record(rec["rl"]))
-        model, _, trainable = make_agent(cfg)
-        agent = split_agent(model, trainable)
-        saved = set(saved_state_keys(ckpt.directory / str(step) / "state"))
-        target = {"params": agent.params}
-        if "frozen" in saved:
-            target["frozen"] = agent.frozen
-        if "obs_rms" in saved and cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs:
-            dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity)
-            target["obs_rms"] = RunningMeanStd.create((dim,))
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(abstract(target), partial_restore=True)))["state"]
+        skipped: list[tuple[int, str]] = []
+        for s in steps:
+            try:
+                rec = ckpt.saved_config(s)
+            except Exception as e:  # a damaged step: the one before it, if any
+                skipped.append((s, reason_line(e)))
+                continue
+            if not isinstance(rec, dict) or rec.get("kind") != "ppo":
+                raise ValueError(f"{ckpt_dir}: not a PPO checkpoint")
+            cfg = configlib.from_dict(RLConfig, _upgrade_record(rec["rl"]))
+            model, _, trainable = make_agent(cfg)
+            agent = split_agent(model, trainable)
+            try:
+                out = _restore_policy_state(ckpt, s, cfg, agent)
+            except Exception as e:
+                skipped.append((s, reason_line(e)))
+                continue
+            if skipped:
+                what = "; ".join(f"step {k}: {why}" for k, why in skipped)
+                warnings.warn(f"{ckpt.directory}: damaged checkpoint skipped ({what}); using "
+                              f"step {s} (the damaged folder is left as it is)",
+                              CheckpointWarning, stacklevel=2)
+            frozen = out.get("frozen", agent.frozen)
+            model = nnx.merge(agent.graphdef, out["params"], frozen)
+            return cfg, model, out.get("obs_rms"), s
+        if step is not None:
+            raise CheckpointError(f"{ckpt.directory / str(step)}: cannot restore this "
+                                  f"checkpoint ({skipped[0][1]})")
+        raise CheckpointError(
+            f"{ckpt.directory}: no intact checkpoint (steps {', '.join(map(str, steps))} all "
+            f"fail; newest, step {steps[0]}: {skipped[0][1]})")
     finally:
         ckpt.close()
-    frozen = out.get("frozen", agent.frozen)
-    return cfg, nnx.merge(agent.graphdef, out["params"], frozen), out.get("obs_rms")
+
+
+def _restore_policy_state(ckpt: Checkpointer, step: int, cfg: RLConfig, agent) -> dict:
+    """The policy's part of one step's saved state, into ``agent``'s structure."""
+    saved = set(saved_state_keys(ckpt.directory / str(step) / "state"))
+    target = {"params": agent.params}
+    if "frozen" in saved:
+        target["frozen"] = agent.frozen
+    if "obs_rms" in saved and cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs:
+        dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity)
+        target["obs_rms"] = RunningMeanStd.create((dim,))
+    return ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(abstract(target), partial_restore=True)))["state"]
 
 
 def warm_start_policy(cfg: RLConfig) -> tuple[Any, Any, Any]:

@@ -6,7 +6,8 @@
   limit is not a terminal state) from the value of their last observation;
 * :func:`ppo_loss` — clipped surrogate, (optionally clipped) value loss, entropy bonus;
 * :class:`RunningMeanStd` — observation / return normalization statistics;
-* :func:`make_learn` — one learning step: GAE, then epochs × minibatches of the loss.
+* :func:`make_loss`, :func:`make_learn` — the loss of an agent on a minibatch; one learning
+  step: GAE, then epochs × minibatches of the loss.
 
 Everything is a pure function of arrays: it jits, vmaps and is easy to check by hand.
 """
@@ -45,6 +46,10 @@ class PPOConfig:
     norm_obs: bool = True
     norm_reward: bool = True
     init_log_std: float = -0.5
+    # the learning rate of the multimodal policy's encoders and fusion (the parameters under
+    # its ``mae`` attribute, :data:`ENCODER_PATH`) as a fraction of the heads': 1 = one rate
+    # for all; < 1 fine-tunes pretrained encoders gently (with finetune.freeze_encoders = false)
+    encoder_lr_scale: float = 1.0
 
     def __post_init__(self):  # config values are checked when loaded (and built in code)
         # learning_rate 0 holds the policy fixed (warm-start checks); negative ascends: refused
@@ -54,6 +59,7 @@ class PPOConfig:
             "max_grad_norm": (0, None, True), "adam_eps": (0, None, True),
             "update_epochs": (1, None), "num_minibatches": (1, None), "num_envs": (1, None),
             "num_steps": (1, None), "total_timesteps": (1, None),
+            "encoder_lr_scale": (0, 1),
         })  # fmt: skip
 
     @property
@@ -200,22 +206,44 @@ Apply = Callable[[Any, Any, Any], tuple[jax.Array, jax.Array, jax.Array]]
 """``apply(params, frozen, obs) -> (mean, log_std, value)``: an agent split for jit."""
 
 
+# The attribute under which rl.agent.MultimodalActorCritic keeps the pretrained encoders and
+# fusion: the parameters ``ppo.encoder_lr_scale`` applies to.
+ENCODER_PATH = "mae"
+
+
+def _under(path, name: str) -> bool:
+    return any(getattr(k, "key", getattr(k, "name", None)) == name for k in path)
+
+
+def scale_subtree(name: str, factor: float) -> optax.GradientTransformation:
+    """Multiply the updates of the parameters whose path holds the key ``name`` by ``factor``
+    (after Adam: their learning rate × factor, Adam's normalisation being scale-free)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda p, u: u * factor if _under(p, name) else u, updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: PPOConfig, num_updates: int) -> optax.GradientTransformation:
-    """Adam with global-norm clipping; the learning rate annealed to 0 over the run."""
+    """Adam with global-norm clipping; the learning rate annealed to 0 over the run; the
+    encoders' (:data:`ENCODER_PATH`) rate × ``encoder_lr_scale``."""
     steps = max(1, num_updates * cfg.update_epochs * cfg.num_minibatches)
     lr = (
         optax.linear_schedule(cfg.learning_rate, 0.0, steps) if cfg.anneal_lr else cfg.learning_rate
     )
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=cfg.adam_eps)
-    )
+    parts = [optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=cfg.adam_eps)]
+    if cfg.encoder_lr_scale != 1.0:
+        parts.append(scale_subtree(ENCODER_PATH, cfg.encoder_lr_scale))
+    return optax.chain(*parts)
 
 
-def make_update(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
-    """``update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``:
-    ``update_epochs`` passes over the (T, N) ``batch`` (normalized observations, actions, old
-    log-probabilities and values, advantages, returns), each in ``num_minibatches`` shuffled
-    minibatches of the clipped loss."""
+def make_loss(apply: Apply, cfg: PPOConfig) -> Callable:
+    """``loss(params, frozen, minibatch) -> (total, LossInfo)``: the agent's outputs on the
+    minibatch's ``obs`` (whatever ``apply`` reads: observations, or frozen features with an
+    agent's ``heads``) through :func:`ppo_loss`."""
 
     def loss_fn(params, frozen, mb):
         mean, log_std, value = apply(params, frozen, mb["obs"])
@@ -225,7 +253,15 @@ def make_update(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) 
             new_logp, mb["log_prob"], mb["adv"], value, mb["value"], mb["ret"], ent, cfg
         )
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def make_update(apply: Apply, tx: optax.GradientTransformation, cfg: PPOConfig) -> Callable:
+    """``update(params, opt_state, frozen, batch, key) -> (params, opt_state, metrics)``:
+    ``update_epochs`` passes over the (T, N) ``batch`` (normalized observations, actions, old
+    log-probabilities and values, advantages, returns), each in ``num_minibatches`` shuffled
+    minibatches of the clipped loss."""
+    grad_fn = jax.value_and_grad(make_loss(apply, cfg), has_aux=True)
 
     def update(params, opt_state, frozen, batch: dict, key):
         n = batch["adv"].shape[0] * batch["adv"].shape[1]

@@ -134,16 +134,38 @@ def _obs_stats(cfg: PPOConfig, feat) -> RunningMeanStd | None:
 
 
 class FastRunner:
-    """PPO with a functional JAX environment, rollout and update in one jitted function."""
+    """PPO with a functional JAX environment, rollout and update in one jitted function.
+
+    ``featurize`` (ONE observation → the model's input; vmapped here) is applied by the runner
+    when given — to the observation it acts on, and to an ended episode's final observation
+    only in a step where some episode was truncated — so the environment hands over raw
+    observations (the multimodal policy's BEV is built once per step, not for the reset
+    observation and the final one of every env as well). None: the environment's observations
+    are the model's input.
+
+    ``reuse_features`` (default: the agent's ``frozen_features``, see
+    :func:`rl.agent.split_agent`): the frozen encoders' features are computed once per
+    environment step in the rollout, stored in the rollout buffer in place of the observation,
+    and every epoch and minibatch of the update trains the heads on them — no encoder forward or
+    backward in the update. False: the update recomputes the agent from the observations."""
 
     def __init__(self, env: FunctionalEnv, model: nnx.Module, cfg: PPOConfig,
                  trainable: Any = nnx.Param, mesh: jax.sharding.Mesh | None = None,
-                 env_params: Any = None):
+                 env_params: Any = None, featurize: Callable | None = None,
+                 reuse_features: bool | None = None):
         self.env, self.cfg, self.mesh, self.env_params = env, cfg, mesh, env_params
         self.agent = split_agent(model, trainable)
+        if reuse_features is None:
+            reuse_features = self.agent.frozen_features
+        elif reuse_features and not self.agent.frozen_features:
+            raise ValueError("FastRunner: reuse_features needs an agent with frozen features "
+                             "(features/heads and no trained parameter in FEATURES_FROM)")
+        self.reuse_features = bool(reuse_features)
+        self.featurize = None if featurize is None else jax.vmap(featurize)
         self.num_updates = cfg.num_updates
         self.tx = make_optimizer(cfg, self.num_updates)
-        self.learn = make_learn(self.agent.apply, self.tx, cfg)
+        apply = self.agent.heads if self.reuse_features else self.agent.apply
+        self.learn = make_learn(apply, self.tx, cfg)
         self._chunk = jax.jit(self._run_chunk, static_argnums=(1,), donate_argnums=(0,))
         self._reset = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))
 
@@ -152,7 +174,8 @@ class FastRunner:
         key, k_env = jax.random.split(key)
         obs, env_state = jax.vmap(self.env.reset, in_axes=(0, None))(
             jax.random.split(k_env, self.cfg.num_envs), self.env_params)
-        state = _new_state(self.agent, self.tx, key, obs, _obs_stats(self.cfg, obs),
+        state = _new_state(self.agent, self.tx, key, obs,
+                           _obs_stats(self.cfg, self._featurize(obs)),
                            self.cfg.num_envs, jnp.zeros, env_state, self.env_params)
         return self.place(state)
 
@@ -201,35 +224,56 @@ class FastRunner:
     def close(self) -> None:
         pass
 
-    # -- one update ----------------------------------------------------------------------
+    # -- one update ---------------------------------------------------------------------
+    def _featurize(self, obs):
+        """A batch of the environment's observations → the model's input."""
+        return obs if self.featurize is None else self.featurize(obs)
+
+    def _inputs(self, rs: RunnerState, obs):
+        """What the rollout stores and the update reads for a batch of the environment's
+        observations: the normalized model input, or its frozen features."""
+        x = normalize_obs(rs.obs_rms, self._featurize(obs))
+        return self.agent.features(rs.params, rs.frozen, x) if self.reuse_features else x
+
+    def _outputs(self, rs: RunnerState, x):
+        """(mean, log_std, value) from :meth:`_inputs`' output."""
+        if self.reuse_features:
+            return self.agent.heads(rs.params, rs.frozen, x)
+        return self.agent.apply(rs.params, rs.frozen, x)
+
     def rollout(self, rs: RunnerState) -> tuple[RunnerState, Transition, dict]:
         """``num_steps`` steps of every env by ``lax.scan`` (traceable; jit it to call it
-        alone); returns the state after it, the (T, N) transitions and per-step statistics."""
-        cfg, agent, env = self.cfg, self.agent, self.env
+        alone); returns the state after it, the (T, N) transitions and per-step statistics.
+
+        The value of a truncated episode's final observation (its bootstrap) is computed only
+        in steps where some episode was truncated (``lax.cond``): most steps end none."""
+        cfg, env = self.cfg, self.env
 
         def env_step(rs: RunnerState, _):
             key, k_act, k_env = jax.random.split(rs.key, 3)
-            obs_rms = rs.obs_rms.update(rs.obs) if rs.obs_rms is not None else None
-            nobs = normalize_obs(obs_rms, rs.obs)
-            mean, log_std, value = agent.apply(rs.params, rs.frozen, nobs)
+            if rs.obs_rms is not None:
+                rs = rs._replace(obs_rms=rs.obs_rms.update(self._featurize(rs.obs)))
+            x = self._inputs(rs, rs.obs)
+            mean, log_std, value = self._outputs(rs, x)
             action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
             logp = gaussian_log_prob(action, mean, log_std)
             obs, env_state, reward, term, trunc, final_obs, info = jax.vmap(
                 env.step, in_axes=(0, 0, 0, None)
             )(jax.random.split(k_env, cfg.num_envs), rs.env_state, jnp.clip(action, -1.0, 1.0),
               rs.env_params)
-            _, _, final_value = agent.apply(rs.params, rs.frozen,
-                                            normalize_obs(obs_rms, final_obs))
+            final_value = jax.lax.cond(
+                trunc.any(),
+                lambda o: jnp.where(trunc, self._outputs(rs, self._inputs(rs, o))[2], 0.0),
+                lambda o: jnp.zeros_like(value), final_obs)
             done = term | trunc
             ret_acc = discounted_return_update(rs.ret_acc, reward, done, cfg.gamma)
             ret_rms = rs.ret_rms.update(ret_acc) if cfg.norm_reward else rs.ret_rms
             scaled = reward / jnp.sqrt(ret_rms.var + 1e-8) if cfg.norm_reward else reward
             ep_ret, ep_len = rs.ep_ret + reward, rs.ep_len + 1
-            final_value = jnp.where(trunc, final_value, 0.0)
-            tr = Transition(nobs, action, logp, value, scaled, term, trunc, final_value)
+            tr = Transition(x, action, logp, value, scaled, term, trunc, final_value)
             stats = {"ep_return": ep_ret, "ep_length": ep_len, "done": done, **info}
             rs = rs._replace(key=key, obs=obs, env_state=env_state, ret_acc=ret_acc,
-                             ret_rms=ret_rms, obs_rms=obs_rms,
+                             ret_rms=ret_rms,
                              ep_ret=jnp.where(done, 0.0, ep_ret),
                              ep_len=jnp.where(done, 0.0, ep_len))
             return rs, (tr, stats)
@@ -240,8 +284,10 @@ class FastRunner:
     def _update(self, rs: RunnerState, _):
         rs, traj, stats = self.rollout(rs)
         key, k_upd = jax.random.split(rs.key)
+        # the last observation as the rollout's steps were stored (normalized; features)
+        last = self._inputs(rs, rs.obs)
         params, opt_state, metrics = self.learn(
-            rs.params, rs.opt_state, rs.frozen, rs.obs_rms, traj, rs.obs, k_upd)
+            rs.params, rs.opt_state, rs.frozen, None, traj, last, k_upd)
         done = stats.pop("done")
         metrics.update(_episode_metrics(stats, done))
         metrics["reward_mean"] = traj.reward.mean()

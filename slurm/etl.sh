@@ -3,10 +3,11 @@
 #
 #   SRC=/scratch/cmht_raw OUT=/scratch/data_cache bash slurm/etl.sh     # on a login node
 #   SRC=... OUT=... ETL_GROUPS=32 CONFIG=configs/etl.toml bash slurm/etl.sh
+#   SRC=... OUT=... bash slurm/etl.sh --partition=cpu --cpus-per-task=4 --mem=8G
 #
 # Run with bash on a login node, it submits the array job (ETL_GROUPS tasks) and a merge job
 # that depends on it (afterany: the merge runs even when some drives failed, and reports
-# them). Task i builds drives i::ETL_GROUPS (sorted by drive id) into $OUT/drives/<hash>/; each
+# them); sbatch options given to it go to both, over the #SBATCH lines. Task i builds drives i::ETL_GROUPS (sorted by drive id) into $OUT/drives/<hash>/; each
 # drive's completion marker makes reruns skip finished drives, so a resubmission resumes.
 # The merge step writes $OUT/manifest.json and $OUT/index.parquet from the per-drive outputs:
 #
@@ -69,13 +70,16 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
       "${extra_args[@]}" --workers "${WORKERS:-$(nproc)}"
     exit $?
   fi
-  # On the login node: submit the array and the merge that waits for it.
-  array_id=$(sbatch --parsable --array="0-$((ETL_GROUPS - 1))" \
-    --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" "$0")
-  sbatch --dependency="afterany:${array_id}" --job-name=raceformer-etl-merge --array=0-0 \
-    --cpus-per-task=2 --mem=8G --time=00:30:00 --output=slurm/logs/etl-merge-%j.out \
-    --export=ALL,SRC="$SRC",OUT="$OUT",CONFIG="$CONFIG",ETL_GROUPS="$ETL_GROUPS",EXTRA="$EXTRA" \
-    "$0" --merge
+  # On the login node: submit the array and the merge that waits for it; the options given
+  # here ("$@": partition, account, resources) go to both, after the merge's own defaults.
+  # The settings travel in the environment (--export=ALL), not in --export's list, which
+  # would split a value at its commas (EXTRA="--set preprocess.image.rgb_size=[32,32]").
+  export SRC OUT CONFIG ETL_GROUPS EXTRA
+  array_id=$(sbatch --parsable "$@" --array="0-$((ETL_GROUPS - 1))" --export=ALL "$0") \
+    || exit $?
+  sbatch --cpus-per-task=2 --mem=8G --time=00:30:00 --output=slurm/logs/etl-merge-%j.out "$@" \
+    --dependency="afterany:${array_id}" --job-name=raceformer-etl-merge --array=0-0 \
+    --export=ALL "$0" --merge || exit $?
   echo "submitted ETL array ${array_id} (${ETL_GROUPS} tasks) and its merge; logs in slurm/logs/"
   exit 0
 fi

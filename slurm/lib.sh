@@ -89,6 +89,12 @@ run_requeueable() {
     trap - USR1 TERM
     if [[ $kill_on_signal -eq 1 && -n "$_rf_signalled" ]]; then
         code=3  # stopped on purpose; what is finished stays finished (completion markers)
+    elif [[ -n "$_rf_signalled" && $code -gt 128 ]]; then
+        # killed by a signal after we passed on the stop: a process that had not yet set up its
+        # handler, or one srun ended (--kill-on-bad-exit) when another exited 3 first. Requeue:
+        # the rerun resumes from the newest intact checkpoint.
+        echo "$(date -u +%FT%TZ) $_rf_what died of signal $((code - 128)) after the stop: requeueing"
+        code=3
     fi
     if [[ $code -eq 3 && -n "${SLURM_JOB_ID:-}" ]]; then
         echo "stopped early (exit 3); requeueing job $SLURM_JOB_ID"

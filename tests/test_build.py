@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,12 @@ def open_fake(path: Path, drive_id: str, cfg) -> Drive:
     t0 = 1000.0 + seed
     lt = t0 + np.arange(n) * period
     bad_lidar, bad_rgb = set(spec.get("bad_lidar", [])), set(spec.get("bad_rgb", []))
-    crash_at = spec.get("crash_at")
+    crash_at, noise_at = spec.get("crash_at"), set(spec.get("noise_at", []))
 
     def lidar(i):
+        if i in noise_at:  # what a C library prints (libjpeg's 'Corrupt JPEG data'), a warning
+            os.write(2, f"libfake: corrupt block in sweep {i}\n".encode())
+            warnings.warn(f"odd sweep {i}", RuntimeWarning, stacklevel=1)
         if i in bad_lidar:
             raise FrameError(f"{path}/lidar/{i:08d}.pcd", "truncated binary data")
         if i == crash_at:
@@ -389,6 +393,103 @@ def test_bad_drive_fails_alone(tmp_path, fake_cli, capsys):
     rc = B.main(["--src", str(tmp_path / "src"), "--out", str(out), "--no-progress",
                  *SETS])  # fmt: skip
     assert rc == 1 and "1 drive(s) already built" in capsys.readouterr().err
+
+
+NOISY = {"a": {"n": 40, "seed": 1, "bad_lidar": [7], "noise_at": [3, 20]},
+         "b": {"n": 30, "seed": 2, "noise_at": [5]}}
+NOISE = ["warning: a.drive.json: libfake: corrupt block in sweep 3",
+         "warning: a.drive.json: RuntimeWarning: odd sweep 3",
+         "warning: a.drive.json: libfake: corrupt block in sweep 20",
+         "warning: b.drive.json: libfake: corrupt block in sweep 5"]
+
+
+def test_progress_off_a_terminal_is_plain_lines_apart_from_messages(tmp_path, capfd):
+    """Two workers, stderr a file (a Slurm log): what the workers print (C libraries straight
+    to fd 2, Python warnings) comes through the parent, each on a line of its own, and the
+    progress is plain lines without a carriage return."""
+    refs = make_drives(tmp_path / "src", NOISY)
+    capfd.readouterr()
+    B.build(refs, tmp_path / "out", small_cfg(), workers=2, progress=True)
+    err = capfd.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    progress = [x for x in lines if x.startswith("progress:")]
+    assert progress and progress[-1].startswith("progress: 70/70 frames (100%)")
+    others = [x for x in lines if not x.startswith("progress:")]
+    assert not [x for x in others if "progress:" in x or "frame/s" in x]
+    for line in NOISE:
+        assert line in lines, (line, lines)
+    assert any(x.startswith("bad frame: ") and "00000007.pcd" in x for x in lines)
+
+
+def _render(stream: str) -> list[str]:
+    """The lines a terminal shows after ``stream`` (carriage return, newline, cursor up)."""
+    import re
+
+    screen, row, col = [[]], 0, 0
+    for tok in re.findall(r"\x1b\[(\d*)([A-Za-z])|(\r)|(\n)|([^\x1b\r\n])", stream):
+        n, code, cr, nl, ch = tok
+        if cr:
+            col = 0
+        elif nl:
+            row, col = row + 1, 0
+            if row == len(screen):
+                screen.append([])
+        elif code == "A":
+            row = max(0, row - int(n or 1))
+        elif ch:
+            line = screen[row]
+            line.extend(" " * (col - len(line) + 1))
+            line[col] = ch
+            col += 1
+    return ["".join(x).rstrip() for x in screen]
+
+
+def test_progress_on_a_terminal_keeps_messages_above_the_bar(tmp_path):
+    """The same build on a terminal (a pseudo-terminal): one tqdm bar, and no line the
+    terminal shows holds both a message and the bar."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    refs = make_drives(tmp_path / "src", NOISY)
+    code = (
+        "import sys; sys.path[:0] = [{tests!r}, {root!r}]\n"
+        "import test_build as T\n"
+        "from etl.build import DriveRef, build\n"
+        "refs = [DriveRef(*r) for r in {refs!r}]\n"
+        "build(refs, {out!r}, T.small_cfg(), workers=2, progress=True)\n"
+    ).format(tests=str(ROOT / "tests"), root=str(ROOT), out=str(tmp_path / "out"),
+             refs=[(r.drive_id, r.path, "test_build:open_fake") for r in refs])
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # rows, cols
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 120)
+            assert ready, "no output for 120 s"
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        assert proc.wait(timeout=60) == 0
+    shown = _render(b"".join(chunks).decode("utf-8", errors="replace"))
+    for x in shown:
+        assert not ("frame/s" in x and ("warning" in x or "libfake" in x or "bad frame" in x)), x
+    bars = [x for x in shown if "frame/s" in x]
+    assert bars and "70/70" in bars[-1], shown
+    for line in NOISE:
+        assert line in shown, (line, shown)
 
 
 def test_cli_errors_are_one_line(tmp_path, fake_cli, capsys):

@@ -77,13 +77,16 @@ def test_circuit_is_a_ring_with_a_hairpin_and_a_varying_width(tracks):
     assert {np.sign(_signed_area(t.centreline)) for t in tracks.values()} == {-1.0, 1.0}
 
 
-def test_generator_guarantees_over_seeds():
+@pytest.mark.parametrize("family", ["circuit", "hairpin"])
+def test_generator_guarantees_over_seeds(family):
     """No compile: the sampled centrelines of many seeds keep their promises (lap length,
     width range, hairpin, corner radius against the width, clearance between parts that
     are not adjacent) and both driving directions occur."""
+    P = procedural.FAMILIES[family]
     areas = []
+    tightest = []
     for seed in range(12):
-        pts, w, th = procedural.circuit_centreline(seed)
+        pts, w, th = procedural.circuit_centreline(seed, P)
         step = float(np.linalg.norm(pts[1] - pts[0]))
         lap = len(pts) * step
         assert P.lap[0] <= lap <= P.lap[1]
@@ -94,7 +97,8 @@ def test_generator_guarantees_over_seeds():
         assert (radius >= np.maximum(w[1:], w[:-1]) / 2 + P.fold_margin - 0.01).all()
         assert radius.min() >= P.min_radius - 0.01
         sub = slice(None, None, 4)
-        assert _max_turn_within(pts[sub], 12.0) >= 150.0 - 2.0
+        assert _max_turn_within(pts[sub], P.hairpin[1]) >= P.hairpin[0] - 2.0
+        tightest.append(radius.min())
         q, wq = pts[sub], w[sub]
         s = np.arange(len(q)) * step * 4
         d = np.linalg.norm(q[:, None] - q[None], axis=-1)
@@ -105,6 +109,8 @@ def test_generator_guarantees_over_seeds():
         assert (d[far] >= need[far] - 0.05).all()
         areas.append(_signed_area(pts))
     assert min(areas) < 0 < max(areas)  # clockwise and counter-clockwise both occur
+    if family == "hairpin":  # tighter than "circuit" can ever be (its corners are >= 2.5 m)
+        assert np.median(tightest) < 2.0, tightest
 
 
 def test_same_seed_same_bytes_other_seed_differs(tracks, tmp_path):
@@ -157,3 +163,18 @@ def test_names_cache_and_jax_env(tracks):
     assert abs(x) < 2.0 and abs(y) < 1.0 and float(state.yaw) == 0.0
     assert t.value(t.obstacle_m, x, y) > 0.25 and not bool(state.collision)
     assert int(state.lap) == 1 and float(state.progress) < 0.05  # just past the line
+
+
+def test_prebuild_cli_builds_the_cache_and_names_a_bad_track(capsys):
+    """python -m rl.tracks fills the cache ahead of a run (a pool's thousands of maps) and
+    names, on one line, a track it could not build, building the others (exit 1)."""
+    from rl.tracks.__main__ import main
+
+    assert main(["procedural:hairpin:3,no_such_track", "--workers", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rl.tracks: no_such_track: TrackError")
+    out = procedural.scene_path(3, "hairpin")  # built: the cache has it
+    assert (out / "maps" / "maps.npz").exists()
+    assert out.parent.name == f"procedural-circuit-v{procedural.CIRCUIT_VERSION}"
+    assert main(["procedural:hairpin:3"]) == 0  # cached: nothing to do
+    assert main(["procedural:hairpin:x-y"]) == 2

@@ -12,10 +12,12 @@ import pytest
 from etl import configlib
 from etl.config import load_config as load_etl
 from rl.config import load_config as load_rl
+from rl.study_config import load_study
 from train.config import load_pretrain_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-LOADERS = {"etl": load_etl, "pretrain": load_pretrain_config, "rl": load_rl}
+LOADERS = {"etl": load_etl, "pretrain": load_pretrain_config, "rl": load_rl,
+           "study": load_study}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)

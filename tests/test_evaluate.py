@@ -338,3 +338,93 @@ def test_lidar_policy_sees_planar_velocity_and_old_checkpoints_read_as_all(tmp_p
     assert rec["model"]["velocity"] == "planar"
     del rec["model"]["velocity"]
     assert _upgrade_record(rec)["model"]["velocity"] == "all"
+
+
+# ----------------------------------------------------------------------------- robustness
+def _scan(perturbation, seed=3):
+    """The first lidar scan of a grid-start episode under ``perturbation`` (JAX backend)."""
+    env = ev.make_gym_env("jax", TRACK, 5.0, False, sensors=perturbation.sensors())
+    obs, _ = env.reset(seed=seed, options={"mode": "grid"})
+    env.close()
+    return np.asarray(obs["lidar"], np.float64)
+
+
+@pytest.mark.parametrize("k", [2.0, 4.0])
+def test_lidar_noise_perturbation_reaches_the_scan(k):
+    """×k noise: every ray reads the exact scan × U(1 ± k·3 %) — the largest relative error over
+    1080 rays is just under k·3 %, far above the nominal 3 %."""
+    exact = _scan(ev.Perturbation(lidar_noise=0.0))
+    noisy = _scan(ev.Perturbation(lidar_noise=k))
+    nominal = _scan(ev.Perturbation())
+    hit = exact < 15.0  # not clipped at the range's top
+    assert hit.sum() > 500
+    err = np.abs(noisy[hit] / exact[hit] - 1.0)
+    assert 0.9 * 0.03 * k < err.max() <= 0.03 * k + 1e-5
+    assert np.abs(nominal[hit] / exact[hit] - 1.0).max() <= 0.03 + 1e-5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_lidar_drop_perturbation_reaches_the_scan(p):
+    """Dropped rays read max range (no return): about p of the rays that hit a wall."""
+    from rl.envs.spec import LIDAR_MAX
+
+    exact = _scan(ev.Perturbation(lidar_noise=0.0))
+    dropped = _scan(ev.Perturbation(lidar_noise=0.0, lidar_drop=p))
+    hit = exact < LIDAR_MAX
+    gone = (dropped == np.float32(LIDAR_MAX)) & hit
+    assert abs(gone.sum() / hit.sum() - p) < 0.05
+    np.testing.assert_array_equal(dropped[hit & ~gone], exact[hit & ~gone])  # the rest intact
+
+
+def test_lidar_perturbation_needs_the_jax_backend():
+    with pytest.raises(ValueError, match="JAX backend"):
+        ev.evaluate_policy(lambda o: np.zeros(2), TRACK, "bullet", episodes=1,
+                           time_limit=0.1, sensors=ev.Perturbation(lidar_drop=0.1).sensors())
+    assert ev.Perturbation(2.0, 0.1, True).name == "lidar_noise_x2+lidar_drop_10+imu_absent"
+    assert ev.Perturbation().name == "nominal" and ev.Perturbation().sensors() == {}
+
+
+def test_imu_absent_reaches_the_policy_input():
+    """IMU absent: the multimodal policy's sample has the imu modality absent (present 0, zero
+    placeholder) — the adapter sees no velocity/acceleration; the lidar MLP's velocity inputs
+    are 0 after normalisation (their training mean), its lidar inputs untouched."""
+    import jax.numpy as jnp
+    from _train_fixtures import TINY_PRE
+    from flax import nnx
+
+    from etl.schema import MODALITY_INDEX
+    from rl.agent import lidar_features
+    from rl.envs.adapter import ObservationAdapter
+    from rl.ppo_core import RunningMeanStd
+
+    class Echo(nnx.Module):  # mean = what the policy's input says about the IMU
+        def __init__(self, flat: bool):
+            self.flat = flat
+
+        def __call__(self, x):
+            if self.flat:
+                mean = jnp.stack([x[:, :108].sum(-1), x[:, -3:].sum(-1)], -1)
+            else:
+                imu = MODALITY_INDEX["imu"]
+                mean = jnp.stack([x["present"][:, imu].astype(jnp.float32),
+                                  jnp.abs(x["imu"]).sum(-1)], -1)
+            return mean * 1e-3, jnp.zeros_like(mean), mean[:, 0]
+
+    rng = np.random.default_rng(0)
+    obs = {"lidar": rng.uniform(0.5, 10.0, 1080).astype(np.float32),
+           "pose": np.zeros(6, np.float32), "velocity": np.array([2.0, 0.1, 0, 0, 0, 0.5]),
+           "acceleration": np.array([1.0, 0.5, 0, 0, 0, 0]), "time": np.zeros(1)}
+    adapter = ObservationAdapter(TINY_PRE)
+    g, st = nnx.split(Echo(False))
+    with_imu = ev.make_act(g, adapter.jax)(obs, st, None)
+    without = ev.make_act(g, adapter.jax, imu_absent=True)(obs, st, None)
+    assert float(with_imu[0]) == pytest.approx(1e-3) and float(with_imu[1]) > 0
+    np.testing.assert_array_equal(np.asarray(without), 0.0)  # present 0, zero placeholder
+
+    g, st = nnx.split(Echo(True))
+    rms = RunningMeanStd(jnp.full(111, 0.3), jnp.full(111, 4.0), jnp.asarray(10.0))
+    feat = lambda o: lidar_features(o, 108)  # noqa: E731
+    with_imu = ev.make_act(g, feat, velocity_dims=3)(obs, st, rms)
+    without = ev.make_act(g, feat, imu_absent=True, velocity_dims=3)(obs, st, rms)
+    assert float(without[0]) == pytest.approx(float(with_imu[0]))  # lidar inputs intact
+    assert float(without[1]) == 0.0 and float(with_imu[1]) != 0.0

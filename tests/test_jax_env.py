@@ -230,6 +230,36 @@ def test_vmapped_step_is_the_one_env_step(params):
         np.testing.assert_array_equal(np.asarray(s1.key), np.asarray(st_p.key[i]))
 
 
+def test_batched_functional_step_resets_only_where_needed_and_exactly(params):
+    """The vmapped functional step computes the batch's resets (a lidar scan each) only in a
+    step where some episode ended (its custom batching rule); its every output is exactly the
+    one-env step's, which always computes the reset — over steps where none, some and (with
+    random starts) different episodes ended."""
+    sim = JaxRacecar(TaskConfig(reset_mode="random", time_limit=0.2),
+                     sensors=SensorConfig(lidar_rays=108))
+    fenv = RacecarFunctional(sim, lambda o: o, action_repeat=2)
+    n = 6
+    _, st = jax.vmap(fenv.reset, in_axes=(0, None))(jax.random.split(jax.random.PRNGKey(5), n),
+                                                     params)
+    step_b = jax.jit(jax.vmap(fenv.step, in_axes=(0, 0, 0, None)))
+    step_1 = jax.jit(fenv.step)
+    acts = jnp.stack([jnp.full((n,), 1.0), jnp.linspace(-1.0, 1.0, n)], 1)
+    ones = [jax.tree.map(lambda x, i=i: x[i], st) for i in range(n)]
+    ended = []
+    for t in range(16):  # 0.02 s per policy step: every episode is cut at 0.2 s
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(6), t), n)
+        out = step_b(keys, st, acts, params)
+        ended.append(np.asarray(out[3] | out[4]))
+        for i in range(n):
+            one = step_1(keys[i], ones[i], acts[i], params)
+            for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(out), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[i])
+            ones[i] = one[1]
+        st = out[1]
+    ended = np.array(ended)
+    assert (~ended.any(1)).sum() >= 5 and ended.any(1).sum() >= 1  # steps with and without
+
+
 def test_vmapped_step_does_not_copy_the_maps_per_env(params):
     """vmap of lax.cond with a batched predicate broadcasts every operand to the batch; the
     lidar refresh must not do that to the track maps (it did: 100x slower PPO rollouts)."""

@@ -110,12 +110,76 @@ def test_resume_with_another_model_or_no_intact_checkpoint_is_one_line(finished,
     assert "lidar_beams" not in line and "Traceback" not in err
     assert _ckpt_names(tmp_path / "done") == ["2", "4"]
     ckpt = tmp_path / "done" / "ckpt"
-    corrupt_step(ckpt / "4", "chunk")
+    for f in (ckpt / "4" / "state").glob("ocdbt.process_*/d/*"):  # every chunk: the policy's
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # is not always the largest
     corrupt_step(ckpt / "2", "metadata")
     assert main(args) == 1
     err = capsys.readouterr().err
     assert f"rl.ppo: error: {ckpt}: no intact checkpoint (steps 4, 2 all fail" in err
     assert "Traceback" not in err and _ckpt_names(tmp_path / "done") == ["2", "4"]
+
+
+def _leaves(model):
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+@pytest.mark.parametrize("how", CORRUPTIONS)
+def test_restore_policy_falls_back_to_the_newest_intact_step(finished, tmp_path, how):
+    """Evaluation and warm starts read the newest intact step, as a resume does, with one
+    warning naming the damaged step — and rename nothing in a run they do not own."""
+    from rl.factory import restore_policy, restore_policy_step
+    from train.checkpoint import CheckpointError, CheckpointWarning
+
+    shutil.copytree(finished / "done", tmp_path / "done")
+    ckpt = tmp_path / "done" / "ckpt"
+    _, want, want_rms, _ = restore_policy_step(ckpt, 2)
+    _, newest, _, _ = restore_policy_step(finished / "done" / "ckpt", 4)  # (not this copy's:
+    if how == "chunk":  # TensorStore would serve it from its cache) — and the policy's
+        for f in (ckpt / "4" / "state").glob("ocdbt.process_*/d/*"):  # chunk, whichever
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # holds it: every one
+    else:
+        corrupt_step(ckpt / "4", how)
+    with pytest.warns(CheckpointWarning) as w:
+        _, model, rms = restore_policy(ckpt)
+    msgs = [str(x.message) for x in w if issubclass(x.category, CheckpointWarning)]
+    assert len(msgs) == 1 and "step 4:" in msgs[0] and "using step 2" in msgs[0], msgs
+    assert "\n" not in msgs[0]
+    for a, b in zip(_leaves(model), _leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b)  # step 4's policy really is another one
+               for a, b in zip(_leaves(newest), _leaves(want), strict=True))
+    np.testing.assert_array_equal(np.asarray(rms.mean), np.asarray(want_rms.mean))
+    with pytest.warns(CheckpointWarning):
+        assert restore_policy_step(ckpt)[3] == 2
+    assert _ckpt_names(tmp_path / "done") == ["2", "4"]  # nothing set aside
+    with pytest.raises(CheckpointError) as e:  # an explicit step is that step or an error
+        restore_policy_step(ckpt, 4)
+    assert str(e.value).startswith(f"{ckpt / '4'}: cannot restore this checkpoint (")
+    assert "\n" not in str(e.value)
+
+
+def test_restore_policy_without_an_intact_step_is_one_line(finished, tmp_path, capsys):
+    from rl.evaluate import main as evaluate
+    from rl.factory import restore_policy
+    from train.checkpoint import CheckpointError
+
+    shutil.copytree(finished / "done", tmp_path / "done")
+    ckpt = tmp_path / "done" / "ckpt"
+    for f in (ckpt / "4" / "state").glob("ocdbt.process_*/d/*"):  # every chunk: the policy's
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # is not always the largest
+    corrupt_step(ckpt / "2", "metadata")
+    with pytest.raises(CheckpointError) as e:
+        restore_policy(ckpt)
+    assert str(e.value).startswith(f"{ckpt}: no intact checkpoint (steps 4, 2 all fail; "
+                                   "newest, step 4: ")
+    assert "\n" not in str(e.value)
+    assert evaluate(["--ckpt", str(ckpt), "--episodes", "1", "--no-plots",
+                     "--out", str(tmp_path / "eval")]) == 1
+    err = capsys.readouterr().err
+    assert f"rl.evaluate: error: {ckpt}: no intact checkpoint" in err and "Traceback" not in err
+    assert _ckpt_names(tmp_path / "done") == ["2", "4"]
 
 
 def test_sigterm_saves_and_exits_for_requeue(tmp_path):

@@ -129,3 +129,142 @@ def test_multimodal_config_errors(tmp_path, phase1):
         make_agent(cfg, 0)
     with pytest.raises(configlib.ConfigError, match="needs env.camera"):
         _rl_cfg(tmp_path, phase1, "model.modalities=['lidar', 'rgb']")
+
+
+# ---------------------------------------------------------------- frozen features, reused
+def _minibatch(rng, n):
+    """A PPO minibatch of n samples but for its observations."""
+    return {"action": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32),
+            "log_prob": jnp.asarray(rng.normal(-2.0, 0.5, n), jnp.float32),
+            "value": jnp.asarray(rng.normal(size=n), jnp.float32),
+            "adv": jnp.asarray(rng.normal(size=n), jnp.float32),
+            "ret": jnp.asarray(rng.normal(size=n), jnp.float32)}  # fmt: skip
+
+
+def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase1):
+    """The PPO loss of the heads on features computed once equals the loss of the whole agent
+    recomputing them from the observations, and so do the heads' gradients (float32 rounding:
+    rtol 1e-5)."""
+    from rl.agent import split_agent
+    from rl.factory import make_agent
+    from rl.ppo_core import make_loss
+
+    cfg = _rl_cfg(tmp_path, phase1)
+    model, featurize, trainable = make_agent(cfg, 0)
+    agent = split_agent(model, trainable)
+    assert agent.frozen_features
+    rng = np.random.default_rng(1)
+    n = 6
+    raw = {"lidar": jnp.asarray(rng.uniform(0.3, 16.0, (n, 1080)), jnp.float32),
+           "pose": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "velocity": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "time": jnp.zeros((n, 1))}  # fmt: skip
+    obs = jax.vmap(featurize)(raw)
+    z = jax.jit(agent.features)(agent.params, agent.frozen, obs)
+    assert z.shape == (n, model.mae.cfg.embed_dim)
+    recompute = jax.jit(jax.value_and_grad(make_loss(agent.apply, cfg.ppo), has_aux=True))
+    reuse = jax.jit(jax.value_and_grad(make_loss(agent.heads, cfg.ppo), has_aux=True))
+    mb = _minibatch(rng, n)
+    (la, ia), ga = recompute(agent.params, agent.frozen, {**mb, "obs": obs})
+    (lb, ib), gb = reuse(agent.params, agent.frozen, {**mb, "obs": z})
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    for k in ("policy", "value", "entropy", "approx_kl"):
+        np.testing.assert_allclose(float(getattr(ib, k)), float(getattr(ia, k)), rtol=1e-5,
+                                   atol=1e-7)
+    leaves_a, leaves_b = jax.tree.leaves(ga), jax.tree.leaves(gb)
+    assert len(leaves_a) == len(leaves_b) > 0
+    assert any(float(jnp.abs(g).max()) > 1e-4 for g in leaves_a)  # a gradient to compare
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_runner_reuses_features_and_matches_todays_path(tmp_path, phase1):
+    """The runner the factory builds for frozen encoders (the adapter in the runner, features
+    computed once per step and reused by the update) learns exactly what the path that
+    recomputes the encoders in the update, with the adapter in the environment, learns: the
+    same losses and the same heads after an update (rtol 1e-5). Its rollout buffer holds the
+    features, and the update never reads the encoders: NaN encoder weights leave it unchanged
+    (they poison the recomputing path's)."""
+    from rl import factory
+    from rl.runners import FastRunner
+
+    # time_limit 0.1 s: episodes are truncated within the 4-step rollout (the bootstrap path)
+    cfg = _rl_cfg(tmp_path, phase1, "env.time_limit=0.1", "ppo.update_epochs=2")
+    new = factory.make_runner(cfg)
+    assert new.reuse_features and new.featurize is not None
+    model, featurize, trainable = factory.make_agent(cfg)
+    env, params = factory.make_functional(cfg, featurize)
+    old = FastRunner(env, model, cfg.ppo, trainable, env_params=params, reuse_features=False)
+    assert not old.reuse_features
+
+    key = jax.random.PRNGKey(0)
+    rs_new, traj, _ = jax.jit(new.rollout)(new.init(key))
+    d = model.mae.cfg.embed_dim
+    assert traj.obs.shape == (cfg.ppo.num_steps, cfg.ppo.num_envs, d)  # features, not samples
+    assert bool(traj.truncated.any()) and bool((traj.final_value != 0).any())
+
+    out = {}
+    for name, runner in (("new", new), ("old", old)):
+        state, metrics = runner.run(runner.init(key), 1)
+        out[name] = (jax.tree.map(np.asarray, state.params), metrics)
+    for k in ("loss/total", "loss/policy", "loss/value", "reward_mean"):
+        np.testing.assert_allclose(out["new"][1][k], out["old"][1][k], rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(out["new"][0]), jax.tree.leaves(out["old"][0]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # no encoder in the update: the learning step on the stored rollout ignores the encoders
+    rs = new.init(key)
+    rs_new, traj, _ = jax.jit(new.rollout)(rs)
+    last = jax.jit(new._inputs)(rs_new, rs_new.obs)
+    poisoned = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, rs.frozen)
+    learn = jax.jit(new.learn)
+    _, _, m_ok = learn(rs.params, rs.opt_state, rs.frozen, None, traj, last, key)
+    _, _, m_nan = learn(rs.params, rs.opt_state, poisoned, None, traj, last, key)
+    assert np.isfinite(m_ok["loss/total"]) and m_nan["loss/total"] == m_ok["loss/total"]
+    raw_traj = traj._replace(obs=jax.tree.map(
+        lambda x: jnp.broadcast_to(x, (cfg.ppo.num_steps, *x.shape)),
+        jax.vmap(featurize)(rs_new.obs)))
+    _, _, m_old = jax.jit(old.learn)(rs.params, rs.opt_state, poisoned, None, raw_traj,
+                                     jax.vmap(featurize)(rs_new.obs), key)
+    assert not np.isfinite(m_old["loss/total"])  # recomputing reads the (poisoned) encoders
+
+
+def _subjaxprs(eqn):
+    for v in eqn.params.values():
+        for sub in v if isinstance(v, list | tuple) else (v,):
+            if hasattr(sub, "eqns"):
+                yield sub
+            elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                yield sub.jaxpr
+
+
+def _primitives(jaxpr) -> set[str]:
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        for sub in _subjaxprs(eqn):
+            out |= _primitives(sub)
+    return out
+
+
+def test_bev_is_built_in_the_compiled_rollout(tmp_path, phase1):
+    """One jitted chunk of updates holds the whole rollout as a scan whose body builds the
+    simulator's BEV (the adapter's scatter-add and scatter-max) and runs the encoders
+    (dot_general), with no host callback anywhere: the observation never leaves the device."""
+    from rl import factory
+
+    cfg = _rl_cfg(tmp_path, phase1)
+    runner = factory.make_runner(cfg)
+    state = runner.init(jax.random.PRNGKey(0))
+    jaxpr = jax.make_jaxpr(runner._run_chunk, static_argnums=(1,))(state, 1).jaxpr
+    everything = _primitives(jaxpr)
+    assert not [p for p in everything if "callback" in p], everything
+    updates = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(updates) == 1
+    body = next(_subjaxprs(updates[0]))
+    bev_and_encoders = {"scatter-add", "scatter-max", "dot_general"}
+    rollouts = [e for e in body.eqns if e.primitive.name == "scan"
+                and bev_and_encoders <= _primitives(next(_subjaxprs(e)))]
+    assert rollouts, "no scan in the update builds the BEV and runs the encoders"

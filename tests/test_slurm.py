@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ["etl.sh", "pretrain.sh", "ppo.sh"]
+JOBS = ["etl.sh", "pretrain.sh", "ppo.sh", "study.sh"]
 
 FAKE_UV = """#!/bin/bash
 echo "uv $* | JAX_PLATFORMS=${JAX_PLATFORMS:-} SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-}" \\
   >> "$FAKE_LOG"
 [[ "$1" == run ]] || exit 0
 if [[ -n "${FAKE_WAIT:-}" ]]; then
-  trap 'echo "child got USR1" >> "$FAKE_LOG"; exit 3' USR1
+  # FAKE_DIE: no handler yet (or killed by srun): USR1 ends the child (exit 128 + 10)
+  [[ -n "${FAKE_DIE:-}" ]] || trap 'echo "child got USR1" >> "$FAKE_LOG"; exit 3' USR1
   trap 'echo "child got TERM" >> "$FAKE_LOG"; exit 143' TERM
   touch "$FAKE_WAIT"
   while true; do sleep 0.05; done
@@ -37,9 +38,24 @@ echo "scontrol $*" >> "$FAKE_LOG"
 """
 
 
+SLURM_TOOLS = {"sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo", "salloc", "sacct"}
+
+
+@pytest.fixture(scope="module")
+def sys_bin(tmp_path_factory):
+    """/usr/bin and /bin as links, without any real Slurm command (this machine may have them)."""
+    out = tmp_path_factory.mktemp("sysbin")
+    for d in (Path("/usr/bin"), Path("/bin")):
+        for tool in d.iterdir():
+            if tool.name not in SLURM_TOOLS and not (out / tool.name).exists():
+                (out / tool.name).symlink_to(tool)
+    return out
+
+
 @pytest.fixture
-def fake(tmp_path):
-    """(env, log path): PATH with the fakes first, no Slurm variables, no RACEFORMER_EXTRA."""
+def fake(tmp_path, sys_bin):
+    """(env, log path): PATH with the fakes first, then the system's programs without Slurm's,
+    no Slurm variables, no RACEFORMER_EXTRA."""
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     for name, text in (("uv", FAKE_UV), ("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -49,7 +65,7 @@ def fake(tmp_path):
     log.touch()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RACEFORMER_", "JAX_PLATFORMS"))}
-    env.update(PATH=f"{bin_}:/usr/bin:/bin", FAKE_LOG=str(log))
+    env.update(PATH=f"{bin_}:{sys_bin}", FAKE_LOG=str(log))
     return env, log
 
 
@@ -167,3 +183,106 @@ def test_etl_array_task_stops_and_requeues_on_usr1(fake, tmp_path):
     assert lines[0].startswith("uv sync --frozen --inexact |"), lines  # no CUDA for the ETL
     assert "--shard-index 2 --num-shards 4 --no-progress" in lines[1], lines
     assert lines[3:] == ["child got TERM", "scontrol requeue 123"], lines
+
+
+def test_pretrain_killed_by_a_signal_after_the_stop_still_requeues(fake, tmp_path):
+    """A program that dies of a signal once the stop was passed on (no handler installed yet,
+    or a task srun ended when another exited 3 first) is requeued like one that exited 3: the
+    rerun resumes from the newest intact checkpoint. Without the stop, a death is a failure."""
+    env, log = fake
+    env = _slurm(env, RACEFORMER_EXTRA="cpu", FAKE_WAIT=str(tmp_path / "started"), FAKE_DIE="1")
+    p = subprocess.Popen(["bash", "slurm/pretrain.sh", "configs/pretrain_tiny.toml"], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 3, err
+    assert "python died of signal 10 after the stop: requeueing" in out
+    assert log.read_text().splitlines()[-1] == "scontrol requeue 123"
+
+    log.write_text("")
+    r = _run("pretrain.sh", ["configs/pretrain_tiny.toml"], {**env, "FAKE_WAIT": "",
+                                                              "FAKE_EXIT": "137"})
+    assert r.returncode == 137 and "scontrol" not in log.read_text()
+
+
+def test_etl_on_a_login_node_submits_the_array_and_its_merge_with_the_options_given(fake):
+    """`bash slurm/etl.sh [sbatch options]` where sbatch exists: the array (ETL_GROUPS tasks)
+    and the merge after it, the options going to both (after the merge's own defaults, so
+    they win: a cluster whose nodes are smaller needs no edit)."""
+    env, log = fake
+    bin_ = Path(env["PATH"].split(":")[0])
+    (bin_ / "sbatch").write_text('#!/bin/bash\necho "sbatch $* | SRC=$SRC OUT=$OUT '
+                                 'ETL_GROUPS=$ETL_GROUPS EXTRA=$EXTRA" >> "$FAKE_LOG"\necho 77\n')
+    (bin_ / "sbatch").chmod(0o755)
+    extra = "--set preprocess.image.rgb_size=[32,32] --strict"  # a comma: no --export list
+    r = _run("etl.sh", ["--partition=cpu", "--mem=4G"], {**env, "OUT": "cache", "SRC": "raw",
+                                                         "ETL_GROUPS": "3", "EXTRA": extra})
+    assert r.returncode == 0, r.stderr
+    array, merge = log.read_text().splitlines()
+    job_env = f" | SRC=raw OUT=cache ETL_GROUPS=3 EXTRA={extra}"
+    assert array == ("sbatch --parsable --partition=cpu --mem=4G --array=0-2 --export=ALL "
+                     "slurm/etl.sh" + job_env), array
+    assert merge == ("sbatch --cpus-per-task=2 --mem=8G --time=00:30:00 "
+                     "--output=slurm/logs/etl-merge-%j.out --partition=cpu --mem=4G "
+                     "--dependency=afterany:77 --job-name=raceformer-etl-merge --array=0-0 "
+                     "--export=ALL slurm/etl.sh --merge" + job_env), merge
+    assert "submitted ETL array 77 (3 tasks)" in r.stdout
+
+
+# --------------------------------------------------------------------------- the study
+FAKE_SBATCH = """#!/bin/bash
+echo "sbatch $*" >> "$FAKE_LOG"
+n=$(grep -c '^sbatch' "$FAKE_LOG")
+echo "90$n"
+"""
+
+
+def test_study_submits_pretrain_then_the_array_then_the_report(fake):
+    """On a login node: the pretraining job, the arm × seed array after it succeeded
+    (afterok), the report after the whole array (afterany: failed tasks reported missing)."""
+    env, log = fake
+    sbatch = Path(env["PATH"].split(":")[0]) / "sbatch"
+    sbatch.write_text(FAKE_SBATCH)
+    sbatch.chmod(0o755)
+    r = _run("study.sh", ["configs/study_cluster.toml", "--set", "seeds=[0,1]"],
+             {**env, "TASKS": "10"})
+    assert r.returncode == 0, r.stderr
+    subs = [ln for ln in log.read_text().splitlines() if ln.startswith("sbatch")]
+    assert len(subs) == 3, subs
+    assert "--gres=gpu:a100:4" in subs[0]
+    assert subs[0].endswith("slurm/study.sh --job pretrain configs/study_cluster.toml --set "
+                            "seeds=[0,1]")
+    assert "--dependency=afterok:901 --array=0-9" in subs[1] and "--job task" in subs[1]
+    assert "--dependency=afterany:902" in subs[2] and "--job report" in subs[2]
+    assert "901" in r.stdout and "10 arm × seed tasks 902" in r.stdout
+
+
+@pytest.mark.parametrize(("job", "args"), [
+    ("pretrain", ["--stage", "data,pretrain,probe"]),
+    ("task", ["--task", "7"]),
+    ("report", ["--stage", "report"]),
+])
+def test_study_jobs_run_their_units(fake, job, args):
+    env, log = fake
+    r = _run("study.sh", ["--job", job, "configs/study_cluster.toml"],
+             _slurm(env, SLURM_ARRAY_TASK_ID="7"))
+    assert r.returncode == 0, r.stderr
+    run = [ln for ln in log.read_text().splitlines() if ln.startswith("srun")]
+    assert run == ["srun --kill-on-bad-exit=1 uv run --frozen --no-sync python -m rl.study "
+                   "--config configs/study_cluster.toml " + " ".join(args)], run
+
+
+def test_study_without_slurm_runs_everything_here(fake):
+    env, log = fake
+    env = {**env, "STUDY_LOCAL": "1"}  # as if no sbatch were on PATH
+    r = _run("study.sh", ["configs/study_cpu.toml"], env)
+    assert r.returncode == 0, r.stderr
+    assert "no Slurm here" in r.stdout
+    (line,) = log.read_text().splitlines()
+    assert line.startswith("uv run --frozen python -m rl.study --config configs/study_cpu.toml |")
+    bad = _run("study.sh", ["--job", "bogus", "configs/study_cpu.toml"], env)
+    assert bad.returncode == 2 and "expected pretrain, task or report" in bad.stderr

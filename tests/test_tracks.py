@@ -249,8 +249,8 @@ def test_procedural_families():
     wide = load_track("procedural:wide:1")
     half_width = [t.obstacle_m[t.drivable].max() for t in (wide, *default, *tight)]
     assert half_width[0] > 1.2 * max(half_width[1:])  # wide: 3.5-6 m roads, others <= 3 m
-    with pytest.raises(TrackError, match="unknown procedural family 'hairpin'"):
-        load_track("procedural:hairpin:1")
+    with pytest.raises(TrackError, match="unknown procedural family 'nosuch'"):
+        load_track("procedural:nosuch:1")
     with pytest.raises(TrackError, match="expected procedural"):
         load_track("procedural:tight:x")
 

@@ -45,7 +45,7 @@ class CheckpointWarning(UserWarning):
     """A damaged checkpoint step was skipped (one line naming it and why)."""
 
 
-def _reason(e: BaseException) -> str:
+def reason_line(e: BaseException) -> str:
     """The first line of an exception, short (Orbax/TensorStore messages run for pages)."""
     lines = str(e).strip().splitlines()
     first = lines[0] if lines else ""
@@ -142,7 +142,7 @@ class Checkpointer:
                 raise
             except Exception as e:
                 raise CheckpointError(f"{self.directory / str(step)}: cannot restore this "
-                                      f"checkpoint ({_reason(e)})") from None
+                                      f"checkpoint ({reason_line(e)})") from None
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
@@ -153,7 +153,7 @@ class Checkpointer:
             except ArchitectureMismatch:
                 raise
             except Exception as e:  # a damaged step: try the one before it
-                skipped.append((s, _reason(e)))
+                skipped.append((s, reason_line(e)))
                 continue
             if skipped:
                 self._set_aside([k for k, _ in skipped])

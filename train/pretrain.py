@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -97,6 +98,7 @@ def init_state(cfg: PretrainConfig, pre: PreprocessConfig, model_cls, tx, mesh=N
 
 
 PARAMS_FINITE = "params_finite"  # a train-step metric for the NaN guard, never logged
+STOP = "stop"  # a train-step metric: some process had a preemption signal (never logged)
 
 
 def params_finite(params) -> jax.Array:
@@ -112,7 +114,9 @@ def make_train_step(graphdef, tx, cfg: PretrainConfig):
     loss_kw = ({"visible_weight": cfg.training.visible_loss_weight}
                if cfg.training.visible_loss_weight else {})
 
-    def train_step(state, batch, step):
+    def train_step(state, batch, step, stop):
+        """``stop``: one flag per device, 1 where that process has been signalled; its max
+        comes back as the metric STOP, the same on every process (see train())."""
         key = jax.random.fold_in(base_key, step)
 
         def loss_fn(params):
@@ -125,7 +129,7 @@ def make_train_step(graphdef, tx, cfg: PretrainConfig):
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, **losses, "grad_norm": optax.tree.norm(grads),
-                   PARAMS_FINITE: params_finite(params)}
+                   PARAMS_FINITE: params_finite(params), STOP: jnp.max(stop)}
         return {"params": params, "rest": rest, "opt": opt}, metrics
 
     return train_step
@@ -202,7 +206,14 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
         grain_it, lambda b: shardlib.to_global(b, batch_sh), depth=cfg.data.device_prefetch)
 
     train_step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0,),
-                         in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, None))
+                         in_shardings=(state_sh, batch_sh, None, batch_sh),
+                         out_shardings=(state_sh, None))
+    n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+    def stop_flags() -> jax.Array:
+        """This process's preemption flag on each of its devices (the step's STOP input)."""
+        local = np.full((n_local,), preempt.signal is not None, np.float32)
+        return jax.make_array_from_process_local_data(batch_sh, local)
     eval_step = jax.jit(make_eval_step(graphdef, cfg))
     schedule = learning_rate_schedule(tc)
     flops = flops_fn(cfg.model, pre, tc.mask_ratio, training=True)
@@ -215,10 +226,12 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
     history: dict[str, list[float]] = {}
     window = {"t": time.perf_counter(), "steps": 0}
 
-    def finish_step(done: int, metrics) -> None:
-        """Host side of a finished step: NaN guard, hooks, accumulation, logging."""
+    def finish_step(done: int, metrics) -> bool:
+        """Host side of a finished step: NaN guard, hooks, accumulation, logging. Returns
+        whether some process had been signalled when the step was dispatched."""
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         params_ok = host.pop(PARAMS_FINITE) == 1.0
+        stop = host.pop(STOP) > 0
         last = ckpt.latest_step()
         unsaved = ("No checkpoint was written." if last is None
                    else f"No checkpoint was written after step {last}.")
@@ -251,10 +264,16 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
                        mfu=flops * sps / (peak * n_dev), step_time_s=dt / window["steps"])
             window.update(t=time.perf_counter(), steps=0)
             logger.write(done, out)
+        return stop
 
     code = EXIT_OK
     pending = None  # (step, metrics) of the step dispatched last, checked one step late
     step = start
+    # A preemption signal reaches each process at its own moment; a process that stopped alone
+    # would wait in the checkpoint's collective save while the others wait in the next step's.
+    # So the stop is decided from a finished step's STOP metric (any process signalled when it
+    # was dispatched), which every process reads the same: all save the same step and exit.
+    stop = False
     try:
         while step < tc.steps:
             batch = next(batches)
@@ -267,22 +286,23 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
                                                cfg.model.patch_size, cfg.model.norm_pix_loss)
                 logger.write(step + 1, img)
                 window["t"] += time.perf_counter() - t_img  # not part of the step time
-            state, metrics = train_step(state, batch, jnp.int32(step))
+            state, metrics = train_step(state, batch, jnp.int32(step), stop_flags())
             if step == start:
                 jax.block_until_ready(metrics)
                 log(f"first step (compile + run) {time.perf_counter() - window['t']:.1f} s")
                 window["t"] = time.perf_counter()
             step += 1
             if pending is not None:
-                finish_step(*pending)
+                stop |= finish_step(*pending)
             pending = (step, metrics)
-            save_now = step % tc.ckpt_every == 0 or step == tc.steps or preempt.signal
+            save_now = step % tc.ckpt_every == 0 or step == tc.steps or stop
             if save_now:
-                finish_step(*pending)  # never save a state whose loss was not finite
+                stop |= finish_step(*pending)  # never save a state whose loss was not finite
                 pending = None
                 ckpt.save(step, state, datalib.state_to_json(data_state), config_rec)
-            if preempt.signal:
-                log(f"signal {preempt.signal}: saved step {step}, exiting for requeue")
+            if stop:
+                what = f"signal {preempt.signal}" if preempt.signal else "another process's signal"
+                log(f"{what}: saved step {step}, exiting for requeue")
                 code = EXIT_PREEMPTED
                 break
         if pending is not None:
@@ -297,6 +317,12 @@ def train(cfg: PretrainConfig, model_cls=None, flops_fn=None,
         logger.close()
     if code == EXIT_OK:
         log(f"done: step {step}, checkpoints {ckpt.all_steps()} in {ckpt.directory}")
+    if jax.process_count() > 1:
+        # Leave together: srun (--kill-on-bad-exit) kills the other tasks as soon as one exits
+        # with 3, and none may be killed before every checkpoint write has finished.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"train.pretrain exit {code}")
     return code
 
 

@@ -38,6 +38,38 @@ class RacecarFunctional:
         obs, state = self.env.reset(key, params)
         return self.featurize(obs), (state, jnp.zeros(()), jnp.zeros(()), state.total)
 
+    def _reset_if(self, done, key: jax.Array, params):
+        """:meth:`reset` — where ``done``; what it returns elsewhere is discarded.
+
+        One env: the reset, always. Under vmap (a custom batching rule) the batch's resets are
+        computed only in a step where some episode ended (``lax.cond`` on ``done.any()``),
+        else zeros of their shapes stand in, unused: a reset casts a full lidar scan, and most
+        policy steps end no episode."""
+        reset = self.reset
+
+        @jax.custom_batching.custom_vmap
+        def fresh(done, key, params):
+            return reset(key, params)
+
+        @fresh.def_vmap
+        def _batched(axis_size, in_batched, done, key, params):
+            done_b, key_b, params_b = in_batched
+            if not done_b:
+                done = jnp.broadcast_to(done, (axis_size,))
+            keys = key if key_b else jnp.broadcast_to(key, (axis_size, *jnp.shape(key)))
+            axes = jax.tree.map(lambda b: 0 if b else None, params_b)
+
+            def every():
+                return jax.vmap(reset, in_axes=(0, axes))(keys, params)
+
+            def none():
+                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(every))
+
+            out = jax.lax.cond(done.any(), every, none)
+            return out, jax.tree.map(lambda _: True, out)
+
+        return fresh(done, key, params)
+
     def step(self, key: jax.Array, carry, action: jax.Array, params):
         """One policy step = ``action_repeat`` physics steps (fewer if the episode ends)."""
         env = self.env
@@ -80,7 +112,7 @@ class RacecarFunctional:
         }
         final_obs = self.featurize(obs)
         done = term | trunc
-        obs_r, (state_r, _, _, total_r) = self.reset(key, params)
+        obs_r, (state_r, _, _, total_r) = self._reset_if(done, key, params)
         state = jax.tree.map(lambda a, b: jnp.where(done, a, b), state_r, state)
         out_obs = jax.tree.map(lambda a, b: jnp.where(done, a, b), obs_r, final_obs)
         carry = (

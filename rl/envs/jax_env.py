@@ -212,6 +212,9 @@ class SensorConfig:
     lidar_refine: int = 2  # bisection steps on a hit (overshoot <= min_step / 4 of the range)
     lidar_rays: int = spec.LIDAR_RAYS
     lidar_noise: float = spec.LIDAR_NOISE
+    # probability that a ray reads max range (no return), per ray and scan (0 = none; the
+    # robustness evaluation's dropped rays, rl.evaluate --lidar-drop)
+    lidar_dropout: float = 0.0
     lidar_every: int = int(round(1.0 / (spec.LIDAR_HZ * spec.PHYSICS_DT)))  # 4 steps
     # std of the observed yaw rate's noise per (m/s)^2 (0 = exact; PyBullet's car: ~0.016)
     yaw_rate_noise: float = 0.0
@@ -475,8 +478,11 @@ class JaxRacecar:
         amp = s.lidar_noise if g.lidar_noise is None else g.lidar_noise
         noise = 1.0 + amp * (2.0 * _hash_uniform(key, d.shape[-1]) - 1.0)
         scan = spec.lidar_scan(d, noise, xp=jnp)
-        if g.lidar_dropout is not None:  # dropped rays read max range (no return)
-            drop = _hash_uniform(jax.random.fold_in(key, 1), d.shape[-1]) < g.lidar_dropout
+        p = g.lidar_dropout
+        if s.lidar_dropout:  # a fixed rate (evaluation) on top of the episode's draw, if any
+            p = s.lidar_dropout if p is None else jnp.maximum(p, s.lidar_dropout)
+        if p is not None:  # dropped rays read max range (no return)
+            drop = _hash_uniform(jax.random.fold_in(key, 1), d.shape[-1]) < p
             scan = jnp.where(drop, jnp.float32(spec.LIDAR_MAX), scan)
         return scan
 

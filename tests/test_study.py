@@ -1,0 +1,385 @@
+"""The pretraining study (rl.study): the arms differ only in their initialisation, the report's
+intervals are right on a hand-checked example, a missing run is named in the report, the loop
+resumes by skipping what its markers say is done. No training here: fake runs on disk and a
+stub unit runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rl.study_config import (
+    ARMS,
+    INIT_KEYS,
+    REFERENCE,
+    Layout,
+    arm_config,
+    check_base,
+    conditions,
+    config_diff,
+    load_study,
+    run_name,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = [ROOT / "configs/study_cpu.toml", ROOT / "configs/study_cluster.toml"]
+
+
+# --------------------------------------------------------------------------- the arms
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_arms_differ_from_scratch_only_in_initialisation(path):
+    cfg = load_study(path)
+    assert set(cfg.arms) == set(ARMS) and len(cfg.seeds) >= 5
+    for seed in cfg.seeds[:2]:
+        scratch = arm_config(cfg, "scratch", seed)
+        assert scratch.model.policy == "multimodal" and scratch.seed == seed
+        assert scratch.finetune.freeze_encoders is False  # trained end to end
+        for arm in cfg.arms:
+            diff = config_diff(scratch, arm_config(cfg, arm, seed))
+            if arm == "scratch":
+                assert diff == {}
+                continue
+            assert diff.pop("run_name") == (run_name("scratch", seed), run_name(arm, seed))
+            allowed = set(INIT_KEYS)
+            if arm == REFERENCE:  # another policy: its own [model], nothing else
+                assert diff.pop("model.policy") == ("multimodal", "lidar_mlp")
+                allowed |= {k for k in diff if k.startswith("model.")}
+            assert set(diff) <= allowed, f"{arm}: {sorted(set(diff) - allowed)}"
+    s0 = {a: arm_config(cfg, a, cfg.seeds[0]) for a in cfg.arms}
+    assert (s0["pretrained_frozen"].finetune.init, s0["pretrained_frozen"].finetune.freeze_encoders
+            ) == ("pretrained", True)  # fmt: skip
+    ft = s0["pretrained_finetuned"]
+    assert (ft.finetune.init, ft.finetune.freeze_encoders) == ("pretrained", False)
+    assert ft.ppo.encoder_lr_scale == cfg.rl.encoder_lr_scale < 1.0
+    assert (s0["random_frozen"].finetune.init, s0["random_frozen"].finetune.freeze_encoders
+            ) == ("scratch", True)  # fmt: skip
+    # every arm builds its encoders from the same checkpoint (weights or architecture)
+    assert len({c.finetune.pretrained_ckpt for c in s0.values()}) == 1
+    # seeds differ in the seed and the run name only
+    other = config_diff(arm_config(cfg, "scratch", cfg.seeds[0]),
+                        arm_config(cfg, "scratch", cfg.seeds[1]))
+    assert set(other) == {"seed", "run_name"}
+
+
+def test_study_config_errors():
+    from etl import configlib
+
+    with pytest.raises(configlib.ConfigError, match="arms:.*scratch"):
+        load_study(None, ["arms=['pretrained_frozen']"])
+    with pytest.raises(configlib.ConfigError, match="arms:"):
+        load_study(None, ["arms=['scratch', 'bogus']"])
+    with pytest.raises(configlib.ConfigError, match=r"rl.reference:.*\[model\] keys only"):
+        load_study(None, ["rl.reference=['ppo.learning_rate=1.0']"])
+    with pytest.raises(configlib.ConfigError, match="eval.lidar_drop"):
+        load_study(None, ["eval.lidar_drop=[1.5]"])
+    with pytest.raises(configlib.ConfigError, match="seeds"):
+        load_study(None, ["seeds=[1, 1]"])
+    cfg = load_study(None, ["rl.config='configs/rl_tiny.toml'"])  # a lidar policy as the base
+    with pytest.raises(configlib.ConfigError, match="model.policy must be 'multimodal'"):
+        check_base(cfg)
+    from rl.study import Study
+
+    with pytest.raises(configlib.ConfigError, match="nope.toml: config file not found"):
+        Study(load_study(None, ["pretrain.config='nope.toml'"]))
+
+
+def test_encoder_lr_scale_scales_only_the_encoders_updates():
+    """ppo.encoder_lr_scale: the parameters under the policy's ``mae`` move that fraction of
+    what the heads move (Adam's step on the same gradient)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from rl.ppo_core import PPOConfig, make_optimizer
+
+    class Policy(nnx.Module):
+        def __init__(self, rngs):
+            self.mae = nnx.Linear(3, 3, rngs=rngs)
+            self.policy = nnx.Linear(3, 2, rngs=rngs)
+
+    params = nnx.state(Policy(nnx.Rngs(0)), nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def step(scale):
+        tx = make_optimizer(PPOConfig(encoder_lr_scale=scale, anneal_lr=False), 10)
+        u, _ = tx.update(grads, tx.init(params), params)
+        return {jax.tree_util.keystr(p): float(jnp.abs(x).max())
+                for p, x in jax.tree_util.tree_leaves_with_path(u)}
+
+    full, tenth = step(1.0), step(0.1)
+    for k in full:
+        ratio = tenth[k] / full[k]
+        assert ratio == pytest.approx(0.1 if "mae" in k else 1.0, rel=1e-4), k
+
+
+# --------------------------------------------------------------------------- statistics
+def test_intervals_against_a_hand_computed_example():
+    """Five runs scoring 0, 0, 0, 0, 10. IQM = the mean of the middle three = 0. A bootstrap
+    resample holding k copies of 10 (k ~ Binomial(5, 0.2)) has IQM 0 (k ≤ 1, probability
+    0.737), 10/3 (k = 2, 0.205), 20/3 (k = 3, 0.051), 10 (k ≥ 4, 0.007): the 2.5 % percentile
+    is 0 and the 97.5 % one 20/3 (the CDF passes 0.975 inside k = 3: 0.942 → 0.993)."""
+    from rl.study_report import improvement_interval, iqm_interval, probability_of_improvement
+
+    s = iqm_interval(np.array([[0.0], [0.0], [0.0], [0.0], [10.0]]), reps=1000)
+    assert (s["iqm"], s["runs"], s["tasks"]) == (0.0, 5, 1)
+    assert s["lo"] == 0.0 and s["hi"] == pytest.approx(20 / 3)
+    # IQM of 1..4: the middle two, (2 + 3) / 2; of two tasks: over all eight scores
+    assert iqm_interval(np.array([[1.0], [2.0], [3.0], [4.0]]), 500)["iqm"] == 2.5
+    two = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    assert iqm_interval(two, 500)["iqm"] == pytest.approx(np.mean([3.0, 4.0, 10.0, 20.0]))
+    # P(X > Y), ties one half: X = 3, 4, 5 against Y = 1, 2, 4 wins 2 + 2.5 + 3 of 9 pairs
+    x, y = np.array([[3.0], [4.0], [5.0]]), np.array([[1.0], [2.0], [4.0]])
+    p = improvement_interval(x, y, reps=1000)
+    assert p["p"] == pytest.approx(7.5 / 9)
+    assert 0.0 <= p["lo"] < p["p"] < p["hi"] == 1.0  # X's best resample beats every Y
+    assert improvement_interval(x, x, 200)["p"] == 0.5
+    # the vectorised P(X > Y) is rliable's (Mann-Whitney U / (n m), averaged over tasks)
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.integers(0, 4, (int(rng.integers(1, 6)), 3)).astype(float)
+        b = rng.integers(0, 4, (int(rng.integers(1, 6)), 3)).astype(float)
+        assert probability_of_improvement(a, b) == pytest.approx(
+            metrics.probability_of_improvement(a, b))
+
+
+def test_learning_curve_area_and_first_lap(tmp_path):
+    from rl.study_report import first_lap_steps, learning_auc
+
+    # 0 laps up to 100 steps, then rising to 1 at 200: the area is 50 of a 200-step budget
+    assert learning_auc(np.array([100.0, 200.0]), np.array([0.0, 1.0]), 200) == \
+        pytest.approx(0.25, abs=1e-3)
+    assert learning_auc(np.array([50.0]), np.array([0.4]), 100) == pytest.approx(0.4)
+    assert learning_auc(np.zeros(0), np.zeros(0), 100) is None
+    mj = tmp_path / "metrics.jsonl"
+    _write_metrics(mj, [(100, 0.1, None), (200, 0.6, 31.0), (300, 1.2, 29.0)])
+    assert first_lap_steps(mj) == 200.0
+    _write_metrics(mj, [(100, 0.1, None)])
+    assert first_lap_steps(mj) is None
+
+
+# --------------------------------------------------------------------------- fake runs
+def _write_metrics(path: Path, rows):
+    """rows of (env_steps, laps per episode, lap time or None)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for steps, laps, lt in rows:
+            f.write(json.dumps({"env_steps": steps, "episode/laps": laps,
+                                "episode/ep_return": 10 * laps,
+                                "episode/lap_time": float("nan") if lt is None else lt}) + "\n")
+
+
+def _write_eval(path: Path, per_track: dict[str, tuple[float, float, float | None]]):
+    """rl.evaluate's metrics.json: per track (laps, collision-free fraction, lap time)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tracks = {t: {"aggregate": {"laps_mean": laps, "collision_free_fraction": clean,
+                                "lap_time_mean": lt}}
+              for t, (laps, clean, lt) in per_track.items()}
+    path.write_text(json.dumps({"results": {"terminate": {"tracks": tracks}}}))
+
+
+def _tiny_study(tmp_path, *extra):
+    return load_study(None, [
+        "name='fake'", f"runs_dir='{tmp_path}'", "seeds=[0, 1, 2]",
+        "arms=['scratch', 'pretrained_frozen']", "rl.config='configs/rl_study.toml'",
+        "eval.lidar_noise=[2.0]", "eval.lidar_drop=[]", "eval.imu_absent=false",
+        "eval.unseen=['procedural:wide:900']", "report.reps=300", "report.curve_reps=100",
+        "report.curve_points=5", "pretrain.probe=false",
+        "pretrain.config='configs/pretrain_tiny.toml'", *extra])  # fmt: skip
+
+
+def _marker(lay: Layout, unit: str, status: str, error: str | None = None):
+    p = lay.markers / f"{unit}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({"unit": unit, "status": status, "error": error, "wall_s": 12.0}))
+
+
+LAPS = {("scratch", 0): 1.0, ("scratch", 1): 2.0, ("scratch", 2): 4.0,
+        ("pretrained_frozen", 0): 3.0, ("pretrained_frozen", 1): 5.0}
+
+
+@pytest.fixture
+def fake_study(tmp_path):
+    """Two arms × three seeds on disk: pretrained_frozen s2's training failed; scratch s1's
+    unseen-track evaluation never ran; everything else is there."""
+    cfg = _tiny_study(tmp_path)
+    base = check_base(cfg)
+    lay = Layout.of(cfg)
+    conds = conditions(cfg, base)
+    assert [c.name for c in conds] == ["train", "lidar_noise_x2", "unseen"]
+    _marker(lay, "pretrain", "done")
+    for (arm, seed), laps in LAPS.items():
+        name = run_name(arm, seed)
+        _write_metrics(lay.run(arm, seed) / "metrics.jsonl",
+                       [(100_000, 0.0, None), (300_000, laps / 2, 30.0), (600_000, laps, 28.0)])
+        _marker(lay, f"train/{name}", "done")
+        for c in conds:
+            if (arm, seed, c.name) == ("scratch", 1, "unseen"):
+                continue
+            k = 0.5 if c.name == "lidar_noise_x2" else 1.0
+            _write_eval(lay.eval(arm, seed, c.name) / "metrics.json",
+                        {t: (laps * k, 1.0 if laps > 2 else 0.0, 30.0 if laps >= 1 else None)
+                         for t in c.tracks})
+    _marker(lay, "train/pretrained_frozen_s2", "failed", "RuntimeError: out of memory")
+    return cfg, base, lay
+
+
+def test_report_on_fake_runs(fake_study):
+    from rl.study_report import build_report
+
+    cfg, base, lay = fake_study
+    rec = build_report(cfg, base, {"command": "test", "data": {"kind": "synthetic"}})
+    agg = rec["aggregate"]["arms"]
+    # scratch: 1, 2, 4 laps. A 25 % trim of three scores cuts int(0.75) = 0 from each end:
+    # the IQM of three runs is their mean; the interval spans the resamples' IQMs
+    s = agg["scratch"]["laps"]
+    assert (s["iqm"], s["runs"]) == (pytest.approx(7 / 3), 3)
+    assert 1.0 <= s["lo"] < 7 / 3 < s["hi"] <= 4.0
+    p = agg["pretrained_frozen"]["laps"]  # only two runs: 3 and 5
+    assert (p["iqm"], p["runs"]) == (4.0, 2)
+    assert agg["scratch"]["conditions"]["lidar_noise_x2"]["laps"]["iqm"] == pytest.approx(3.5 / 3)
+    assert agg["scratch"]["conditions"]["unseen"]["laps"]["runs"] == 2  # s1's is missing
+    assert agg["scratch"]["clean"]["iqm"] == pytest.approx(1 / 3)
+    assert agg["pretrained_frozen"]["clean"]["iqm"] == 1.0
+    # every pretrained run beats every scratch run but scratch's 4 (beaten by 5 only)
+    imp = rec["aggregate"]["improvement_over_scratch"]["pretrained_frozen"]["laps"]
+    assert imp["p"] == pytest.approx(5 / 6)
+    # learning curves: laps 0 → L/2 → L over 100 k … 600 k steps of a 600 k budget
+    a = agg["scratch"]["auc"]
+    assert a["runs"] == 3 and 0 < a["lo"] <= a["iqm"] <= a["hi"]
+    assert rec["runs"]["scratch"][0]["first_lap"] == 300_000
+    assert agg["pretrained_frozen"]["first_lap"]["reached"] == 2
+
+    # the missing are named, with their reasons; nothing is dropped silently
+    missing = {m["unit"]: m["reason"] for m in rec["missing"]}
+    assert "out of memory" in missing["train/pretrained_frozen_s2"]
+    for c in ("train", "lidar_noise_x2", "unseen"):
+        assert "train/pretrained_frozen_s2 failed" in missing[f"eval/pretrained_frozen_s2/{c}"]
+    assert missing["eval/scratch_s1/unseen"] == "eval/scratch_s1/unseen not run"
+    assert len(missing) == 5
+    md = (lay.root / "report.md").read_text()
+    assert "eval/scratch_s1/unseen" in md and "out of memory" in md
+    assert "| pretrained, frozen | 2/3 |" in md
+    assert json.loads((lay.root / "report.json").read_text())["aggregate"] == json.loads(
+        json.dumps(rec["aggregate"]))
+    for f in rec["figures"].values():
+        assert (lay.root / f).stat().st_size > 0
+    assert {"learning curves", "performance profiles", "intervals", "robustness"} <= set(
+        rec["figures"])
+
+
+def test_a_broken_evaluation_file_fails_naming_it(fake_study):
+    from rl.study_report import build_report
+
+    cfg, base, lay = fake_study
+    bad = lay.eval("scratch", 0, "train") / "metrics.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=str(bad)):
+        build_report(cfg, base, {})
+
+
+# --------------------------------------------------------------------------- resuming
+class StubRunner:
+    """Records the units it is asked to run; fails those in ``fail`` (exit 1)."""
+
+    def __init__(self, fail=(), preempt=()):
+        self.calls: list[str] = []
+        self.fail, self.preempt = set(fail), set(preempt)
+
+    def __call__(self, study, unit):
+        self.calls.append(unit.name)
+        if unit.name in self.preempt:
+            return 3
+        return 1 if unit.name in self.fail else 0
+
+
+def test_resume_skips_completed_units(tmp_path):
+    from rl.study import Study
+
+    three = "arms=['scratch', 'pretrained_frozen', 'lidar_mlp']"
+    cfg = _tiny_study(tmp_path, three)
+    study = Study(cfg)
+    names = [u.name for u in study.units]
+    assert names[0] == "pretrain" and len(study.tasks()) == 9
+
+    first = StubRunner(fail={"train/pretrained_frozen_s1"})
+    assert study.execute(study.units, first) == 1
+    blocked = {f"eval/pretrained_frozen_s1/{c}" for c in ("train", "lidar_noise_x2", "unseen")}
+    assert set(first.calls) == set(names) - blocked  # what needs a failed unit is not run
+    assert study.marker("train/pretrained_frozen_s1")["status"] == "failed"
+
+    again = StubRunner()  # a second run: only the failed unit and what waited for it
+    assert Study(cfg).execute(Study(cfg).units, again) == 0
+    assert again.calls == ["train/pretrained_frozen_s1", *sorted(blocked, key=names.index)]
+
+    nothing = StubRunner()
+    assert Study(cfg).execute(Study(cfg).units, nothing) == 0 and nothing.calls == []
+
+    # another evaluation protocol: every evaluation again, no training, no pretraining
+    changed = Study(_tiny_study(tmp_path, three, "eval.episodes=2"))
+    redo = StubRunner()
+    assert changed.execute(changed.units, redo) == 0
+    assert redo.calls == [n for n in names if n.startswith("eval/")]
+
+    # another pretraining: it runs again, and so does every multimodal arm after it (its old
+    # run folder set aside, not resumed) with its evaluations; the lidar MLP needs none of it
+    old_run = Layout.of(cfg).run("scratch", 0)
+    (old_run / "ckpt").mkdir(parents=True)
+    newpre = Study(_tiny_study(tmp_path, three, "eval.episodes=2",
+                               "pretrain.set=['training.steps=7']"))
+    re = StubRunner()
+    assert newpre.execute(newpre.units, re) == 0
+    assert re.calls == [n for n in names if "lidar_mlp" not in n]
+    assert not old_run.exists() and len(list(old_run.parent.glob("scratch_s0.stale-*"))) == 1
+
+    # a preempted unit stops the loop at once (exit 3, for the requeue) and is not done
+    more = Study(_tiny_study(tmp_path, three, "eval.episodes=2",
+                             "pretrain.set=['training.steps=7']", "seeds=[0, 1, 2, 3]"))
+    pre = StubRunner(preempt={"train/scratch_s3"})
+    assert more.execute(more.units, pre) == 3
+    assert pre.calls == ["train/scratch_s3"]
+    assert more.marker("train/scratch_s3")["status"] == "running"
+    assert not more.is_done(more.by_name["train/scratch_s3"])
+
+
+def test_cli_task_list_count_and_report_stage(tmp_path, capsys):
+    from rl import study as st
+
+    toml = tmp_path / "fake.toml"
+    toml.write_text(
+        f'name = "fake"\nruns_dir = "{tmp_path}"\nseeds = [0, 1, 2]\n'
+        'arms = ["scratch", "pretrained_frozen"]\n'
+        '[rl]\nconfig = "configs/rl_study.toml"\n'
+        '[pretrain]\nconfig = "configs/pretrain_tiny.toml"\nprobe = false\n'
+        '[eval]\nlidar_noise = [2.0]\nlidar_drop = []\nimu_absent = false\n'
+        'unseen = ["procedural:wide:900"]\n'
+        '[report]\nreps = 200\ncurve_reps = 200\ncurve_points = 5\n')
+    assert st.main(["--config", str(toml), "--count"]) == 0
+    assert capsys.readouterr().out.strip() == "6"
+    lay = Layout.of(load_study(toml))
+    blocked = StubRunner()
+    assert st.main(["--config", str(toml), "--task", "2"], runner=blocked) == 0
+    assert blocked.calls == []  # its training needs the pretraining, not done yet
+    stub = StubRunner()
+    assert st.main(["--config", str(toml), "--stage", "pretrain"], runner=stub) == 0
+    assert stub.calls == ["pretrain"]
+    task = StubRunner()
+    assert st.main(["--config", str(toml), "--task", "2"], runner=task) == 0  # scratch_s1
+    assert task.calls == ["train/scratch_s1", *(f"eval/scratch_s1/{c}" for c in
+                                                 ("train", "lidar_noise_x2", "unseen"))]
+    assert not (lay.root / "report.md").exists()  # a task builds no report
+    assert st.main(["--config", str(toml), "--task", "6"]) == 2  # out of range
+    assert st.main(["--config", str(toml), "--stage", "bogus"]) == 2
+    # the report of a study with no result on disk: every run named as missing, no crash
+    assert st.main(["--config", str(toml), "--stage", "report"], runner=StubRunner()) == 0
+    md = (lay.root / "report.md").read_text()
+    assert "`train/pretrained_frozen_s2`: train/pretrained_frozen_s2 not run" in md
+    rec = json.loads((lay.root / "report.json").read_text())
+    assert rec["meta"]["config_hash"] and rec["meta"]["commit"]
+    assert st.main(["--config", str(toml), "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "train/scratch_s1" in listing and "pending" in listing
