@@ -93,7 +93,7 @@ class PretrainSection:
     the run is ``<runs_dir>/<name>/pretrain``. ``probe``: run train.probe on the checkpoint
     (with ``probe_args``)."""
 
-    config: str = "configs/pretrain_tiny.toml"  # (issue 13 §1: a CPU config, not yet)
+    config: str = "configs/pretrain_tiny.toml"  # the CPU study names configs/pretrain_cpu.toml
     set: tuple[str, ...] = ()
     probe: bool = True
     probe_args: tuple[str, ...] = ()
