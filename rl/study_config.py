@@ -94,7 +94,7 @@ class PretrainSection:
     (with ``probe_args``). ``domain_gap``: run rl.domain_gap on it (the simulator's BEV next
     to the pretraining data's, on the base RL config's training tracks; ``domain_gap_args``)."""
 
-    config: str = "configs/pretrain_tiny.toml"  # (issue 13 §1: a CPU config, not yet)
+    config: str = "configs/pretrain_tiny.toml"  # the CPU study names configs/pretrain_cpu.toml
     set: tuple[str, ...] = ()
     probe: bool = True
     probe_args: tuple[str, ...] = ()

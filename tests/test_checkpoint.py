@@ -74,3 +74,16 @@ def test_architecture_mismatch_lists_the_differing_keys(tmp_path):
     ck.check_architecture(dataclasses.replace(CFG.model, dtype="bfloat16"))  # fine
     ck.close()
     assert model_config_diff({"embed_dim": 16}, CFG.model)  # keys absent in the checkpoint
+
+
+def test_a_model_key_added_later_reads_as_its_default_in_older_checkpoints():
+    """A checkpoint saved before ModelConfig grew a key (decoder_pos) restores under the key's
+    default — the old behaviour — and only under it."""
+    from etl import configlib
+
+    old = configlib.to_dict(CFG.model)
+    del old["decoder_pos"]
+    assert model_config_diff(old, CFG.model) == []
+    masked = dataclasses.replace(CFG.model, decoder_pos="masked")
+    assert model_config_diff(old, masked) == [
+        "model.decoder_pos: checkpoint 'all' ≠ config 'masked'"]

@@ -45,6 +45,22 @@ def test_seed_values():
     assert r.ppo.update_epochs == 4
 
 
+def test_cpu_study_pretrains_the_policy_sized_model_with_the_visible_loss():
+    """The CPU study pretrains configs/pretrain_cpu.toml (issue 13 §1): the model the multimodal
+    policy runs (embed 64, one encoder and one fusion block, 16² patches, lidar/radar/gps/imu),
+    with the visible patches in the loss (without them the tokens drop the vehicles: README)."""
+    study = load_study(CONFIGS / "study_cpu.toml")
+    assert Path(study.pretrain.config).name == "pretrain_cpu.toml"
+    p = load_pretrain_config(CONFIGS / "pretrain_cpu.toml")
+    m = p.model
+    assert (m.embed_dim, m.depth, m.fusion_depth, m.patch_size) == (64, 1, 1, 16)
+    assert tuple(m.modalities) == ("lidar", "radar", "gps", "imu")
+    assert p.training.visible_loss_weight == 10.0 and p.training.mask_ratio == 0.5
+    # the measured setting: 12 of 48 drives held out whole, so the probe has ≥ 5 test drives
+    assert study.data.synth_drives == 48
+    assert {"output.split=drive", "output.val_fraction=0.25"} <= set(study.data.etl_set)
+
+
 # --------------------------------------------------------------------------- enumerations
 ENUMS = [  # (loader, key, allowed): every enumeration is a Literal field checked at load time
     ("etl", "output.split", ["block", "drive"]),
@@ -54,6 +70,7 @@ ENUMS = [  # (loader, key, allowed): every enumeration is a Literal field checke
     ("pretrain", "model.pos_embed", ["sincos", "learned"]),
     ("pretrain", "model.attention_impl", ["auto", "xla", "cudnn"]),
     ("pretrain", "model.score_dtype", ["float32", "compute"]),
+    ("pretrain", "model.decoder_pos", ["all", "masked"]),
     ("pretrain", "mesh.distributed", ["auto", "on", "off"]),
     ("rl", "env.backend", ["jax", "bullet", "racecar_gym"]),
     ("rl", "env.reset_mode", ["grid", "random"]),
@@ -277,6 +294,8 @@ RANGES = [  # (loader, --set override, the one line expected): checked when load
     ("pretrain", "training.learning_rate=-3e-4",
      "training.learning_rate: must be > 0, got -0.0003"),
     ("pretrain", "training.batch_size=0", "training.batch_size: must be ≥ 1, got 0"),
+    ("pretrain", "training.visible_loss_weight=-1",
+     "training.visible_loss_weight: must be ≥ 0, got -1"),
     ("pretrain", "training.ckpt_every=0", "training.ckpt_every: must be ≥ 1, got 0"),
     ("pretrain", "training.steps=-5", "training.steps: must be ≥ 1, got -5"),
     ("pretrain", "training.b2=1.0", "training.b2: must be in [0, 1), got 1"),

@@ -208,6 +208,57 @@ def test_loss_only_on_masked_patches():
                                                           present[:1])), rel=1e-6)
 
 
+@pytest.mark.parametrize("decoder_pos", ["all", "masked"])
+def test_decoder_positions_on_mask_tokens_only(decoder_pos):
+    """decoder_pos = "masked": the decoder adds positions to the mask tokens only, so it places a
+    visible token by its content alone. Swapping where two visible tokens go then only swaps
+    their own outputs; the masked patches' predictions stay — under "all" they change (the
+    decoder, not the encoder, carries the visible tokens' positions)."""
+    from train.heads import PretrainHead
+
+    cfg = dataclasses.replace(CFG, decoder_pos=decoder_pos)
+    head = PretrainHead(cfg, [("lidar", 16, 8, (4, 4))], rngs=rngs(0))
+    ids_keep, _, ids_restore = random_masking(jax.random.key(1), 1, 16, 0.5)
+    fused = jax.random.normal(jax.random.key(2), (1, 8, cfg.embed_dim))
+    present = jnp.ones((1, len(MODALITIES)))
+    out = np.asarray(head(fused, {"lidar": (ids_keep, ids_restore)}, present)["lidar"][0])
+    vis = np.flatnonzero(np.asarray(ids_restore[0]) < 8)
+    j1, j2 = vis[0], vis[1]
+    swapped = np.asarray(ids_restore).copy()
+    swapped[0, [j1, j2]] = swapped[0, [j2, j1]]
+    out2 = np.asarray(head(fused, {"lidar": (ids_keep, jnp.asarray(swapped))}, present)["lidar"][0])
+    masked = np.flatnonzero(np.asarray(ids_restore[0]) >= 8)
+    if decoder_pos == "masked":
+        np.testing.assert_allclose(out2[masked], out[masked], atol=1e-5)
+        np.testing.assert_allclose(out2[[j1, j2]], out[[j2, j1]], atol=1e-5)
+    else:
+        assert np.abs(out2[masked] - out[masked]).max() > 1e-4
+
+
+def test_visible_loss_weight_adds_the_visible_patches_error():
+    """training.visible_loss_weight = w: loss_m = masked MSE + w · the same over the visible
+    patches (computed here by hand from the predictions); w = 0 is the plain MAE loss."""
+    c = compiled()
+    batch = make_batch()
+    plain, aux = c.loss(c.params, batch, KEY)
+    w = 0.7
+    weighted = jax.jit(lambda p, b, k: nnx.merge(c.graphdef, p)(b, k, RATIO, visible_weight=w),
+                       compiler_options=FAST)
+    both, aux_w = weighted(c.params, batch, KEY)
+    per_m = []
+    for m in CFG.modalities:
+        pred, target = np.asarray(aux[f"pred/{m}"]), np.asarray(aux[f"target/{m}"])
+        vis = 1.0 - np.asarray(aux[f"mask/{m}"])
+        here = np.asarray(batch["present"])[:, MODALITIES.index(m)] > 0
+        err = ((pred - target) ** 2).mean(-1)
+        v = np.mean([(err[i] * vis[i]).sum() / vis[i].sum() for i in np.flatnonzero(here)])
+        assert float(aux_w[f"loss/{m}"]) == pytest.approx(float(aux[f"loss/{m}"]) + w * v,
+                                                          rel=1e-5)
+        per_m.append(float(aux[f"loss/{m}"]) + w * v)
+    assert float(both) == pytest.approx(np.mean(per_m), rel=1e-5)
+    assert float(both) > float(plain)
+
+
 @pytest.mark.parametrize("changes", [{}, {"absent": "token", "fusion": "cross"}],
                          ids=["drop-self", "token-cross"])
 def test_absent_modalities_contribute_no_loss_and_no_gradient(changes):

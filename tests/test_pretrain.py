@@ -414,16 +414,3 @@ def test_reconstruction_inverts_the_models_patchify():
     assert pix_mask[:, :8, 8:16].all() and pix_mask.sum() == 2 * 64
 
 
-def test_probe_targets_pool_vehicle_boxes_to_patches():
-    from etl.config import BEVGrid
-    from etl.schema import BOX_CLASSES
-    from train.probe import iou, occupancy_targets
-
-    grid = BEVGrid(x_min=-8, x_max=8, y_min=-8, y_max=8, resolution=0.5)  # 32×32 cells
-    boxes = np.zeros((1, 2, 7), np.float32)
-    boxes[0, 0] = [6.0, 6.0, 0, 2.0, 2.0, 1.5, 0.0]  # a car in the front-left corner
-    boxes[0, 1] = [-6.0, -6.0, 0, 2.0, 2.0, 1.5, 0.0]  # a pedestrian: not a vehicle
-    cls = np.array([[BOX_CLASSES.index("Car"), BOX_CLASSES.index("Pedestrian")]], np.int32)
-    occ = occupancy_targets(boxes, cls, grid, patch=8).reshape(4, 4)
-    assert occ[0, 0] == 1 and occ.sum() == 1
-    assert iou(np.array([1, 1, 0]) > 0, np.array([1, 0, 0]) > 0) == 0.5

@@ -61,11 +61,14 @@ COMPUTE_ONLY_KEYS = frozenset({"dtype", "attention_impl", "score_dtype", "stack_
 
 def model_config_diff(saved: dict[str, Any], current: Any) -> list[str]:
     """``key: saved → current`` for every ModelConfig key whose value differs (keys that only
-    change the computation, such as ``dtype``, may differ)."""
+    change the computation, such as ``dtype``, may differ). A key the checkpoint does not record
+    (added to ModelConfig after it was saved) counts as its default: a new key's default keeps
+    the old behaviour."""
     now = configlib.to_dict(current)
+    defaults = configlib.to_dict(type(current)())
     diffs = []
     for k in sorted((set(saved) | set(now)) - COMPUTE_ONLY_KEYS):
-        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        a, b = saved.get(k, defaults.get(k, "<absent>")), now.get(k, "<absent>")
         if a != b:
             diffs.append(f"model.{k}: checkpoint {a!r} ≠ config {b!r}")
     return diffs

@@ -34,6 +34,10 @@ class ModelConfig:
     # Modalities the model is built for, in etl.schema.MODALITIES order (a subset is allowed).
     modalities: tuple[str, ...] = ("lidar", "radar", "rgb", "ir", "gps", "imu")
     pos_embed: Literal["sincos", "learned"] = "sincos"  # image patches: fixed 2-D or learned
+    # decoder positions on every token ("all", the MAE's) or on the mask tokens only
+    # ("masked": the encoder's tokens must then carry their own position, as a policy that
+    # pools them needs; see heads.PretrainHead)
+    decoder_pos: Literal["all", "masked"] = "all"
     gps_tokens: int = 3  # gps (east, north, up) → 3 tokens of 1 channel each (masked like patches)
     imu_tokens: int = 2  # imu → 2 tokens: gyro xyz, accel xyz
     gps_scale: float = 100.0  # metres: gps input is symlog(x / gps_scale) (see encoders.py)
@@ -96,6 +100,8 @@ class TrainingConfig:
     learning_rate: float = 3e-4  # peak, after warmup
     steps: int = 100000
     mask_ratio: float = 0.5
+    # weight of the visible patches' reconstruction error next to the masked ones' (0 = MAE)
+    visible_loss_weight: float = 0.0
     warmup_steps: int = 2000
     min_lr_ratio: float = 0.0  # cosine ends at learning_rate × this
     weight_decay: float = 0.05
@@ -114,6 +120,7 @@ class TrainingConfig:
         configlib.check_ranges(self, "training", {
             "batch_size": (1, None), "learning_rate": (0, None, True), "steps": (1, None),
             "mask_ratio": (0, 1, True, True), "warmup_steps": (0, None),
+            "visible_loss_weight": (0, None),
             "min_lr_ratio": (0, 1), "weight_decay": (0, None), "b1": (0, 1, False, True),
             "b2": (0, 1, False, True), "grad_clip": (0, None), "log_every": (1, None),
             "image_metrics_every": (0, None), "ckpt_every": (1, None), "keep": (1, None),

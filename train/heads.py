@@ -34,7 +34,11 @@ class PretrainHead(nnx.Module):
       1. project the fused visible tokens (B, sum n_vis, D) to ``decoder_dim``;
       2. per modality, append ``n_patches - n_vis`` copies of the shared mask token and unshuffle
          with ``ids_restore`` so every patch is back at its place; add decoder positions and a
-         decoder modality embedding;
+         decoder modality embedding — positions on every token (``decoder_pos = "all"``, the
+         MAE's) or on the mask tokens only (``"masked"``: a visible token is placed by what the
+         encoder put in it, so the encoder must keep each token's position — otherwise it can
+         drop it, since the decoder adds it back, and a probe or a policy that reads the tokens
+         without their index no longer knows where a patch is);
       3. ``decoder_depth`` blocks of joint attention over all modalities' patches (absent
          modalities dropped as keys when ``absent = "drop"``; the sequence is padded to a
          multiple of 8 with isolated tokens, see ``train.fusion.pad_tokens``);
@@ -47,6 +51,7 @@ class PretrainHead(nnx.Module):
         self.specs = tuple((m, int(n), int(pd), None if g is None else tuple(g))
                            for m, n, pd, g in specs)
         self.drop_absent = cfg.absent == "drop"
+        self.pos_on_masked_only = cfg.decoder_pos == "masked"
         self.dtype = compute_dtype(cfg)
         self.decoder_dim = dd
         self.embed = dense(cfg.embed_dim, dd, cfg, rngs)
@@ -80,7 +85,10 @@ class PretrainHead(nnx.Module):
             full = jnp.concatenate([vis, jnp.broadcast_to(mask_token, (b, n - n_vis, x.shape[2]))],
                                    axis=1)
             full = gather_tokens(full, ids_restore)  # unshuffle: patch j back at position j
-            full = full + (self.positions(m, n, grid) + self.modality_embed[i]).astype(self.dtype)
+            pos = self.positions(m, n, grid).astype(self.dtype)
+            if self.pos_on_masked_only:  # (B, n, 1): 1 where patch j was masked
+                pos = pos * (ids_restore >= n_vis)[..., None].astype(self.dtype)
+            full = full + pos + self.modality_embed[i].astype(self.dtype)
             seqs.append(full)
             here = present[:, MODALITY_INDEX[m]] > 0
             valid.append(jnp.broadcast_to(here[:, None], (b, n)))

@@ -20,6 +20,13 @@ group), mask M (B, N) = 1 on masked patches and presence p (B,) ∈ {0, 1}:
     loss_m          = Σ_b p·per_sample / max(Σ_b p, 1)   (present samples only)
     loss            = mean of loss_m over the modalities with Σ_b p > 0
 
+With ``visible_weight`` w > 0 (``training.visible_loss_weight``) each modality's loss also
+counts its *visible* patches: loss_m + w · (the same average over the visible patches, M → 1 − M).
+The plain MAE loss never asks a token to keep what is in its own patch, only what helps to
+inpaint the others; in a sparse LiDAR BEV a vehicle says little about the neighbouring patches,
+so the encoder drops it (a linear map recovers less of a patch from its pretrained token than from
+a random-init one: R² 0.54 vs 0.70 — README, "Pretraining that learns").
+
 ``norm_pix_loss`` normalizes each image target patch by its own mean and variance. An absent
 modality contributes neither loss nor gradient: it is excluded as an attention key
 (``absent = "drop"``) or replaced by a learned token (``absent = "token"``) — see fusion.py.
@@ -147,11 +154,12 @@ def _ordered(modalities) -> tuple[str, ...]:
 class MultimodalMAE(nnx.Module):
     """Encoders (one per modality) + :class:`MultimodalFusion` + :class:`PretrainHead`.
 
-    ``__call__(batch, key, mask_ratio) -> (loss, aux)`` is the pretraining objective; it is a pure
-    function of (parameters, batch, key) and ``mask_ratio`` must be a Python float (it fixes
-    shapes). ``aux``: ``loss/<m>`` per modality (0 where no sample is present), ``present/<m>``
-    (count of present samples), ``mask/<m>`` (B, N) 1 = masked, ``pred/<m>`` (B, N, patch_dim)
-    and ``target/<m>`` (the reconstruction target; patch space: use :func:`unpatchify`).
+    ``__call__(batch, key, mask_ratio, visible_weight=0.0) -> (loss, aux)`` is the pretraining
+    objective; it is a pure function of (parameters, batch, key) and ``mask_ratio`` and
+    ``visible_weight`` must be Python floats (static). ``aux``: ``loss/<m>`` per modality (0
+    where no sample is present), ``present/<m>`` (count of present samples), ``mask/<m>`` (B, N)
+    1 = masked, ``pred/<m>`` (B, N, patch_dim) and ``target/<m>`` (the reconstruction target;
+    patch space: use :func:`unpatchify`).
     ``encode(batch, modalities)`` → (fused tokens (B, T, D), token_valid (B, T)), no masking.
     """
 
@@ -192,8 +200,8 @@ class MultimodalMAE(nnx.Module):
             t = (t - mean) / jnp.sqrt(var + 1e-6)
         return t
 
-    def __call__(self, batch: dict, key: jax.Array, mask_ratio: float
-                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, batch: dict, key: jax.Array, mask_ratio: float,
+                 visible_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
         present = jnp.asarray(batch["present"])
         b = present.shape[0]
         # 1. mask and encode the visible patches of every modality
@@ -214,8 +222,13 @@ class MultimodalMAE(nnx.Module):
             mask = patch_mask(ids[m][1], n_vis)  # (B, N) 1 = masked
             target = self.targets(batch, m)
             here = (present[:, MODALITIES.index(m)] > 0).astype(jnp.float32)  # (B,)
+            terms = []
             if mask.shape[1] > n_vis:  # some patch is masked at this ratio
-                loss_m = masked_mse(preds[m], target, mask, here)
+                terms.append(masked_mse(preds[m], target, mask, here))
+            if visible_weight > 0:  # the visible patches too (static: no trace without it)
+                terms.append(visible_weight * masked_mse(preds[m], target, 1.0 - mask, here))
+            if terms:
+                loss_m = sum(terms[1:], terms[0])
                 losses.append(loss_m)
                 has.append((here.sum() > 0).astype(jnp.float32))
             else:

@@ -125,6 +125,9 @@ def params_finite(params) -> jax.Array:
 def make_train_step(graphdef, tx, cfg: PretrainConfig):
     base_key = jax.random.PRNGKey(cfg.training.seed)
     mask_ratio = cfg.training.mask_ratio
+    # only passed when set, so that a model without the knob (a stand-in) still trains
+    loss_kw = ({"visible_weight": cfg.training.visible_loss_weight}
+               if cfg.training.visible_loss_weight else {})
 
     def train_step(state, batch, step, stop):
         """``stop``: one flag per device, 1 where that process has been signalled; its max
@@ -133,7 +136,7 @@ def make_train_step(graphdef, tx, cfg: PretrainConfig):
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["rest"])
-            loss, aux = model(batch, key, mask_ratio)
+            loss, aux = model(batch, key, mask_ratio, **loss_kw)
             losses = {k: v for k, v in aux.items() if k.startswith("loss/")}
             return loss, (losses, nnx.state(model, nnx.Not(nnx.Param)))
 
