@@ -21,8 +21,9 @@ with the runner above, the path without frozen-feature reuse: the observation ad
 the environment (a BEV for the observation, the reset's and the final one of every env, every
 step) and the whole agent, encoders included, recomputed by every minibatch of the update — the
 path fine-tuned encoders take, and the one frozen encoders took before they were reused — and
-reports the ratio. ``--breakdown`` times the parts of one update separately, in ms per policy
-step of all envs: the simulator alone, the observation adapter (the BEV), the encoders'
+reports the ratio. ``--versus KEY=VALUE`` does the same for the config with that override
+(a before/after in one run). ``--breakdown`` times the parts of one update separately, in ms
+per policy step of all envs: the simulator alone, the observation adapter (the BEV), the encoders'
 forward, the heads, the whole rollout, and the update (epochs × minibatches).
 """
 
@@ -54,14 +55,18 @@ def _timed(fn):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure(cfg, updates: int, rounds: int = 2, baseline: bool = False) -> dict:
+def measure(cfg, updates: int, rounds: int = 2, baseline: bool = False,
+            versus=None) -> dict:
     """Steps/s of ``updates`` PPO updates of the :class:`rl.config.RLConfig` ``cfg`` (and of
-    :func:`baseline_runner`, alternating chunk by chunk, with ``baseline``)."""
+    :func:`baseline_runner` with ``baseline``, and of the runner of the config ``versus``,
+    alternating chunk by chunk)."""
     from rl import factory
 
     runners = {"runner": factory.make_runner(cfg)}
     if baseline:
         runners["baseline"] = baseline_runner(cfg)
+    if versus is not None:
+        runners["versus"] = factory.make_runner(versus)
     states, out = {}, {}
     for name, r in runners.items():
         state = r.init(jax.random.PRNGKey(cfg.seed))
@@ -102,12 +107,14 @@ def measure(cfg, updates: int, rounds: int = 2, baseline: bool = False) -> dict:
         if name == "runner":
             result.update(row)
         else:
-            result["baseline"] = row
-    if baseline:
-        b = result["baseline"]
-        result["speedup_vs_baseline"] = result["policy_steps_per_s"] / b["policy_steps_per_s"]
-        result["speedup_vs_baseline_cpu"] = (result["policy_steps_per_cpu_s"]
-                                             / b["policy_steps_per_cpu_s"])
+            result[name] = row
+    for name in ("baseline", "versus"):
+        if name in result:
+            b = result[name]
+            result[f"speedup_vs_{name}"] = (result["policy_steps_per_s"]
+                                            / b["policy_steps_per_s"])
+            result[f"speedup_vs_{name}_cpu"] = (result["policy_steps_per_cpu_s"]
+                                                / b["policy_steps_per_cpu_s"])
     return result
 
 
@@ -220,6 +227,10 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the parts of an update: sim, adapter, encoders, update")
     ap.add_argument("--set", action="append", default=[], help="extra RL config overrides")
+    ap.add_argument("--versus", action="append", default=[],
+                    help="also time the same config with this override (repeatable; e.g. "
+                         "model.lidar_tokens=0 for the full BEV), alternating chunks, and "
+                         "report the ratio: a before/after in one run")  # fmt: skip
     args = ap.parse_args(argv)
     if args.config is None:  # the built-in defaults
         args.policy = args.policy or "lidar_mlp"
@@ -251,7 +262,16 @@ def main(argv=None) -> int:
         configlib.cli_error("benchmarks.ppo",
                             configlib.ConfigError("--baseline: the multimodal policy's"))
         return configlib.EXIT_CONFIG
-    print(json.dumps(measure(cfg, args.updates, args.rounds, args.baseline), indent=2),
+    versus = None
+    if args.versus:
+        versus = configlib.load(RLConfig, args.config, [*sets, *args.set, *args.versus,
+                                                        f"ppo.total_timesteps={n_steps}"])
+        if (versus.ppo.num_envs, versus.ppo.num_steps) != (cfg.ppo.num_envs, cfg.ppo.num_steps):
+            configlib.cli_error("benchmarks.ppo", configlib.ConfigError(
+                "--versus: keep ppo.num_envs and ppo.num_steps (the chunks must be the same "
+                "number of steps)"))
+            return configlib.EXIT_CONFIG
+    print(json.dumps(measure(cfg, args.updates, args.rounds, args.baseline, versus), indent=2),
           flush=True)
     if args.breakdown:  # printed apart: a time limit that stops it keeps the figure above
         print(json.dumps({"breakdown": breakdown(cfg)}, indent=2))

@@ -151,8 +151,16 @@ class MultimodalActorCritic(nnx.Module):
         self.log_std = nnx.Param(jnp.full((action_dim,), init_log_std, jnp.float32))
 
     def features(self, batch: dict) -> jax.Array:
-        tokens, valid = self.mae.encode(batch, self.modalities)
-        return masked_mean(tokens.astype(jnp.float32), valid)
+        if "lidar_ids" not in batch:
+            tokens, valid = self.mae.encode(batch, self.modalities)
+            return masked_mean(tokens.astype(jnp.float32), valid)
+        # the adapter's sparse lidar (ObservationAdapter.jax_patches): only its kept patches
+        # enter the lidar encoder, as the visible patches do in pretraining (MAE)
+        tokens = {m: self.mae.encoders[m](batch[m]) for m in self.modalities if m != "lidar"}
+        tokens["lidar"] = vit_patch_tokens(self.mae.encoders["lidar"],
+                                           batch["lidar_patches"], batch["lidar_ids"])
+        fused, valid = self.mae.fusion(tokens, jnp.asarray(batch["present"]))
+        return masked_mean(fused.astype(jnp.float32), valid)
 
     def heads(self, z: jax.Array):
         mean = self.policy(z)
@@ -161,3 +169,14 @@ class MultimodalActorCritic(nnx.Module):
 
     def __call__(self, batch: dict):
         return self.heads(self.features(batch))
+
+
+def vit_patch_tokens(vit, patches: jax.Array, ids: jax.Array) -> jax.Array:
+    """A :class:`train.encoders.ModalityViT`'s tokens of the patches ``ids`` (B, K) given as
+    already-flattened ``patches`` (B, K, p·p·C) — what ``vit(image, ids_keep=ids)`` returns,
+    without the image (tests/test_mm_policy.py checks the two agree)."""
+    pos = jnp.take(vit.positions(), ids, axis=0)
+    z = vit.patch_embed(patches.astype(vit.dtype)) + pos.astype(vit.dtype)
+    for block in vit.blocks:
+        z = block(z)
+    return vit.norm(z)

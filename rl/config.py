@@ -182,9 +182,14 @@ class ModelConfig:
     # not any more)
     velocity: Literal["planar", "all"] = "planar"
     modalities: tuple[str, ...] = ("lidar", "gps", "imu")  # multimodal policy's inputs
+    # multimodal policy: the lidar BEV's patches its encoder sees — the lidar_tokens patches
+    # with the most points (ObservationAdapter.jax_patches; the pretraining's encoder sees a
+    # random subset too, its visible patches), or 0: every patch of the full BEV
+    lidar_tokens: int = 0
 
     def __post_init__(self):
-        configlib.check_ranges(self, "model", {"hidden": (1, None), "lidar_beams": (1, None)})
+        configlib.check_ranges(self, "model", {"hidden": (1, None), "lidar_beams": (1, None),
+                                               "lidar_tokens": (0, None)})
 
 
 @dataclass(frozen=True)

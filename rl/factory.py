@@ -209,10 +209,23 @@ def _multimodal_agent(cfg: RLConfig, rngs: nnx.Rngs):
         mae, modalities, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs
     )
     adapter = ObservationAdapter(pre, world_scale=cfg.env.world_scale)
+    featurize = adapter.jax
+    k = cfg.model.lidar_tokens
+    if k and "lidar" in modalities:
+        n = mae.encoders["lidar"].n_patches
+        if k > n:
+            raise configlib.ConfigError(
+                f"model.lidar_tokens: {k} > the {n} patches of the lidar BEV")
+        p = pcfg.model.patch_size
+        reads = {"present", *modalities}
+
+        def featurize(obs):  # the sparse lidar, and only the keys the model reads
+            out = adapter.jax_patches(obs, p, k)
+            return {key: v for key, v in out.items() if key in reads or key.startswith("lidar_")}
     trained = nnx.Not(nnx.PathContains("decoder"))
     if ft.freeze_encoders:
         trained = nnx.Not(nnx.PathContains("mae"))
-    return model, adapter.jax, nnx.All(nnx.Param, trained)
+    return model, featurize, nnx.All(nnx.Param, trained)
 
 
 # --------------------------------------------------------------------------- runners

@@ -141,15 +141,16 @@ def _minibatch(rng, n):
             "ret": jnp.asarray(rng.normal(size=n), jnp.float32)}  # fmt: skip
 
 
-def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase1):
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase1, tokens):
     """The PPO loss of the heads on features computed once equals the loss of the whole agent
     recomputing them from the observations, and so do the heads' gradients (float32 rounding:
-    rtol 1e-5)."""
+    rtol 1e-5); with the full BEV and with its sparse patches (model.lidar_tokens)."""
     from rl.agent import split_agent
     from rl.factory import make_agent
     from rl.ppo_core import make_loss
 
-    cfg = _rl_cfg(tmp_path, phase1)
+    cfg = _rl_cfg(tmp_path, phase1, f"model.lidar_tokens={tokens}")
     model, featurize, trainable = make_agent(cfg, 0)
     agent = split_agent(model, trainable)
     assert agent.frozen_features
@@ -161,6 +162,7 @@ def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase
            "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
            "time": jnp.zeros((n, 1))}  # fmt: skip
     obs = jax.vmap(featurize)(raw)
+    assert ("lidar_ids" in obs) == bool(tokens) and ("lidar" in obs) != bool(tokens)
     z = jax.jit(agent.features)(agent.params, agent.frozen, obs)
     assert z.shape == (n, model.mae.cfg.embed_dim)
     recompute = jax.jit(jax.value_and_grad(make_loss(agent.apply, cfg.ppo), has_aux=True))
@@ -179,7 +181,8 @@ def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
 
 
-def test_frozen_runner_reuses_features_and_matches_todays_path(tmp_path, phase1):
+@pytest.mark.parametrize("tokens", [0, 5])
+def test_frozen_runner_reuses_features_and_matches_todays_path(tmp_path, phase1, tokens):
     """The runner the factory builds for frozen encoders (the adapter in the runner, features
     computed once per step and reused by the update) learns exactly what the path that
     recomputes the encoders in the update, with the adapter in the environment, learns: the
@@ -190,7 +193,8 @@ def test_frozen_runner_reuses_features_and_matches_todays_path(tmp_path, phase1)
     from rl.runners import FastRunner
 
     # time_limit 0.1 s: episodes are truncated within the 4-step rollout (the bootstrap path)
-    cfg = _rl_cfg(tmp_path, phase1, "env.time_limit=0.1", "ppo.update_epochs=2")
+    cfg = _rl_cfg(tmp_path, phase1, "env.time_limit=0.1", "ppo.update_epochs=2",
+                  f"model.lidar_tokens={tokens}")
     new = factory.make_runner(cfg)
     assert new.reuse_features and new.featurize is not None
     model, featurize, trainable = factory.make_agent(cfg)
@@ -268,3 +272,84 @@ def test_bev_is_built_in_the_compiled_rollout(tmp_path, phase1):
     rollouts = [e for e in body.eqns if e.primitive.name == "scan"
                 and bev_and_encoders <= _primitives(next(_subjaxprs(e)))]
     assert rollouts, "no scan in the update builds the BEV and runs the encoders"
+
+
+def _scans(rng, n, rays=1080):
+    """Scans with near walls (inside the BEV), far returns and misses (max range)."""
+    from rl.envs import spec
+
+    r = rng.uniform(0.1, 4.0, (n, rays))
+    r[:, ::7] = spec.LIDAR_MAX  # misses
+    r[:, 3::11] = rng.uniform(4.0, 15.0, (n, (rays - 3 + 10) // 11))  # outside the grid
+    return jnp.asarray(r, jnp.float32)
+
+
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_sparse_lidar_patches_are_the_bevs_patches(k):
+    """ObservationAdapter.jax_patches' lidar: the k patches with the most points, each exactly
+    the full BEV's patch (bev_lidar, then patchify) at its id; every other patch of the BEV
+    holds no more points than the fewest kept; the rest of the sample is the full path's."""
+    from etl.config import PreprocessConfig
+    from rl.envs.adapter import ObservationAdapter
+    from train.encoders import gather_tokens, patchify
+
+    pre = PreprocessConfig()
+    ad = ObservationAdapter(pre, world_scale=10.0)
+    rng = np.random.default_rng(0)
+    n, p = 3, 16
+    raw = {"lidar": _scans(rng, n), "pose": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "velocity": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32)}
+    full = jax.jit(jax.vmap(ad.jax))(raw)
+    sparse = jax.jit(jax.vmap(lambda o: ad.jax_patches(o, p, k)))(raw)
+    assert "lidar" not in sparse
+    assert sparse["lidar_patches"].shape == (n, k, p * p * 2)
+    assert sparse["lidar_patches"].dtype == jnp.float32
+    ids = np.asarray(sparse["lidar_ids"])
+    assert all(len(set(row)) == k for row in ids)
+    want = gather_tokens(patchify(full["lidar"], p), jnp.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(sparse["lidar_patches"]), np.asarray(want))
+    nonempty = np.asarray(patchify(full["lidar"], p)[..., 0::2].max(-1) > 0)  # (n, patches)
+    assert nonempty.sum(1).min() > 1
+    for b in range(n):  # never an empty patch kept while a non-empty one is left out
+        assert nonempty[b, ids[b]].sum() == min(k, nonempty[b].sum())
+    for key in ("imu", "gps", "present"):
+        np.testing.assert_array_equal(np.asarray(sparse[key]), np.asarray(full[key]))
+
+
+def test_sparse_lidar_patches_error_names_k():
+    from etl.config import BEVGrid
+    from rl.envs.adapter import lidar_patches
+
+    with pytest.raises(ValueError, match="k = 65"):
+        lidar_patches(jnp.zeros((4, 3)), BEVGrid(), 16, 65)
+    with pytest.raises(ValueError, match="not divisible by patch 24"):
+        lidar_patches(jnp.zeros((4, 3)), BEVGrid(), 24, 4)
+
+
+def test_sparse_policy_features_are_the_encoders_on_the_kept_patches(tmp_path, phase1):
+    """The policy's features from the sparse lidar equal the pretrained encoders run as in
+    pretraining on those visible patches: ModalityViT(bev, ids_keep) → fusion → mean."""
+    from rl.envs.adapter import ObservationAdapter
+    from rl.factory import make_agent
+    from train.heads import masked_mean
+
+    cfg = _rl_cfg(tmp_path, phase1, "model.lidar_tokens=6", "model.modalities=['lidar', 'imu']")
+    model, featurize, _ = make_agent(cfg, 0)
+    rng = np.random.default_rng(2)
+    n = 4
+    raw = {"lidar": _scans(rng, n), "pose": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "velocity": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32)}
+    obs = jax.vmap(featurize)(raw)
+    assert set(obs) == {"lidar_patches", "lidar_ids", "imu", "present"}
+    got = model.features(obs)
+    full = jax.vmap(ObservationAdapter(model.mae.pre, world_scale=10.0).jax)(raw)
+    mae = model.mae
+    tokens = {"lidar": mae.encoders["lidar"](full["lidar"], obs["lidar_ids"]),
+              "imu": mae.encoders["imu"](full["imu"])}
+    fused, valid = mae.fusion(tokens, full["present"])
+    want = masked_mean(fused.astype(jnp.float32), valid)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # and not the features of all patches
+    assert float(jnp.abs(got - model.features(full)).max()) > 1e-4

@@ -47,8 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from etl.config import PreprocessConfig
-from etl.preprocess import G, bev_lidar, preprocess_rgb, scan_to_points
+from etl.config import BEVGrid, PreprocessConfig
+from etl.preprocess import G, _cell_index, _log_density, bev_lidar, preprocess_rgb, scan_to_points
 from etl.schema import IMAGENET_MEAN, IMAGENET_STD, MODALITY_INDEX, empty_sample, sample_spec
 from rl.envs import spec
 
@@ -189,6 +189,72 @@ class ObservationAdapter:
             out["time"] = jnp.reshape(jnp.asarray(obs["time"]), (-1,))[0].astype(out["time"].dtype)
         out["present"] = jnp.asarray(present)
         return out
+
+
+    def jax_patches(self, obs: dict[str, Any], patch: int, k: int) -> dict[str, Any]:
+        """:meth:`jax` with the lidar BEV replaced by its ``k`` patches of ``patch``² cells
+        that hold the most points: ``lidar_patches`` (k, patch²·2) float32 — exactly
+        ``patchify(bev)`` gathered at ``lidar_ids`` (k,) int32 (:func:`lidar_patches`) — so the
+        full (H, W, 2) grid is never built. ONE observation; vmap it over a batch."""
+        import jax.numpy as jnp
+
+        out = self.jax({key: v for key, v in obs.items() if key != "lidar"})
+        out.pop("lidar")
+        h, w = self.pre.lidar.shape
+        present = out["present"]
+        if "lidar" in obs:
+            pts, valid = scan_to_points(
+                jnp.asarray(obs["lidar"], jnp.float32),
+                jnp.asarray(self._angles(jnp.shape(obs["lidar"])[-1])), z=0.0,
+                scale=self.world_scale, max_range=self.max_range, xp=jnp,
+            )  # fmt: skip
+            out["lidar_patches"], out["lidar_ids"] = lidar_patches(
+                pts, self.pre.lidar, patch, k, valid=valid)
+            present = present.at[MODALITY_INDEX["lidar"]].set(1)
+        else:
+            out["lidar_patches"] = jnp.zeros((k, patch * patch * 2), jnp.float32)
+            out["lidar_ids"] = jnp.arange(k, dtype=jnp.int32)
+        out["present"] = present
+        return out
+
+
+def lidar_patches(points, grid: BEVGrid, patch: int, k: int, valid=None):
+    """The ``k`` patches (``patch``² cells each) of :func:`etl.preprocess.bev_lidar`'s grid that
+    hold the most points, built from the points alone (jax.numpy; jit/vmap-able).
+
+    Returns ``(patches (k, patch²·2) float32, ids (k,) int32)``: patch ``ids[i]`` (row-major
+    over the patch grid) has the pixels of ``patchify(bev_lidar(points, grid), patch)[ids[i]]``
+    (rows, then columns, then the two channels) — the same numbers, without building the
+    (H, W, 2) grid, its 2·H·W-cell scatters and its transpose. Empty patches fill the rest when
+    fewer than ``k`` hold a point (ties: lowest id first)."""
+    import jax
+    import jax.numpy as jnp
+
+    h, w = grid.shape
+    if h % patch or w % patch:
+        raise ValueError(f"lidar_patches: BEV grid {h}x{w} is not divisible by patch {patch}")
+    gh, gw = h // patch, w // patch
+    if not 1 <= k <= gh * gw:
+        raise ValueError(f"lidar_patches: k = {k} patches, the grid has {gh * gw}")
+    points = jnp.asarray(points)
+    flat, inside = _cell_index(points, grid, valid, jnp)
+    row, col = flat // w, flat % w
+    pid = jnp.where(inside, (row // patch) * gw + col // patch, gh * gw)
+    per_patch = jnp.zeros(gh * gw + 1, jnp.float32).at[pid].add(1.0)[: gh * gw]
+    _, ids = jax.lax.top_k(per_patch, k)
+    ids = ids.astype(jnp.int32)
+    slot_of = jnp.full(gh * gw + 1, k, jnp.int32).at[ids].set(jnp.arange(k, dtype=jnp.int32))
+    slot = slot_of[pid]
+    cells = patch * patch
+    idx = jnp.where(slot < k, slot * cells + (row % patch) * patch + col % patch, k * cells)
+    keep = inside & (slot < k)
+    count = jnp.zeros(k * cells + 1, jnp.float32).at[idx].add(keep.astype(jnp.float32))
+    zmax = jnp.full(k * cells + 1, -jnp.inf, jnp.float32).at[idx].max(
+        jnp.where(keep, points[:, 2], -jnp.inf))
+    count, zmax = count[: k * cells], zmax[: k * cells]
+    height = jnp.where(count > 0, (zmax - grid.z_min) / (grid.z_max - grid.z_min), 0.0)
+    pix = jnp.stack([_log_density(count, grid, jnp), jnp.clip(height, 0.0, 1.0)], axis=-1)
+    return pix.reshape(k, cells * 2).astype(jnp.float32), ids
 
 
 def resize_weights(n_in: int, n_out: int) -> np.ndarray:
