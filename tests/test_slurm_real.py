@@ -417,6 +417,10 @@ def test_pretrain_two_processes_preempted_requeued_match_one(cluster, dataset, o
     # ... once the node has cleaned up after the first run (its epilog done: "idle"); released
     # any earlier, the same job id can reach slurmd while the old one is still torn down
     cluster.until_idle(300)
+    # ... and once the wall clock has passed the second in which slurmd revoked the first
+    # run's credential: slurmd refuses a credential created in or before that second ("Job
+    # credential revoked", the job FAILED) — the race Slurm's own ~2 min hold exists to avoid
+    time.sleep(2.5)
     cluster.sh("scontrol", "update", f"JobId={job}", "StartTime=now")
     _ok(cluster, cluster.wait(job, JOB_TIMEOUT, log), log)
 
