@@ -616,6 +616,14 @@ def _json_safe(x):
     return x
 
 
+def write_metrics(out: Path, report: dict, pngs: Sequence = ()) -> Path:
+    """``out/metrics.json`` (written last: its presence means the evaluation completed)."""
+    path = out / "metrics.json"
+    path.write_text(json.dumps(_json_safe(report), indent=2))
+    log(f"wrote {path}" + (f" and {len(pngs)} PNGs" if pngs else ""))
+    return path
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name or name)
 
@@ -775,9 +783,7 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
                                      perturbation),
         "results": results, "plots": pngs,
     }  # fmt: skip
-    path = out / "metrics.json"
-    path.write_text(json.dumps(_json_safe(report), indent=2))
-    log(f"wrote {path}" + (f" and {len(pngs)} PNGs" if pngs else ""))
+    write_metrics(out, report, pngs)
     return report
 
 
@@ -871,9 +877,7 @@ def _scripted(args, tracks: list[str], perturbation: Perturbation, command: str)
                                      perturbation),
         "results": results, "plots": pngs,
     }  # fmt: skip
-    path = out / "metrics.json"
-    path.write_text(json.dumps(_json_safe(report), indent=2))
-    log(f"wrote {path}" + (f" and {len(pngs)} PNGs" if pngs else ""))
+    write_metrics(out, report, pngs)
     return 0
 
 

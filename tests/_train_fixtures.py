@@ -218,3 +218,31 @@ def corrupt_step(step_dir: Path, how: str) -> None:
         raise ValueError(how)
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
+
+
+def untrained_checkpoint(runs: Path, data: Path, pre: PreprocessConfig = TINY_PRE,
+                         run_name: str = "r", modalities=("lidar", "imu"), seed: int = 3) -> Path:
+    """A run folder ``runs/run_name`` whose ckpt holds step 1 of a freshly initialised tiny
+    MultimodalMAE (embed 16, one block each) over the dataset ``data``: what the probe and the
+    domain gap read, without the compilation that training it would add."""
+    import dataclasses
+
+    from train import pretrain
+    from train.checkpoint import Checkpointer, config_record
+    from train.config import ModelConfig, PretrainConfig, TrainingConfig
+
+    cfg = PretrainConfig(
+        model=ModelConfig(embed_dim=16, depth=1, num_heads=2, patch_size=8, fusion_depth=1,
+                          decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                          modalities=tuple(modalities)),
+        training=TrainingConfig(seed=seed), run_name=run_name, runs_dir=str(runs))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
+    tx = pretrain.make_optimizer(cfg.training)
+    _, state, _ = pretrain.init_state(cfg, pre, pretrain.default_model()[0], tx)
+    run = Path(runs) / run_name
+    ck = Checkpointer(run / "ckpt", async_save=False)
+    try:
+        ck.save(1, state, {}, config_record(cfg, pre))
+    finally:
+        ck.close()
+    return run

@@ -3,7 +3,6 @@ policy's seam, and the command end to end on a miniature cache and checkpoint.""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -95,25 +94,12 @@ def test_simulator_samples_come_through_the_policy_seam():
 
 
 def test_domain_gap_cli_writes_the_report(tmp_path, capsys):
-    from tests._train_fixtures import TINY_PRE
+    from tests._train_fixtures import TINY_PRE, untrained_checkpoint
     from tests.test_probe import _cache
-    from train import pretrain
-    from train.checkpoint import Checkpointer, config_record
-    from train.config import ModelConfig, PretrainConfig, TrainingConfig
 
     members = [(f"d{i}", "val" if i >= 3 else "train") for i in range(6)]
     data = _cache(tmp_path / "cache", TINY_PRE, members, 6)
-    cfg = PretrainConfig(
-        model=ModelConfig(embed_dim=16, depth=1, num_heads=2, patch_size=8, fusion_depth=1,
-                          decoder_dim=16, decoder_depth=1, decoder_heads=2,
-                          modalities=("lidar", "imu")),
-        training=TrainingConfig(seed=3), run_name="r", runs_dir=str(tmp_path / "runs"))
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
-    tx = pretrain.make_optimizer(cfg.training)
-    _, state, _ = pretrain.init_state(cfg, TINY_PRE, pretrain.default_model()[0], tx)
-    ck = Checkpointer(tmp_path / "runs" / "r" / "ckpt", async_save=False)
-    ck.save(1, state, {}, config_record(cfg, TINY_PRE))
-    ck.close()
+    untrained_checkpoint(tmp_path / "runs", data)
     out = tmp_path / "gap"
     common = ["--ckpt", str(tmp_path / "runs" / "r"), "--tracks", "procedural:0",
               "--samples", "12", "--warmup", "3", "--world-scale", "2", "--boot", "50",

@@ -4,7 +4,6 @@ hand-checked bootstrap intervals, and the free-space target."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -275,27 +274,14 @@ def _cache(out, pre, members, frames):
 
 
 def test_probe_cli_writes_the_report(tmp_path, capsys):
-    from tests._train_fixtures import TINY_PRE
-    from train import pretrain, probe
+    from tests._train_fixtures import TINY_PRE, untrained_checkpoint
+    from train import probe
 
     members = [(f"d{i}", "val" if i >= 4 else "train") for i in range(7)]
     data = _cache(tmp_path / "cache", TINY_PRE, members, 12)
     # a checkpoint of a freshly initialised model (the probe does not care how it was trained;
     # training it here would only add a compilation)
-    from train.checkpoint import Checkpointer, config_record
-    from train.config import ModelConfig, PretrainConfig, TrainingConfig
-
-    cfg = PretrainConfig(
-        model=ModelConfig(embed_dim=16, depth=1, num_heads=2, patch_size=8, fusion_depth=1,
-                          decoder_dim=16, decoder_depth=1, decoder_heads=2,
-                          modalities=("lidar", "imu")),
-        training=TrainingConfig(seed=3), run_name="r", runs_dir=str(tmp_path / "runs"))
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data)))
-    tx = pretrain.make_optimizer(cfg.training)
-    _, state, _ = pretrain.init_state(cfg, TINY_PRE, pretrain.default_model()[0], tx)
-    ck = Checkpointer(tmp_path / "runs" / "r" / "ckpt", async_save=False)
-    ck.save(1, state, {}, config_record(cfg, TINY_PRE))
-    ck.close()
+    untrained_checkpoint(tmp_path / "runs", data)
     out = tmp_path / "rep"
     rc = probe.main(["--ckpt", str(tmp_path / "runs" / "r"), "--boot", "50", "--folds", "2",
                      "--out", str(out), "--batch-size", "4"])

@@ -79,6 +79,20 @@ def _slurm(env, **extra):
             "SLURM_CPUS_PER_TASK": "8", "SLURM_SUBMIT_DIR": str(ROOT), **extra}
 
 
+def _usr1_once_started(args, env, started):
+    """Start ``bash ARGS…``, send the batch shell SIGUSR1 once the fake program has written
+    ``started`` (it is running), and return (returncode, stdout, stderr)."""
+    p = subprocess.Popen(["bash", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not started.exists():
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=30)
+    return p.returncode, out, err
+
+
 @pytest.mark.parametrize("script", [*JOBS, "lib.sh"])
 def test_scripts_parse(script):
     r = subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], capture_output=True,
@@ -119,15 +133,9 @@ def test_pretrain_under_slurm_one_process_per_task_and_requeue_on_usr1(
     env = _slurm(env, SLURM_NTASKS="8", SLURM_NNODES="2", FAKE_WAIT=str(tmp_path / "started"))
     if extra:
         env["RACEFORMER_EXTRA"] = extra
-    p = subprocess.Popen(["bash", "slurm/pretrain.sh", "configs/pretrain_tiny.toml"], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "started").exists():
-        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-        time.sleep(0.05)
-    p.send_signal(signal.SIGUSR1)
-    out, err = p.communicate(timeout=30)
-    assert p.returncode == 3, err
+    code, out, err = _usr1_once_started(["slurm/pretrain.sh", "configs/pretrain_tiny.toml"],
+                                        env, tmp_path / "started")
+    assert code == 3, err
     lines = log.read_text().splitlines()
     assert lines[0].startswith(sync), lines
     assert lines[1].startswith("srun --kill-on-bad-exit=1 uv run --frozen --no-sync python -m "
@@ -170,15 +178,8 @@ def test_etl_array_task_stops_and_requeues_on_usr1(fake, tmp_path):
     env, log = fake
     env = _slurm(env, SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="4", SRC="raw",
                  OUT="cache", FAKE_WAIT=str(tmp_path / "started"))
-    p = subprocess.Popen(["bash", "slurm/etl.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "started").exists():
-        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-        time.sleep(0.05)
-    p.send_signal(signal.SIGUSR1)
-    _, err = p.communicate(timeout=30)
-    assert p.returncode == 3, err
+    code, _, err = _usr1_once_started(["slurm/etl.sh"], env, tmp_path / "started")
+    assert code == 3, err
     lines = log.read_text().splitlines()
     assert lines[0].startswith("uv sync --frozen --inexact |"), lines  # no CUDA for the ETL
     assert "--shard-index 2 --num-shards 4 --no-progress" in lines[1], lines
@@ -191,15 +192,9 @@ def test_pretrain_killed_by_a_signal_after_the_stop_still_requeues(fake, tmp_pat
     rerun resumes from the newest intact checkpoint. Without the stop, a death is a failure."""
     env, log = fake
     env = _slurm(env, RACEFORMER_EXTRA="cpu", FAKE_WAIT=str(tmp_path / "started"), FAKE_DIE="1")
-    p = subprocess.Popen(["bash", "slurm/pretrain.sh", "configs/pretrain_tiny.toml"], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "started").exists():
-        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-        time.sleep(0.05)
-    p.send_signal(signal.SIGUSR1)
-    out, err = p.communicate(timeout=30)
-    assert p.returncode == 3, err
+    code, out, err = _usr1_once_started(["slurm/pretrain.sh", "configs/pretrain_tiny.toml"],
+                                        env, tmp_path / "started")
+    assert code == 3, err
     assert "python died of signal 10 after the stop: requeueing" in out
     assert log.read_text().splitlines()[-1] == "scontrol requeue 123"
 

@@ -154,6 +154,16 @@ class ObservationAdapter:
         return xp.concatenate([gyro, accel]).astype(xp.float32)
 
     # ----------------------------------------------------------------- jax (jit / vmap)
+    def _scan_points_jax(self, scan):
+        """ONE scan → (points in the real-car frame, valid) with jax.numpy (what the numpy
+        path's :meth:`_one` computes): the ETL's own :func:`etl.preprocess.scan_to_points`."""
+        import jax.numpy as jnp
+
+        return scan_to_points(
+            jnp.asarray(scan, jnp.float32), jnp.asarray(self._angles(jnp.shape(scan)[-1])),
+            z=0.0, scale=self.world_scale, max_range=self.max_range, xp=jnp,
+        )  # fmt: skip
+
     def jax(self, obs: dict[str, Any]) -> dict[str, Any]:
         """The same transform on ONE observation with jax.numpy; pure, so ``jax.jit`` and
         ``jax.vmap`` apply (vmap it over a batch). Keys and dtypes as :meth:`__call__`."""
@@ -162,11 +172,7 @@ class ObservationAdapter:
         out: dict[str, Any] = {k: jnp.asarray(v) for k, v in empty_sample(self.pre).items()}
         present = np.zeros(len(out["present"]), np.uint8)
         if "lidar" in obs:
-            pts, valid = scan_to_points(
-                jnp.asarray(obs["lidar"], jnp.float32),
-                jnp.asarray(self._angles(jnp.shape(obs["lidar"])[-1])), z=0.0,
-                scale=self.world_scale, max_range=self.max_range, xp=jnp,
-            )  # fmt: skip
+            pts, valid = self._scan_points_jax(obs["lidar"])
             out["lidar"] = bev_lidar(pts, self.pre.lidar, valid=valid, xp=jnp)
             present[MODALITY_INDEX["lidar"]] = 1
         if "rgb_camera" in obs:
@@ -190,7 +196,6 @@ class ObservationAdapter:
         out["present"] = jnp.asarray(present)
         return out
 
-
     def jax_patches(self, obs: dict[str, Any], patch: int, k: int) -> dict[str, Any]:
         """:meth:`jax` with the lidar BEV replaced by its ``k`` patches of ``patch``² cells
         that hold the most points: ``lidar_patches`` (k, patch²·2) float32 — exactly
@@ -200,14 +205,9 @@ class ObservationAdapter:
 
         out = self.jax({key: v for key, v in obs.items() if key != "lidar"})
         out.pop("lidar")
-        h, w = self.pre.lidar.shape
         present = out["present"]
         if "lidar" in obs:
-            pts, valid = scan_to_points(
-                jnp.asarray(obs["lidar"], jnp.float32),
-                jnp.asarray(self._angles(jnp.shape(obs["lidar"])[-1])), z=0.0,
-                scale=self.world_scale, max_range=self.max_range, xp=jnp,
-            )  # fmt: skip
+            pts, valid = self._scan_points_jax(obs["lidar"])
             out["lidar_patches"], out["lidar_ids"] = lidar_patches(
                 pts, self.pre.lidar, patch, k, valid=valid)
             present = present.at[MODALITY_INDEX["lidar"]].set(1)
