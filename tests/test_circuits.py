@@ -77,7 +77,7 @@ def test_circuit_is_a_ring_with_a_hairpin_and_a_varying_width(tracks):
     assert {np.sign(_signed_area(t.centreline)) for t in tracks.values()} == {-1.0, 1.0}
 
 
-@pytest.mark.parametrize("family", ["circuit", "hairpin"])
+@pytest.mark.parametrize("family", ["circuit", "hairpin", "thinwall"])
 def test_generator_guarantees_over_seeds(family):
     """No compile: the sampled centrelines of many seeds keep their promises (lap length,
     width range, hairpin, corner radius against the width, clearance between parts that
@@ -109,8 +109,28 @@ def test_generator_guarantees_over_seeds(family):
         assert (d[far] >= need[far] - 0.05).all()
         areas.append(_signed_area(pts))
     assert min(areas) < 0 < max(areas)  # clockwise and counter-clockwise both occur
-    if family == "hairpin":  # tighter than "circuit" can ever be (its corners are >= 2.5 m)
+    if family in ("hairpin", "thinwall"):  # tighter than "circuit" can be (corners >= 2.5 m)
         assert np.median(tightest) < 2.0, tightest
+    thinnest = [_thinnest_wall(*procedural.circuit_centreline(seed, P)[:2], P.wall_gap)
+                for seed in range(12)]
+    if family == "thinwall":  # every lap runs beside a dividing wall thinner than 0.6 m
+        assert max(thinnest) < 0.6, thinnest
+    else:  # the others keep their 1 m wall gap between parts of the lap
+        assert min(thinnest) > P.wall_gap - 0.05, thinnest
+
+
+def _thinnest_wall(pts: np.ndarray, w: np.ndarray, wall_gap: float) -> float:
+    """The thinnest wall (m, road edge to road edge) between two parts of a closed centreline
+    that are not adjacent (more than π/2 × their clearance apart along the lap, + 1 m)."""
+    q, wq = pts[::4], w[::4]
+    step = float(np.linalg.norm(pts[1] - pts[0])) * 4
+    s = np.arange(len(q)) * step
+    lap = len(q) * step
+    sep = np.abs(s[:, None] - s[None])
+    sep = np.minimum(sep, lap - sep)
+    half = (wq[:, None] + wq[None]) / 2
+    gap = np.linalg.norm(q[:, None] - q[None], axis=-1) - half
+    return float(gap[sep > np.pi / 2 * (half + wall_gap) + 1.0].min())
 
 
 def test_same_seed_same_bytes_other_seed_differs(tracks, tmp_path):

@@ -250,6 +250,13 @@ class RaceCircuitParams:
     # 1 compiles ~4x faster, for pools of thousands, and differs from 3 in ~0.2 % of the
     # drivable pixels (the walls' edges, a pixel either way)
     compile_sub: int = 3
+    # the random stream a family's seeds draw from (with the seed and CIRCUIT_VERSION): a
+    # family that only loosens a constraint would otherwise repeat another's tracks seed for
+    # seed (every lap admissible under a 1 m wall gap is admissible under a thinner one too)
+    stream: int = 7
+    # required, if set: (t, l) — somewhere along the lap a dividing wall thinner than t m
+    # between parts of the track that are not adjacent, over at least l m of road
+    thin_wall: tuple[float, float] | None = None
 
 
 def _unit(v):
@@ -459,14 +466,22 @@ def _admissible(lap: _Lap, p: RaceCircuitParams, ds: float = 0.4) -> bool:
     sep = np.abs(s[:, None] - s[None])
     sep = np.minimum(sep, lap.length - sep)
     need = (w[:, None] + w[None]) / 2 + p.wall_gap
-    return not np.any((d < need) & (sep > np.pi / 2 * need))
+    apart = sep > np.pi / 2 * need
+    if np.any((d < need) & apart):
+        return False
+    if p.thin_wall is not None:  # road beside a wall thinner than t: enough arc of it
+        t, length = p.thin_wall
+        beside = np.any((d < need - p.wall_gap + t) & apart, axis=1)
+        return beside.sum() * (lap.length / n) >= length
+    return True
 
 
 def _circuit_laps(seed: int, p: RaceCircuitParams):
     """Admissible laps of `seed`, one after the other (deterministic): (lap, start arc
     length). About one polygon in two or three is admissible."""
-    # the trailing 7 keeps this family's streams apart from the star-shaped families'
-    rng = np.random.default_rng(np.random.SeedSequence([seed, CIRCUIT_VERSION, 7]))
+    # the stream (7 by default) keeps these families' draws apart from the star-shaped
+    # families' and from each other's
+    rng = np.random.default_rng(np.random.SeedSequence([seed, CIRCUIT_VERSION, p.stream]))
     for _ in range(10_000):
         verts, widths, radii, r_max = _circuit_polygon(rng, p)
         if rng.random() < 0.5:  # clockwise: mirror the counter-clockwise polygon
@@ -553,6 +568,16 @@ FAMILIES = {
     "hairpin": RaceCircuitParams(min_radius=1.0, fold_margin=0.2, hairpin_width=2.5,
                                  mean_width=(1.8, 3.6), hairpin=(170.0, 9.0),
                                  target_lap=(55.0, 140.0), lap=(50.0, 150.0), compile_sub=1),
+    # "thinwall": "hairpin" with the thin dividing walls real circuits have between parts of
+    # the lap that run side by side — berlin's are 0.2-0.6 m thick, montreal's and torino's
+    # down to 0.1 m (the maps' drivable areas), "hairpin"'s never under its 1 m wall gap —
+    # and hairpin tips whose inner wall folds to 0.1 m. Each lap has ≥ 4 m of road beside a
+    # wall thinner than 0.6 m (9 of seeds 0-9 compile to one; seed 9 to 0.76 m); own stream
+    "thinwall": RaceCircuitParams(min_radius=1.0, fold_margin=0.1, wall_gap=0.15,
+                                  thin_wall=(0.6, 4.0),
+                                  hairpin_width=2.5, mean_width=(1.8, 3.6), hairpin=(170.0, 9.0),
+                                  target_lap=(55.0, 140.0), lap=(50.0, 150.0), compile_sub=1,
+                                  stream=8),
 }
 
 
