@@ -77,7 +77,7 @@ def test_circuit_is_a_ring_with_a_hairpin_and_a_varying_width(tracks):
     assert {np.sign(_signed_area(t.centreline)) for t in tracks.values()} == {-1.0, 1.0}
 
 
-@pytest.mark.parametrize("family", ["circuit", "hairpin", "thinwall"])
+@pytest.mark.parametrize("family", ["circuit", "hairpin", "thinwall", "bays"])
 def test_generator_guarantees_over_seeds(family):
     """No compile: the sampled centrelines of many seeds keep their promises (lap length,
     width range, hairpin, corner radius against the width, clearance between parts that
@@ -109,14 +109,44 @@ def test_generator_guarantees_over_seeds(family):
         assert (d[far] >= need[far] - 0.05).all()
         areas.append(_signed_area(pts))
     assert min(areas) < 0 < max(areas)  # clockwise and counter-clockwise both occur
-    if family in ("hairpin", "thinwall"):  # tighter than "circuit" can be (corners >= 2.5 m)
+    if family in ("hairpin", "thinwall", "bays"):  # tighter than "circuit" (corners >= 2.5 m)
         assert np.median(tightest) < 2.0, tightest
     thinnest = [_thinnest_wall(*procedural.circuit_centreline(seed, P)[:2], P.wall_gap)
                 for seed in range(12)]
-    if family == "thinwall":  # every lap runs beside a dividing wall thinner than 0.6 m
+    if P.thin_wall:  # every lap runs beside a dividing wall thinner than 0.6 m
         assert max(thinnest) < 0.6, thinnest
     else:  # the others keep their 1 m wall gap between parts of the lap
         assert min(thinnest) > P.wall_gap - 0.05, thinnest
+
+
+def test_bays_are_pockets_off_the_outer_wall_of_corners():
+    """Each bay replaces a stretch of one wall by a straight run on from a corner's entry and
+    a line back: every new wall point lies off the road (outside it or on its edge), at least
+    wall_gap from every part of the track that is not adjacent, and bays are cut on most
+    seeds, on the outer side of left and of right turns alike."""
+    P = procedural.FAMILIES["bays"]
+    cut = {0: 0, 1: 0}
+    for seed in range(8):
+        lap, s0 = next(procedural._circuit_laps(seed, P))
+        pts, w, th = procedural._placed(lap, s0, P)
+        nrm = np.stack([-np.sin(th), np.cos(th)], 1) * (w / 2)[:, None]
+        old = [pts + nrm, pts - nrm]
+        rng = np.random.default_rng(seed)
+        new = procedural._with_bays(rng, lap, s0, pts, w, th, old, P)
+        for side in (0, 1):
+            added = new[side][~(new[side][:, None] == old[side][None]).all(-1).any(1)]
+            if not len(added):
+                continue
+            cut[side] += 1
+            edge = np.linalg.norm(added[:, None] - pts[None], axis=-1) - w[None] / 2
+            assert edge.min() >= -0.03, (seed, side, edge.min())
+            # a pocket, not a dent: its far end lies >= 0.5 m off the road
+            assert edge.min(1).max() >= 0.5, (seed, side)
+    assert cut[0] >= 2 and cut[1] >= 2, cut
+    # a family without bays keeps its walls
+    H = procedural.FAMILIES["thinwall"]
+    lap, s0 = next(procedural._circuit_laps(0, H))
+    assert H.bays is None
 
 
 def _thinnest_wall(pts: np.ndarray, w: np.ndarray, wall_gap: float) -> float:

@@ -257,6 +257,11 @@ class RaceCircuitParams:
     # required, if set: (t, l) — somewhere along the lap a dividing wall thinner than t m
     # between parts of the track that are not adjacent, over at least l m of road
     thin_wall: tuple[float, float] | None = None
+    # if set: (probability, shortest, longest) — each corner of >= 60° gets, with that
+    # probability, a bay: its outer wall runs on straight for 1.5-4 m before it turns back
+    # to the road, leaving a dead-end pocket where the road seems to go on (berlin's last
+    # corner has one: every lidar policy trained on bay-free circuits drove into it)
+    bays: tuple[float, float, float] | None = None
 
 
 def _unit(v):
@@ -529,8 +534,13 @@ def write_circuit_scene(out: Path, seed: int,
         pts, w, th = _placed(lap, s0, params)
         nrm = np.stack([-np.sin(th), np.cos(th)], 1) * (w / 2)[:, None]
         centre, w_c, _ = _placed(lap, s0, params, params.samples)
+        loops = [pts + nrm, pts - nrm]
+        if params.bays is not None:
+            bay_rng = np.random.default_rng(np.random.SeedSequence([seed, CIRCUIT_VERSION,
+                                                                    params.stream, 1]))
+            loops = _with_bays(bay_rng, lap, s0, pts, w, th, loops, params)
         try:
-            _write_scene_files(out, [pts + nrm, pts - nrm], float(w[0]) / 2, params.resolution,
+            _write_scene_files(out, loops, float(w[0]) / 2, params.resolution,
                                {"centreline": centre.astype(np.float32),
                                 "width": w_c.astype(np.float32)}, sub=params.compile_sub)
             return out
@@ -539,6 +549,73 @@ def write_circuit_scene(out: Path, seed: int,
             shutil.rmtree(out, ignore_errors=True)
     raise TrackError(f"procedural circuit {seed}: 20 laps in a row did not compile to a "
                      f"ring") from failed
+
+
+def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParams):
+    """The wall loops (left, right) with bays (``p.bays``) cut into the outer wall of corners:
+    from the corner's entry A the wall runs straight on to B (the approach's heading), then
+    back to a point C of the old wall that B sees without crossing the road. A bay is left
+    out where it would come within ``p.wall_gap`` of a part of the track that is not adjacent,
+    where it would reach round the lap's end, or where it would be a dent (< 0.5 m deep)."""
+    prob, shortest, longest = p.bays
+    n = len(pts)
+    ds = lap.length / n
+    left, right = (np.asarray(x) for x in loops)
+    cuts: dict[int, list] = {0: [], 1: []}
+    taken_until = -1
+    corners = np.argsort(np.mod(lap.starts[0::2] - s0, lap.length))
+    for c in corners:
+        if abs(lap.turn[c]) < np.radians(60.0) or rng.random() >= prob:
+            continue
+        k = int(np.mod(lap.starts[2 * c] - s0, lap.length) / ds)
+        side = 1 if lap.turn[c] > 0 else 0  # a left turn's outer wall is the right one
+        wall = (left, right)[side]
+        length = rng.uniform(shortest, longest)
+        reach = int(3 * length / ds)
+        if k <= taken_until or k < 10 or k + reach + 10 >= n:
+            continue
+        a = wall[k]
+        b = a + length * np.array([np.cos(th[k]), np.sin(th[k])])
+        near = slice(max(0, k - 60), min(n, k + reach + 60))
+
+        ok = [j for j in range(k + 2, k + reach) if _off_road(
+            b + np.linspace(0.0, 1.0, 12)[1:-1, None] * (wall[j] - b), pts[near], w[near])]
+        if not ok or not _off_road(a + np.linspace(0.0, 1.0, 12)[1:, None] * (b - a),
+                                   pts[near], w[near]):
+            continue
+        j_max = ok[0]
+        while j_max + 1 in ok:
+            j_max += 1
+        j = k + max(2, int(rng.uniform(0.5, 0.9) * (j_max - k)))
+        poly = np.concatenate([_segment(a, b, p.step), _segment(b, wall[j], p.step)])
+        arc = np.abs(np.arange(n) - k) * ds
+        far = np.minimum(arc, lap.length - arc) > 2 * length + 5.0
+        gap = np.linalg.norm(poly[:, None] - pts[None, far], axis=-1) - w[None, far] / 2
+        if gap.size and gap.min() < p.wall_gap:
+            continue
+        edge = np.linalg.norm(poly[:, None] - pts[None, near], axis=-1) - w[None, near] / 2
+        if edge.min(1).max() < 0.5:  # a pocket the car could drive into, not a dent
+            continue
+        cuts[side].append((k, j, poly))
+        taken_until = j
+    out = []
+    for side, wall in enumerate((left, right)):
+        for k, j, poly in sorted(cuts[side], key=lambda x: -x[0]):
+            wall = np.concatenate([wall[:k], poly, wall[j + 1:]])
+        out.append(wall)
+    return out
+
+
+def _off_road(q, pts, w, margin: float = -0.02) -> bool:
+    """Every point of ``q`` outside the road of centreline ``pts`` (or within ``-margin`` of
+    its edge: a point on the wall counts; widths ``w``)."""
+    return bool((np.linalg.norm(q[:, None] - pts[None], axis=-1) - w[None] / 2).min() > margin)
+
+
+def _segment(a, b, step: float):
+    """Points from a to b (a included, b not), at most ``step`` apart."""
+    m = max(1, int(np.ceil(np.linalg.norm(b - a) / step)))
+    return a + np.arange(m)[:, None] / m * (b - a)
 
 
 # Named families of circuits: "procedural:<seed>" is the default family,
@@ -578,6 +655,14 @@ FAMILIES = {
                                   hairpin_width=2.5, mean_width=(1.8, 3.6), hairpin=(170.0, 9.0),
                                   target_lap=(55.0, 140.0), lap=(50.0, 150.0), compile_sub=1,
                                   stream=8),
+    # "bays": "thinwall" whose corners of >= 60° each have, one time in two, a dead-end
+    # pocket off their outer wall 1.5-4 m deep, where the road seems to go on (berlin's
+    # last corner; _with_bays); its own stream
+    "bays": RaceCircuitParams(min_radius=1.0, fold_margin=0.1, wall_gap=0.15,
+                              thin_wall=(0.6, 4.0), bays=(0.5, 1.5, 4.0),
+                              hairpin_width=2.5, mean_width=(1.8, 3.6), hairpin=(170.0, 9.0),
+                              target_lap=(55.0, 140.0), lap=(50.0, 150.0), compile_sub=1,
+                              stream=9),
 }
 
 
