@@ -213,7 +213,7 @@ def why_missing(layout: Layout, by_name: dict[str, Unit], name: str) -> str:
     if m is not None and m.get("status") == "failed":
         return f"{name} failed: {m.get('error') or 'exit code ' + str(m.get('code'))}"
     if m is not None and m.get("status") == "running":
-        return f"{name} was interrupted (started, never finished)"
+        return f"{name} started and has not finished (still running, or interrupted)"
     for need in by_name[name].needs if name in by_name else ():
         nm = marker(layout, need)
         if nm is None or nm.get("status") != "done":
