@@ -260,7 +260,7 @@ class RaceCircuitParams:
     # if set: (probability, shortest, longest) — each corner of >= 60° gets, with that
     # probability, a bay: its outer wall runs on straight for 1.5-4 m before it turns back
     # to the road, leaving a dead-end pocket where the road seems to go on (berlin's last
-    # corner has one: every lidar policy trained on bay-free circuits drove into it)
+    # corner has one: lidar policies trained on bay-free circuits end their laps there)
     bays: tuple[float, float, float] | None = None
 
 
