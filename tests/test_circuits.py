@@ -119,13 +119,17 @@ def test_generator_guarantees_over_seeds(family):
         assert min(thinnest) > P.wall_gap - 0.05, thinnest
 
 
-def test_bays_are_pockets_off_the_outer_wall_of_corners():
+@pytest.mark.parametrize("family", ["bays", "culdesac"])
+def test_bays_are_pockets_off_the_outer_wall_of_corners(family):
     """Each bay replaces a stretch of one wall by a straight run on from a corner's entry and
     a line back: every new wall point lies off the road (outside it or on its edge), at least
     wall_gap from every part of the track that is not adjacent, and bays are cut on most
-    seeds, on the outer side of left and of right turns alike."""
-    P = procedural.FAMILIES["bays"]
+    seeds, on the outer side of left and of right turns alike. "culdesac"'s pockets keep
+    the road's width to their end: 0.5 m beyond the road they are ~1 m wide or more, where
+    "bays"' wedges have mostly narrowed to a point."""
+    P = procedural.FAMILIES[family]
     cut = {0: 0, 1: 0}
+    widths: list[float] = []
     for seed in range(8):
         lap, s0 = next(procedural._circuit_laps(seed, P))
         pts, w, th = procedural._placed(lap, s0, P)
@@ -142,7 +146,37 @@ def test_bays_are_pockets_off_the_outer_wall_of_corners():
             assert edge.min() >= -0.03, (seed, side, edge.min())
             # a pocket, not a dent: its far end lies >= 0.5 m off the road
             assert edge.min(1).max() >= 0.5, (seed, side)
+            widths += _pocket_widths(new[side], old[side], pts, w, 0.5)
     assert cut[0] >= 2 and cut[1] >= 2, cut
+    if P.bay_width > 0:  # seeds 0-7: median 1.1 m (bays: 0.54 m)
+        assert np.median(widths) >= 1.0 and min(widths) >= 0.5, widths
+    else:
+        assert np.median(widths) < 0.7, widths
+
+
+def _pocket_widths(new_wall, old_wall, pts, w, beyond: float) -> list[float]:
+    """Each pocket that ``new_wall`` cuts into ``old_wall`` (a run of new points, with the
+    stretch of old wall it replaced): twice the largest clearance to the new wall at points
+    inside it and ``beyond`` m or more off the road — the pocket's width at that depth."""
+    from matplotlib.path import Path as Polygon
+
+    def index_in_old(q):
+        return int(np.flatnonzero((old_wall == q).all(-1))[0])
+
+    added = ~(new_wall[:, None] == old_wall[None]).all(-1).any(1)
+    widths = []
+    idx = np.flatnonzero(added)
+    for run in np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1) if len(idx) else []:
+        a, b = index_in_old(new_wall[run[0] - 1]), index_in_old(new_wall[run[-1] + 1])
+        ring = np.concatenate([new_wall[run[0] - 1:run[-1] + 2], old_wall[a + 1:b][::-1]])
+        lo, hi = ring.min(0), ring.max(0)
+        g = np.stack(np.meshgrid(*(np.arange(u, v, 0.05) for u, v in zip(lo, hi, strict=True))),
+                     -1).reshape(-1, 2)
+        g = g[Polygon(ring).contains_points(g)]
+        g = g[(np.linalg.norm(g[:, None] - pts[None], axis=-1) - w[None] / 2).min(1) >= beyond]
+        widths.append(0.0 if not len(g) else
+                      2 * float(np.linalg.norm(g[:, None] - new_wall[None], axis=-1).min(1).max()))
+    return widths
 
 
 def _thinnest_wall(pts: np.ndarray, w: np.ndarray, wall_gap: float) -> float:

@@ -262,6 +262,11 @@ class RaceCircuitParams:
     # to the road, leaving a dead-end pocket where the road seems to go on (berlin's last
     # corner has one: lidar policies trained on bay-free circuits end their laps there)
     bays: tuple[float, float, float] | None = None
+    # a bay's dead end: 0 — its wall turns straight back to the road (a wedge that narrows to
+    # a point); f > 0 — it first runs across, f × the road's width toward the corner's inside,
+    # so the pocket keeps the approach's width to its end (berlin's pocket is such a box,
+    # ~1.5 m wide and ~2.5 m deep; where the full width does not fit, 0.8 f, then 0.6 f)
+    bay_width: float = 0.0
 
 
 def _unit(v):
@@ -553,8 +558,9 @@ def write_circuit_scene(out: Path, seed: int,
 
 def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParams):
     """The wall loops (left, right) with bays (``p.bays``) cut into the outer wall of corners:
-    from the corner's entry A the wall runs straight on to B (the approach's heading), then
-    back to a point C of the old wall that B sees without crossing the road. A bay is left
+    from the corner's entry A the wall runs straight on to B (the approach's heading), across
+    to E (``p.bay_width`` of the road's width toward the corner's inside; E = B where it is
+    0), then back to a point C of the old wall that E sees without crossing the road. A bay is left
     out where it would come within ``p.wall_gap`` of a part of the track that is not adjacent,
     where it would reach round the lap's end, or where it would be a dent (< 0.5 m deep)."""
     prob, shortest, longest = p.bays
@@ -577,23 +583,37 @@ def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParam
         a = wall[k]
         b = a + length * np.array([np.cos(th[k]), np.sin(th[k])])
         near = slice(max(0, k - 60), min(n, k + reach + 60))
-
+        if not _off_road(a + np.linspace(0.0, 1.0, 12)[1:, None] * (b - a), pts[near], w[near]):
+            continue
+        # the dead end's corner e: across toward the inside (bay_width), or b itself
+        inside = np.sign(lap.turn[c]) * np.array([-np.sin(th[k]), np.cos(th[k])])
+        e = b
+        for f in (1.0, 0.8, 0.6) if p.bay_width > 0 else ():
+            e = b + f * p.bay_width * w[k] * inside
+            if _off_road(b + np.linspace(0.0, 1.0, 12)[1:, None] * (e - b), pts[near], w[near]):
+                break
+        else:
+            if p.bay_width > 0:
+                continue
         ok = [j for j in range(k + 2, k + reach) if _off_road(
-            b + np.linspace(0.0, 1.0, 12)[1:-1, None] * (wall[j] - b), pts[near], w[near])]
-        if not ok or not _off_road(a + np.linspace(0.0, 1.0, 12)[1:, None] * (b - a),
-                                   pts[near], w[near]):
+            e + np.linspace(0.0, 1.0, 12)[1:-1, None] * (wall[j] - e), pts[near], w[near])]
+        if not ok:
             continue
         j_max = ok[0]
         while j_max + 1 in ok:
             j_max += 1
         j = k + max(2, int(rng.uniform(0.5, 0.9) * (j_max - k)))
-        poly = np.concatenate([_segment(a, b, p.step), _segment(b, wall[j], p.step)])
+        path = [a, b, e] if p.bay_width > 0 else [a, b]
+        poly = np.concatenate([_segment(u, v, p.step)
+                               for u, v in zip(path, [*path[1:], wall[j]], strict=True)])
         arc = np.abs(np.arange(n) - k) * ds
         far = np.minimum(arc, lap.length - arc) > 2 * length + 5.0
         gap = np.linalg.norm(poly[:, None] - pts[None, far], axis=-1) - w[None, far] / 2
         if gap.size and gap.min() < p.wall_gap:
             continue
-        edge = np.linalg.norm(poly[:, None] - pts[None, near], axis=-1) - w[None, near] / 2
+        edge = np.linalg.norm(poly[:, None] - pts[None], axis=-1) - w[None] / 2
+        if edge.min() < -0.02:  # cuts the road between the points checked above
+            continue
         if edge.min(1).max() < 0.5:  # a pocket the car could drive into, not a dent
             continue
         cuts[side].append((k, j, poly))
@@ -663,6 +683,14 @@ FAMILIES = {
                               hairpin_width=2.5, mean_width=(1.8, 3.6), hairpin=(170.0, 9.0),
                               target_lap=(55.0, 140.0), lap=(50.0, 150.0), compile_sub=1,
                               stream=9),
+    # "culdesac": "bays" whose pockets keep the approach road's width to their flat dead end
+    # (bay_width 1), the shape of berlin's last corner, where "bays"' wedges narrowing to a
+    # point left 5 seeds of 6 driving into berlin's pocket; its own stream
+    "culdesac": RaceCircuitParams(min_radius=1.0, fold_margin=0.1, wall_gap=0.15,
+                                  thin_wall=(0.6, 4.0), bays=(0.5, 1.5, 4.0), bay_width=1.0,
+                                  hairpin_width=2.5, mean_width=(1.8, 3.6),
+                                  hairpin=(170.0, 9.0), target_lap=(55.0, 140.0),
+                                  lap=(50.0, 150.0), compile_sub=1, stream=10),
 }
 
 
