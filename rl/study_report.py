@@ -221,6 +221,25 @@ def why_missing(layout: Layout, by_name: dict[str, Unit], name: str) -> str:
     return f"{name} not run"
 
 
+def missing_lines(missing: list[dict[str, str]]) -> list[str]:
+    """The report's list of missing units, one line per reason: a run and those of its
+    evaluations missing for the same reason read "`train/<run>` and its N evaluations"."""
+    by_reason: dict[str, list[str]] = {}
+    for m in missing:
+        by_reason.setdefault(m["reason"], []).append(m["unit"])
+    lines = []
+    for reason, names in by_reason.items():
+        trains = [u for u in names if u.startswith("train/")]
+        evals = [u for u in names if u.startswith("eval/")]
+        if len(trains) == 1 and len(trains) + len(evals) == len(names) and all(
+                u.split("/")[1] == trains[0].split("/")[1] for u in evals):
+            tail = f" and its {len(evals)} evaluation{'s' * (len(evals) != 1)}" if evals else ""
+            lines.append(f"- `{trains[0]}`{tail}: {reason}")
+        else:
+            lines.append("- " + ", ".join(f"`{u}`" for u in names) + f": {reason}")
+    return lines
+
+
 # =========================================================================== the report
 def collect(cfg: StudyConfig, base: RLConfig) -> dict[str, Any]:
     """Every run's numbers from disk, and what is missing (each with its reason)."""
@@ -627,8 +646,8 @@ def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str
     L += ["## Missing or failed", ""]
     if data["missing"]:
         L += [f"{len(data['missing'])} units have no result (left out of the aggregates "
-              "above):", ""]
-        L += [f"- `{m['unit']}`: {m['reason']}" for m in data["missing"]]
+              "above; report.json lists each):", ""]
+        L += missing_lines(data["missing"])
     else:
         L.append("Nothing: every run and evaluation is in.")
     L += ["", "## Every run", "", "| arm | seed | laps (train) | clean | AUC | first lap at | "

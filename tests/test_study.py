@@ -262,7 +262,10 @@ def test_report_on_fake_runs(fake_study):
     assert missing["eval/scratch_s1/unseen"] == "eval/scratch_s1/unseen not run"
     assert len(missing) == 5
     md = (lay.root / "report.md").read_text()
-    assert "eval/scratch_s1/unseen" in md and "out of memory" in md
+    # one line a reason: the failed run with its 3 evaluations, the lone missing evaluation
+    assert "- `train/pretrained_frozen_s2` and its 3 evaluations: train/pretrained_frozen_s2 " \
+        "failed" in md and "out of memory" in md
+    assert "- `eval/scratch_s1/unseen`: eval/scratch_s1/unseen not run" in md
     assert "| pretrained, frozen | 2/3 |" in md
     assert json.loads((lay.root / "report.json").read_text())["aggregate"] == json.loads(
         json.dumps(rec["aggregate"]))
@@ -440,7 +443,8 @@ def test_cli_task_list_count_and_report_stage(tmp_path, capsys):
     # the report of a study with no result on disk: every run named as missing, no crash
     assert st.main(["--config", str(toml), "--stage", "report"], runner=StubRunner()) == 0
     md = (lay.root / "report.md").read_text()
-    assert "`train/pretrained_frozen_s2`: train/pretrained_frozen_s2 not run" in md
+    assert ("`train/pretrained_frozen_s2` and its 3 evaluations: train/pretrained_frozen_s2 "
+            "not run") in md
     rec = json.loads((lay.root / "report.json").read_text())
     assert rec["meta"]["config_hash"] and rec["meta"]["commit"]
     assert st.main(["--config", str(toml), "--list"]) == 0
