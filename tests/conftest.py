@@ -26,11 +26,20 @@ import pytest  # noqa: E402  (after the cache setup above, which must precede JA
 
 
 @pytest.fixture(scope="module")
-def track(tmp_path_factory):
+def private_track_cache(tmp_path_factory):
+    """RACEFORMER_CACHE pointed at a fresh folder for the module's tests (tracks they build
+    land there, not in the user's cache); a module takes it with
+    ``pytestmark = pytest.mark.usefixtures("private_track_cache")``."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("rfcache")
+    mp.setenv("RACEFORMER_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def track(private_track_cache):
     """procedural:0, built into a private cache folder (a test file may define its own)."""
     from rl.tracks import load_track
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RACEFORMER_CACHE", str(tmp_path_factory.mktemp("rfcache")))
-    yield load_track("procedural:0")
-    mp.undo()
+    return load_track("procedural:0")

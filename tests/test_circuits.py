@@ -14,16 +14,11 @@ SEEDS = (0, 11)  # short laps (small maps, quick compiles), one each way round
 P = procedural.RaceCircuitParams()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RACEFORMER_CACHE", str(tmp_path_factory.mktemp("rfcache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("private_track_cache")
 
 
 @pytest.fixture(scope="module")
-def tracks(_cache):
+def tracks(private_track_cache):
     return {s: load_track(f"procedural:circuit:{s}") for s in SEEDS}
 
 

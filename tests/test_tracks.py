@@ -29,12 +29,7 @@ needs_austria = pytest.mark.skipif(not (DATA / "austria.zip").exists(),
                                    reason=f"racecar_gym scenes absent: {DATA}/austria.zip")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RACEFORMER_CACHE", str(tmp_path_factory.mktemp("rfcache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("private_track_cache")
 
 
 @pytest.fixture(scope="module")
