@@ -416,14 +416,22 @@ def _traces_from_jax(first: dict, recs: dict) -> list[tuple[dict, str]]:
 def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
                 terminate_on_collision=False, camera=False,
                 actuator="motor", *, sensors: dict | None = None,
-                policy_args: tuple = (), car: str = "kinematic") -> list[tuple[dict, str]]:
+                policy_args: tuple = (), car: str = "kinematic",
+                start: tuple[float, float, float] | None = None) -> list[tuple[dict, str]]:
     """All episodes of one track in the JAX backend as one jitted, vmapped scan; the lidar's
     ``sensors`` settings changed where given (:meth:`Perturbation.sensors`); the policy
-    called ``policy_fn(obs, *policy_args)``."""
+    called ``policy_fn(obs, *policy_args)``. ``start``: (x, y, yaw in degrees) to start every
+    episode from, at rest, instead of the grid."""
 
     env = factory.make_sim(_task(time_limit, terminate_on_collision, camera, actuator, car),
                            camera=camera, **(sensors or {}))
     params = make_params(track)
+    if start is not None:
+        x, y, yaw = start
+        trk = track if isinstance(track, Track) else load_track(track)
+        if not trk.value(trk.obstacle_m, x, y) > 0:
+            raise ValueError(f"start ({x:g}, {y:g}) is not on the road of track {trk.name!r}")
+        params = params._replace(grid_pose=jnp.asarray([x, y, math.radians(yaw)], jnp.float32))
     n_physics = int(round(time_limit / PHYSICS_DT))
     n_policy = -(-n_physics // action_repeat)
     keys = jnp.stack([_episode_key(int(s)) for s in seeds])
@@ -525,7 +533,8 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
                     terminate_on_collision: bool = False, camera: bool = False,
                     rollout: str = "auto", actuator: str = "motor",
                     sensors: dict | None = None, policy_args: tuple = (),
-                    car: str = "kinematic") -> dict[str, Any]:
+                    car: str = "kinematic",
+                    start: tuple[float, float, float] | None = None) -> dict[str, Any]:
     """Run ``episodes`` grid-start episodes of ``policy_fn`` (one obs dict → action) on
     ``track`` (a name, path, ``procedural:<seed>`` or :class:`rl.tracks.Track`).
 
@@ -534,12 +543,16 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
     (scan for the JAX backend, falling back to the host loop for an untraceable policy).
     ``sensors``: the JAX simulator's lidar settings a :class:`Perturbation` changes (JAX
     backend only). ``policy_args``: the policy is called ``policy_fn(obs, *policy_args)``
-    (:func:`make_act`'s checkpoint arrays; they are jit arguments of the scan).
+    (:func:`make_act`'s checkpoint arrays; they are jit arguments of the scan). ``start``:
+    (x, y, yaw°) instead of the grid (JAX backend's scan only; :func:`rollout_jax`).
     Returns ``{"track", "backend", "episodes": [metrics…], "aggregate": {…},
     "traces": [{time, x, y, speed, lap, total, collision} arrays…]}``."""
     if sensors and backend != "jax":
         raise ValueError(f"lidar perturbations {sorted(sensors)}: the JAX backend's simulator "
                          f"only, not {backend!r}")
+    if start is not None and (backend != "jax" or rollout == "host"):
+        raise ValueError(f"a start pose: the JAX backend's scan only, not {backend!r} "
+                         f"({rollout} rollout)")
     trk = track if isinstance(track, Track) else load_track(track)
     seeds = [seed + i for i in range(episodes)]
     t0 = time.perf_counter()
@@ -548,11 +561,11 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
         try:
             results = rollout_jax(policy_fn, trk, seeds, time_limit, action_repeat,
                                   terminate_on_collision, camera, actuator, sensors=sensors,
-                                  policy_args=policy_args, car=car)  # fmt: skip
+                                  policy_args=policy_args, car=car, start=start)  # fmt: skip
             used = "scan"
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                 jax.errors.TracerIntegerConversionError, TypeError) as e:  # fmt: skip
-            if rollout == "scan":
+            if rollout == "scan" or start is not None:
                 raise
             log(f"policy is not traceable ({type(e).__name__}); host loop instead")
     if results is None:
@@ -689,7 +702,9 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                  camera: bool, actuator: str, perturbation: Perturbation | None = None,
                  policy_args: tuple = (), out: Path | None = None,
                  line_driver: bool = False, sensors: dict | None = None,
-                 car: str = "kinematic") -> tuple[dict[str, Any], list[str]]:
+                 car: str = "kinematic",
+                 start: tuple[float, float, float] | None = None
+                 ) -> tuple[dict[str, Any], list[str]]:
     """Every collision mode × track of the protocol: ``(results, pngs)``, ``results[mode] =
     {"tracks": {name: result}, "overall": …}``; trajectory PNGs into ``out`` (None: none).
     ``line_driver``: the policy is rl.plan's line follower, made per track. ``sensors``: JAX
@@ -709,7 +724,7 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                                   episodes, time_limit, seed, action_repeat=action_repeat,
                                   terminate_on_collision=term, camera=camera,
                                   actuator=actuator, sensors=sensors,
-                                  policy_args=policy_args, car=car)  # fmt: skip
+                                  policy_args=policy_args, car=car, start=start)  # fmt: skip
             log(summary_line(res))
             if out is not None:
                 pngs.append(str(plot_trajectories(
@@ -722,10 +737,13 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
 
 def _protocol_record(cfg: RLConfig, episodes: int, time_limit: float, seed: int,
                      modes: dict[str, bool], repeat: int,
-                     perturbation: Perturbation) -> dict[str, Any]:
+                     perturbation: Perturbation,
+                     start: tuple[float, float, float] | None = None) -> dict[str, Any]:
     return {
         "episodes": episodes, "time_limit_s": time_limit, "laps": BIG_LAPS,
-        "start": "grid", "action": "deterministic: clip(Gaussian mean, -1, 1)",
+        "start": "grid" if start is None else dict(zip(("x", "y", "yaw_deg"), start,
+                                                       strict=True)),
+        "action": "deterministic: clip(Gaussian mean, -1, 1)",
         "actuator": cfg.env.actuator, "car": cfg.env.car,
         "action_repeat": repeat, "seeds": [seed + i for i in range(episodes)],
         "seed_note": "episode i uses seed + i; with a deterministic policy and the grid "
@@ -743,7 +761,8 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
                         episodes: int = 10, time_limit: float | None = None, seed: int = 0,
                         collision: str = "both", action_repeat: int | None = None,
                         perturbation: Perturbation | None = None, plots: bool = True,
-                        cache: PolicyCache | None = None, command: str = "") -> dict[str, Any]:
+                        cache: PolicyCache | None = None, command: str = "",
+                        start: tuple[float, float, float] | None = None) -> dict[str, Any]:
     """The protocol for one PPO checkpoint (default: its latest step) on ``tracks``; writes
     ``out/metrics.json`` (last: its presence means the evaluation completed) and, with
     ``plots``, the PNGs; returns the report. ``cache``: see :class:`PolicyCache`."""
@@ -768,7 +787,7 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
                                  actuator=cfg.env.actuator, car=cfg.env.car,
                                  perturbation=perturbation,
                                  policy_args=args, out=out if plots else None,
-                                 sensors=sensors)  # fmt: skip
+                                 sensors=sensors, start=start)  # fmt: skip
     run_dir = ckpt.parent
     if plots and (run_dir / "metrics.jsonl").exists():
         p = plot_learning_curves(run_dir / "metrics.jsonl", out / "learning_curves.png")
@@ -780,11 +799,21 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
         "trained_backend": cfg.env.backend, "trained_track": cfg.env.track,
         "sensors": sensors,
         "protocol": _protocol_record(cfg, episodes, time_limit, seed, modes, repeat,
-                                     perturbation),
+                                     perturbation, start),
         "results": results, "plots": pngs,
     }  # fmt: skip
     write_metrics(out, report, pngs)
     return report
+
+
+def _pose(text: str) -> tuple[float, float, float]:
+    """``X,Y,YAW`` (m, m, degrees) of ``--start``."""
+    try:
+        x, y, yaw = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: three numbers X,Y,YAW (m, m, degrees)") from None
+    return x, y, yaw
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -813,6 +842,10 @@ def _main(argv: list[str] | None = None) -> int:
                     help="robustness: fraction of rays that return nothing (JAX backend)")
     ap.add_argument("--imu-absent", action="store_true",
                     help="robustness: no IMU (velocity, acceleration) reaches the policy")
+    ap.add_argument("--start", type=_pose, metavar="X,Y,YAW",
+                    help="start every episode at rest from this pose (m, m, degrees) instead "
+                         "of the grid (JAX backend): how a policy handles one place of a "
+                         "track; negative numbers: --start=-0.5,-7.5,90")
     ap.add_argument("--out", help="output folder (default runs/<run>/eval)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -831,7 +864,8 @@ def _main(argv: list[str] | None = None) -> int:
                                 episodes=args.episodes, time_limit=args.time_limit,
                                 seed=args.seed, collision=args.collision,
                                 action_repeat=args.action_repeat, perturbation=perturbation,
-                                plots=not args.no_plots, command=command)  # fmt: skip
+                                plots=not args.no_plots, command=command,
+                                start=args.start)  # fmt: skip
             return 0
         if perturbation.imu_absent:
             print("rl.evaluate: --imu-absent: a trained policy's input (--ckpt), not a "
@@ -867,14 +901,14 @@ def _scripted(args, tracks: list[str], perturbation: Perturbation, command: str)
                                  actuator=cfg.env.actuator, car=cfg.env.car,
                                  perturbation=perturbation,
                                  out=None if args.no_plots else out,
-                                 line_driver=driver == "line")  # fmt: skip
+                                 line_driver=driver == "line", start=args.start)  # fmt: skip
     report = {
         "command": command, "backend": backend,
         "policy": "scripted line follower (rl.drivers)" if driver == "line"
                   else f"scripted gap follower ({driver}, rl.drivers)",
         "checkpoint_step": None,
         "protocol": _protocol_record(cfg, args.episodes, time_limit, args.seed, modes, repeat,
-                                     perturbation),
+                                     perturbation, args.start),
         "results": results, "plots": pngs,
     }  # fmt: skip
     write_metrics(out, report, pngs)

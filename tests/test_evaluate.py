@@ -122,6 +122,44 @@ def test_jax_scan_matches_host_loop():
     assert scan["episodes"][0]["laps"] == pytest.approx(host["episodes"][0]["laps"], abs=1e-3)
 
 
+def test_start_pose_instead_of_the_grid(tmp_path, capsys):
+    """--start: every episode starts at rest from the pose given (the trace's first point,
+    the protocol record); a pose off the road, a malformed one, or another backend: exit 2
+    with one line."""
+    from rl.tracks import load_track
+
+    trk = load_track(TRACK)
+    x, y = (float(v) for v in trk.centreline[len(trk.centreline) // 3])
+    nx, ny = (float(v) for v in trk.centreline[len(trk.centreline) // 3 + 1])
+    yaw = math.degrees(math.atan2(ny - y, nx - x))
+    out = tmp_path / "start"
+    assert ev.main(["--scripted", "--tracks", TRACK, "--episodes", "1", "--time-limit", "1",
+                    f"--start={x},{y},{yaw}", "--no-plots", "--out", str(out)]) == 0
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["protocol"]["start"] == {"x": x, "y": y, "yaw_deg": yaw}
+    from rl.drivers import gap_follower
+
+    res = ev.evaluate_policy(lambda obs: gap_follower(obs["lidar"]), TRACK, "jax",
+                             episodes=1, time_limit=1.0, start=(x, y, yaw))
+    tr = res["traces"][0]
+    assert (tr["x"][0], tr["y"][0]) == pytest.approx((x, y), abs=1e-4)
+    assert tr["speed"][0] == 0.0 and res["episodes"][0]["distance_m"] > 0.3  # it drove off
+    grid = ev.evaluate_policy(lambda obs: gap_follower(obs["lidar"]), TRACK, "jax",
+                              episodes=1, time_limit=0.1)["traces"][0]
+    assert np.hypot(grid["x"][0] - x, grid["y"][0] - y) > 5.0  # not the grid's pose
+    capsys.readouterr()
+    far = trk.origin[0] - 50.0
+    assert ev.main(["--scripted", "--tracks", TRACK, "--episodes", "1", "--time-limit", "1",
+                    f"--start={far},0,0", "--no-plots", "--out", str(out)]) == 2
+    assert "is not on the road" in capsys.readouterr().err
+    assert ev.main(["--scripted", "--backend", "bullet", "--tracks", TRACK, f"--start={x},{y},0",
+                    "--no-plots", "--out", str(out)]) == 2
+    assert "JAX backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--scripted", "--tracks", TRACK, "--start", "1,2"])
+    assert e.value.code == 2
+
+
 def test_summary_line_says_dash_not_nan_or_none():
     """No lap completed (no lap time, best None) and a contact without distance (collisions
     per km undefined): the log line writes "—", not "nan" or "None"."""
