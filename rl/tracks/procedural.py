@@ -583,20 +583,19 @@ def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParam
         a = wall[k]
         b = a + length * np.array([np.cos(th[k]), np.sin(th[k])])
         near = slice(max(0, k - 60), min(n, k + reach + 60))
-        if not _off_road(a + np.linspace(0.0, 1.0, 12)[1:, None] * (b - a), pts[near], w[near]):
+        if not _clear(a, b, pts[near], w[near]):
             continue
-        # the dead end's corner e: across toward the inside (bay_width), or b itself
-        inside = np.sign(lap.turn[c]) * np.array([-np.sin(th[k]), np.cos(th[k])])
+        # the dead end's corner e: across toward the corner's inside by bay_width of the
+        # road's width (less where that would cross the road), or b itself (a wedge)
         e = b
-        for f in (1.0, 0.8, 0.6) if p.bay_width > 0 else ():
-            e = b + f * p.bay_width * w[k] * inside
-            if _off_road(b + np.linspace(0.0, 1.0, 12)[1:, None] * (e - b), pts[near], w[near]):
-                break
-        else:
-            if p.bay_width > 0:
+        if p.bay_width > 0:
+            inside = np.sign(lap.turn[c]) * np.array([-np.sin(th[k]), np.cos(th[k])])
+            tries = (b + f * p.bay_width * w[k] * inside for f in (1.0, 0.8, 0.6))
+            e = next((q for q in tries if _clear(b, q, pts[near], w[near])), None)
+            if e is None:
                 continue
-        ok = [j for j in range(k + 2, k + reach) if _off_road(
-            e + np.linspace(0.0, 1.0, 12)[1:-1, None] * (wall[j] - e), pts[near], w[near])]
+        ok = [j for j in range(k + 2, k + reach)
+              if _clear(e, wall[j], pts[near], w[near], ends=slice(1, -1))]
         if not ok:
             continue
         j_max = ok[0]
@@ -630,6 +629,12 @@ def _off_road(q, pts, w, margin: float = -0.02) -> bool:
     """Every point of ``q`` outside the road of centreline ``pts`` (or within ``-margin`` of
     its edge: a point on the wall counts; widths ``w``)."""
     return bool((np.linalg.norm(q[:, None] - pts[None], axis=-1) - w[None] / 2).min() > margin)
+
+
+def _clear(u, v, pts, w, ends: slice = slice(1, None)) -> bool:
+    """The segment u → v off the road (:func:`_off_road`), checked at ``ends`` of 12 evenly
+    spaced points (default: all but u)."""
+    return _off_road(u + np.linspace(0.0, 1.0, 12)[ends, None] * (v - u), pts, w)
 
 
 def _segment(a, b, step: float):
