@@ -117,6 +117,10 @@ class EnvConfig:
     # car barely turns) or "speed" (racecar_gym's speed actuator: a target speed of
     # (a + 1) / 2 × 3.5 m/s); every backend has both
     actuator: Literal["motor", "speed"] = "motor"
+    # the speed actuator's top target, m/s, in every backend: the drive action's [-1, 1] asks
+    # for 0 ... speed_max (racecar_gym's: 3.5). A cap leaves a margin where the simulators
+    # differ most: at full speed PyBullet's car turns less and scrubs speed
+    speed_max: float = 3.5
     # JAX backend only: the car model — "kinematic" (the bicycle model; every result before
     # 2026-12-06) or "tyre" (a front tyre fitted to PyBullet's cornering at speed:
     # rl.envs.jax_env.TYRE_CAR)
@@ -149,6 +153,11 @@ class EnvConfig:
     def __post_init__(self):
         if not 0.0 <= self.min_speed <= 3.0:
             raise configlib.ConfigError(f"env.min_speed: m/s in [0, 3], got {self.min_speed}")
+        if not 0.0 < self.speed_max <= 3.5:
+            raise configlib.ConfigError(f"env.speed_max: m/s in (0, 3.5], got {self.speed_max}")
+        if self.speed_max != 3.5 and self.actuator != "speed":
+            raise configlib.ConfigError("env.speed_max caps the speed actuator: set "
+                                        f"env.actuator = \"speed\" (got {self.actuator!r})")
         configlib.check_ranges(self, "env", {
             "laps": (1, None), "time_limit": (0, None, True), "action_repeat": (1, None),
             "collision_penalty": (0, None), "proximity_penalty": (0, None),

@@ -86,6 +86,7 @@ def task_config(cfg: RLConfig) -> TaskConfig:
         observe_camera=e.camera,
         actuator=e.actuator,
         car=e.car,
+        speed_max=e.speed_max,
     )
 
 

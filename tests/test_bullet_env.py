@@ -113,6 +113,25 @@ def test_speed_actuator(track):
         e.close()
 
 
+def test_speed_max_caps_the_command(track):
+    """TaskConfig.speed_max in PyBullet: full command on a car capped at 2 m/s drives as the
+    uncapped car at the command for 2 m/s."""
+    ends = []
+    cmd_2 = 2.0 / spec.SPEED_MAX_VELOCITY * 2 - 1
+    for speed_max, cmd in ((2.0, 1.0), (spec.SPEED_MAX_VELOCITY, cmd_2)):
+        task = spec.TaskConfig(actuator="speed", speed_max=speed_max)
+        e = BulletRacecarEnv(track, task, actuator="speed")
+        try:
+            x, y, _ = grid_pose(track)
+            e.reset(seed=0, options={"pose": (x - 1.0, y, 0.0)})
+            for _ in range(150):
+                obs, *_ = e.step({"speed": np.array([cmd]), "steering": np.array([0.0])})
+            ends.append(float(obs["velocity"][0]))
+        finally:
+            e.close()
+    assert 1.5 < ends[0] < 2.7 and abs(ends[0] - ends[1]) < 1e-3, ends
+
+
 def test_scene_from_meshes_without_sdf(track, tmp_path):
     """A scene folder with only meshes/ loads its walls via GEOM_MESH (concave)."""
     import dataclasses

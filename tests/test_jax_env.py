@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from etl import configlib
 from rl.drivers import drive, drive_line
 from rl.envs import spec
 from rl.envs.functional import RacecarFunctional
@@ -469,6 +470,42 @@ def test_speed_actuator_reaches_every_backend_and_the_evaluation():
         speeds[actuator] = float(np.max(trace["speed"]))
     assert 2.0 < speeds["speed"] < 2.5, speeds  # steady state 2.2 m/s (drag)
     assert speeds["motor"] > speeds["speed"] + 0.1, speeds  # still accelerating
+
+
+def test_speed_max_caps_the_speed_actuator():
+    """env.speed_max: full command on a car capped at 2 m/s drives exactly as racecar_gym's
+    car at the command for 2 m/s (the cap reaches the physics, as a rescaled command); the
+    default leaves today's car; a cap on the motor actuator, or out of range, is refused."""
+    import dataclasses
+
+    from rl import factory
+    from rl.config import EnvConfig, RLConfig
+    from rl.evaluate import _episode_gym
+
+    assert spec.speed_command(0.3, spec.SPEED_MAX_VELOCITY) == 0.3
+    assert spec.speed_command(-1.0, 2.0) == -1.0  # 0 m/s stays 0
+    base = TaskConfig(actuator="speed", time_limit=2.5, terminate_on_collision=False)
+    capped = dataclasses.replace(base, speed_max=2.0)
+    cmd_2 = 2.0 / spec.SPEED_MAX_VELOCITY * 2.0 - 1.0
+    runs = {}
+    for name, task, a in (("capped", capped, 1.0), ("cmd", base, cmd_2), ("full", base, 1.0)):
+        e = factory.make_env("jax", "procedural:0", task)
+        trace, _ = _episode_gym(e, lambda obs, a=a: np.array([a, 0.0], np.float32), 0, 4)
+        runs[name] = np.asarray(trace["speed"])
+    np.testing.assert_allclose(runs["capped"], runs["cmd"], rtol=0, atol=1e-4)
+    assert runs["full"].max() > runs["capped"].max() + 0.5
+    cfg = RLConfig()
+    cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, actuator="speed",
+                                                           speed_max=2.5))
+    assert factory.task_config(cfg).speed_max == 2.5
+    with pytest.raises(ValueError, match="speed_max"):
+        TaskConfig(speed_max=2.0)  # motor actuator
+    with pytest.raises(ValueError, match="speed_max"):
+        TaskConfig(actuator="speed", speed_max=4.0)
+    with pytest.raises(configlib.ConfigError, match="env.speed_max"):
+        EnvConfig(actuator="speed", speed_max=0.0)
+    with pytest.raises(configlib.ConfigError, match="env.speed_max"):
+        EnvConfig(speed_max=3.0)
 
 
 # ------------------------------------------------------------------ the front tyre (issue 12)

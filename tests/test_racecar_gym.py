@@ -146,3 +146,26 @@ def test_wrapper_disconnects_client_0_and_copies_info():
             RacecarGymConventions(_FakeRaceEnv(), spec.TaskConfig()).reset()
     finally:
         pybullet.disconnect(other)
+
+
+def test_wrapper_rescales_a_capped_speed_command():
+    """TaskConfig.speed_max reaches racecar_gym as the command its own speed actuator reads
+    (target (c + 1) / 2 × 3.5 m/s): full command on a car capped at 2 m/s asks for 2 m/s."""
+    pytest.importorskip("pybullet")
+    from rl.envs.racecar_gym_env import RacecarGymConventions
+
+    sent = []
+
+    class _Recorder(_FakeRaceEnv):
+        def step(self, action):
+            sent.append(action)
+            return super().step(action)
+
+    for speed_max, want in ((2.0, 2.0), (spec.SPEED_MAX_VELOCITY, spec.SPEED_MAX_VELOCITY)):
+        rec = _Recorder()
+        rec.info.update(time=0.0, lap=1, progress=0.0, wall_collision=False)
+        env = RacecarGymConventions(rec, spec.TaskConfig(actuator="speed", speed_max=speed_max))
+        env.step({"speed": np.array([1.0]), "steering": np.array([0.25])})
+        c = float(np.asarray(sent[-1]["speed"]).reshape(-1)[0])
+        assert (c + 1) / 2 * spec.SPEED_MAX_VELOCITY == pytest.approx(want, abs=1e-6)
+        assert float(np.asarray(sent[-1]["steering"])[0]) == 0.25

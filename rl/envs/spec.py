@@ -43,6 +43,16 @@ SPEED_MAX_VELOCITY = 3.5
 SPEED_VELOCITY_MULTIPLIER = 25.0
 SPEED_MAX_FORCE = 0.5
 
+
+def speed_command(a, speed_max: float, xp=None):
+    """The speed actuator's command for a car whose top target is ``speed_max`` m/s
+    (:attr:`TaskConfig.speed_max`): the policy's a ∈ [−1, 1] asks for (a + 1) / 2 × speed_max;
+    as the backend's own command (target (c + 1) / 2 × SPEED_MAX_VELOCITY) that is
+    c = (a + 1) × speed_max / SPEED_MAX_VELOCITY − 1. ``a`` unchanged at the default."""
+    if speed_max == SPEED_MAX_VELOCITY:
+        return a
+    return (a + 1.0) * (speed_max / SPEED_MAX_VELOCITY) - 1.0
+
 # ---------------------------------------------------------------- vehicle geometry
 WHEEL_RADIUS = 0.05  # m
 WHEELBASE = 0.325  # m, rear axle to front axle
@@ -201,9 +211,19 @@ class TaskConfig:
     # the JAX simulator's car model (rl.envs.jax_env.car): "kinematic" (the bicycle model) or
     # "tyre" (a front tyre fitted to PyBullet's cornering); other backends have their own
     car: Literal["kinematic", "tyre"] = "kinematic"
+    # the speed actuator's top target, m/s: the drive action's [-1, 1] asks for 0 ... speed_max
+    # (every backend: speed_command rescales the command before the car sees it); racecar_gym's
+    # is SPEED_MAX_VELOCITY (3.5). Ours: a cap that leaves a margin where simulators differ most
+    speed_max: float = SPEED_MAX_VELOCITY
 
     def __post_init__(self):
         configlib.check_literals(self, "TaskConfig")
+        if not 0.0 < self.speed_max <= SPEED_MAX_VELOCITY:
+            raise ValueError(f"TaskConfig.speed_max: m/s in (0, {SPEED_MAX_VELOCITY}], "
+                             f"got {self.speed_max}")
+        if self.speed_max != SPEED_MAX_VELOCITY and self.actuator != "speed":
+            raise ValueError("TaskConfig.speed_max caps the speed actuator; the task's actuator "
+                             f"is {self.actuator!r}")
         if self.wall_margin <= 0:
             raise ValueError("TaskConfig.wall_margin must be > 0")
         if self.laps < 1 or self.checkpoints < 1:
