@@ -450,3 +450,53 @@ def test_cli_task_list_count_and_report_stage(tmp_path, capsys):
     assert st.main(["--config", str(toml), "--list"]) == 0
     listing = capsys.readouterr().out
     assert "train/scratch_s1" in listing and "pending" in listing
+
+
+_CACHE_PROBE = """
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from rl.study import use_compilation_cache
+
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)
+print(use_compilation_cache(Path(sys.argv[1])))
+x = jax.jit(lambda a: jnp.tanh(a @ a.T).sum())(jnp.ones((64, 64)))
+print(len(hits), float(x))
+"""
+
+
+def test_the_study_shares_compiled_programs_between_processes(tmp_path):
+    """rl.study's processes use JAX's persistent compilation cache (runs/<study>/jax_cache, or
+    $JAX_COMPILATION_CACHE_DIR): a second process loads what the first compiled, and
+    computes the same number."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_CACHE_PROBE)
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(e):
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "study")], env=e,
+                             cwd=repo, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        folder, line = out.stdout.strip().splitlines()[-2:]
+        hits, value = line.split()
+        return folder, int(hits), value
+
+    folder, hits, first = run(env)
+    assert folder == str(tmp_path / "study" / "jax_cache") and hits == 0
+    assert any(Path(folder).iterdir())
+    folder2, hits2, second = run(env)
+    assert folder2 == folder and hits2 >= 1 and second == first
+    other = tmp_path / "elsewhere"
+    folder3, hits3, _ = run({**env, "JAX_COMPILATION_CACHE_DIR": str(other)})
+    assert folder3 == str(other) and hits3 == 0 and any(other.iterdir())
