@@ -187,6 +187,40 @@ def _literal_fields(cls: type) -> tuple[tuple[str, Any], ...]:
                  if _has_literal(hints[f.name]))
 
 
+ADDED = "added"  # dataclasses.field metadata: the date a field joined its config
+
+
+def added(default: Any, since: str) -> Any:
+    """A config field added after results were recorded under its config (``since``: the
+    date). Its ``default`` must reproduce the behaviour from before it existed;
+    :func:`identity_dict` then leaves it out while it holds that default, so a record hashed
+    before the field existed (rl.study's unit markers) still matches today's config."""
+    return dataclasses.field(default=default, metadata={ADDED: since})
+
+
+def identity_dict(cfg: Any) -> dict[str, Any]:
+    """:func:`to_dict` without the fields declared with :func:`added` that hold their
+    default: what identifies a config's results across versions of the code (rl.study hashes
+    it), as a checkpoint saved before a key existed restores with that key's default."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            out = {}
+            for f in dataclasses.fields(v):
+                x = getattr(v, f.name)
+                if ADDED in f.metadata and x == f.default:
+                    continue
+                out[f.name] = conv(x)
+            return out
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The dataclass as plain TOML/JSON-friendly data (tuples become lists)."""
 

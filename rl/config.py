@@ -111,6 +111,10 @@ class EnvConfig:
     # end the episode (paying collision_penalty) after stall_time s below stall_speed; 0 = off
     stall_time: float = 0.0
     stall_speed: float = 0.1  # m/s
+    # what a stall that ends the episode costs; unset = collision_penalty (a stall is a crash).
+    # A stage that makes contacts cheap (collision_penalty 0.25) makes stopping cheap too:
+    # set this to keep stopping dearer than driving on
+    stall_penalty: float | None = configlib.added(None, "2026-12-06")
     progress_reward: float = 100.0  # × Δ(lap + progress), signed
     reset_mode: Literal["grid", "random"] = "random"
     # the drive action: "motor" (racecar_gym's default: > 0 drives, < 0 brakes, and a braked
@@ -120,7 +124,7 @@ class EnvConfig:
     # the speed actuator's top target, m/s, in every backend: the drive action's [-1, 1] asks
     # for 0 ... speed_max (racecar_gym's: 3.5). A cap leaves a margin where the simulators
     # differ most: at full speed PyBullet's car turns less and scrubs speed
-    speed_max: float = 3.5
+    speed_max: float = configlib.added(3.5, "2026-12-06")
     # JAX backend only: the car model — "kinematic" (the bicycle model; every result before
     # 2026-12-06) or "tyre" (a front tyre fitted to PyBullet's cornering at speed:
     # rl.envs.jax_env.TYRE_CAR)
@@ -153,6 +157,9 @@ class EnvConfig:
     def __post_init__(self):
         if not 0.0 <= self.min_speed <= 3.0:
             raise configlib.ConfigError(f"env.min_speed: m/s in [0, 3], got {self.min_speed}")
+        if self.stall_penalty is not None and self.stall_penalty < 0:
+            raise configlib.ConfigError(f"env.stall_penalty: >= 0 (a cost), got "
+                                        f"{self.stall_penalty}")
         if not 0.0 < self.speed_max <= 3.5:
             raise configlib.ConfigError(f"env.speed_max: m/s in (0, 3.5], got {self.speed_max}")
         if self.speed_max != 3.5 and self.actuator != "speed":

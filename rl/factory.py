@@ -82,6 +82,7 @@ def task_config(cfg: RLConfig) -> TaskConfig:
         wall_margin=e.wall_margin,
         stall_time=e.stall_time,
         stall_speed=e.stall_speed,
+        stall_reward=None if e.stall_penalty is None else -e.stall_penalty,
         reset_mode=e.reset_mode,
         observe_camera=e.camera,
         actuator=e.actuator,

@@ -135,7 +135,8 @@ class Study:
         if unit.stage == "gap":
             return {"args": self.domain_gap_args(),
                     "pretrain": self.unit_config(self.by_name["pretrain"])}
-        rl = configlib.to_dict(self.arm_cfgs[(unit.arm, unit.seed)])
+        # fields added to RLConfig since (configlib.added) count only where they are set
+        rl = configlib.identity_dict(self.arm_cfgs[(unit.arm, unit.seed)])
         if unit.stage == "train":
             return rl
         e = c.eval

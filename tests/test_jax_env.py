@@ -401,6 +401,33 @@ def test_stall_ends_the_episode_like_a_crash(params):
     assert not bool(term) and int(st.still) == 0
 
 
+def test_stall_penalty_is_its_own_when_set(params):
+    """TaskConfig.stall_reward (env.stall_penalty): a stall pays it instead of
+    collision_reward; rl.factory passes the config's penalty as its negative."""
+    import dataclasses
+
+    from rl import factory
+    from rl.config import EnvConfig, RLConfig
+
+    paid = {}
+    for name, extra in (("own", {"stall_reward": -7.0}), ("crash", {})):
+        env = JaxRacecar(TaskConfig(time_limit=10.0, collision_reward=-0.25, stall_time=0.5,
+                                    **extra))
+        _, st = jax.jit(env.reset)(jax.random.PRNGKey(0), params)
+        step = jax.jit(env.step)
+        for _ in range(50):
+            _, st, r, term, *_ = step(st, jnp.array([-1.0, 0.0]), params)
+        assert bool(term)
+        paid[name] = float(r)
+    assert paid["own"] == pytest.approx(paid["crash"] + 0.25 - 7.0)
+    cfg = RLConfig()
+    cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, stall_penalty=5.0))
+    assert factory.task_config(cfg).stall_paid == -5.0
+    assert factory.task_config(RLConfig()).stall_reward is None
+    with pytest.raises(configlib.ConfigError, match="env.stall_penalty"):
+        EnvConfig(stall_penalty=-1.0)
+
+
 def test_yaw_rate_noise_is_observation_only(params):
     """SensorConfig.yaw_rate_noise perturbs the observed yaw rate (std ∝ speed², none at rest),
     never the car: poses are identical with and without it."""

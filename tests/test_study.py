@@ -500,3 +500,38 @@ def test_the_study_shares_compiled_programs_between_processes(tmp_path):
     other = tmp_path / "elsewhere"
     folder3, hits3, _ = run({**env, "JAX_COMPILATION_CACHE_DIR": str(other)})
     assert folder3 == str(other) and hits3 == 0 and any(other.iterdir())
+
+
+def test_a_field_added_at_its_default_keeps_the_units_hashes(tmp_path):
+    """A config field declared with configlib.added (here env.speed_max) leaves the study's
+    unit hashes as they were before it existed while it holds its default, so finished units
+    stay done; set, it makes the units that use it stale."""
+    import dataclasses
+
+    from etl import configlib
+    from rl import study as study_mod
+
+    @dataclasses.dataclass(frozen=True)
+    class Old:
+        a: int = 1
+
+    @dataclasses.dataclass(frozen=True)
+    class New:
+        a: int = 1
+        b: float = configlib.added(3.5, "2026-12-06")
+
+    assert configlib.identity_dict(New()) == configlib.to_dict(Old()) == {"a": 1}
+    assert configlib.identity_dict(New(b=2.0)) == {"a": 1, "b": 2.0}
+    assert configlib.to_dict(New()) == {"a": 1, "b": 3.5}
+
+    cfg = load_study(STUDIES[0], [f"runs_dir={tmp_path}"])
+    st = study_mod.Study(cfg)
+    unit = st.by_name["train/scratch_s0"]
+    rl = configlib.to_dict(st.arm_cfgs[("scratch", 0)])
+    del rl["env"]["speed_max"]  # the config as it was before the field existed
+    needs = [st.unit_hash(st.by_name[n]) for n in unit.needs]
+    assert st.unit_hash(unit) == study_mod._hash({"config": rl, "needs": needs})
+    capped = dataclasses.replace(cfg, rl=dataclasses.replace(
+        cfg.rl, set=(*cfg.rl.set, "env.speed_max=3.0")))
+    st2 = study_mod.Study(capped)
+    assert st2.unit_hash(st2.by_name["train/scratch_s0"]) != st.unit_hash(unit)

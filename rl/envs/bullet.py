@@ -397,7 +397,7 @@ class BulletRacecarEnv(gym.Env):
             slow = math.hypot(v_world[0], v_world[1]) < task.stall_speed
             s["still"] = s["still"] + 1 if slow else 0
             if s["still"] >= int(round(task.stall_time / DT)):
-                reward += 0.0 if collided else task.collision_reward
+                reward += 0.0 if collided else task.stall_paid
                 terminated = True
         truncated = bool(not terminated and self._time > task.time_limit - 1e-6)
         return obs, float(reward), terminated, truncated, info

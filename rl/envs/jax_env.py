@@ -901,7 +901,7 @@ class JaxRacecar:
         terminated = (lap > task.laps) | (task.terminate_on_collision & hit)
         if task.stall_time > 0:
             stalled = new.still >= int(round(task.stall_time / dt))
-            reward = reward + jnp.where(stalled & ~hit, task.collision_reward, 0.0)
+            reward = reward + jnp.where(stalled & ~hit, task.stall_paid, 0.0)
             terminated = terminated | stalled
         reward = reward.astype(jnp.float32)
         truncated = (tick >= int(round(task.time_limit / dt))) & ~terminated

@@ -201,6 +201,8 @@ class TaskConfig:
     # stopped nose to a wall never moves again)
     stall_time: float = 0.0  # s
     stall_speed: float = 0.1  # m/s
+    # paid when a stall ends the episode; None = collision_reward (a stall is a crash)
+    stall_reward: float | None = None
     checkpoints: int = 5
     reset_mode: Literal["grid", "random"] = "grid"
     random_min_obstacle: float = 0.5  # normalized obstacle distance for random spawns
@@ -215,6 +217,11 @@ class TaskConfig:
     # (every backend: speed_command rescales the command before the car sees it); racecar_gym's
     # is SPEED_MAX_VELOCITY (3.5). Ours: a cap that leaves a margin where simulators differ most
     speed_max: float = SPEED_MAX_VELOCITY
+
+    @property
+    def stall_paid(self) -> float:
+        """The reward a stall that ends the episode pays: stall_reward, else collision_reward."""
+        return self.collision_reward if self.stall_reward is None else self.stall_reward
 
     def __post_init__(self):
         configlib.check_literals(self, "TaskConfig")
