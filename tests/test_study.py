@@ -528,7 +528,12 @@ def test_a_field_added_at_its_default_keeps_the_units_hashes(tmp_path):
     st = study_mod.Study(cfg)
     unit = st.by_name["train/scratch_s0"]
     rl = configlib.to_dict(st.arm_cfgs[("scratch", 0)])
-    del rl["env"]["speed_max"]  # the config as it was before the field existed
+    from rl.config import EnvConfig
+
+    later = [f.name for f in dataclasses.fields(EnvConfig) if configlib.ADDED in f.metadata]
+    assert {"speed_max", "stall_penalty"} <= set(later)
+    for k in later:  # the config as it was before those fields existed
+        del rl["env"][k]
     needs = [st.unit_hash(st.by_name[n]) for n in unit.needs]
     assert st.unit_hash(unit) == study_mod._hash({"config": rl, "needs": needs})
     capped = dataclasses.replace(cfg, rl=dataclasses.replace(
