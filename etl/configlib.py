@@ -198,42 +198,30 @@ def added(default: Any, since: str) -> Any:
     return dataclasses.field(default=default, metadata={ADDED: since})
 
 
+def _plain(v: Any, skip_added: bool) -> Any:
+    """``v`` as plain data (dataclasses → dicts, tuples → lists); ``skip_added``: without
+    the :func:`added` fields that hold their default."""
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name), skip_added) for f in dataclasses.fields(v)
+                if not (skip_added and ADDED in f.metadata
+                        and getattr(v, f.name) == f.default)}
+    if isinstance(v, (tuple, list)):
+        return [_plain(x, skip_added) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x, skip_added) for k, x in v.items()}
+    return v
+
+
 def identity_dict(cfg: Any) -> dict[str, Any]:
     """:func:`to_dict` without the fields declared with :func:`added` that hold their
     default: what identifies a config's results across versions of the code (rl.study hashes
     it), as a checkpoint saved before a key existed restores with that key's default."""
-
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            out = {}
-            for f in dataclasses.fields(v):
-                x = getattr(v, f.name)
-                if ADDED in f.metadata and x == f.default:
-                    continue
-                out[f.name] = conv(x)
-            return out
-        if isinstance(v, (tuple, list)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(cfg)
+    return _plain(cfg, skip_added=True)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The dataclass as plain TOML/JSON-friendly data (tuples become lists)."""
-
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (tuple, list)):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(cfg)
+    return _plain(cfg, skip_added=False)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
