@@ -353,3 +353,27 @@ def test_sparse_policy_features_are_the_encoders_on_the_kept_patches(tmp_path, p
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     # and not the features of all patches
     assert float(jnp.abs(got - model.features(full)).max()) > 1e-4
+
+
+def test_load_trained_restores_the_saved_weights_not_an_init(phase1):
+    """load_trained restores into abstract shapes; its parameters must be the checkpoint's
+    (as restored into a live initialised state) and not the architecture's initialisation."""
+    from train import checkpoint as ckptlib
+    from train.pretrain import default_model, init_state, load_trained, make_optimizer
+
+    model, cfg, pre, step = load_trained(phase1)
+    tx = make_optimizer(cfg.training)
+    graphdef, init, _ = init_state(cfg, pre, default_model()[0], tx)
+    c = ckptlib.Checkpointer(phase1, async_save=False)
+    try:
+        saved, _, _ = c.restore(init, model_cfg=cfg.model, step=step)
+    finally:
+        c.close()
+    got = jax.tree.leaves(nnx.state(model, nnx.Param))
+    want = jax.tree.leaves(saved["params"])
+    fresh = jax.tree.leaves(init["params"])
+    assert len(got) == len(want) == len(fresh) > 0
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert any(not np.array_equal(np.asarray(g), np.asarray(f))
+               for g, f in zip(got, fresh, strict=True))

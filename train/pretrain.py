@@ -384,9 +384,15 @@ def load_trained(path: str | Path, model_cls=None, step: int | None = None,
     cfg = configlib.from_dict(PretrainConfig, configlib.apply_overrides(data, list(overrides)))
     pre = configlib.from_dict(PreprocessConfig, rec["preprocess"], prefix="preprocess")
     tx = make_optimizer(cfg.training)
-    graphdef, state, _ = init_state(cfg, pre, model_cls, tx)
-    state, _, _ = ckpt.restore(state, model_cfg=cfg.model, step=step)
-    ckpt.close()
+    # restore into the state's shapes: nothing is initialised (or compiled) only to be overwritten
+    graphdef, shapes, _ = abstract_state(cfg, pre, model_cls, tx)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          shapes)
+    try:
+        state, _, _ = ckpt.restore(target, model_cfg=cfg.model, step=step)
+    finally:
+        ckpt.close()
     return nnx.merge(graphdef, state["params"], state["rest"]), cfg, pre, step
 
 
