@@ -125,6 +125,10 @@ class EnvConfig:
     # for 0 ... speed_max (racecar_gym's: 3.5). A cap leaves a margin where the simulators
     # differ most: at full speed PyBullet's car turns less and scrubs speed
     speed_max: float = configlib.added(3.5, "2026-12-06")
+    # the speed actuator's lowest target, m/s, in every backend: the drive action's [-1, 1]
+    # asks for speed_min ... speed_max, so the policy cannot stop the car (a wall still can).
+    # Not env.min_speed, which is the JAX car's physics (neither brake nor coasting below it)
+    speed_min: float = configlib.added(0.0, "2026-12-07")
     # JAX backend only: the car model — "kinematic" (the bicycle model; every result before
     # 2026-12-06) or "tyre" (a front tyre fitted to PyBullet's cornering at speed:
     # rl.envs.jax_env.TYRE_CAR)
@@ -164,6 +168,12 @@ class EnvConfig:
             raise configlib.ConfigError(f"env.speed_max: m/s in (0, 3.5], got {self.speed_max}")
         if self.speed_max != 3.5 and self.actuator != "speed":
             raise configlib.ConfigError("env.speed_max caps the speed actuator: set "
+                                        f"env.actuator = \"speed\" (got {self.actuator!r})")
+        if not 0.0 <= self.speed_min < self.speed_max:
+            raise configlib.ConfigError(f"env.speed_min: m/s in [0, env.speed_max = "
+                                        f"{self.speed_max}), got {self.speed_min}")
+        if self.speed_min != 0.0 and self.actuator != "speed":
+            raise configlib.ConfigError("env.speed_min is a floor of the speed actuator: set "
                                         f"env.actuator = \"speed\" (got {self.actuator!r})")
         configlib.check_ranges(self, "env", {
             "laps": (1, None), "time_limit": (0, None, True), "action_repeat": (1, None),

@@ -351,14 +351,14 @@ def checkpoint_policy(model, featurize: Callable, obs_rms=None, *, imu_absent: b
 # =========================================================================== rollouts
 def _task(time_limit: float, terminate_on_collision: bool, camera: bool,
           actuator: str = "motor", car: str = "kinematic",
-          speed_max: float = spec.SPEED_MAX_VELOCITY) -> TaskConfig:
+          speed_max: float = spec.SPEED_MAX_VELOCITY, speed_min: float = 0.0) -> TaskConfig:
     """The evaluation protocol's task: grid start, many laps, the given time limit; the
     policy's drive action goes to ``actuator`` and the JAX backend drives ``car`` (the
-    training config's), its speed actuator capped at ``speed_max`` m/s."""
+    training config's), its speed actuator's targets in ``speed_min`` … ``speed_max`` m/s."""
     return TaskConfig(laps=BIG_LAPS, time_limit=float(time_limit),
                       terminate_on_collision=bool(terminate_on_collision), reset_mode="grid",
                       observe_camera=bool(camera), actuator=actuator, car=car,
-                      speed_max=float(speed_max))  # fmt: skip
+                      speed_max=float(speed_max), speed_min=float(speed_min))  # fmt: skip
 
 
 def _episode_key(seed: int):
@@ -420,14 +420,15 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
                 actuator="motor", *, sensors: dict | None = None,
                 policy_args: tuple = (), car: str = "kinematic",
                 start: tuple[float, float, float] | None = None,
-                speed_max: float = spec.SPEED_MAX_VELOCITY) -> list[tuple[dict, str]]:
+                speed_max: float = spec.SPEED_MAX_VELOCITY,
+                speed_min: float = 0.0) -> list[tuple[dict, str]]:
     """All episodes of one track in the JAX backend as one jitted, vmapped scan; the lidar's
     ``sensors`` settings changed where given (:meth:`Perturbation.sensors`); the policy
     called ``policy_fn(obs, *policy_args)``. ``start``: (x, y, yaw in degrees) to start every
     episode from, at rest, instead of the grid."""
 
     env = factory.make_sim(_task(time_limit, terminate_on_collision, camera, actuator, car,
-                                 speed_max),
+                                 speed_max, speed_min),
                            camera=camera, **(sensors or {}))
     params = make_params(track)
     if start is not None:
@@ -446,10 +447,12 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
 
 def make_gym_env(backend: str, track, time_limit: float, terminate_on_collision: bool,
                  camera: bool = False, actuator: str = "motor", sensors: dict | None = None,
-                 car: str = "kinematic", speed_max: float = spec.SPEED_MAX_VELOCITY):
+                 car: str = "kinematic", speed_max: float = spec.SPEED_MAX_VELOCITY,
+                 speed_min: float = 0.0):
     """One raw (physics-rate) environment of a backend in the evaluation protocol's task;
     ``sensors``: the JAX simulator's changed sensor settings (JAX backend only)."""
-    task = _task(time_limit, terminate_on_collision, camera, actuator, car, speed_max)
+    task = _task(time_limit, terminate_on_collision, camera, actuator, car, speed_max,
+                 speed_min)
     if sensors:
         if backend != "jax":
             raise ValueError(f"lidar perturbations {sorted(sensors)}: the JAX backend's "
@@ -539,7 +542,8 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
                     sensors: dict | None = None, policy_args: tuple = (),
                     car: str = "kinematic",
                     start: tuple[float, float, float] | None = None,
-                    speed_max: float = spec.SPEED_MAX_VELOCITY) -> dict[str, Any]:
+                    speed_max: float = spec.SPEED_MAX_VELOCITY,
+                    speed_min: float = 0.0) -> dict[str, Any]:
     """Run ``episodes`` grid-start episodes of ``policy_fn`` (one obs dict → action) on
     ``track`` (a name, path, ``procedural:<seed>`` or :class:`rl.tracks.Track`).
 
@@ -567,7 +571,7 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
             results = rollout_jax(policy_fn, trk, seeds, time_limit, action_repeat,
                                   terminate_on_collision, camera, actuator, sensors=sensors,
                                   policy_args=policy_args, car=car, start=start,
-                                  speed_max=speed_max)  # fmt: skip
+                                  speed_max=speed_max, speed_min=speed_min)  # fmt: skip
             used = "scan"
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                 jax.errors.TracerIntegerConversionError, TypeError) as e:  # fmt: skip
@@ -582,7 +586,7 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
         def make():
             return make_gym_env(backend, trk if backend != "racecar_gym" else track, time_limit,
                                 terminate_on_collision, camera, actuator, sensors,
-                                car, speed_max)  # fmt: skip
+                                car, speed_max, speed_min)  # fmt: skip
 
         if backend == "racecar_gym":  # a fresh, seeded env per episode (see rollout_gym)
             results = rollout_gym(make, policy_fn, seeds, action_repeat, fresh=True)
@@ -710,7 +714,7 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                  line_driver: bool = False, sensors: dict | None = None,
                  car: str = "kinematic",
                  start: tuple[float, float, float] | None = None,
-                 speed_max: float = spec.SPEED_MAX_VELOCITY
+                 speed_max: float = spec.SPEED_MAX_VELOCITY, speed_min: float = 0.0
                  ) -> tuple[dict[str, Any], list[str]]:
     """Every collision mode × track of the protocol: ``(results, pngs)``, ``results[mode] =
     {"tracks": {name: result}, "overall": …}``; trajectory PNGs into ``out`` (None: none).
@@ -732,7 +736,7 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                                   terminate_on_collision=term, camera=camera,
                                   actuator=actuator, sensors=sensors,
                                   policy_args=policy_args, car=car, start=start,
-                                  speed_max=speed_max)  # fmt: skip
+                                  speed_max=speed_max, speed_min=speed_min)  # fmt: skip
             log(summary_line(res))
             if out is not None:
                 pngs.append(str(plot_trajectories(
@@ -753,6 +757,7 @@ def _protocol_record(cfg: RLConfig, episodes: int, time_limit: float, seed: int,
                                                        strict=True)),
         "action": "deterministic: clip(Gaussian mean, -1, 1)",
         "actuator": cfg.env.actuator, "car": cfg.env.car, "speed_max": cfg.env.speed_max,
+        "speed_min": cfg.env.speed_min,
         "action_repeat": repeat, "seeds": [seed + i for i in range(episodes)],
         "seed_note": "episode i uses seed + i; with a deterministic policy and the grid "
                      "start, episodes differ only through the lidar noise",
@@ -793,7 +798,7 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
                                  time_limit=time_limit, seed=seed, modes=modes,
                                  action_repeat=repeat, camera=cfg.env.camera,
                                  actuator=cfg.env.actuator, car=cfg.env.car,
-                                 speed_max=cfg.env.speed_max,
+                                 speed_max=cfg.env.speed_max, speed_min=cfg.env.speed_min,
                                  perturbation=perturbation,
                                  policy_args=args, out=out if plots else None,
                                  sensors=sensors, start=start)  # fmt: skip
@@ -908,7 +913,7 @@ def _scripted(args, tracks: list[str], perturbation: Perturbation, command: str)
                                  time_limit=time_limit, seed=args.seed, modes=modes,
                                  action_repeat=repeat, camera=cfg.env.camera,
                                  actuator=cfg.env.actuator, car=cfg.env.car,
-                                 speed_max=cfg.env.speed_max,
+                                 speed_max=cfg.env.speed_max, speed_min=cfg.env.speed_min,
                                  perturbation=perturbation,
                                  out=None if args.no_plots else out,
                                  line_driver=driver == "line", start=args.start)  # fmt: skip

@@ -88,6 +88,7 @@ def task_config(cfg: RLConfig) -> TaskConfig:
         actuator=e.actuator,
         car=e.car,
         speed_max=e.speed_max,
+        speed_min=e.speed_min,
     )
 
 

@@ -132,6 +132,25 @@ def test_speed_max_caps_the_command(track):
     assert 1.5 < ends[0] < 2.7 and abs(ends[0] - ends[1]) < 1e-3, ends
 
 
+def test_speed_min_floors_the_command(track):
+    """TaskConfig.speed_min in PyBullet: full brake on a car floored at 1 m/s drives as the
+    unfloored car at the command for 1 m/s (it does not stop)."""
+    ends = []
+    cmd_1 = 1.0 / spec.SPEED_MAX_VELOCITY * 2 - 1
+    for speed_max, speed_min, cmd in ((2.5, 1.0, -1.0), (spec.SPEED_MAX_VELOCITY, 0.0, cmd_1)):
+        task = spec.TaskConfig(actuator="speed", speed_max=speed_max, speed_min=speed_min)
+        e = BulletRacecarEnv(track, task, actuator="speed")
+        try:
+            x, y, _ = grid_pose(track)
+            e.reset(seed=0, options={"pose": (x - 1.0, y, 0.0)})
+            for _ in range(150):
+                obs, *_ = e.step({"speed": np.array([cmd]), "steering": np.array([0.0])})
+            ends.append(float(obs["velocity"][0]))
+        finally:
+            e.close()
+    assert 0.8 < ends[0] < 1.4 and abs(ends[0] - ends[1]) < 1e-3, ends
+
+
 def test_scene_from_meshes_without_sdf(track, tmp_path):
     """A scene folder with only meshes/ loads its walls via GEOM_MESH (concave)."""
     import dataclasses

@@ -535,6 +535,49 @@ def test_speed_max_caps_the_speed_actuator():
         EnvConfig(speed_max=3.0)
 
 
+
+def test_speed_min_is_a_floor_under_the_speed_command():
+    """env.speed_min: the drive action's −1 asks for speed_min, not 0 — a floored car at full
+    brake drives exactly as racecar_gym's car at the command for that speed (the floor reaches
+    the physics as a rescaled command); +1 still asks for speed_max; out of range, or on the
+    motor actuator, it is refused; an unset floor leaves the command as it was."""
+    import dataclasses
+
+    from rl import factory
+    from rl.config import EnvConfig, RLConfig
+    from rl.evaluate import _episode_gym
+
+    smv = spec.SPEED_MAX_VELOCITY
+    for a in (-1.0, 0.0, 1.0):
+        v = (spec.speed_command(a, 2.5, 0.5) + 1) / 2 * smv
+        assert v == pytest.approx(0.5 + (a + 1) / 2 * 2.0)
+        assert spec.speed_command(a, 2.5, 0.0) == spec.speed_command(a, 2.5)
+    base = TaskConfig(actuator="speed", time_limit=2.5, terminate_on_collision=False)
+    floored = dataclasses.replace(base, speed_max=2.5, speed_min=1.0)
+    cmd_1 = 1.0 / smv * 2.0 - 1.0
+    runs = {}
+    for name, task, a in (("floored", floored, -1.0), ("cmd", base, cmd_1), ("stop", base, -1.0)):
+        e = factory.make_env("jax", "procedural:0", task)
+        trace, _ = _episode_gym(e, lambda obs, a=a: np.array([a, 0.0], np.float32), 0, 4)
+        runs[name] = np.asarray(trace["speed"])
+    np.testing.assert_allclose(runs["floored"], runs["cmd"], rtol=0, atol=1e-4)
+    assert runs["floored"][-1] > 0.8 and runs["stop"].max() < 0.2, runs["stop"].max()
+    cfg = RLConfig()
+    cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, actuator="speed",
+                                                           speed_min=0.5))
+    assert factory.task_config(cfg).speed_min == 0.5
+    assert not TaskConfig(actuator="speed").speed_rescaled
+    assert TaskConfig(actuator="speed", speed_min=0.5).speed_rescaled
+    with pytest.raises(ValueError, match="speed_min"):
+        TaskConfig(speed_min=0.5)  # motor actuator
+    with pytest.raises(ValueError, match="speed_min"):
+        TaskConfig(actuator="speed", speed_max=2.0, speed_min=2.0)
+    with pytest.raises(configlib.ConfigError, match="env.speed_min"):
+        EnvConfig(actuator="speed", speed_min=-0.1)
+    with pytest.raises(configlib.ConfigError, match="env.speed_min"):
+        EnvConfig(speed_min=0.5)
+
+
 # ------------------------------------------------------------------ the front tyre (issue 12)
 
 

@@ -161,11 +161,15 @@ def test_wrapper_rescales_a_capped_speed_command():
             sent.append(action)
             return super().step(action)
 
-    for speed_max, want in ((2.0, 2.0), (spec.SPEED_MAX_VELOCITY, spec.SPEED_MAX_VELOCITY)):
+    for speed_max, speed_min, a, want in ((2.0, 0.0, 1.0, 2.0),
+                                          (spec.SPEED_MAX_VELOCITY, 0.0, 1.0,
+                                           spec.SPEED_MAX_VELOCITY),
+                                          (2.5, 0.5, -1.0, 0.5)):  # a floor: −1 asks 0.5 m/s
         rec = _Recorder()
         rec.info.update(time=0.0, lap=1, progress=0.0, wall_collision=False)
-        env = RacecarGymConventions(rec, spec.TaskConfig(actuator="speed", speed_max=speed_max))
-        env.step({"speed": np.array([1.0]), "steering": np.array([0.25])})
+        task = spec.TaskConfig(actuator="speed", speed_max=speed_max, speed_min=speed_min)
+        env = RacecarGymConventions(rec, task)
+        env.step({"speed": np.array([a]), "steering": np.array([0.25])})
         c = float(np.asarray(sent[-1]["speed"]).reshape(-1)[0])
         assert (c + 1) / 2 * spec.SPEED_MAX_VELOCITY == pytest.approx(want, abs=1e-6)
         assert float(np.asarray(sent[-1]["steering"])[0]) == 0.25

@@ -370,8 +370,8 @@ class BulletRacecarEnv(gym.Env):
     def step(self, action):
         a = action[self.actuator]
         drive = float(np.clip(np.asarray(a, np.float64).reshape(-1)[0], -1.0, 1.0))
-        if self.actuator == "speed":  # the task's top speed (identity at racecar_gym's)
-            drive = spec.speed_command(drive, self.task.speed_max)
+        if self.actuator == "speed":  # the task's speed range (identity at racecar_gym's)
+            drive = spec.speed_command(drive, self.task.speed_max, self.task.speed_min)
         steer = float(np.clip(np.asarray(action["steering"], np.float64).reshape(-1)[0], -1, 1))
         self._apply_action(drive, steer)
         p.stepSimulation(physicsClientId=self._cid)

@@ -840,8 +840,8 @@ class JaxRacecar:
         a_motor, a_steer = action[0], action[1]
         a_motor = jnp.clip(a_motor, -1.0, 1.0)
         a_steer = jnp.clip(a_steer, -1.0, 1.0)
-        if task.actuator == "speed":  # the task's top speed (identity at racecar_gym's)
-            a_motor = spec.speed_command(a_motor, task.speed_max)
+        if task.actuator == "speed":  # the task's speed range (identity at racecar_gym's)
+            a_motor = spec.speed_command(a_motor, task.speed_max, task.speed_min)
         act_buf = state.act_buf
         if act_buf is not None:  # action delay: apply the command of d physics steps ago
             now = jnp.stack([a_motor, a_steer])

@@ -131,9 +131,10 @@ class RacecarGymConventions(gym.Wrapper):
             self._connected = False
 
     def step(self, action):
-        if "speed" in action and self.task.speed_max != spec.SPEED_MAX_VELOCITY:
-            c = np.clip(np.asarray(action["speed"], np.float32), -1.0, 1.0)  # the task's top speed
-            action = {**action, "speed": spec.speed_command(c, self.task.speed_max)}
+        if "speed" in action and self.task.speed_rescaled:  # the task's speed range
+            c = np.clip(np.asarray(action["speed"], np.float32), -1.0, 1.0)
+            action = {**action, "speed": spec.speed_command(c, self.task.speed_max,
+                                                            self.task.speed_min)}
         obs, reward, terminated, truncated, info = self.env.step(action)
         timed_out = float(info.get("time", 0.0)) > self.task.time_limit
         finished = int(info.get("lap", 0)) > self.task.laps

@@ -44,14 +44,16 @@ SPEED_VELOCITY_MULTIPLIER = 25.0
 SPEED_MAX_FORCE = 0.5
 
 
-def speed_command(a, speed_max: float, xp=None):
-    """The speed actuator's command for a car whose top target is ``speed_max`` m/s
-    (:attr:`TaskConfig.speed_max`): the policy's a ∈ [−1, 1] asks for (a + 1) / 2 × speed_max;
-    as the backend's own command (target (c + 1) / 2 × SPEED_MAX_VELOCITY) that is
-    c = (a + 1) × speed_max / SPEED_MAX_VELOCITY − 1. ``a`` unchanged at the default."""
-    if speed_max == SPEED_MAX_VELOCITY:
+def speed_command(a, speed_max: float, speed_min: float = 0.0):
+    """The speed actuator's command for a car whose targets span ``speed_min`` … ``speed_max``
+    m/s (:attr:`TaskConfig.speed_min`, :attr:`TaskConfig.speed_max`): the policy's a ∈ [−1, 1]
+    asks for v = speed_min + (a + 1) / 2 × (speed_max − speed_min); as the backend's own
+    command (target (c + 1) / 2 × SPEED_MAX_VELOCITY) that is c = 2 v / SPEED_MAX_VELOCITY − 1.
+    ``a`` unchanged at the defaults (0 … racecar_gym's 3.5 m/s)."""
+    if speed_max == SPEED_MAX_VELOCITY and speed_min == 0.0:
         return a
-    return (a + 1.0) * (speed_max / SPEED_MAX_VELOCITY) - 1.0
+    target = speed_min + (a + 1.0) * (0.5 * (speed_max - speed_min))
+    return target * (2.0 / SPEED_MAX_VELOCITY) - 1.0
 
 # ---------------------------------------------------------------- vehicle geometry
 WHEEL_RADIUS = 0.05  # m
@@ -217,6 +219,14 @@ class TaskConfig:
     # (every backend: speed_command rescales the command before the car sees it); racecar_gym's
     # is SPEED_MAX_VELOCITY (3.5). Ours: a cap that leaves a margin where simulators differ most
     speed_max: float = SPEED_MAX_VELOCITY
+    # the speed actuator's lowest target, m/s: a floor under every command, so the policy
+    # cannot ask the car to stop (0 = racecar_gym's: the action's −1 asks for 0 m/s)
+    speed_min: float = 0.0
+
+    @property
+    def speed_rescaled(self) -> bool:
+        """Whether the speed actuator's range differs from racecar_gym's 0 … 3.5 m/s."""
+        return self.speed_max != SPEED_MAX_VELOCITY or self.speed_min != 0.0
 
     @property
     def stall_paid(self) -> float:
@@ -231,6 +241,12 @@ class TaskConfig:
         if self.speed_max != SPEED_MAX_VELOCITY and self.actuator != "speed":
             raise ValueError("TaskConfig.speed_max caps the speed actuator; the task's actuator "
                              f"is {self.actuator!r}")
+        if not 0.0 <= self.speed_min < self.speed_max:
+            raise ValueError(f"TaskConfig.speed_min: m/s in [0, speed_max = {self.speed_max}), "
+                             f"got {self.speed_min}")
+        if self.speed_min != 0.0 and self.actuator != "speed":
+            raise ValueError("TaskConfig.speed_min is a floor of the speed actuator; the task's "
+                             f"actuator is {self.actuator!r}")
         if self.wall_margin <= 0:
             raise ValueError("TaskConfig.wall_margin must be > 0")
         if self.laps < 1 or self.checkpoints < 1:
