@@ -113,41 +113,36 @@ def test_speed_actuator(track):
         e.close()
 
 
+def _speed_after_straight(track, task, cmd: float, steps: int = 150) -> float:
+    """Forward speed after ``steps`` physics steps of speed command ``cmd``, straight ahead,
+    from rest 1 m behind the grid."""
+    e = BulletRacecarEnv(track, task, actuator="speed")
+    try:
+        x, y, _ = grid_pose(track)
+        e.reset(seed=0, options={"pose": (x - 1.0, y, 0.0)})
+        for _ in range(steps):
+            obs, *_ = e.step({"speed": np.array([cmd]), "steering": np.array([0.0])})
+        return float(obs["velocity"][0])
+    finally:
+        e.close()
+
+
 def test_speed_max_caps_the_command(track):
     """TaskConfig.speed_max in PyBullet: full command on a car capped at 2 m/s drives as the
     uncapped car at the command for 2 m/s."""
-    ends = []
     cmd_2 = 2.0 / spec.SPEED_MAX_VELOCITY * 2 - 1
-    for speed_max, cmd in ((2.0, 1.0), (spec.SPEED_MAX_VELOCITY, cmd_2)):
-        task = spec.TaskConfig(actuator="speed", speed_max=speed_max)
-        e = BulletRacecarEnv(track, task, actuator="speed")
-        try:
-            x, y, _ = grid_pose(track)
-            e.reset(seed=0, options={"pose": (x - 1.0, y, 0.0)})
-            for _ in range(150):
-                obs, *_ = e.step({"speed": np.array([cmd]), "steering": np.array([0.0])})
-            ends.append(float(obs["velocity"][0]))
-        finally:
-            e.close()
+    ends = [_speed_after_straight(track, spec.TaskConfig(actuator="speed", speed_max=2.0), 1.0),
+            _speed_after_straight(track, spec.TaskConfig(actuator="speed"), cmd_2)]
     assert 1.5 < ends[0] < 2.7 and abs(ends[0] - ends[1]) < 1e-3, ends
 
 
 def test_speed_min_floors_the_command(track):
     """TaskConfig.speed_min in PyBullet: full brake on a car floored at 1 m/s drives as the
     unfloored car at the command for 1 m/s (it does not stop)."""
-    ends = []
     cmd_1 = 1.0 / spec.SPEED_MAX_VELOCITY * 2 - 1
-    for speed_max, speed_min, cmd in ((2.5, 1.0, -1.0), (spec.SPEED_MAX_VELOCITY, 0.0, cmd_1)):
-        task = spec.TaskConfig(actuator="speed", speed_max=speed_max, speed_min=speed_min)
-        e = BulletRacecarEnv(track, task, actuator="speed")
-        try:
-            x, y, _ = grid_pose(track)
-            e.reset(seed=0, options={"pose": (x - 1.0, y, 0.0)})
-            for _ in range(150):
-                obs, *_ = e.step({"speed": np.array([cmd]), "steering": np.array([0.0])})
-            ends.append(float(obs["velocity"][0]))
-        finally:
-            e.close()
+    floored = spec.TaskConfig(actuator="speed", speed_max=2.5, speed_min=1.0)
+    ends = [_speed_after_straight(track, floored, -1.0),
+            _speed_after_straight(track, spec.TaskConfig(actuator="speed"), cmd_1)]
     assert 0.8 < ends[0] < 1.4 and abs(ends[0] - ends[1]) < 1e-3, ends
 
 
