@@ -4,6 +4,7 @@
     uv run python -m benchmarks.envs --envs 1024 4096 --steps 100 --camera
     uv run python -m benchmarks.envs --calibrate          # car figures, both backends
     uv run python -m benchmarks.envs --fit                # refit jax_env.Dynamics to PyBullet
+    uv run python -m benchmarks.envs --grid 'speed_brake_loss=0.5,0.7;speed_brake_slip0=0.4,0.5'
     uv run python -m benchmarks.envs --bullet --envs 1024 # PyBullet per core vs JAX, the ratio
 
 bench_jax: the pure-JAX backend, N cars in one jitted lax.scan of the step PPO trains with
@@ -140,19 +141,19 @@ def bench_bullet(steps: int = 2000, camera: bool = False, track: str = "procedur
             "cpu_steps_per_s": steps / max(cpu, 1e-9), "scan_ms": scan_ms, "camera_ms": cam_ms}
 
 
-def calibration_table() -> list[tuple[str, float, float]]:
+def calibration_table() -> list[tuple]:
     """rl.envs.calibration.calibrate_bullet() (open floor at the tracks' friction) next to the
-    same protocol run on each JAX car model (calibrate_jax): rows (figure, PyBullet, JAX
-    kinematic, JAX tyre)."""
+    same protocol run on each JAX car (calibrate_jax, jax_env.CARS): rows (figure, PyBullet,
+    then one column per car)."""
     from rl.envs.calibration import calibrate_bullet, calibrate_jax
-    from rl.envs.jax_env import car
+    from rl.envs.jax_env import CARS, car
 
     b = calibrate_bullet()
-    j = {m: calibrate_jax(car(m)) for m in ("kinematic", "tyre")}
-    rows = [(k, b[k], j["kinematic"][k], j["tyre"][k]) for k in b]
-    print(f"{'figure':38} {'pybullet':>9} {'jax kin.':>9} {'jax tyre':>9}")
-    for k, x, y, z in rows:
-        print(f"{k:38} {x:9.3f} {y:9.3f} {z:9.3f}")
+    j = {m: calibrate_jax(car(m)) for m in CARS}
+    rows = [(k, b[k], *(j[m][k] for m in CARS)) for k in b]
+    print(f"{'figure':38} {'pybullet':>9} " + " ".join(f"{m:>9}" for m in CARS))
+    for k, *xs in rows:
+        print(f"{k:38} " + " ".join(f"{x:9.3f}" for x in xs))
     return rows
 
 
@@ -174,7 +175,7 @@ def _brake_turn(m: float, s: float, entry_steps: int):
 
 
 def fit_protocols() -> dict:
-    from rl.envs.calibration import scrub_policy
+    from rl.envs.calibration import LOCK_ENTRY, scrub_policy
 
     return {
         "motor_1": (800, lambda i: ("motor", 1.0, 0.0)),
@@ -200,6 +201,10 @@ def fit_protocols() -> dict:
         **{f"brake_turn_{m}_{s}": (450, _brake_turn(m, s, 300))
            for m in (-1.0, -0.3, -0.1, -0.03) for s in (1.0, -0.5)},
         **{f"brake_turn_slow_{m}": (240, _brake_turn(m, 1.0, 90)) for m in (-1.0, -0.1)},
+        # hard braking into a turn with the speed actuator (its wheels held near standstill
+        # slide; Dynamics.speed_brake_*), 2 s from ~2.9 m/s
+        **{f"lock_{a}_{s}": (500, scrub_policy(a, s, entry=LOCK_ENTRY))
+           for a in (-1.0, -0.8, -0.6, -0.3) for s in (1.0, 0.6, -1.0)},
     }
 
 
@@ -214,9 +219,10 @@ FIT_BOUNDS = {
     "yaw_inertia": (0.01, 0.5), "cornering_drag": (0, 50), "traction_lateral": (0, 50),
     "brake_yaw_loss": (0, 1.5), "brake_yaw_loss_slope": (-1.5, 1.5),
     "brake_yaw_loss_v": (0.3, 10),
+    "speed_brake_loss": (0, 1.5), "speed_brake_slip0": (0, 0.95), "speed_brake_loss_v": (0.1, 5),
 }
 FIT_GROUPS = {"straight": tuple(FIT_BOUNDS)[:9], "steering": tuple(FIT_BOUNDS)[9:11],
-              "cornering": tuple(FIT_BOUNDS)[11:]}
+              "cornering": tuple(FIT_BOUNDS)[11:20], "lock": tuple(FIT_BOUNDS)[20:]}
 FIT_GROUPS["all"] = tuple(FIT_BOUNDS)
 
 
@@ -245,20 +251,15 @@ def bullet_traces(path: str | None = None) -> dict:
     return ref
 
 
-def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
-                 fields: str = "cornering", turn_speed_weight: float = 0.5) -> dict:
-    """Least-squares fit of the tyre car (jax_env.car("tyre")) to PyBullet open-floor traces
-    (speed curves, and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction;
-    prints and returns the fitted fields (then check them with --calibrate and the parity tests).
-    ``traces``: an .npz cache of the PyBullet runs (:func:`bullet_traces`). ``fields``: a
-    group of FIT_GROUPS ("cornering": the steering and the tyre, with the straight-line
-    constants as they are; "straight"; "all") or comma-separated Dynamics fields.
-    ``turn_speed_weight``: the weight of a turning protocol's speed residual (m/s) next to
-    its yaw-rate residual (rad/s, weight 1); a straight one's speed has weight 1."""
+def _fit_problem(traces: str | None, fields: str, turn_speed_weight: float, base: str,
+                 protocols_prefix: str = ""):
+    """The fitted fields (names), ``resid_many(xs)`` — residuals of K parameter sets (K,
+    fields) -> (K, m) against the PyBullet traces, in one batch — the base car's values of the
+    fields (x0) and their bounds (lb, ub); see :func:`fit_dynamics`. ``protocols_prefix``:
+    only the protocols whose names start with it."""
     from dataclasses import replace
 
     import numpy as np
-    from scipy.optimize import least_squares
 
     from rl.envs.calibration import open_floor_jax_batch, policy_actions
     from rl.envs.jax_env import car
@@ -268,8 +269,10 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
     if bad:
         raise SystemExit(f"--fields: unknown {bad}; groups {list(FIT_GROUPS)} or fields "
                          f"{list(FIT_BOUNDS)}")
-    protocols = fit_protocols()
     ref = bullet_traces(traces)
+    protocols = {k: v for k, v in fit_protocols().items() if k.startswith(protocols_prefix)}
+    if not protocols:
+        raise SystemExit(f"no fit protocol starts with {protocols_prefix!r}")
     names = list(protocols)
     n_max = max(n for n, _ in protocols.values())
     acts = [np.zeros((len(names), n_max), dt) for dt in (bool, np.float64, np.float64)]
@@ -278,7 +281,7 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
         for x, y in zip(acts, policy_actions(pol, n), strict=True):
             x[j, :n], x[j, n:] = y, y[-1]
 
-    turning = [any(t in k for t in ("steer", "scrub", "turn", "slalom")) for k in names]
+    turning = [any(t in k for t in ("steer", "scrub", "turn", "slalom", "lock")) for k in names]
     kernel = np.ones(15) / 15
     ref_w = {k: np.convolve(ref[k][:, 4], kernel, mode="same") for k in names}
 
@@ -287,7 +290,7 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
         (the fields as arrays: car_step broadcasts them)."""
         xs = np.atleast_2d(xs)
         k_, p_ = len(xs), len(names)
-        dyn = replace(car("tyre"), **{f: np.repeat(xs[:, i], p_) for i, f in enumerate(names_)})
+        dyn = replace(car(base), **{f: np.repeat(xs[:, i], p_) for i, f in enumerate(names_)})
         sims = open_floor_jax_batch(dyn, *(np.tile(a, (k_, 1)) for a in acts))
         sims = sims.reshape(k_, p_, n_max, 5)
         out = []
@@ -302,6 +305,26 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
 
     lb, ub = (np.array(b, np.float64) for b in zip(*(FIT_BOUNDS[f] for f in names_),
                                                    strict=True))
+    x0 = np.array([getattr(car(base), f) for f in names_], np.float64)
+    return names_, resid_many, x0, lb, ub
+
+
+def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
+                 fields: str = "cornering", turn_speed_weight: float = 0.5,
+                 base: str = "tyre") -> dict:
+    """Least-squares fit of the tyre car (jax_env.car("tyre")) to PyBullet open-floor traces
+    (speed curves, and yaw-rate curves smoothed over 0.15 s) at the tracks' floor friction;
+    prints and returns the fitted fields (then check them with --calibrate and the parity tests).
+    ``traces``: an .npz cache of the PyBullet runs (:func:`bullet_traces`). ``fields``: a
+    group of FIT_GROUPS ("cornering": the steering and the tyre, with the straight-line
+    constants as they are; "straight"; "all") or comma-separated Dynamics fields.
+    ``turn_speed_weight``: the weight of a turning protocol's speed residual (m/s) next to
+    its yaw-rate residual (rad/s, weight 1); a straight one's speed has weight 1. ``base``:
+    the car (jax_env.CARS) whose other constants stay and whose fields the fit starts from."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    names_, resid_many, x0, lb, ub = _fit_problem(traces, fields, turn_speed_weight, base)
 
     def jac(x):  # forward differences, every perturbed set in the same batch
         h = 1e-4 * np.maximum(np.abs(x), 1e-2)
@@ -309,16 +332,47 @@ def fit_dynamics(max_nfev: int = 300, traces: str | None = None,
         r = resid_many(np.vstack([x, x + np.diag(h)]))
         return ((r[1:] - r[0]) / h[:, None]).T
 
-    x0 = np.array([getattr(car("tyre"), f) for f in names_], np.float64)
     t0 = time.perf_counter()
     res = least_squares(lambda x: resid_many(x)[0], x0, jac=jac, bounds=(lb, ub),
                         x_scale="jac", max_nfev=max_nfev, verbose=2)
     print(f"{time.perf_counter() - t0:.0f} s")
     fitted = {k: round(float(v), 4) for k, v in zip(names_, res.x, strict=True)}
-    print(f"rms residual {np.sqrt(np.mean(resid_many(x0) ** 2)):.3f} (current tyre car) -> "
+    print(f"rms residual {np.sqrt(np.mean(resid_many(x0) ** 2)):.3f} (car {base!r}) -> "
           f"{np.sqrt(np.mean(res.fun ** 2)):.3f} (fitted)")
     print(fitted)
     return fitted
+
+
+def grid_dynamics(grid: str, traces: str | None = None, turn_speed_weight: float = 0.5,
+                  base: str = "tyre", protocols_prefix: str = "", top: int = 8,
+                  batch: int = 8) -> list[tuple]:
+    """The fit's residual (:func:`fit_dynamics`) over every combination of ``grid``
+    ("field=v1,v2,...;field2=..."), for fields where least squares stalls (the piecewise
+    terms of Dynamics.speed_brake_*: a kink where the slip crosses its threshold). Prints the
+    ``top`` best sets and the base car's residual; returns [(rms, {field: value}), ...] best
+    first. ``protocols_prefix``: the residual of those protocols only (e.g. "lock")."""
+    import itertools
+
+    import numpy as np
+
+    axes = {}
+    for part in filter(None, (x.strip() for x in grid.split(";"))):
+        field, _, values = part.partition("=")
+        if not values:
+            raise SystemExit(f"--grid: {part!r} is not field=v1,v2,...")
+        axes[field.strip()] = [float(v) for v in values.split(",")]
+    names_, resid_many, x0, _, _ = _fit_problem(traces, ",".join(axes), turn_speed_weight,
+                                                base, protocols_prefix)
+    sets = np.array(list(itertools.product(*axes.values())), np.float64)
+    rms = np.concatenate([np.sqrt(np.mean(resid_many(sets[i:i + batch]) ** 2, axis=1))
+                          for i in range(0, len(sets), batch)])
+    order = np.argsort(rms)
+    out = [(float(rms[i]), dict(zip(names_, map(float, sets[i]), strict=True)))
+           for i in order]
+    print(f"rms residual of car {base!r}: {np.sqrt(np.mean(resid_many(x0) ** 2)):.5f}")
+    for r, d in out[:top]:
+        print(f"{r:.5f}  {d}")
+    return out
 
 
 def print_table(rows: list[dict]) -> None:
@@ -357,9 +411,20 @@ def main(argv=None) -> None:
     ap.add_argument("--turn-speed-weight", type=float, default=0.5,
                     help="with --fit: weight of a turning run's speed residual (m/s) next "
                          "to its yaw rate's (rad/s, 1)")
+    ap.add_argument("--car", default="tyre",
+                    help="with --fit or --grid: the car (rl.envs.jax_env.CARS) to start from")
+    ap.add_argument("--protocols", default="",
+                    help="with --grid: only the fit protocols whose names start with this")
+    ap.add_argument("--grid", default=None,
+                    help="the fit's residual over a grid, 'field=v1,v2;field2=...' (the best "
+                         "sets), and exit")
     args = ap.parse_args(argv)
+    if args.grid:
+        grid_dynamics(args.grid, args.traces, args.turn_speed_weight, args.car,
+                      args.protocols)
+        return
     if args.fit:
-        fit_dynamics(args.max_nfev, args.traces, args.fields, args.turn_speed_weight)
+        fit_dynamics(args.max_nfev, args.traces, args.fields, args.turn_speed_weight, args.car)
         return
     if args.calibrate:
         calibration_table()

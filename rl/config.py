@@ -130,9 +130,10 @@ class EnvConfig:
     # Not env.min_speed, which is the JAX car's physics (neither brake nor coasting below it)
     speed_min: float = configlib.added(0.0, "2026-12-07")
     # JAX backend only: the car model — "kinematic" (the bicycle model; every result before
-    # 2026-12-06) or "tyre" (a front tyre fitted to PyBullet's cornering at speed:
-    # rl.envs.jax_env.TYRE_CAR)
-    car: Literal["kinematic", "tyre"] = "kinematic"
+    # 2026-12-06), "tyre" (a front tyre fitted to PyBullet's cornering at speed:
+    # rl.envs.jax_env.TYRE_CAR) or "tyre_lock" (the same, its front tyre losing grip while the
+    # speed actuator brakes hard, as PyBullet's does: TYRE_LOCK_CAR; 2026-12-07)
+    car: Literal["kinematic", "tyre", "tyre_lock"] = "kinematic"
     action_repeat: int = 4  # physics steps per policy step (100 Hz physics → 25 Hz policy)
     camera: bool = False  # render rgb_camera (needed by a policy that reads rgb)
     # JAX backend only: rays actually cast (1080 = racecar_gym's scan; 108 = every 10th ray,

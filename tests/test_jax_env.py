@@ -784,3 +784,80 @@ def test_the_task_chooses_the_jax_car():
         JaxRacecar(TaskConfig(car="tyre"), Dynamics())
     with pytest.raises(ValueError):
         TaskConfig(car="slick")
+
+
+def test_tyre_lock_car_loses_front_grip_only_under_hard_speed_braking():
+    """The "tyre_lock" car (TYRE_LOCK_CAR) is the tyre car whose front tyre loses grip while
+    the speed actuator holds the wheels far below the car's speed (Dynamics.speed_brake_*).
+    From calibration.LOCK_ENTRY (~2.9 m/s) at full lock: with the target at ~0 m/s it yaws
+    less than the tyre car in the first 0.4 s; with a target near the car's speed, on the
+    motor actuator, and with speed_brake_loss = 0 it is exactly the tyre car."""
+    from rl.envs import calibration as cal
+    from rl.envs.jax_env import CARS
+
+    assert CARS["tyre_lock"]["model"] == "tyre"
+    n = cal.SCRUB_AT + cal.LOCK_STEPS
+    at = cal.SCRUB_AT - 1
+
+    def yaw(dyn, pol, k=40):
+        tr = cal.open_floor_jax(dyn, pol, n)
+        return float(tr[at + k, 2] - tr[at, 2]), tr
+
+    tyre, lock = car("tyre", actuator="speed"), car("tyre_lock", actuator="speed")
+    hard = cal.scrub_policy(-1.0, 1.0, entry=cal.LOCK_ENTRY)
+    y_tyre, _ = yaw(tyre, hard)
+    y_lock, _ = yaw(lock, hard)
+    assert y_tyre < -0.25 and -0.25 < y_lock < 0.6 * y_tyre, (y_tyre, y_lock)
+    # a target close to the car's speed: the wheels do not slide, the cars are one
+    near = cal.scrub_policy(0.3, 1.0, entry=cal.LOCK_ENTRY)
+    np.testing.assert_array_equal(yaw(tyre, near)[1], yaw(lock, near)[1])
+    # no loss: exactly the tyre car, hard braking included
+    off = car("tyre_lock", actuator="speed", speed_brake_loss=0.0)
+    np.testing.assert_array_equal(yaw(tyre, hard)[1], yaw(off, hard)[1])
+    # the motor actuator's brake has its own grip loss (brake_yaw_*), untouched
+    brake = cal.brake_turn_policy(-1.0)
+    np.testing.assert_array_equal(cal.open_floor_jax(car("tyre"), brake, 450),
+                                  cal.open_floor_jax(car("tyre_lock"), brake, 450))
+
+
+def test_the_task_chooses_the_tyre_lock_car():
+    """env.car = "tyre_lock" reaches the simulator (rl.factory.make_sim) with its constants."""
+    import dataclasses
+
+    from rl import factory
+    from rl.config import RLConfig
+
+    cfg = RLConfig()
+    cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, car="tyre_lock"))
+    sim = factory.make_sim(factory.task_config(cfg))
+    assert sim.dynamics == car("tyre_lock") and sim.dynamics.speed_brake_loss > 0
+    assert JaxRacecarEnv("procedural:0", TaskConfig(car="tyre_lock")).sim.dynamics.model == "tyre"
+    with pytest.raises(ValueError, match="the task's car 'tyre_lock' is not the dynamics'"):
+        JaxRacecar(TaskConfig(car="tyre_lock"), Dynamics())
+
+
+def test_the_calibration_grid_recovers_a_known_car(tmp_path):
+    """benchmarks.envs.grid_dynamics against traces of a known car (the "PyBullet" cache
+    written from the JAX tyre_lock car itself): the grid's best set is that car's, well ahead
+    of the next, and a bad grid is refused with the reason."""
+    from benchmarks import envs as bench
+    from rl.envs.calibration import open_floor_jax
+
+    truth = car("tyre_lock")
+    cache = tmp_path / "traces.npz"
+    np.savez(cache, **{k: open_floor_jax(truth, pol, n)
+                       for k, (n, pol) in bench.fit_protocols().items()})
+    lock = truth.speed_brake_loss
+    out = bench.grid_dynamics(f"speed_brake_loss=0,{lock};"
+                              f"speed_brake_slip0={truth.speed_brake_slip0},0.8;"
+                              f"speed_brake_loss_v=1,{truth.speed_brake_loss_v}",
+                              str(cache), base="tyre", protocols_prefix="lock")
+    best_rms, best = out[0]
+    assert best == {"speed_brake_loss": lock, "speed_brake_slip0": truth.speed_brake_slip0,
+                    "speed_brake_loss_v": truth.speed_brake_loss_v}
+    # (not 0: the residual compares a smoothed reference yaw rate with the raw one)
+    assert len(out) == 8 and best_rms < 0.6 * out[1][0], out
+    with pytest.raises(SystemExit, match="not field=v1"):
+        bench.grid_dynamics("speed_brake_loss", str(cache))
+    with pytest.raises(SystemExit, match="no fit protocol starts with 'nope'"):
+        bench.grid_dynamics("speed_brake_loss=0", str(cache), protocols_prefix="nope")

@@ -67,6 +67,14 @@ def scrub_policy(a: float, s: float, entry: float = 1.0):
     return lambda i: ("speed", entry, 0.0) if i < SCRUB_AT else ("speed", a, s)
 
 
+# Hard braking into a corner with the speed actuator (issue 12: a policy braking into a hairpin
+# at full lock): 3 s straight at speed action LOCK_ENTRY (~2.9 m/s), then LOCK_STEPS of speed
+# action a (target (a + 1) / 2 x 3.5 m/s: -1 -> ~0, -0.8 -> 0.35, -0.6 -> 0.7) at steering s;
+# reported: the yaw change after 0.4 s and at the end (0.8 s), and the speed at the end.
+LOCK_ENTRY, LOCK_STEPS = 0.543, 80
+LOCK_GRID = ((-1.0, 1.0), (-1.0, 0.6), (-1.0, -1.0), (-0.8, 1.0), (-0.6, 1.0), (-0.3, 1.0))
+
+
 # --------------------------------------------------------------------------- open floor
 
 
@@ -211,6 +219,12 @@ def _figures(run, dt: float, seconds: float) -> dict[str, float]:
         out[f"scrub_yaw_a{a}_s{s}"] = float(yaw[-1] - yaw[SCRUB_AT - 1])
         out[f"scrub_speed_a{a}_s{s}"] = float(tr[-int(0.1 / dt):, 3].mean())
         out[f"scrub_yaw_rate_a{a}_s{s}"] = float(tr[-int(0.5 / dt):, 4].mean())
+    for a, s in LOCK_GRID:
+        tr = run(scrub_policy(a, s, entry=LOCK_ENTRY), SCRUB_AT + LOCK_STEPS)
+        yaw = np.unwrap(tr[:, 2])
+        out[f"lock_yaw_0.4s_a{a}_s{s}"] = float(yaw[SCRUB_AT + 39] - yaw[SCRUB_AT - 1])
+        out[f"lock_yaw_a{a}_s{s}"] = float(yaw[-1] - yaw[SCRUB_AT - 1])
+        out[f"lock_speed_a{a}_s{s}"] = float(tr[-1, 3])
     return out
 
 

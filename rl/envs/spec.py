@@ -212,9 +212,10 @@ class TaskConfig:
     # the drive action: "motor" (racecar_gym's default: > 0 drives, < 0 brakes) or "speed"
     # (racecar_gym's speed actuator: a target speed (a + 1) / 2 * SPEED_MAX_VELOCITY)
     actuator: Literal["motor", "speed"] = "motor"
-    # the JAX simulator's car model (rl.envs.jax_env.car): "kinematic" (the bicycle model) or
-    # "tyre" (a front tyre fitted to PyBullet's cornering); other backends have their own
-    car: Literal["kinematic", "tyre"] = "kinematic"
+    # the JAX simulator's car model (rl.envs.jax_env.car): "kinematic" (the bicycle model),
+    # "tyre" (a front tyre fitted to PyBullet's cornering) or "tyre_lock" (the same, losing
+    # front grip under the speed actuator's hard braking); other backends have their own
+    car: Literal["kinematic", "tyre", "tyre_lock"] = "kinematic"
     # the speed actuator's top target, m/s: the drive action's [-1, 1] asks for 0 ... speed_max
     # (every backend: speed_command rescales the command before the car sees it); racecar_gym's
     # is SPEED_MAX_VELOCITY (3.5). Ours: a cap that leaves a margin where simulators differ most
