@@ -402,15 +402,15 @@ def main(argv=None) -> None:
     ap.add_argument("--fit", action="store_true",
                     help="least-squares fit of the JAX car's Dynamics to PyBullet, and exit")
     ap.add_argument("--traces", default=None,
-                    help="with --fit: an .npz cache of the PyBullet traces (read if it "
-                         "exists, else written), so a refit does not rerun PyBullet")
+                    help="with --fit or --grid: an .npz cache of the PyBullet traces (read "
+                         "if it exists, else written), so a refit does not rerun PyBullet")
     ap.add_argument("--max-nfev", type=int, default=300, help="with --fit: evaluations")
     ap.add_argument("--fields", default="cornering",
                     help="with --fit: 'cornering' (default), 'straight', 'all' or a "
                          "comma-separated list of Dynamics fields")
     ap.add_argument("--turn-speed-weight", type=float, default=0.5,
-                    help="with --fit: weight of a turning run's speed residual (m/s) next "
-                         "to its yaw rate's (rad/s, 1)")
+                    help="with --fit or --grid: weight of a turning run's speed residual "
+                         "(m/s) next to its yaw rate's (rad/s, 1)")
     ap.add_argument("--car", default="tyre",
                     help="with --fit or --grid: the car (rl.envs.jax_env.CARS) to start from")
     ap.add_argument("--protocols", default="",
