@@ -273,9 +273,8 @@ def car_step(dyn: Dynamics, v, steer, yaw_rate, a_motor, a_steer, speed_mode=Non
                 * xp.minimum(v / dyn.speed_brake_loss_v, 1.0))
         if g.grip is not None:
             lock = lock / g.grip
-        lock = xp.clip(lock, 0.0, 1.0)
-        speed_braking = xp.asarray(speed_actuator) & (u_speed < v)
-        kept = xp.where(braking, 1.0 - loss, xp.where(speed_braking, 1.0 - lock, 1.0))
+        lock = xp.clip(lock, 0.0, 1.0)  # 0 unless the target is below the speed (r > 0)
+        kept = xp.where(braking, 1.0 - loss, xp.where(speed_actuator, 1.0 - lock, 1.0))
         peak = xp.maximum(peak * kept, 1e-6)
         slip = -v_lat / v_par
         force = tyre_curve(dyn, slip, peak, xp)
