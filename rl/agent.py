@@ -116,6 +116,28 @@ def lidar_features(obs: dict, num_beams: int = 108, max_range: float = 15.25,
     return jnp.concatenate([sub / max_range, vel], axis=-1)
 
 
+class FeatureStats(nnx.Variable):
+    """Fixed statistics a policy's features are standardized with (``model.feature_norm``):
+    set once before training, saved with the policy, never trained."""
+
+
+# the multimodal policy's proprioception (``model.proprio``): the same body-frame components as
+# the lidar MLP's, scaled to O(1) (m/s over racecar_gym's top speed 3.5, rad/s over 3)
+PROPRIO_SCALE = {"planar": (3.5, 1.0, 3.0)}
+
+
+def proprio_features(obs: dict, kind: str = "planar") -> jax.Array:
+    """The car's own motion for the multimodal policy's heads (``model.proprio``): the
+    body-frame velocity's :data:`VELOCITY_COMPONENTS` ``kind`` scaled by
+    :data:`PROPRIO_SCALE`. An observation without ``velocity`` (the evaluation's IMU-absent
+    perturbation removes it) gives zeros, as the absent IMU modality itself is zeros."""
+    idx, scale = VELOCITY_COMPONENTS[kind], jnp.asarray(PROPRIO_SCALE[kind], jnp.float32)
+    if "velocity" not in obs:
+        return jnp.zeros((len(idx),), jnp.float32)
+    vel = jnp.asarray(obs["velocity"], jnp.float32)
+    return vel[..., idx] / scale
+
+
 class MultimodalActorCritic(nnx.Module):
     """The pretrained modality encoders and fusion (a :class:`train.mae.MultimodalMAE`, its
     decoder unused) → mean of the valid fused tokens → ``PolicyHead`` (Dense → tanh: the
@@ -129,6 +151,12 @@ class MultimodalActorCritic(nnx.Module):
     ``features`` (the encoders' pooled tokens, (B, embed_dim) float32) reads only ``mae``
     (``FEATURES_FROM``); ``heads`` maps them to the policy's outputs. Frozen encoders: the
     runner stores the features in the rollout and the update trains the heads on them.
+    ``proprio_dim`` > 0 (``model.proprio``): the batch's ``proprio`` vector (the car's own
+    motion, :func:`proprio_features`) is appended to the pooled features, so the heads read
+    it directly; it passes through ``features`` untouched (frozen features stay frozen).
+    ``feature_norm`` (``model.feature_norm``): the pooled features are standardized,
+    ``(z - feature_mean) / feature_std``, with fixed :class:`FeatureStats` (not trained;
+    :func:`rl.factory.fit_feature_norm` sets them, the checkpoint keeps them).
     """
 
     FEATURES_FROM = "mae"
@@ -140,17 +168,35 @@ class MultimodalActorCritic(nnx.Module):
         action_dim: int = 2,
         hidden: Sequence[int] = (256,),
         init_log_std: float = -0.5,
+        proprio_dim: int = 0,
+        feature_norm: bool = False,
         *,
         rngs: nnx.Rngs,
     ):
         self.mae = mae
         self.modalities = tuple(modalities)
-        d = mae.cfg.embed_dim
+        self.proprio_dim = int(proprio_dim)
+        e = mae.cfg.embed_dim
+        self.feature_norm = bool(feature_norm)
+        if self.feature_norm:
+            self.feature_mean = FeatureStats(jnp.zeros((e,), jnp.float32))
+            self.feature_std = FeatureStats(jnp.ones((e,), jnp.float32))
+        d = e + self.proprio_dim
         self.policy = PolicyHead(d, action_dim, hidden=tuple(hidden), rngs=rngs)
         self.value = ValueHead(d, hidden=tuple(hidden), rngs=rngs)
         self.log_std = nnx.Param(jnp.full((action_dim,), init_log_std, jnp.float32))
 
     def features(self, batch: dict) -> jax.Array:
+        z = self.pooled(batch)
+        if self.feature_norm:
+            z = (z - self.feature_mean[...]) / self.feature_std[...]
+        if not self.proprio_dim:
+            return z
+        return jnp.concatenate([z, jnp.asarray(batch["proprio"], jnp.float32)], axis=-1)
+
+    def pooled(self, batch: dict) -> jax.Array:
+        """The encoders' fused tokens, mean-pooled: (B, embed_dim) float32, before
+        ``feature_norm`` and without the proprioception."""
         if "lidar_ids" not in batch:
             tokens, valid = self.mae.encode(batch, self.modalities)
             return masked_mean(tokens.astype(jnp.float32), valid)

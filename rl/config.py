@@ -213,6 +213,18 @@ class ModelConfig:
     # with the most points (ObservationAdapter.jax_patches; the pretraining's encoder sees a
     # random subset too, its visible patches), or 0: every patch of the full BEV
     lidar_tokens: int = 0
+    # multimodal policy: the car's own motion beside the encoders' pooled features, straight
+    # into the policy and value heads — "planar": the body-frame vx, vy and yaw rate (the lidar
+    # MLP's model.velocity = "planar"; what wheel odometry and a gyro give a real car). The
+    # IMU modality carries the gyro and accelerometer only, so without it the policy cannot
+    # tell its own speed. "none": the heads see the features alone (before 2026-12-07).
+    proprio: Literal["none", "planar"] = configlib.added("none", "2026-12-07")
+    # multimodal policy: standardize each dimension of the encoders' pooled features with its
+    # mean and std over the states of a first rollout (rl.factory.fit_feature_norm), fixed
+    # for the run and saved with it, so the heads see the few-percent differences between
+    # states rather than the features' common offset (the lidar MLP's ppo.norm_obs does this
+    # for its inputs). JAX backend only. false: the features as pooled (before 2026-12-07).
+    feature_norm: bool = configlib.added(False, "2026-12-07")
 
     def __post_init__(self):
         configlib.check_ranges(self, "model", {"hidden": (1, None), "lidar_beams": (1, None),

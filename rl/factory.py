@@ -23,6 +23,7 @@ from typing import Any
 
 import gymnasium as gym
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -30,10 +31,12 @@ from flax import nnx
 from etl import configlib
 from etl.config import PreprocessConfig
 from rl.agent import (
+    VELOCITY_COMPONENTS,
     MLPActorCritic,
     MultimodalActorCritic,
     lidar_feature_dim,
     lidar_features,
+    proprio_features,
     split_agent,
 )
 from rl.config import RandomizeConfig, RLConfig, pool_draw
@@ -208,8 +211,11 @@ def _multimodal_agent(cfg: RLConfig, rngs: nnx.Rngs):
         modalities = tuple(
             m for m in pcfg.model.modalities if m in modalities or m in ("radar", "ir")
         )
+    proprio = cfg.model.proprio
     model = MultimodalActorCritic(
-        mae, modalities, 2, cfg.model.hidden, cfg.ppo.init_log_std, rngs=rngs
+        mae, modalities, 2, cfg.model.hidden, cfg.ppo.init_log_std,
+        proprio_dim=0 if proprio == "none" else len(VELOCITY_COMPONENTS[proprio]),
+        feature_norm=cfg.model.feature_norm, rngs=rngs,
     )
     adapter = ObservationAdapter(pre, world_scale=cfg.env.world_scale)
     featurize = adapter.jax
@@ -225,6 +231,11 @@ def _multimodal_agent(cfg: RLConfig, rngs: nnx.Rngs):
         def featurize(obs):  # the sparse lidar, and only the keys the model reads
             out = adapter.jax_patches(obs, p, k)
             return {key: v for key, v in out.items() if key in reads or key.startswith("lidar_")}
+    if proprio != "none":
+        sensors = featurize
+
+        def featurize(obs):  # ONE observation; the car's motion rides beside the sensors
+            return {**sensors(obs), "proprio": proprio_features(obs, proprio)}
     trained = nnx.Not(nnx.PathContains("decoder"))
     if ft.freeze_encoders:
         trained = nnx.Not(nnx.PathContains("mae"))
@@ -249,14 +260,60 @@ def make_runner(cfg: RLConfig) -> Runner:
             # the observation adapter (a BEV per observation) runs in the runner, once per
             # step; frozen encoders: their features are computed once per step and reused
             env, params = make_functional(cfg, lambda obs: obs)
+            if cfg.model.feature_norm:
+                fit_feature_norm(model, featurize, env, params, jax.random.PRNGKey(cfg.seed))
             return FastRunner(env, model, cfg.ppo, trainable, mesh=mesh, env_params=params,
                               featurize=featurize)
         env, params = make_functional(cfg, featurize)
         return FastRunner(env, model, cfg.ppo, trainable, mesh=mesh, env_params=params)
+    if cfg.model.policy == "multimodal" and cfg.model.feature_norm:
+        raise configlib.ConfigError(
+            f"model.feature_norm: fitted in the JAX backend only, not env.backend = "
+            f"{cfg.env.backend!r} (train there and evaluate anywhere)")
     envs = make_vector_env(cfg, cfg.ppo.num_envs)
     to_env = functools.partial(spec.action_dict, actuator=cfg.env.actuator)
     return GymRunner(envs, model, cfg.ppo, jax.vmap(featurize), to_env, trainable,
                      spec.EPISODE_KEYS, seed=cfg.seed)
+
+
+def fit_feature_norm(model: MultimodalActorCritic, featurize, env, env_params, key: jax.Array,
+                     num_envs: int = 256, steps: int = 64, every: int = 4) -> dict:
+    """Set ``model``'s :class:`rl.agent.FeatureStats` (``model.feature_norm``) to the mean and
+    std of its pooled features over a first rollout: ``num_envs`` cars from the task's starts,
+    driven ``steps`` policy steps by the untrained policy itself (its Gaussian, clipped),
+    features taken every ``every`` steps — moving cars, so the IMU's share varies as in
+    training, not only cars at rest. A dimension that does not vary gets std 1 (left as it
+    is). Returns ``{"mean", "std", "samples"}`` (numpy). Deterministic in ``key``."""
+    graphdef, state = nnx.split(model)
+    feat = jax.vmap(featurize)
+
+    @jax.jit
+    def run(state, key):
+        m = nnx.merge(graphdef, state)
+        k_reset, k_run = jax.random.split(key)
+        obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(
+            jax.random.split(k_reset, num_envs), env_params)
+
+        def step(carry, k):
+            obs, env_state = carry
+            x = feat(obs)
+            mean, log_std, _ = m(x)
+            k_act, k_env = jax.random.split(k)
+            action = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape),
+                              -1.0, 1.0)
+            obs, env_state, *_ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(k_env, num_envs), env_state, action, env_params)
+            return (obs, env_state), m.pooled(x)
+
+        _, z = jax.lax.scan(step, (obs, env_state), jax.random.split(k_run, steps))
+        return z[::every].reshape(-1, z.shape[-1])
+
+    z = np.asarray(run(state, key), np.float64)
+    mu, sd = z.mean(0), z.std(0)
+    sd = np.where(sd > 1e-6, sd, 1.0)
+    model.feature_mean[...] = jnp.asarray(mu, jnp.float32)
+    model.feature_std[...] = jnp.asarray(sd, jnp.float32)
+    return {"mean": mu, "std": sd, "samples": len(z)}
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -141,16 +141,18 @@ def _minibatch(rng, n):
             "ret": jnp.asarray(rng.normal(size=n), jnp.float32)}  # fmt: skip
 
 
-@pytest.mark.parametrize("tokens", [0, 5])
-def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase1, tokens):
+@pytest.mark.parametrize(("tokens", "proprio"), [(0, "none"), (5, "none"), (5, "planar")])
+def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase1, tokens,
+                                                                  proprio):
     """The PPO loss of the heads on features computed once equals the loss of the whole agent
     recomputing them from the observations, and so do the heads' gradients (float32 rounding:
-    rtol 1e-5); with the full BEV and with its sparse patches (model.lidar_tokens)."""
+    rtol 1e-5); with the full BEV and with its sparse patches (model.lidar_tokens), and with
+    the car's motion beside the features (model.proprio)."""
     from rl.agent import split_agent
     from rl.factory import make_agent
     from rl.ppo_core import make_loss
 
-    cfg = _rl_cfg(tmp_path, phase1, f"model.lidar_tokens={tokens}")
+    cfg = _rl_cfg(tmp_path, phase1, f"model.lidar_tokens={tokens}", f"model.proprio='{proprio}'")
     model, featurize, trainable = make_agent(cfg, 0)
     agent = split_agent(model, trainable)
     assert agent.frozen_features
@@ -164,7 +166,7 @@ def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase
     obs = jax.vmap(featurize)(raw)
     assert ("lidar_ids" in obs) == bool(tokens) and ("lidar" in obs) != bool(tokens)
     z = jax.jit(agent.features)(agent.params, agent.frozen, obs)
-    assert z.shape == (n, model.mae.cfg.embed_dim)
+    assert z.shape == (n, model.mae.cfg.embed_dim + (3 if proprio == "planar" else 0))
     recompute = jax.jit(jax.value_and_grad(make_loss(agent.apply, cfg.ppo), has_aux=True))
     reuse = jax.jit(jax.value_and_grad(make_loss(agent.heads, cfg.ppo), has_aux=True))
     mb = _minibatch(rng, n)
@@ -377,3 +379,99 @@ def test_load_trained_restores_the_saved_weights_not_an_init(phase1):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     assert any(not np.array_equal(np.asarray(g), np.asarray(f))
                for g, f in zip(got, fresh, strict=True))
+
+
+def test_proprio_reaches_the_heads_and_only_from_the_velocity(tmp_path, phase1):
+    """model.proprio = "planar": the features end in the body-frame (vx, vy, yaw rate), scaled
+    by rl.agent.PROPRIO_SCALE, after the encoders' pooled tokens (which are those of the
+    policy without it); the policy's output changes with the speed alone; without the
+    velocity (the IMU-absent evaluation) the three are 0; "none" is the policy of before."""
+    from rl.agent import PROPRIO_SCALE, split_agent
+    from rl.factory import make_agent
+
+    rng = np.random.default_rng(3)
+    n = 4
+    raw = {"lidar": jnp.asarray(rng.uniform(0.3, 16.0, (n, 1080)), jnp.float32),
+           "pose": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "velocity": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+           "time": jnp.zeros((n, 1))}  # fmt: skip
+    base = _rl_cfg(tmp_path, phase1, "model.lidar_tokens=5")
+    cfg = _rl_cfg(tmp_path, phase1, "model.lidar_tokens=5", "model.proprio='planar'")
+    out = {}
+    for name, c in (("none", base), ("planar", cfg)):
+        model, featurize, trainable = make_agent(c, 0)
+        agent = split_agent(model, trainable)
+        assert agent.frozen_features
+        out[name] = (model, featurize, agent)
+    model, featurize, agent = out["planar"]
+    z = np.asarray(agent.features(agent.params, agent.frozen, jax.vmap(featurize)(raw)))
+    m0, f0, a0 = out["none"]
+    z0 = np.asarray(a0.features(a0.params, a0.frozen, jax.vmap(f0)(raw)))
+    d = m0.mae.cfg.embed_dim
+    np.testing.assert_allclose(z[:, :d], z0, rtol=1e-6, atol=1e-6)
+    want = np.asarray(raw["velocity"])[:, [0, 1, 5]] / np.asarray(PROPRIO_SCALE["planar"])
+    np.testing.assert_allclose(z[:, d:], want, rtol=1e-6)
+
+    faster = {**raw, "velocity": raw["velocity"].at[:, 0].add(2.0)}
+    mean, _, value = model(jax.vmap(featurize)(raw))
+    mean2, _, value2 = model(jax.vmap(featurize)(faster))
+    assert float(jnp.abs(value2 - value).max()) > 1e-6
+    assert float(jnp.abs(mean2 - mean).max()) > 1e-7
+
+    no_imu = {k: v for k, v in raw.items() if k not in ("velocity", "acceleration")}
+    z_abs = np.asarray(agent.features(agent.params, agent.frozen, jax.vmap(featurize)(no_imu)))
+    np.testing.assert_array_equal(z_abs[:, d:], 0.0)
+
+
+def test_feature_norm_is_fitted_on_a_rollout_kept_fixed_and_saved(tmp_path, phase1):
+    """model.feature_norm: make_runner fits FeatureStats to the pooled features of a first
+    rollout (the same stats for the same seed), features are then (pooled - mean) / std,
+    training leaves the stats as fitted (not trained), and the checkpoint gives them back to
+    the evaluation (restore_policy) and to a warm start."""
+    from rl import factory, ppo
+    from rl.agent import FeatureStats
+
+    extra = ("model.lidar_tokens=5", "model.proprio='planar'", "model.feature_norm=true",
+             "ppo.total_timesteps=32", "ckpt_every=1")
+    cfg = _rl_cfg(tmp_path, phase1, *extra)
+    runner = factory.make_runner(cfg)
+    model = runner.model(runner.init(jax.random.PRNGKey(0)))
+    mean, std = np.asarray(model.feature_mean[...]), np.asarray(model.feature_std[...])
+    assert mean.shape == std.shape == (model.mae.cfg.embed_dim,)
+    assert np.abs(mean).max() > 1e-3 and not np.allclose(std, 1.0)  # fitted, not the init
+    again = factory.make_runner(cfg).model(runner.init(jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(np.asarray(again.feature_mean[...]), mean)
+
+    # the fit's own statistics: a fresh fit returns them and they are what the model holds
+    m2, featurize, _ = factory.make_agent(cfg, 0)
+    env, params = factory.make_functional(cfg, lambda o: o)
+    got = factory.fit_feature_norm(m2, featurize, env, params, jax.random.PRNGKey(1),
+                                   num_envs=4, steps=8, every=2)
+    assert got["samples"] == 16
+    np.testing.assert_allclose(np.asarray(m2.feature_std[...]), got["std"], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    raw = {"lidar": jnp.asarray(rng.uniform(0.3, 16.0, (3, 1080)), jnp.float32),
+           "velocity": jnp.zeros((3, 6)), "acceleration": jnp.zeros((3, 6)),
+           "pose": jnp.zeros((3, 6)), "time": jnp.zeros((3, 1))}  # fmt: skip
+    x = jax.vmap(featurize)(raw)
+    d = m2.mae.cfg.embed_dim
+    want = (np.asarray(m2.pooled(x)) - got["mean"]) / got["std"]
+    np.testing.assert_allclose(np.asarray(m2.features(x))[:, :d], want, rtol=1e-4, atol=1e-4)
+
+    # training keeps them; the checkpoint restores them
+    sets = [f"runs_dir='{tmp_path}'", "run_name='fn'", "model.policy='multimodal'",
+            "finetune.init='pretrained'", f"finetune.pretrained_ckpt='{phase1}'",
+            "model.hidden=[16]", "ppo.num_envs=4", "ppo.num_steps=4", "ppo.num_minibatches=2",
+            "ppo.update_epochs=1", "env.time_limit=2.0", "env.track='procedural:0'", *extra]
+    assert ppo.main([arg for s in sets for arg in ("--set", s)]) == 0
+    _, restored, _ = factory.restore_policy(tmp_path / "fn" / "ckpt")
+    np.testing.assert_array_equal(np.asarray(restored.feature_mean[...]), mean)
+    np.testing.assert_array_equal(np.asarray(restored.feature_std[...]), std)
+    assert isinstance(restored.feature_mean, FeatureStats)
+    params, frozen, _ = factory.warm_start_policy(
+        _rl_cfg(tmp_path, phase1, *extra, f"finetune.init_policy='{tmp_path / 'fn' / 'ckpt'}'"))
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(frozen)}
+    assert any("feature_mean" in k for k in flat)
+    np.testing.assert_array_equal(
+        np.asarray(next(v for k, v in flat.items() if "feature_mean" in k)), mean)
