@@ -187,7 +187,10 @@ class MultimodalActorCritic(nnx.Module):
         self.log_std = nnx.Param(jnp.full((action_dim,), init_log_std, jnp.float32))
 
     def features(self, batch: dict) -> jax.Array:
-        z = self.pooled(batch)
+        return self.features_from_pooled(self.pooled(batch), batch)
+
+    def features_from_pooled(self, z: jax.Array, batch: dict) -> jax.Array:
+        """:meth:`features` given :meth:`pooled`'s output ``z`` for ``batch``."""
         if self.feature_norm:
             z = (z - self.feature_mean[...]) / self.feature_std[...]
         if not self.proprio_dim:

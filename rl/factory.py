@@ -261,7 +261,9 @@ def make_runner(cfg: RLConfig) -> Runner:
             # step; frozen encoders: their features are computed once per step and reused
             env, params = make_functional(cfg, lambda obs: obs)
             if cfg.model.feature_norm:
-                fit_feature_norm(model, featurize, env, params, jax.random.PRNGKey(cfg.seed))
+                n = cfg.ppo.num_steps  # a first rollout of the run's own size
+                fit_feature_norm(model, featurize, env, params, jax.random.PRNGKey(cfg.seed),
+                                 num_envs=cfg.ppo.num_envs, steps=n, every=max(1, n // 16))
             return FastRunner(env, model, cfg.ppo, trainable, mesh=mesh, env_params=params,
                               featurize=featurize)
         env, params = make_functional(cfg, featurize)
@@ -282,8 +284,10 @@ def fit_feature_norm(model: MultimodalActorCritic, featurize, env, env_params, k
     std of its pooled features over a first rollout: ``num_envs`` cars from the task's starts,
     driven ``steps`` policy steps by the untrained policy itself (its Gaussian, clipped),
     features taken every ``every`` steps — moving cars, so the IMU's share varies as in
-    training, not only cars at rest. A dimension that does not vary gets std 1 (left as it
-    is). Returns ``{"mean", "std", "samples"}`` (numpy). Deterministic in ``key``."""
+    training, not only cars at rest (:func:`make_runner`: the run's ``num_envs`` ×
+    ``num_steps``, every ``num_steps // 16``-th step). A dimension that does not vary gets
+    std 1 (left as it is). Returns ``{"mean", "std", "samples"}`` (numpy); deterministic in
+    ``key``."""
     graphdef, state = nnx.split(model)
     feat = jax.vmap(featurize)
 
@@ -297,13 +301,14 @@ def fit_feature_norm(model: MultimodalActorCritic, featurize, env, env_params, k
         def step(carry, k):
             obs, env_state = carry
             x = feat(obs)
-            mean, log_std, _ = m(x)
+            z = m.pooled(x)  # the encoders once: for the stats and for the policy's action
+            mean, log_std, _ = m.heads(m.features_from_pooled(z, x))
             k_act, k_env = jax.random.split(k)
             action = jnp.clip(mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape),
                               -1.0, 1.0)
             obs, env_state, *_ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
                 jax.random.split(k_env, num_envs), env_state, action, env_params)
-            return (obs, env_state), m.pooled(x)
+            return (obs, env_state), z
 
         _, z = jax.lax.scan(step, (obs, env_state), jax.random.split(k_run, steps))
         return z[::every].reshape(-1, z.shape[-1])

@@ -132,6 +132,15 @@ def test_multimodal_config_errors(tmp_path, phase1):
 
 
 # ---------------------------------------------------------------- frozen features, reused
+def _raw_obs(rng, n):
+    """n random raw observations of the JAX backend (a batch of racecar_gym's dict)."""
+    return {"lidar": jnp.asarray(rng.uniform(0.3, 16.0, (n, 1080)), jnp.float32),
+            "pose": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+            "velocity": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+            "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
+            "time": jnp.zeros((n, 1))}  # fmt: skip
+
+
 def _minibatch(rng, n):
     """A PPO minibatch of n samples but for its observations."""
     return {"action": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32),
@@ -158,11 +167,7 @@ def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase
     assert agent.frozen_features
     rng = np.random.default_rng(1)
     n = 6
-    raw = {"lidar": jnp.asarray(rng.uniform(0.3, 16.0, (n, 1080)), jnp.float32),
-           "pose": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
-           "velocity": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
-           "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
-           "time": jnp.zeros((n, 1))}  # fmt: skip
+    raw = _raw_obs(rng, n)
     obs = jax.vmap(featurize)(raw)
     assert ("lidar_ids" in obs) == bool(tokens) and ("lidar" in obs) != bool(tokens)
     z = jax.jit(agent.features)(agent.params, agent.frozen, obs)
@@ -391,11 +396,7 @@ def test_proprio_reaches_the_heads_and_only_from_the_velocity(tmp_path, phase1):
 
     rng = np.random.default_rng(3)
     n = 4
-    raw = {"lidar": jnp.asarray(rng.uniform(0.3, 16.0, (n, 1080)), jnp.float32),
-           "pose": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
-           "velocity": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
-           "acceleration": jnp.asarray(rng.normal(size=(n, 6)), jnp.float32),
-           "time": jnp.zeros((n, 1))}  # fmt: skip
+    raw = _raw_obs(rng, n)
     base = _rl_cfg(tmp_path, phase1, "model.lidar_tokens=5")
     cfg = _rl_cfg(tmp_path, phase1, "model.lidar_tokens=5", "model.proprio='planar'")
     out = {}

@@ -528,12 +528,14 @@ def test_a_field_added_at_its_default_keeps_the_units_hashes(tmp_path):
     st = study_mod.Study(cfg)
     unit = st.by_name["train/scratch_s0"]
     rl = configlib.to_dict(st.arm_cfgs[("scratch", 0)])
-    from rl.config import EnvConfig
+    from rl.config import EnvConfig, ModelConfig
 
-    later = [f.name for f in dataclasses.fields(EnvConfig) if configlib.ADDED in f.metadata]
-    assert {"speed_max", "stall_penalty"} <= set(later)
-    for k in later:  # the config as it was before those fields existed
-        del rl["env"][k]
+    for section, dc, known in (("env", EnvConfig, {"speed_max", "stall_penalty"}),
+                               ("model", ModelConfig, {"proprio", "feature_norm"})):
+        later = [f.name for f in dataclasses.fields(dc) if configlib.ADDED in f.metadata]
+        assert known <= set(later)
+        for k in later:  # the config as it was before those fields existed
+            del rl[section][k]
     needs = [st.unit_hash(st.by_name[n]) for n in unit.needs]
     assert st.unit_hash(unit) == study_mod._hash({"config": rl, "needs": needs})
     capped = dataclasses.replace(cfg, rl=dataclasses.replace(
