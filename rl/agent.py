@@ -157,6 +157,15 @@ class MultimodalActorCritic(nnx.Module):
     ``feature_norm`` (``model.feature_norm``): the pooled features are standardized,
     ``(z - feature_mean) / feature_std``, with fixed :class:`FeatureStats` (not trained;
     :func:`rl.factory.fit_feature_norm` sets them, the checkpoint keeps them).
+
+    ``pooling`` (``model.pooling``): "mean" — the valid fused tokens' mean, (B, embed_dim);
+    "grid" — every token in its own place, (B, slots · embed_dim): the lidar's at its BEV
+    patch (patches the sparse adapter left out, and absent modalities' tokens, are zeros),
+    then each other modality's tokens in the fusion's order (:meth:`grid_slots`). The heads
+    then project each slot's token to ``grid_channels`` numbers (one trained Dense shared by
+    the slots and by both heads) and read the flattened map, so they know *where* each wall
+    is — a mean over the tokens keeps ~0.6 of the wall distances' variance where the placed
+    tokens keep ~0.9 (README, "The policy over frozen random encoders").
     """
 
     FEATURES_FROM = "mae"
@@ -170,18 +179,29 @@ class MultimodalActorCritic(nnx.Module):
         init_log_std: float = -0.5,
         proprio_dim: int = 0,
         feature_norm: bool = False,
+        pooling: str = "mean",
+        grid_channels: int = 4,
         *,
         rngs: nnx.Rngs,
     ):
+        if pooling not in ("mean", "grid"):
+            raise ValueError(f"pooling: {pooling!r} is not 'mean' or 'grid'")
         self.mae = mae
         self.modalities = tuple(modalities)
         self.proprio_dim = int(proprio_dim)
+        self.pooling = pooling
         e = mae.cfg.embed_dim
+        self.embed_dim = e
+        z_dim = e
+        if pooling == "grid":
+            self.slots = sum(mae.layout[m].n_patches for m in mae.token_layout(self.modalities))
+            self.token_proj = nnx.Linear(e, int(grid_channels), rngs=rngs)
+            z_dim = self.slots * e
         self.feature_norm = bool(feature_norm)
         if self.feature_norm:
-            self.feature_mean = FeatureStats(jnp.zeros((e,), jnp.float32))
-            self.feature_std = FeatureStats(jnp.ones((e,), jnp.float32))
-        d = e + self.proprio_dim
+            self.feature_mean = FeatureStats(jnp.zeros((z_dim,), jnp.float32))
+            self.feature_std = FeatureStats(jnp.ones((z_dim,), jnp.float32))
+        d = (e if pooling == "mean" else self.slots * int(grid_channels)) + self.proprio_dim
         self.policy = PolicyHead(d, action_dim, hidden=tuple(hidden), rngs=rngs)
         self.value = ValueHead(d, hidden=tuple(hidden), rngs=rngs)
         self.log_std = nnx.Param(jnp.full((action_dim,), init_log_std, jnp.float32))
@@ -198,20 +218,53 @@ class MultimodalActorCritic(nnx.Module):
         return jnp.concatenate([z, jnp.asarray(batch["proprio"], jnp.float32)], axis=-1)
 
     def pooled(self, batch: dict) -> jax.Array:
-        """The encoders' fused tokens, mean-pooled: (B, embed_dim) float32, before
-        ``feature_norm`` and without the proprioception."""
-        if "lidar_ids" not in batch:
-            tokens, valid = self.mae.encode(batch, self.modalities)
-            return masked_mean(tokens.astype(jnp.float32), valid)
-        # the adapter's sparse lidar (ObservationAdapter.jax_patches): only its kept patches
-        # enter the lidar encoder, as the visible patches do in pretraining (MAE)
-        tokens = {m: self.mae.encoders[m](batch[m]) for m in self.modalities if m != "lidar"}
-        tokens["lidar"] = vit_patch_tokens(self.mae.encoders["lidar"],
-                                           batch["lidar_patches"], batch["lidar_ids"])
-        fused, valid = self.mae.fusion(tokens, jnp.asarray(batch["present"]))
-        return masked_mean(fused.astype(jnp.float32), valid)
+        """The encoders' fused tokens, pooled (``pooling``): (B, embed_dim) or
+        (B, slots · embed_dim) float32, before ``feature_norm`` and without the
+        proprioception."""
+        ids = batch.get("lidar_ids")
+        if ids is None:
+            fused, valid = self.mae.encode(batch, self.modalities)
+        else:
+            # the adapter's sparse lidar (ObservationAdapter.jax_patches): only its kept
+            # patches enter the lidar encoder, as the visible patches do in pretraining (MAE)
+            tokens = {m: self.mae.encoders[m](batch[m]) for m in self.modalities
+                      if m != "lidar"}
+            tokens["lidar"] = vit_patch_tokens(self.mae.encoders["lidar"],
+                                               batch["lidar_patches"], ids)
+            fused, valid = self.mae.fusion(tokens, jnp.asarray(batch["present"]))
+        fused = fused.astype(jnp.float32)
+        if self.pooling == "mean":
+            return masked_mean(fused, valid)
+        return self.grid_slots(fused, valid, ids)
+
+    def grid_slots(self, fused: jax.Array, valid: jax.Array, lidar_ids=None) -> jax.Array:
+        """``pooling = "grid"``: the fused tokens (B, T, D) in fixed places, flattened to
+        (B, slots · D); invalid tokens are zeros. With ``lidar_ids`` (B, k) the lidar's k
+        tokens go to their patches' slots and the patches left out stay zero."""
+        fused = fused * valid[..., None].astype(fused.dtype)
+        b, _, e = fused.shape
+        parts, start = [], 0
+        for m in self.mae.token_layout(self.modalities):
+            n = self.mae.layout[m].n_patches
+            if m == "lidar" and lidar_ids is not None:
+                k = lidar_ids.shape[1]
+                grid = jnp.zeros((b, n, e), fused.dtype)
+                parts.append(jax.vmap(lambda g, i, t: g.at[i].set(t))(
+                    grid, lidar_ids, fused[:, start:start + k]))
+                start += k
+            else:
+                parts.append(fused[:, start:start + n])
+                start += n
+        if start != fused.shape[1]:
+            raise ValueError(f"grid_slots: {fused.shape[1]} tokens, the layout has {start}")
+        return jnp.concatenate(parts, axis=1).reshape(b, -1)
 
     def heads(self, z: jax.Array):
+        if self.pooling == "grid":
+            n = self.slots * self.embed_dim
+            grid = z[..., :n].reshape(*z.shape[:-1], self.slots, self.embed_dim)
+            proj = self.token_proj(grid).reshape(*z.shape[:-1], -1)
+            z = jnp.concatenate([proj, z[..., n:]], axis=-1)
         mean = self.policy(z)
         log_std = jnp.broadcast_to(self.log_std[...], mean.shape)
         return mean, log_std, self.value(z)

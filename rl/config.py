@@ -225,10 +225,17 @@ class ModelConfig:
     # states rather than the features' common offset (the lidar MLP's ppo.norm_obs does this
     # for its inputs). JAX backend only. false: the features as pooled (before 2026-12-07).
     feature_norm: bool = configlib.added(False, "2026-12-07")
+    # multimodal policy: how the heads read the fused tokens — "mean": their mean, one
+    # embed_dim vector (before 2026-12-07); "grid": each token in its own place (the lidar's
+    # at its BEV patch), each projected to grid_channels numbers by a trained Dense and the
+    # map flattened, so the heads know where the walls are (rl.agent.MultimodalActorCritic)
+    pooling: Literal["mean", "grid"] = configlib.added("mean", "2026-12-07")
+    grid_channels: int = configlib.added(4, "2026-12-07")
 
     def __post_init__(self):
         configlib.check_ranges(self, "model", {"hidden": (1, None), "lidar_beams": (1, None),
-                                               "lidar_tokens": (0, None)})
+                                               "lidar_tokens": (0, None),
+                                               "grid_channels": (1, None)})
 
 
 @dataclass(frozen=True)

@@ -215,7 +215,8 @@ def _multimodal_agent(cfg: RLConfig, rngs: nnx.Rngs):
     model = MultimodalActorCritic(
         mae, modalities, 2, cfg.model.hidden, cfg.ppo.init_log_std,
         proprio_dim=0 if proprio == "none" else len(VELOCITY_COMPONENTS[proprio]),
-        feature_norm=cfg.model.feature_norm, rngs=rngs,
+        feature_norm=cfg.model.feature_norm, pooling=cfg.model.pooling,
+        grid_channels=cfg.model.grid_channels, rngs=rngs,
     )
     adapter = ObservationAdapter(pre, world_scale=cfg.env.world_scale)
     featurize = adapter.jax
@@ -251,8 +252,10 @@ def device_mesh(num_envs: int) -> jax.sharding.Mesh | None:
     return None
 
 
-def make_runner(cfg: RLConfig) -> Runner:
-    """The fast runner for the JAX backend, the gymnasium runner for the host backends."""
+def make_runner(cfg: RLConfig, fit_norm: bool = True) -> Runner:
+    """The fast runner for the JAX backend, the gymnasium runner for the host backends.
+    ``fit_norm=False``: ``model.feature_norm``'s statistics are left unfitted, for a run whose
+    policy (with its fitted statistics) comes from a checkpoint: a resume or a warm start."""
     model, featurize, trainable = make_agent(cfg)
     if cfg.env.backend == "jax":
         mesh = device_mesh(cfg.ppo.num_envs)
@@ -260,7 +263,7 @@ def make_runner(cfg: RLConfig) -> Runner:
             # the observation adapter (a BEV per observation) runs in the runner, once per
             # step; frozen encoders: their features are computed once per step and reused
             env, params = make_functional(cfg, lambda obs: obs)
-            if cfg.model.feature_norm:
+            if cfg.model.feature_norm and fit_norm:
                 n = cfg.ppo.num_steps  # a first rollout of the run's own size
                 fit_feature_norm(model, featurize, env, params, jax.random.PRNGKey(cfg.seed),
                                  num_envs=cfg.ppo.num_envs, steps=n, every=max(1, n // 16))

@@ -129,7 +129,13 @@ def _run_one(cfg: RLConfig, max_updates: int | None = None) -> int:
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(configlib.to_dict(cfg), indent=2))
-    runner = factory.make_runner(cfg)
+    # a resumed or warm-started policy brings its own feature statistics: no first-rollout fit
+    c = Checkpointer(run_dir / "ckpt")
+    try:
+        restores = c.latest_step() is not None or bool(cfg.finetune.init_policy)
+    finally:
+        c.close()
+    runner = factory.make_runner(cfg, fit_norm=not restores)
     try:
         return train(cfg, runner, run_dir, max_updates)
     finally:

@@ -220,6 +220,7 @@ ENTRY_POINTS = {  # prog -> (argv given tmp_path, the bad key the message names)
     "benchmarks.pretrain": (lambda t: ["--config", PRE_TINY, "--set", "model.fusion='x'"],
                             "model.fusion"),
     "benchmarks.ppo": (lambda t: ["--set", "model.policy='x'"], "model.policy"),
+    "benchmarks.feature_geometry": (lambda t: ["--set", "model.pooling='x'"], "model.pooling"),
 }
 
 

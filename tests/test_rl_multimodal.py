@@ -150,18 +150,22 @@ def _minibatch(rng, n):
             "ret": jnp.asarray(rng.normal(size=n), jnp.float32)}  # fmt: skip
 
 
-@pytest.mark.parametrize(("tokens", "proprio"), [(0, "none"), (5, "none"), (5, "planar")])
+@pytest.mark.parametrize(("tokens", "proprio", "pooling"),
+                         [(0, "none", "mean"), (5, "none", "mean"), (5, "planar", "mean"),
+                          (0, "none", "grid"), (5, "planar", "grid")])
 def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase1, tokens,
-                                                                  proprio):
+                                                                  proprio, pooling):
     """The PPO loss of the heads on features computed once equals the loss of the whole agent
     recomputing them from the observations, and so do the heads' gradients (float32 rounding:
-    rtol 1e-5); with the full BEV and with its sparse patches (model.lidar_tokens), and with
-    the car's motion beside the features (model.proprio)."""
+    rtol 1e-5); with the full BEV and with its sparse patches (model.lidar_tokens), with the
+    car's motion beside the features (model.proprio), and with the tokens kept in place
+    (model.pooling = "grid", whose token projection trains in the heads)."""
     from rl.agent import split_agent
     from rl.factory import make_agent
     from rl.ppo_core import make_loss
 
-    cfg = _rl_cfg(tmp_path, phase1, f"model.lidar_tokens={tokens}", f"model.proprio='{proprio}'")
+    cfg = _rl_cfg(tmp_path, phase1, f"model.lidar_tokens={tokens}", f"model.proprio='{proprio}'",
+                  f"model.pooling='{pooling}'")
     model, featurize, trainable = make_agent(cfg, 0)
     agent = split_agent(model, trainable)
     assert agent.frozen_features
@@ -171,7 +175,10 @@ def test_reused_frozen_features_give_the_same_loss_and_gradients(tmp_path, phase
     obs = jax.vmap(featurize)(raw)
     assert ("lidar_ids" in obs) == bool(tokens) and ("lidar" in obs) != bool(tokens)
     z = jax.jit(agent.features)(agent.params, agent.frozen, obs)
-    assert z.shape == (n, model.mae.cfg.embed_dim + (3 if proprio == "planar" else 0))
+    e = model.mae.cfg.embed_dim
+    pooled = e if pooling == "mean" else sum(
+        model.mae.layout[m].n_patches for m in model.mae.token_layout(model.modalities)) * e
+    assert z.shape == (n, pooled + (3 if proprio == "planar" else 0))
     recompute = jax.jit(jax.value_and_grad(make_loss(agent.apply, cfg.ppo), has_aux=True))
     reuse = jax.jit(jax.value_and_grad(make_loss(agent.heads, cfg.ppo), has_aux=True))
     mb = _minibatch(rng, n)
@@ -362,6 +369,65 @@ def test_sparse_policy_features_are_the_encoders_on_the_kept_patches(tmp_path, p
     assert float(jnp.abs(got - model.features(full)).max()) > 1e-4
 
 
+def test_grid_pooling_keeps_each_token_in_its_place(tmp_path, phase1):
+    """model.pooling = "grid": the features are the fused tokens in fixed slots — each kept
+    lidar patch's token at its patch, zeros at the patches left out, then the IMU's tokens
+    (zeros when the IMU is absent) — and the mean of the valid ones is the "mean" pooling's
+    feature; the heads read the places: the same tokens in other slots act differently."""
+    from rl.factory import make_agent
+
+    mods = "model.modalities=['lidar', 'imu']"
+    k = 6
+    cfg = _rl_cfg(tmp_path, phase1, f"model.lidar_tokens={k}", mods, "model.pooling='grid'")
+    model, featurize, _ = make_agent(cfg, 0)
+    mean_model, mean_featurize, _ = make_agent(
+        _rl_cfg(tmp_path, phase1, f"model.lidar_tokens={k}", mods), 0)
+    rng = np.random.default_rng(4)
+    n = 3
+    raw = _raw_obs(rng, n)
+    raw["lidar"] = _scans(rng, n)
+    obs = jax.vmap(featurize)(raw)
+    mae = model.mae
+    e, n_lidar = mae.cfg.embed_dim, mae.layout["lidar"].n_patches
+    n_imu = mae.layout["imu"].n_patches
+    assert model.slots == n_lidar + n_imu
+    grid = np.asarray(model.features(obs)).reshape(n, model.slots, e)
+    tokens = {"lidar": mae.encoders["lidar"](
+                  jax.vmap(_full_bev(mae))(raw), obs["lidar_ids"]),
+              "imu": mae.encoders["imu"](obs["imu"])}  # fmt: skip
+    fused, valid = mae.fusion(tokens, obs["present"])
+    fused = np.asarray(fused, np.float32)
+    ids = np.asarray(obs["lidar_ids"])
+    for b in range(n):
+        np.testing.assert_allclose(grid[b, ids[b]], fused[b, :k], rtol=1e-5, atol=1e-6)
+        left_out = np.setdiff1d(np.arange(n_lidar), ids[b])
+        assert len(left_out) == n_lidar - k
+        np.testing.assert_array_equal(grid[b, left_out], 0.0)
+    np.testing.assert_allclose(grid[:, n_lidar:], fused[:, k:], rtol=1e-5, atol=1e-6)
+    # the mean of the placed valid tokens is the "mean" pooling's feature (same encoders)
+    mean_model.mae = model.mae
+    want = np.asarray(mean_model.features(jax.vmap(mean_featurize)(raw)))
+    np.testing.assert_allclose(grid.sum(1) / (k + n_imu), want, rtol=1e-4, atol=1e-5)
+    # an absent IMU: its slots are zeros (its tokens are not valid)
+    no_imu = {key: v for key, v in raw.items() if key not in ("velocity", "acceleration")}
+    g0 = np.asarray(model.features(jax.vmap(featurize)(no_imu))).reshape(n, model.slots, e)
+    np.testing.assert_array_equal(g0[:, n_lidar:], 0.0)
+    assert np.abs(g0[:, :n_lidar]).max() > 0
+    # the heads read places: the lidar tokens rolled to other patches change the action
+    z = model.features(obs)
+    moved = jnp.roll(z.reshape(n, model.slots, e)[:, :n_lidar], 1, axis=1)
+    z2 = jnp.concatenate([moved.reshape(n, -1), z[:, n_lidar * e:]], axis=1)
+    assert float(jnp.abs(model.heads(z2)[0] - model.heads(z)[0]).max()) > 1e-6
+
+
+def _full_bev(mae):
+    """The full lidar BEV of one raw observation, as the adapter builds it."""
+    from rl.envs.adapter import ObservationAdapter
+
+    adapter = ObservationAdapter(mae.pre, world_scale=10.0)
+    return lambda obs: adapter.jax(obs)["lidar"]
+
+
 def test_load_trained_restores_the_saved_weights_not_an_init(phase1):
     """load_trained restores into abstract shapes; its parameters must be the checkpoint's
     (as restored into a live initialised state) and not the architecture's initialisation."""
@@ -425,11 +491,12 @@ def test_proprio_reaches_the_heads_and_only_from_the_velocity(tmp_path, phase1):
     np.testing.assert_array_equal(z_abs[:, d:], 0.0)
 
 
-def test_feature_norm_is_fitted_on_a_rollout_kept_fixed_and_saved(tmp_path, phase1):
+def test_feature_norm_is_fitted_on_a_rollout_kept_fixed_and_saved(tmp_path, phase1,
+                                                                   monkeypatch):
     """model.feature_norm: make_runner fits FeatureStats to the pooled features of a first
     rollout (the same stats for the same seed), features are then (pooled - mean) / std,
     training leaves the stats as fitted (not trained), and the checkpoint gives them back to
-    the evaluation (restore_policy) and to a warm start."""
+    the evaluation (restore_policy), to a resume and to a warm start (which fit none)."""
     from rl import factory, ppo
     from rl.agent import FeatureStats
 
@@ -466,6 +533,18 @@ def test_feature_norm_is_fitted_on_a_rollout_kept_fixed_and_saved(tmp_path, phas
             "model.hidden=[16]", "ppo.num_envs=4", "ppo.num_steps=4", "ppo.num_minibatches=2",
             "ppo.update_epochs=1", "env.time_limit=2.0", "env.track='procedural:0'", *extra]
     assert ppo.main([arg for s in sets for arg in ("--set", s)]) == 0
+    # resumed (one more update) and warm-started runs take the checkpoint's statistics and
+    # fit none of their own
+    fitted = []
+    monkeypatch.setattr(factory, "fit_feature_norm", lambda *a, **k: fitted.append(1))
+    more = [*sets, "ppo.total_timesteps=48"]
+    assert ppo.main([arg for s in more for arg in ("--set", s)]) == 0
+    warm = [*sets, "run_name='fn_warm'", f"finetune.init_policy='{tmp_path / 'fn' / 'ckpt'}'"]
+    assert ppo.main([arg for s in warm for arg in ("--set", s)]) == 0
+    assert not fitted
+    for run in ("fn", "fn_warm"):
+        _, m, _ = factory.restore_policy(tmp_path / run / "ckpt")
+        np.testing.assert_array_equal(np.asarray(m.feature_mean[...]), mean)
     _, restored, _ = factory.restore_policy(tmp_path / "fn" / "ckpt")
     np.testing.assert_array_equal(np.asarray(restored.feature_mean[...]), mean)
     np.testing.assert_array_equal(np.asarray(restored.feature_std[...]), std)
@@ -476,3 +555,17 @@ def test_feature_norm_is_fitted_on_a_rollout_kept_fixed_and_saved(tmp_path, phas
     assert any("feature_mean" in k for k in flat)
     np.testing.assert_array_equal(
         np.asarray(next(v for k, v in flat.items() if "feature_mean" in k)), mean)
+
+
+def test_feature_geometry_probe_r2_tells_signal_from_noise():
+    """benchmarks.feature_geometry's held-out R²: ~1 for targets linear in the features, ~0
+    (never much above) for targets independent of them, and between for a partial signal."""
+    from benchmarks.feature_geometry import ridge_r2
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1200, 20))
+    w = rng.normal(size=(20, 5))
+    assert ridge_r2(x, x @ w, 1000) > 0.999
+    assert ridge_r2(x, rng.normal(size=(1200, 5)), 1000) < 0.05
+    half = x[:, :10] @ w[:10] + rng.normal(size=(1200, 5)) * np.std(x[:, :10] @ w[:10], 0)
+    assert 0.3 < ridge_r2(x, half, 1000) < 0.7

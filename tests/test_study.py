@@ -531,7 +531,7 @@ def test_a_field_added_at_its_default_keeps_the_units_hashes(tmp_path):
     from rl.config import EnvConfig, ModelConfig
 
     for section, dc, known in (("env", EnvConfig, {"speed_max", "stall_penalty"}),
-                               ("model", ModelConfig, {"proprio", "feature_norm"})):
+                               ("model", ModelConfig, {"proprio", "feature_norm", "pooling"})):
         later = [f.name for f in dataclasses.fields(dc) if configlib.ADDED in f.metadata]
         assert known <= set(later)
         for k in later:  # the config as it was before those fields existed
