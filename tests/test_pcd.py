@@ -260,23 +260,23 @@ def test_write_rejects_bad_input(tmp_path):
         write_pcd(tmp_path / "a.pcd", {"x": np.zeros(3, complex)})
 
 
-def test_32_beam_cloud_reads_fast(tmp_path):
-    """A 30k-point Velodyne-like cloud: every encoding decodes well under a second."""
-    import time
-
+def test_32_beam_cloud_reads_whole(tmp_path):
+    """A 30k-point Velodyne-like cloud (x y z intensity ring): every encoding decodes every
+    point, without a warning, to the values written. (How fast: benchmarks/etl.py, which
+    reads the PCDs of whole drives; a timed assertion here failed on a loaded CI machine.)"""
     n = 30000
     rng = np.random.default_rng(2)
     f = {k: rng.normal(0, 10, n).astype(np.float32) for k in ("x", "y", "z", "intensity")}
     f["ring"] = rng.integers(0, 32, n).astype(np.uint16)
+    want = np.stack([f[k] for k in ("x", "y", "z", "intensity")], axis=1)
     for enc in ENCODINGS:
         p = tmp_path / f"v_{enc}.pcd"
         write_pcd(p, f, enc)
-        t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             pts = points_xyzi(read_pcd(p))
-        assert time.perf_counter() - t < 1.0, enc
-        assert pts.shape == (n, 4)
+        assert pts.shape == (n, 4), enc
+        np.testing.assert_allclose(pts, want, rtol=1e-6, atol=1e-6, err_msg=enc)
 
 
 # PCL's own padding: `_` with COUNT 0 (no bytes) beside `_` with COUNT 12 (12 bytes)
