@@ -75,16 +75,19 @@ def main(argv=None) -> int:
     keys = jax.random.split(jax.random.PRNGKey(0), args.states)
     obs, _ = jax.jit(jax.vmap(sim.reset, in_axes=(0, None)))(keys, make_params(track))
     scan = np.asarray(obs["lidar"], np.float64)
-    reach = 32.0 / base.env.world_scale  # the BEV's half-width (etl BEVGrid: ±32 m) in sim m
-    target = np.minimum(scan[:, ::5], reach) / reach
     n_train = args.states * 5 // 6
-    out = {"track": track, "states": args.states, "reach_m": reach, "r2": {}}
+    out = {"track": track, "states": args.states, "r2": {}}
+    target = None
     for init in ("pretrained", "scratch"):
         for pooling in ("mean", "grid"):
             cfg = dataclasses.replace(
                 base, finetune=dataclasses.replace(base.finetune, init=init),
                 model=dataclasses.replace(base.model, pooling=pooling, feature_norm=False))
             model, featurize, _ = make_agent(cfg, 0)
+            if target is None:  # the BEV's forward reach, in simulator metres
+                reach = model.mae.pre.lidar.x_max / base.env.world_scale
+                target = np.minimum(scan[:, ::5], reach) / reach
+                out["reach_m"] = reach
             pooled = jax.jit(lambda o, m=model, f=featurize: m.pooled(jax.vmap(f)(o)))
             z = np.concatenate([
                 np.asarray(pooled(jax.tree.map(lambda a, i=i: a[i:i + args.batch], obs)))

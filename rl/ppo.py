@@ -112,16 +112,20 @@ def run(cfg: RLConfig, max_updates: int | None = None) -> int:
     return _run_one(after_stages(cfg), max_updates)
 
 
-def run_is_complete(cfg: RLConfig) -> bool:
-    """Whether a run (or a stage's) has saved its last update."""
-    ckpt = Path(cfg.runs_dir) / cfg.run_name / "ckpt"
+def _latest_step(ckpt: Path) -> int | None:
+    """The newest saved step under ``ckpt``, None when there is none (or no folder)."""
     if not ckpt.exists():
-        return False
+        return None
     c = Checkpointer(ckpt)
     try:
-        step = c.latest_step()
+        return c.latest_step()
     finally:
         c.close()
+
+
+def run_is_complete(cfg: RLConfig) -> bool:
+    """Whether a run (or a stage's) has saved its last update."""
+    step = _latest_step(Path(cfg.runs_dir) / cfg.run_name / "ckpt")
     return step is not None and step >= cfg.ppo.num_updates
 
 
@@ -130,11 +134,7 @@ def _run_one(cfg: RLConfig, max_updates: int | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(configlib.to_dict(cfg), indent=2))
     # a resumed or warm-started policy brings its own feature statistics: no first-rollout fit
-    c = Checkpointer(run_dir / "ckpt")
-    try:
-        restores = c.latest_step() is not None or bool(cfg.finetune.init_policy)
-    finally:
-        c.close()
+    restores = _latest_step(run_dir / "ckpt") is not None or bool(cfg.finetune.init_policy)
     runner = factory.make_runner(cfg, fit_norm=not restores)
     try:
         return train(cfg, runner, run_dir, max_updates)
