@@ -32,6 +32,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +277,56 @@ def collect(cfg: StudyConfig, base: RLConfig) -> dict[str, Any]:
                 rec["conditions"][c.name] = track_scores(rep, c, path)
             runs.setdefault(arm, {})[seed] = rec
     return {"runs": runs, "missing": missing, "conditions": conds, "budget": budget}
+
+
+def timing(cfg: StudyConfig, base: RLConfig) -> dict[str, Any]:
+    """Where the study's time went, from its units' markers: the wall seconds of the units
+    that finished, summed per stage (the training per arm), their total, and the span from
+    the first of them starting to the last finishing. A span well above the total means the
+    study ran in several sittings (resumes) or beside other work that the units' own times
+    do not count. Units without a finished marker are counted in ``untimed``."""
+    lay = Layout.of(cfg)
+    by_stage: dict[str, float] = {}
+    train_by_arm: dict[str, float] = {}
+    starts, ends, untimed = [], [], 0
+    for u in units(cfg, base):
+        m = marker(lay, u.name) or {}
+        wall, fin = finite(m.get("wall_s")), m.get("finished")
+        if m.get("status") != "done" or wall is None or not fin:
+            untimed += 1
+            continue
+        by_stage[u.stage] = by_stage.get(u.stage, 0.0) + wall
+        if u.stage == "train":
+            train_by_arm[u.arm] = train_by_arm.get(u.arm, 0.0) + wall
+        end = datetime.fromisoformat(fin).timestamp()
+        starts.append(end - wall)
+        ends.append(end)
+    span = max(ends) - min(starts) if ends else None
+    return {"by_stage_s": by_stage, "train_by_arm_s": train_by_arm,
+            "total_s": sum(by_stage.values()), "span_s": span,
+            "first_start": (datetime.fromtimestamp(min(starts), UTC).isoformat(timespec="seconds")
+                            if starts else None),
+            "last_finish": (datetime.fromtimestamp(max(ends), UTC).isoformat(timespec="seconds")
+                            if ends else None),
+            "untimed_units": untimed}
+
+
+def timing_section(t: dict[str, Any]) -> list[str]:
+    mins = lambda s: DASH if s is None else f"{s / 60:.1f}"  # noqa: E731
+    L = ["## Where the time went", "",
+         "The finished units' own wall times (their markers), in minutes:", "",
+         "| stage | minutes |", "|---|---|"]
+    for stage, s in t["by_stage_s"].items():
+        L.append(f"| {stage} | {mins(s)} |")
+        if stage == "train":
+            L += [f"| &nbsp;&nbsp;train, {ARM_LABELS[a]} | {mins(v)} |"
+                  for a, v in t["train_by_arm_s"].items()]
+    L += [f"| **all units** | **{mins(t['total_s'])}** |", "",
+          f"- From the first unit's start ({t['first_start'] or DASH}) to the last one's end "
+          f"({t['last_finish'] or DASH}): {mins(t['span_s'])} min. More than the units' sum "
+          "means several sittings (resumes) or time between them.",
+          f"- Units without a finished marker (not timed): {t['untimed_units']}.", ""]
+    return L
 
 
 def _matrix(runs: dict[int, dict], cond: Condition, key: str) -> tuple[np.ndarray, list[int]]:
@@ -587,7 +638,8 @@ def domain_gap_section(meta: dict, figs: dict[str, str]) -> list[str]:
     return L
 
 
-def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str, str]) -> str:
+def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str, str],
+             time_spent: dict[str, Any] | None = None) -> str:
     n_seeds = len(cfg.seeds)
     train = data["conditions"][0]
     L = [f"# Does pretraining help? — study `{cfg.name}`", ""]
@@ -650,7 +702,10 @@ def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str
         L += missing_lines(data["missing"])
     else:
         L.append("Nothing: every run and evaluation is in.")
-    L += ["", "## Every run", "", "| arm | seed | laps (train) | clean | AUC | first lap at | "
+    L.append("")
+    if time_spent is not None:
+        L += timing_section(time_spent)
+    L += ["## Every run", "", "| arm | seed | laps (train) | clean | AUC | first lap at | "
           "final return | train wall s |", "|---|---|---|---|---|---|---|---|"]
     for arm in cfg.arms:
         for seed, rec in sorted(data["runs"][arm].items()):
@@ -714,9 +769,9 @@ def build_report(cfg: StudyConfig, base: RLConfig, meta: dict[str, Any],
               "baseline": BASELINE, "reference": REFERENCE,
               "conditions": data["conditions"], "budget_env_steps": data["budget"],
               "runs": data["runs"], "missing": data["missing"], "aggregate": agg,
-              "learning_curves": curves, "figures": figs}
+              "learning_curves": curves, "figures": figs, "timing": timing(cfg, base)}
     (lay.root / "report.json").write_text(json.dumps(_jsonable(record), indent=2))
-    (lay.root / "report.md").write_text(markdown(cfg, meta, data, agg, figs))
+    (lay.root / "report.md").write_text(markdown(cfg, meta, data, agg, figs, record["timing"]))
     if cfg.report.copy_to:
         dst = Path(cfg.report.copy_to)
         (dst / "figures").mkdir(parents=True, exist_ok=True)

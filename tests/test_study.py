@@ -22,6 +22,7 @@ from rl.study_config import (
     config_diff,
     load_study,
     run_name,
+    units,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,10 +193,14 @@ def _tiny_study(tmp_path, *extra):
         "pretrain.config='configs/pretrain_tiny.toml'", *extra])  # fmt: skip
 
 
-def _marker(lay: Layout, unit: str, status: str, error: str | None = None):
+def _marker(lay: Layout, unit: str, status: str, error: str | None = None,
+            wall_s: float = 12.0, finished: str | None = None):
     p = lay.markers / f"{unit}.json"
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"unit": unit, "status": status, "error": error, "wall_s": 12.0}))
+    rec = {"unit": unit, "status": status, "error": error, "wall_s": wall_s}
+    if finished:
+        rec["finished"] = finished
+    p.write_text(json.dumps(rec))
 
 
 LAPS = {("scratch", 0): 1.0, ("scratch", 1): 2.0, ("scratch", 2): 4.0,
@@ -267,12 +272,41 @@ def test_report_on_fake_runs(fake_study):
         "failed" in md and "out of memory" in md
     assert "- `eval/scratch_s1/unseen`: eval/scratch_s1/unseen not run" in md
     assert "| pretrained, frozen | 2/3 |" in md
+    assert "## Where the time went" in md  # the fake markers carry no end time: none timed
+    assert rec["timing"]["untimed_units"] == len(units(cfg, base)) and rec["timing"]["total_s"] == 0
     assert json.loads((lay.root / "report.json").read_text())["aggregate"] == json.loads(
         json.dumps(rec["aggregate"]))
     for f in rec["figures"].values():
         assert (lay.root / f).stat().st_size > 0
     assert {"learning curves", "performance profiles", "intervals", "robustness"} <= set(
         rec["figures"])
+
+
+def test_timing_sums_the_finished_units_per_stage_and_arm(tmp_path):
+    from rl.study_report import timing, timing_section
+
+    cfg = _tiny_study(tmp_path)
+    base = check_base(cfg)
+    lay = Layout.of(cfg)
+    day = "2026-12-07T10:"
+    _marker(lay, "pretrain", "done", wall_s=60.0, finished=day + "01:00+00:00")
+    _marker(lay, "train/scratch_s0", "done", wall_s=100.0, finished=day + "03:00+00:00")
+    _marker(lay, "eval/scratch_s0/train", "done", wall_s=5.0, finished=day + "03:05+00:00")
+    _marker(lay, "train/pretrained_frozen_s0", "done", wall_s=30.0, finished=day + "10:00+00:00")
+    _marker(lay, "train/scratch_s1", "failed", "boom", wall_s=50.0, finished=day + "11:00+00:00")
+    _marker(lay, "train/scratch_s2", "running", wall_s=0.0, finished=day + "12:00+00:00")
+    t = timing(cfg, base)
+    assert t["by_stage_s"] == {"pretrain": 60.0, "train": 130.0, "evaluate": 5.0}
+    assert t["train_by_arm_s"] == {"scratch": 100.0, "pretrained_frozen": 30.0}
+    assert t["total_s"] == 195.0
+    # from pretrain's start (10:00:00) to pretrained_frozen_s0's end (10:10:00)
+    assert t["span_s"] == 600.0
+    assert (t["first_start"], t["last_finish"]) == ("2026-12-07T10:00:00+00:00",
+                                                    "2026-12-07T10:10:00+00:00")
+    assert t["untimed_units"] == len(units(cfg, base)) - 4  # failed, running, absent: untimed
+    md = "\n".join(timing_section(t))
+    assert "| **all units** | **3.2** |" in md and "| train | 2.2 |" in md
+    assert "10.0 min" in md
 
 
 def test_report_shows_the_probe_differences_and_the_domain_gap(fake_study):
@@ -532,10 +566,12 @@ def test_a_field_added_at_its_default_keeps_the_units_hashes(tmp_path):
 
     for section, dc, known in (("env", EnvConfig, {"speed_max", "stall_penalty"}),
                                ("model", ModelConfig, {"proprio", "feature_norm", "pooling"})):
-        later = [f.name for f in dataclasses.fields(dc) if configlib.ADDED in f.metadata]
+        later = {f.name: f.default for f in dataclasses.fields(dc)
+                 if configlib.ADDED in f.metadata}
         assert known <= set(later)
-        for k in later:  # the config as it was before those fields existed
-            del rl[section][k]
+        for k, default in later.items():  # the config as it was before those fields existed;
+            if rl[section][k] == default:  # a field the study sets stays in the hash
+                del rl[section][k]
     needs = [st.unit_hash(st.by_name[n]) for n in unit.needs]
     assert st.unit_hash(unit) == study_mod._hash({"config": rl, "needs": needs})
     capped = dataclasses.replace(cfg, rl=dataclasses.replace(
