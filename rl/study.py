@@ -4,6 +4,7 @@ the probes, every arm × seed of PPO, every evaluation, and the report.
     python -m rl.study --config configs/study_cpu.toml            # run, or resume
     python -m rl.study --config configs/study_cpu.toml --list     # the units, what is done
     python -m rl.study --config C --task 7     # arm × seed number 7: train it, evaluate it
+    python -m rl.study --config C --workers 2  # the arm × seed tasks, two processes at once
     python -m rl.study --config C --stage report                  # the report from what exists
     python -m rl.study --config C --set seeds=[0,1] --set eval.episodes=2
 
@@ -219,7 +220,8 @@ class Study:
                 raise configlib.ConfigError(f"--task {task}: the study has {len(pairs)} "
                                             f"arm × seed tasks (0..{len(pairs) - 1})")
             arm, seed = pairs[task]
-            return [u for u in self.units if (u.arm, u.seed) == (arm, seed)]
+            return [u for u in self.units if (u.arm, u.seed) == (arm, seed)
+                    and (stages is None or u.stage in stages)]
         return [u for u in self.units if stages is None or u.stage in stages]
 
     def tasks(self) -> list[tuple[str, int]]:
@@ -494,6 +496,70 @@ class LocalRunner:
         return 0
 
 
+# =========================================================================== workers
+def task_command(config_path: str, sets: list[str], task: int,
+                 stages: set[str] | None = None) -> list[str]:
+    """The command line of one arm × seed task in its own process (what a Slurm array task
+    runs): the same study config and overrides, ``--task``, and the stages asked for."""
+    cmd = [sys.executable, "-m", "rl.study", "--config", config_path]
+    cmd += [a for s in sets for a in ("--set", s)]
+    if stages is not None:
+        cmd += ["--stage", ",".join(sorted(stages))]
+    return [*cmd, "--task", str(task)]
+
+
+def run_workers(commands: dict[int, list[str]], workers: int, log_dir: Path,
+                poll_s: float = 0.5) -> int:
+    """Run ``commands`` (task → command line), at most ``workers`` at a time, each its own
+    process with its output in ``log_dir/task_<i>.log``; a line per start and end. Returns 0
+    when all exit 0, 3 as soon as one is preempted (no new task starts; the running ones
+    are waited for), else 1. Tasks are separate units of work (their own runs, evaluations
+    and markers), so side by side they cannot step on each other."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    queue = sorted(commands)
+    running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
+    failed = preempted = False
+    while queue or running:
+        while queue and len(running) < workers and not preempted:
+            i = queue.pop(0)
+            out = open(log_dir / f"task_{i}.log", "ab")  # noqa: SIM115 (closed when it ends)
+            running[i] = (subprocess.Popen(commands[i], stdout=out, stderr=subprocess.STDOUT,
+                                           cwd=REPO), out, time.perf_counter())
+            log(f"worker: task {i} started ({len(running)} running, {len(queue)} queued; "
+                f"log {log_dir / f'task_{i}.log'})")
+        if preempted:
+            queue.clear()
+        time.sleep(poll_s)
+        for i, (proc, out, t0) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            out.close()
+            del running[i]
+            log(f"worker: task {i} exited {code} after {time.perf_counter() - t0:.0f} s")
+            preempted |= code == EXIT_PREEMPTED
+            failed |= code not in (EXIT_OK, EXIT_PREEMPTED)
+    return EXIT_PREEMPTED if preempted else EXIT_FAILED if failed else EXIT_OK
+
+
+def execute_with_workers(study: Study, todo: list[Unit], runner: UnitRunner, workers: int,
+                         config_path: str, sets: list[str], stages: set[str] | None) -> int:
+    """``--workers N``: the shared units (data, pretraining, probe, domain gap) here, then
+    the arm × seed tasks with something left to do, N processes side by side."""
+    shared = [u for u in todo if not u.arm]
+    code = study.execute(shared, runner) if shared else EXIT_OK
+    if code == EXIT_PREEMPTED:
+        return code
+    pending = {i for i in range(len(study.tasks()))
+               for u in study.select(stages, i) if u in todo and not study.is_done(u)}
+    log(f"{len(pending)} arm × seed tasks to run, {workers} at a time")
+    per_task = run_workers({i: task_command(config_path, sets, i, stages) for i in pending},
+                           workers, study.layout.root / "logs")
+    if per_task == EXIT_PREEMPTED:
+        return per_task
+    return EXIT_FAILED if EXIT_FAILED in (code, per_task) else EXIT_OK
+
+
 # =========================================================================== CLI
 def list_units(study: Study) -> str:
     lines = []
@@ -515,6 +581,9 @@ def main(argv: list[str] | None = None, runner: UnitRunner | None = None) -> int
                                     "report (default: all, then the report)")
     ap.add_argument("--task", type=int, help="only arm × seed number TASK (train, evaluate; "
                                              "no report): a Slurm array task")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="run the arm × seed tasks in N processes side by side (each what "
+                         "--task runs); the shared units and the report run here")
     ap.add_argument("--list", action="store_true", help="list the units and their state")
     ap.add_argument("--count", action="store_true", help="print the number of arm × seed tasks")
     args = ap.parse_args(argv)
@@ -531,6 +600,9 @@ def main(argv: list[str] | None = None, runner: UnitRunner | None = None) -> int
                 raise configlib.ConfigError(f"--stage: unknown {unknown} (known: "
                                             f"{', '.join((*STAGES, 'report'))})")
         todo = study.select(stages - {"report"} if stages else None, args.task)
+        if args.workers < 1 or (args.workers > 1 and args.task is not None):
+            raise configlib.ConfigError(f"--workers {args.workers}: a number ≥ 1, and "
+                                        "without --task (a task is one process)")
     except (configlib.ConfigError, ValueError, TrackError) as e:
         return configlib.cli_error("rl.study", e)
     if args.count:
@@ -541,7 +613,12 @@ def main(argv: list[str] | None = None, runner: UnitRunner | None = None) -> int
         return EXIT_OK
     log(f"{cfg.name}: {len(cfg.arms)} arms × {len(cfg.seeds)} seeds, "
         f"{len(study.units)} units, in {study.layout.root}")
-    code = study.execute(todo, runner or LocalRunner()) if todo else EXIT_OK
+    runner = runner or LocalRunner()
+    if args.workers > 1:
+        code = execute_with_workers(study, todo, runner, args.workers, args.config, args.set,
+                                    stages - {"report"} if stages else None)
+    else:
+        code = study.execute(todo, runner) if todo else EXIT_OK
     if code == EXIT_PREEMPTED:
         return code
     if args.task is None and (stages is None or "report" in stages):

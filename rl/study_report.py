@@ -282,9 +282,9 @@ def collect(cfg: StudyConfig, base: RLConfig) -> dict[str, Any]:
 def timing(cfg: StudyConfig, base: RLConfig) -> dict[str, Any]:
     """Where the study's time went, from its units' markers: the wall seconds of the units
     that finished, summed per stage (the training per arm), their total, and the span from
-    the first of them starting to the last finishing. A span well above the total means the
-    study ran in several sittings (resumes) or beside other work that the units' own times
-    do not count. Units without a finished marker are counted in ``untimed``."""
+    the first of them starting to the last finishing. A span above the total means several
+    sittings (resumes) or gaps between units; below it, units ran side by side (Slurm array
+    tasks, several ``--task`` workers). Units without a finished marker count as untimed."""
     lay = Layout.of(cfg)
     by_stage: dict[str, float] = {}
     train_by_arm: dict[str, float] = {}
@@ -323,8 +323,9 @@ def timing_section(t: dict[str, Any]) -> list[str]:
                   for a, v in t["train_by_arm_s"].items()]
     L += [f"| **all units** | **{mins(t['total_s'])}** |", "",
           f"- From the first unit's start ({t['first_start'] or DASH}) to the last one's end "
-          f"({t['last_finish'] or DASH}): {mins(t['span_s'])} min. More than the units' sum "
-          "means several sittings (resumes) or time between them.",
+          f"({t['last_finish'] or DASH}): {mins(t['span_s'])} min. Above the units' sum: "
+          "several sittings (resumes) or gaps between units; below it: units ran side by "
+          "side (array tasks, several workers), each slowed by the others.",
           f"- Units without a finished marker (not timed): {t['untimed_units']}.", ""]
     return L
 

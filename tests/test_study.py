@@ -486,6 +486,82 @@ def test_cli_task_list_count_and_report_stage(tmp_path, capsys):
     assert "train/scratch_s1" in listing and "pending" in listing
 
 
+_WORKER = (
+    "import os, sys, time\n"
+    "d, i, code = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+    "open(os.path.join(d, 'run_' + i), 'w').close()\n"
+    "n = sum(x.startswith('run_') for x in os.listdir(d))\n"
+    "open(os.path.join(d, 'seen_' + i), 'w').write(str(n))\n"
+    "print('task', i, 'says hello')\n"
+    "time.sleep(1.5)\n"
+    "os.remove(os.path.join(d, 'run_' + i))\n"
+    "sys.exit(code)\n")
+
+
+def test_workers_run_tasks_side_by_side_and_report_their_exit_codes(tmp_path):
+    import sys
+
+    from rl.study import run_workers
+
+    def cmds(codes):
+        return {i: [sys.executable, "-c", _WORKER, str(tmp_path), str(i), str(c)]
+                for i, c in enumerate(codes)}
+
+    logs = tmp_path / "logs"
+    assert run_workers(cmds([0, 0, 0, 0]), 2, logs, poll_s=0.05) == 0
+    seen = [int((tmp_path / f"seen_{i}").read_text()) for i in range(4)]
+    assert max(seen) == 2  # two at a time, never three
+    assert "task 3 says hello" in (logs / "task_3.log").read_text()
+    for f in tmp_path.glob("seen_*"):
+        f.unlink()
+    assert run_workers(cmds([0, 1, 0]), 3, logs, poll_s=0.05) == 1  # one failed
+    for f in tmp_path.glob("seen_*"):
+        f.unlink()
+    # a preempted task: nothing new starts, the study exits 3 to be requeued
+    assert run_workers(cmds([3, 0, 0]), 1, logs, poll_s=0.05) == 3
+    assert (tmp_path / "seen_0").exists() and not (tmp_path / "seen_1").exists()
+
+
+def test_cli_workers_run_the_shared_units_here_and_the_pending_tasks_as_processes(
+        tmp_path, monkeypatch, capsys):
+    from rl import study as st
+
+    toml = tmp_path / "fake.toml"
+    toml.write_text(
+        f'name = "fake"\nruns_dir = "{tmp_path}"\nseeds = [0, 1, 2]\n'
+        'arms = ["scratch", "pretrained_frozen"]\n'
+        '[rl]\nconfig = "configs/rl_study.toml"\n'
+        '[pretrain]\nconfig = "configs/pretrain_tiny.toml"\nprobe = false\n'
+        'domain_gap = false\n'
+        '[eval]\nlidar_noise = []\nlidar_drop = []\nimu_absent = false\nunseen = []\n'
+        '[report]\nreps = 200\ncurve_reps = 200\ncurve_points = 5\n')
+    for bad in (["--workers", "2", "--task", "1"], ["--workers", "0"]):
+        assert st.main(["--config", str(toml), *bad]) == 2
+        assert "rl.study: config error: --workers" in capsys.readouterr().err
+    study = st.Study(load_study(toml), str(toml))
+    for u in study.select(None, 2):  # task 2 (scratch_s1) is done already
+        study.write_marker(u, "done", 0, 1.0)
+    launched = {}
+
+    def fake_pool(commands, workers, log_dir, poll_s=0.5):
+        launched.update(commands=commands, workers=workers, log_dir=log_dir)
+        return 0
+
+    monkeypatch.setattr(st, "run_workers", fake_pool)
+    stub = StubRunner()
+    assert st.main(["--config", str(toml), "--workers", "2", "--set", "report.reps=300"],
+                   runner=stub) == 0
+    assert stub.calls == ["pretrain"]  # the shared unit here, no task's unit
+    assert sorted(launched["commands"]) == [0, 1, 3, 4, 5] and launched["workers"] == 2
+    cmd = launched["commands"][4]
+    assert cmd[1:] == ["-m", "rl.study", "--config", str(toml), "--set", "report.reps=300",
+                       "--task", "4"]
+    assert (study.layout.root / "report.md").exists()  # the report, after the tasks
+    only_eval = st.task_command("c.toml", [], 3, {"evaluate"})
+    assert only_eval[-4:] == ["--stage", "evaluate", "--task", "3"]
+    assert [u.stage for u in study.select({"evaluate"}, 3)] == ["evaluate"]  # no training
+
+
 _CACHE_PROBE = """
 import sys
 from pathlib import Path
