@@ -160,7 +160,9 @@ def train(cfg: RLConfig, runner: Runner, run_dir: Path, max_updates: int | None 
         truncate_jsonl(run_dir / "metrics.jsonl",
                        int(state.update) * cfg.ppo.num_envs * cfg.ppo.num_steps, "env_steps")
         log(f"resumed {run_dir} at update {int(state.update)}")
-    elif cfg.finetune.init_policy:
+    else:  # from update 0: what a run killed before its first checkpoint logged goes
+        truncate_jsonl(run_dir / "metrics.jsonl", 0, "env_steps")
+    if start is None and cfg.finetune.init_policy:
         params, frozen, obs_rms = factory.warm_start_policy(cfg)
         state = runner.place(state._replace(params=params, frozen=frozen, obs_rms=obs_rms))
         log(f"policy initialised from {cfg.finetune.init_policy}")

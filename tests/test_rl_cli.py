@@ -366,3 +366,16 @@ def test_resume_after_a_lost_checkpoint_logs_each_update_once(tmp_path):
     assert [m["env_steps"] for m in _metrics(tmp_path / "dup")] == [128, 256, 384]
     assert run(cfg, max_updates=4) == EXIT_OK
     assert [m["env_steps"] for m in _metrics(tmp_path / "dup")] == [128, 256, 384, 512]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_log_afresh(tmp_path):
+    """No checkpoint to resume from: the run starts at update 0, and what the killed run
+    had logged goes, so metrics.jsonl holds each update once."""
+    import shutil
+
+    cfg = _cfg(tmp_path, "early")
+    assert run(cfg, max_updates=1) == EXIT_OK  # logged update 1, saved its checkpoint
+    shutil.rmtree(tmp_path / "early/ckpt")  # as if it died before saving any
+    assert [m["env_steps"] for m in _metrics(tmp_path / "early")] == [128]
+    assert run(cfg, max_updates=3) == EXIT_OK
+    assert [m["env_steps"] for m in _metrics(tmp_path / "early")] == [128, 256, 384]
