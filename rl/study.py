@@ -509,13 +509,14 @@ def task_command(config_path: str, sets: list[str], task: int,
 
 
 def run_workers(commands: dict[int, list[str]], workers: int, log_dir: Path,
-                poll_s: float = 0.5) -> int:
+                poll_s: float = 0.5, names: dict[int, str] | None = None) -> int:
     """Run ``commands`` (task → command line), at most ``workers`` at a time, each its own
     process with its output in ``log_dir/task_<i>.log``; a line per start and end. Returns 0
     when all exit 0, 3 as soon as one is preempted (no new task starts; the running ones
     are waited for), else 1. Tasks are separate units of work (their own runs, evaluations
     and markers), so side by side they cannot step on each other."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    label = lambda i: f"task {i}" + (f" ({names[i]})" if names and i in names else "")  # noqa: E731
     queue = sorted(commands)
     running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
     failed = preempted = False
@@ -525,10 +526,10 @@ def run_workers(commands: dict[int, list[str]], workers: int, log_dir: Path,
             out = open(log_dir / f"task_{i}.log", "ab")  # noqa: SIM115 (closed when it ends)
             running[i] = (subprocess.Popen(commands[i], stdout=out, stderr=subprocess.STDOUT,
                                            cwd=REPO), out, time.perf_counter())
-            log(f"worker: task {i} started ({len(running)} running, {len(queue)} queued; "
+            log(f"worker: {label(i)} started ({len(running)} running, {len(queue)} queued; "
                 f"log {log_dir / f'task_{i}.log'})")
         if preempted:
-            queue.clear()
+            queue.clear()  # the running ones are waited for
         time.sleep(poll_s)
         for i, (proc, out, t0) in list(running.items()):
             code = proc.poll()
@@ -536,7 +537,7 @@ def run_workers(commands: dict[int, list[str]], workers: int, log_dir: Path,
                 continue
             out.close()
             del running[i]
-            log(f"worker: task {i} exited {code} after {time.perf_counter() - t0:.0f} s")
+            log(f"worker: {label(i)} exited {code} after {time.perf_counter() - t0:.0f} s")
             preempted |= code == EXIT_PREEMPTED
             failed |= code not in (EXIT_OK, EXIT_PREEMPTED)
     return EXIT_PREEMPTED if preempted else EXIT_FAILED if failed else EXIT_OK
@@ -553,8 +554,10 @@ def execute_with_workers(study: Study, todo: list[Unit], runner: UnitRunner, wor
     pending = {i for i in range(len(study.tasks()))
                for u in study.select(stages, i) if u in todo and not study.is_done(u)}
     log(f"{len(pending)} arm × seed tasks to run, {workers} at a time")
+    pairs = study.tasks()
     per_task = run_workers({i: task_command(config_path, sets, i, stages) for i in pending},
-                           workers, study.layout.root / "logs")
+                           workers, study.layout.root / "logs",
+                           names={i: f"{pairs[i][0]}_s{pairs[i][1]}" for i in pending})
     if per_task == EXIT_PREEMPTED:
         return per_task
     return EXIT_FAILED if EXIT_FAILED in (code, per_task) else EXIT_OK

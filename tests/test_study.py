@@ -543,8 +543,8 @@ def test_cli_workers_run_the_shared_units_here_and_the_pending_tasks_as_processe
         study.write_marker(u, "done", 0, 1.0)
     launched = {}
 
-    def fake_pool(commands, workers, log_dir, poll_s=0.5):
-        launched.update(commands=commands, workers=workers, log_dir=log_dir)
+    def fake_pool(commands, workers, log_dir, poll_s=0.5, names=None):
+        launched.update(commands=commands, workers=workers, log_dir=log_dir, names=names)
         return 0
 
     monkeypatch.setattr(st, "run_workers", fake_pool)
@@ -553,6 +553,7 @@ def test_cli_workers_run_the_shared_units_here_and_the_pending_tasks_as_processe
                    runner=stub) == 0
     assert stub.calls == ["pretrain"]  # the shared unit here, no task's unit
     assert sorted(launched["commands"]) == [0, 1, 3, 4, 5] and launched["workers"] == 2
+    assert launched["names"][4] == "scratch_s2"
     cmd = launched["commands"][4]
     assert cmd[1:] == ["-m", "rl.study", "--config", str(toml), "--set", "report.reps=300",
                        "--task", "4"]
