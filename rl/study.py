@@ -508,26 +508,41 @@ def task_command(config_path: str, sets: list[str], task: int,
     return [*cmd, "--task", str(task)]
 
 
-def run_workers(commands: dict[int, list[str]], workers: int, log_dir: Path,
-                poll_s: float = 0.5, names: dict[int, str] | None = None) -> int:
+def shared_command(config_path: str, sets: list[str], stages: set[str]) -> list[str]:
+    """The command line that runs the shared units of ``stages`` (no task, no report) in a
+    process of their own, beside the arm × seed tasks."""
+    cmd = [sys.executable, "-m", "rl.study", "--config", config_path]
+    cmd += [a for s in sets for a in ("--set", s)]
+    return [*cmd, "--stage", ",".join(sorted(stages))]
+
+
+def run_workers(commands: dict[int | str, list[str]], workers: int, log_dir: Path,
+                poll_s: float = 0.5, names: dict[int | str, str] | None = None) -> int:
     """Run ``commands`` (task → command line), at most ``workers`` at a time, each its own
-    process with its output in ``log_dir/task_<i>.log``; a line per start and end. Returns 0
+    process with its output in ``log_dir/task_<i>.log`` (an arm × seed task ``i``) or
+    ``log_dir/<key>.log`` (a str key, started before the tasks); a line per start and end. Returns 0
     when all exit 0, 3 as soon as one is preempted (no new task starts; the running ones
     are waited for), else 1. Tasks are separate units of work (their own runs, evaluations
     and markers), so side by side they cannot step on each other."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    label = lambda i: f"task {i}" + (f" ({names[i]})" if names and i in names else "")  # noqa: E731
-    queue = sorted(commands)
-    running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
+    def label(i):
+        return (f"task {i}" if isinstance(i, int) else str(i)) + (
+            f" ({names[i]})" if names and i in names else "")
+
+    def log_file(i):
+        return log_dir / (f"task_{i}.log" if isinstance(i, int) else f"{i}.log")
+
+    queue = sorted(commands, key=lambda k: (isinstance(k, int), k))  # str keys first
+    running: dict[int | str, tuple[subprocess.Popen, Any, float]] = {}
     failed = preempted = False
     while queue or running:
         while queue and len(running) < workers and not preempted:
             i = queue.pop(0)
-            out = open(log_dir / f"task_{i}.log", "ab")  # noqa: SIM115 (closed when it ends)
+            out = open(log_file(i), "ab")  # noqa: SIM115 (closed when it ends)
             running[i] = (subprocess.Popen(commands[i], stdout=out, stderr=subprocess.STDOUT,
                                            cwd=REPO), out, time.perf_counter())
             log(f"worker: {label(i)} started ({len(running)} running, {len(queue)} queued; "
-                f"log {log_dir / f'task_{i}.log'})")
+                f"log {log_file(i)})")
         if preempted:
             queue.clear()  # the running ones are waited for
         time.sleep(poll_s)
@@ -545,19 +560,33 @@ def run_workers(commands: dict[int, list[str]], workers: int, log_dir: Path,
 
 def execute_with_workers(study: Study, todo: list[Unit], runner: UnitRunner, workers: int,
                          config_path: str, sets: list[str], stages: set[str] | None) -> int:
-    """``--workers N``: the shared units (data, pretraining, probe, domain gap) here, then
-    the arm × seed tasks with something left to do, N processes side by side."""
+    """``--workers N``: the shared units the arm × seed tasks need (data, pretraining) here;
+    then, N processes side by side, the shared units no task needs (probe, domain gap) as one
+    process started first, and the arm × seed tasks with something left to do."""
     shared = [u for u in todo if not u.arm]
-    code = study.execute(shared, runner) if shared else EXIT_OK
+    needed = {n for u in study.units if u.arm for n in u.needs}
+    grew = True
+    while grew:  # and what those need, transitively
+        more = {n for u in study.units if u.name in needed for n in u.needs} - needed
+        needed |= more
+        grew = bool(more)
+    first = [u for u in shared if u.name in needed]
+    code = study.execute(first, runner) if first else EXIT_OK
     if code == EXIT_PREEMPTED:
         return code
+    beside = sorted({u.stage for u in shared if u.name not in needed and not study.is_done(u)})
     pending = {i for i in range(len(study.tasks()))
                for u in study.select(stages, i) if u in todo and not study.is_done(u)}
-    log(f"{len(pending)} arm × seed tasks to run, {workers} at a time")
+    log(f"{len(pending)} arm × seed tasks to run, {workers} at a time"
+        + (f"; beside them: {', '.join(beside)}" if beside else ""))
     pairs = study.tasks()
-    per_task = run_workers({i: task_command(config_path, sets, i, stages) for i in pending},
-                           workers, study.layout.root / "logs",
-                           names={i: f"{pairs[i][0]}_s{pairs[i][1]}" for i in pending})
+    commands: dict[int | str, list[str]] = {
+        i: task_command(config_path, sets, i, stages) for i in pending}
+    names: dict[int | str, str] = {i: f"{pairs[i][0]}_s{pairs[i][1]}" for i in pending}
+    if beside:
+        commands["shared"] = shared_command(config_path, sets, set(beside))
+        names["shared"] = "+".join(beside)
+    per_task = run_workers(commands, workers, study.layout.root / "logs", names=names)
     if per_task == EXIT_PREEMPTED:
         return per_task
     return EXIT_FAILED if EXIT_FAILED in (code, per_task) else EXIT_OK

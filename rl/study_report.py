@@ -574,10 +574,11 @@ def _verdict(d: dict | None, higher_is_better: bool = True) -> str:
     return "no difference shown (the interval holds 0)"
 
 
-def probe_section(meta: dict) -> list[str]:
+def probe_section(meta: dict, figs: dict[str, str] | None = None) -> list[str]:
     """The probe scores of the checkpoint used: train.probe's differences (pretrained − random
     init, paired 95 % intervals) and each feature set's scores; any other probe record as its
-    numbers."""
+    numbers; then the checkpoint's reconstructions of held-out drives and the probes'
+    predictions, where train.probe drew them."""
     probe = meta.get("probe")
     L = ["## Probe scores of the pretraining checkpoint used", ""]
     if probe is None:
@@ -602,7 +603,7 @@ def probe_section(meta: dict) -> list[str]:
             L.append(f"| {name} | {num(o.get('iou'), '.3f')} | {num(r.get('r2'), '.3f')} | "
                      f"{num(r.get('mae_m'), '.2f')} |")
         L.append("")
-        return L
+        return L + _probe_figures(figs or {})
     L += ["| probe number | value |", "|---|---|"]
     rows = _flat_numbers(probe)
     for k, v in rows[:80]:
@@ -610,6 +611,18 @@ def probe_section(meta: dict) -> list[str]:
     if len(rows) > 80:
         L.append(f"| … {len(rows) - 80} more in report.json | |")
     return L + [""]
+
+
+def _probe_figures(figs: dict[str, str]) -> list[str]:
+    L = []
+    if "reconstructions" in figs:
+        L += ["Held-out drives (drives the pretraining never saw), the LiDAR BEV masked at the "
+              "pretraining's ratio and reconstructed by the checkpoint:", "",
+              f"![reconstructions]({figs['reconstructions']})", ""]
+    if "probe predictions" in figs:
+        L += ["What the linear probes read from each feature set, on held-out samples:", "",
+              f"![probe predictions]({figs['probe predictions']})", ""]
+    return L
 
 
 def domain_gap_section(meta: dict, figs: dict[str, str]) -> list[str]:
@@ -658,7 +671,7 @@ def markdown(cfg: StudyConfig, meta: dict, data: dict, agg: dict, figs: dict[str
           f"- seeds per arm: {n_seeds} ({', '.join(map(str, cfg.seeds))}); intervals: 95 % "
           f"stratified bootstrap, {cfg.report.reps} resamples (rliable), seed "
           f"{cfg.report.seed}", ""]
-    L += probe_section(meta)
+    L += probe_section(meta, figs)
     L += domain_gap_section(meta, figs)
     L += [f"## Training track(s): {', '.join(train.tracks)}", "",
           "IQM over runs × tracks [95 % CI]; n = runs evaluated / seeds.", "",
@@ -766,6 +779,15 @@ def build_report(cfg: StudyConfig, base: RLConfig, meta: dict[str, Any],
         lay.figures.mkdir(parents=True, exist_ok=True)
         shutil.copy2(gap_png, lay.figures / "domain_gap_bev.png")
         figs["domain gap"] = "figures/domain_gap_bev.png"
+    probe_json = lay.probe_json()
+    if meta.get("probe") is not None and probe_json is not None:
+        # §1: the checkpoint's reconstructions of held-out drives and what the probes read
+        for key, src, dst in (("reconstructions", "recon_lidar.png", "probe_recon_lidar.png"),
+                              ("probe predictions", "probe_examples.png", "probe_examples.png")):
+            if (probe_json.parent / src).is_file():
+                lay.figures.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(probe_json.parent / src, lay.figures / dst)
+                figs[key] = f"figures/{dst}"
     record = {"meta": meta, "arms": list(cfg.arms), "seeds": list(cfg.seeds),
               "baseline": BASELINE, "reference": REFERENCE,
               "conditions": data["conditions"], "budget_env_steps": data["budget"],

@@ -326,6 +326,7 @@ def test_report_shows_the_probe_differences_and_the_domain_gap(fake_study):
                                                                          "mae_m": ci}}}}
     (lay.pretrain / "probe").mkdir(parents=True)
     (lay.pretrain / "probe" / "probe.json").write_text(json.dumps(probe))
+    (lay.pretrain / "probe" / "recon_lidar.png").write_bytes(b"\x89PNG recon")
     rel = {"etl": {"recon_relative": {"estimate": 0.74, "low": 0.71, "high": 0.77}},
            "sim": {"recon_relative": {"estimate": 4.6, "low": 4.4, "high": 4.9}},
            "frechet_ratio": 75.4, "domain_classifier_accuracy": 1.0}
@@ -346,6 +347,11 @@ def test_report_shows_the_probe_differences_and_the_domain_gap(fake_study):
     assert "- a sentence the numbers support" in md
     assert rec["figures"]["domain gap"] == "figures/domain_gap_bev.png"
     assert (lay.root / "figures" / "domain_gap_bev.png").read_bytes() == b"\x89PNG fake"
+    # the held-out reconstructions the probe drew; its predictions' figure was not drawn
+    assert rec["figures"]["reconstructions"] == "figures/probe_recon_lidar.png"
+    assert (lay.root / "figures" / "probe_recon_lidar.png").read_bytes() == b"\x89PNG recon"
+    assert "![reconstructions](figures/probe_recon_lidar.png)" in md
+    assert "probe predictions" not in rec["figures"] and "probe predictions](" not in md
     # without the files: each section says it is missing and why
     (lay.domain_gap / "domain_gap.json").unlink()
     (lay.pretrain / "probe" / "probe.json").unlink()
@@ -527,13 +533,21 @@ def test_workers_run_tasks_side_by_side_and_report_their_exit_codes(tmp_path):
     # a preempted task: nothing new starts, the study exits 3 to be requeued
     assert run_workers(cmds([3, 0, 0]), 1, logs, poll_s=0.05) == 3
     assert (tmp_path / "seen_0").exists() and not (tmp_path / "seen_1").exists()
+    for f in tmp_path.glob("seen_*"):
+        f.unlink()
+    # a str key (the shared units beside the tasks) starts first, with its own log
+    both = {**cmds([0, 0]), "shared": cmds([0])[0]}
+    assert run_workers(both, 1, logs, poll_s=0.05) == 0
+    assert "task 0 says hello" in (logs / "shared.log").read_text()
+    first = logs / "shared.log"
+    assert first.stat().st_mtime <= (logs / "task_0.log").stat().st_mtime
 
 
 def test_cli_workers_run_the_shared_units_here_and_the_pending_tasks_as_processes(
         tmp_path, monkeypatch, capsys):
     from rl import study as st
 
-    toml = _fake_study_toml(tmp_path, "domain_gap = false\n")
+    toml = _fake_study_toml(tmp_path)  # the domain gap on: a shared unit no task needs
     for bad in (["--workers", "2", "--task", "1"], ["--workers", "0"]):
         assert st.main(["--config", str(toml), *bad]) == 2
         assert "rl.study: config error: --workers" in capsys.readouterr().err
@@ -550,9 +564,13 @@ def test_cli_workers_run_the_shared_units_here_and_the_pending_tasks_as_processe
     stub = StubRunner()
     assert st.main(["--config", str(toml), "--workers", "2", "--set", "report.reps=300"],
                    runner=stub) == 0
-    assert stub.calls == ["pretrain"]  # the shared unit here, no task's unit
-    assert sorted(launched["commands"]) == [0, 1, 3, 4, 5] and launched["workers"] == 2
+    assert stub.calls == ["pretrain"]  # the shared unit the tasks need here, no task's unit
+    tasks = sorted(k for k in launched["commands"] if isinstance(k, int))
+    assert tasks == [0, 1, 3, 4, 5] and launched["workers"] == 2
     assert launched["names"][4] == "scratch_s2"
+    # the domain gap, which no task needs, runs as a process beside the tasks
+    assert launched["commands"]["shared"][-2:] == ["--stage", "gap"]
+    assert launched["names"]["shared"] == "gap"
     cmd = launched["commands"][4]
     assert cmd[1:] == ["-m", "rl.study", "--config", str(toml), "--set", "report.reps=300",
                        "--task", "4"]
