@@ -497,23 +497,17 @@ class LocalRunner:
 
 
 # =========================================================================== workers
-def task_command(config_path: str, sets: list[str], task: int,
-                 stages: set[str] | None = None) -> list[str]:
-    """The command line of one arm × seed task in its own process (what a Slurm array task
-    runs): the same study config and overrides, ``--task``, and the stages asked for."""
+def study_command(config_path: str, sets: list[str], stages: set[str] | None = None,
+                  task: int | None = None) -> list[str]:
+    """The command line of a child ``rl.study`` process: the same study config and
+    overrides, the stages asked for, and ``--task`` for one arm × seed task (what a Slurm
+    array task runs); without a task and with stages that leave out the report, the shared
+    units of those stages (run beside the tasks by ``--workers``)."""
     cmd = [sys.executable, "-m", "rl.study", "--config", config_path]
     cmd += [a for s in sets for a in ("--set", s)]
     if stages is not None:
         cmd += ["--stage", ",".join(sorted(stages))]
-    return [*cmd, "--task", str(task)]
-
-
-def shared_command(config_path: str, sets: list[str], stages: set[str]) -> list[str]:
-    """The command line that runs the shared units of ``stages`` (no task, no report) in a
-    process of their own, beside the arm × seed tasks."""
-    cmd = [sys.executable, "-m", "rl.study", "--config", config_path]
-    cmd += [a for s in sets for a in ("--set", s)]
-    return [*cmd, "--stage", ",".join(sorted(stages))]
+    return cmd if task is None else [*cmd, "--task", str(task)]
 
 
 def run_workers(commands: dict[int | str, list[str]], workers: int, log_dir: Path,
@@ -581,10 +575,10 @@ def execute_with_workers(study: Study, todo: list[Unit], runner: UnitRunner, wor
         + (f"; beside them: {', '.join(beside)}" if beside else ""))
     pairs = study.tasks()
     commands: dict[int | str, list[str]] = {
-        i: task_command(config_path, sets, i, stages) for i in pending}
+        i: study_command(config_path, sets, stages, i) for i in pending}
     names: dict[int | str, str] = {i: f"{pairs[i][0]}_s{pairs[i][1]}" for i in pending}
     if beside:
-        commands["shared"] = shared_command(config_path, sets, set(beside))
+        commands["shared"] = study_command(config_path, sets, set(beside))
         names["shared"] = "+".join(beside)
     per_task = run_workers(commands, workers, study.layout.root / "logs", names=names)
     if per_task == EXIT_PREEMPTED:

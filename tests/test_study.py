@@ -575,7 +575,7 @@ def test_cli_workers_run_the_shared_units_here_and_the_pending_tasks_as_processe
     assert cmd[1:] == ["-m", "rl.study", "--config", str(toml), "--set", "report.reps=300",
                        "--task", "4"]
     assert (study.layout.root / "report.md").exists()  # the report, after the tasks
-    only_eval = st.task_command("c.toml", [], 3, {"evaluate"})
+    only_eval = st.study_command("c.toml", [], {"evaluate"}, 3)
     assert only_eval[-4:] == ["--stage", "evaluate", "--task", "3"]
     assert {u.stage for u in study.select({"evaluate"}, 3)} == {"evaluate"}  # no training
 
