@@ -55,9 +55,9 @@ def test_cpu_study_pretrains_the_policy_sized_model_with_the_visible_loss():
     m = p.model
     assert (m.embed_dim, m.depth, m.fusion_depth, m.patch_size) == (64, 1, 1, 16)
     assert tuple(m.modalities) == ("lidar", "radar", "gps", "imu")
-    assert p.training.visible_loss_weight == 10.0 and p.training.mask_ratio == 0.5
-    # the measured setting: 12 of 48 drives held out whole, so the probe has ≥ 5 test drives
-    assert study.data.synth_drives == 48
+    assert p.training.visible_loss_weight == 30.0 and p.training.mask_ratio == 0.5
+    # the measured setting: 24 of 96 drives held out whole, so the probe has ≥ 5 test drives
+    assert study.data.synth_drives == 96
     assert {"output.split=drive", "output.val_fraction=0.25"} <= set(study.data.etl_set)
 
 
