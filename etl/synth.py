@@ -1,6 +1,6 @@
 """Synthetic raw drives in the real CMHT layouts — the embedded default data set.
 
-    python -m etl.synth --out cmht_raw [--drives 2 --frames 60 --format both --seed 0]
+    python -m etl.synth --out cmht_raw [--drives 2 --frames 60 --format both --seed 0 --workers 1]
 
 Each drive is a small world: a four-lane road that the ego car follows with a smooth speed
 (~8–15 m/s) and yaw-rate profile, other vehicles (Car / Van / Truck boxes) driving in both
@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1220,31 +1222,50 @@ def write_bag_drive(out: Path, index: int, frames: int, seed: int,
 
 
 # --------------------------------------------------------------------------- CLI
+def _write_job(out: Path, form: str, index: int, frames: int, seed: int, storage: str) -> dict:
+    """One drive written (a process of its own under ``generate(workers > 1)``)."""
+    t0 = time.perf_counter()
+    if form == "scene":
+        s = write_scene_drive(out, index, frames, seed)
+    else:
+        s = write_bag_drive(out, index, frames, seed, storage)
+    s["seconds"] = round(time.perf_counter() - t0, 2)
+    return s
+
+
 def generate(out, drives: int = 2, frames: int = 60, fmt: str = "both", seed: int = 0,
-             storage: str = "sqlite3", verbose: bool = True) -> list[dict]:  # fmt: skip
-    """Write ``drives`` drives of each requested form under ``out``; returns their summaries."""
+             storage: str = "sqlite3", verbose: bool = True, workers: int = 1) -> list[dict]:
+    """Write ``drives`` drives of each requested form under ``out``; returns their summaries.
+    ``workers`` > 1: that many drives at a time, each in a process of its own (every drive is
+    seeded by its own index, so the files are the same bytes as one process writes)."""
     if fmt not in ("scene", "bag", "both"):
         raise ValueError(f"format must be scene, bag or both, not {fmt!r}")
     if storage not in ("sqlite3", "mcap", "ros1"):
         raise ValueError(f"storage must be sqlite3, mcap or ros1, not {storage!r}")
-    if frames < 2 or drives < 1:
-        raise ValueError("need at least 1 drive and 2 frames")
+    if frames < 2 or drives < 1 or workers < 1:
+        raise ValueError("need at least 1 drive, 2 frames and 1 worker")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = []
     jobs = [("scene", i) for i in range(drives) if fmt in ("scene", "both")]
     jobs += [("bag", i) for i in range(drives) if fmt in ("bag", "both")]
-    for n, (form, i) in enumerate(jobs, 1):
-        t0 = time.perf_counter()
-        if form == "scene":
-            s = write_scene_drive(out, i, frames, seed)
-        else:
-            s = write_bag_drive(out, i, frames, seed, storage)
-        s["seconds"] = round(time.perf_counter() - t0, 2)
-        summaries.append(s)
-        if verbose:
-            print(f"[{n}/{len(jobs)}] {form:5s} {s['drive_id']}: {s['frames']} sweeps, "
-                  f"dropped {s['dropped']}, {s['seconds']:.1f} s", file=sys.stderr)  # fmt: skip
+    args = [(out, form, i, frames, seed, storage) for form, i in jobs]
+    if workers > 1 and len(jobs) > 1:
+        # spawn, not fork: the caller (rl.study) may have started JAX's threads
+        ctx = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx)
+        results = (f.result() for f in [pool.submit(_write_job, *a) for a in args])
+    else:
+        pool, results = None, (_write_job(*a) for a in args)
+    summaries = []
+    try:
+        for n, ((form, _), s) in enumerate(zip(jobs, results, strict=True), 1):
+            summaries.append(s)
+            if verbose:
+                print(f"[{n}/{len(jobs)}] {form:5s} {s['drive_id']}: {s['frames']} sweeps, "
+                      f"dropped {s['dropped']}, {s['seconds']:.1f} s", file=sys.stderr)  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return summaries
 
 
@@ -1261,10 +1282,12 @@ def main(argv=None) -> int:
         help="bag storage: ROS 2 sqlite3 (.db3), ROS 2 mcap, or a ROS 1 .bag",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1,
+                   help="drives written at a time, each in its own process (same bytes)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        generate(a.out, a.drives, a.frames, a.format, a.seed, a.storage)
+        generate(a.out, a.drives, a.frames, a.format, a.seed, a.storage, workers=a.workers)
     except (ValueError, OSError) as e:
         print(f"etl.synth: error: {e}", file=sys.stderr)
         return 2

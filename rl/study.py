@@ -127,7 +127,9 @@ class Study:
         result — the unit runs again."""
         c = self.cfg
         if unit.stage == "data":
-            return configlib.to_dict(c.data)
+            # etl_workers changes how fast, not what: counted as 1 whatever it is (the value
+            # every marker written before this had, so their hashes hold)
+            return {**configlib.to_dict(c.data), "etl_workers": 1}
         if unit.stage == "pretrain":
             return {"args": self.pretrain_args(), "config": _file_text(c.pretrain.config)}
         if unit.stage == "probe":
@@ -412,7 +414,7 @@ class LocalRunner:
 
             return synth.main(["--out", d.raw, "--drives", str(d.synth_drives), "--frames",
                                str(d.synth_frames), "--format", "scene", "--seed",
-                               str(d.synth_seed)])
+                               str(d.synth_seed), "--workers", str(d.etl_workers)])
         from etl import build
 
         args = ["--src", d.raw, "--out", d.cache, "--workers", str(d.etl_workers),

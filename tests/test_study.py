@@ -672,3 +672,20 @@ def test_a_field_added_at_its_default_keeps_the_units_hashes(tmp_path):
         cfg.rl, set=(*cfg.rl.set, "env.speed_max=3.0")))
     st2 = study_mod.Study(capped)
     assert st2.unit_hash(st2.by_name["train/scratch_s0"]) != st.unit_hash(unit)
+
+
+def test_the_number_of_etl_workers_leaves_every_hash_as_it_was(tmp_path):
+    """data.etl_workers (etl.synth's and etl.build's processes) changes how fast the data
+    units run, not what they write: no unit goes stale when it changes."""
+    from rl.study import Study
+
+    one = Study(_tiny_study(tmp_path, "data.kind='synthetic'", "data.synth_drives=4",
+                            f"data.raw='{tmp_path}/raw'", f"data.cache='{tmp_path}/cache'"))
+    two = Study(_tiny_study(tmp_path, "data.kind='synthetic'", "data.synth_drives=4",
+                            f"data.raw='{tmp_path}/raw'", f"data.cache='{tmp_path}/cache'",
+                            "data.etl_workers=2"))
+    assert [u.name for u in one.units][:2] == ["data/synth", "data/etl"]
+    assert [one.unit_hash(u) for u in one.units] == [two.unit_hash(u) for u in two.units]
+    more = Study(_tiny_study(tmp_path, "data.kind='synthetic'", "data.synth_drives=5",
+                             f"data.raw='{tmp_path}/raw'", f"data.cache='{tmp_path}/cache'"))
+    assert one.unit_hash(one.units[0]) != more.unit_hash(more.units[0])  # what it writes

@@ -101,8 +101,10 @@ def test_scene_layout(raw):
 
 
 def test_deterministic(raw, tmp_path):
+    # the two drives (scene and bag) in two processes: the same bytes as one process wrote
     again = tmp_path / "again"
-    synth.generate(again, drives=1, frames=FRAMES, fmt="both", seed=SEED, verbose=False)
+    synth.generate(again, drives=1, frames=FRAMES, fmt="both", seed=SEED, verbose=False,
+                   workers=2)
     files = sorted(p.relative_to(raw) for p in raw.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for f in files:
