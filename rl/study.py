@@ -560,12 +560,10 @@ def execute_with_workers(study: Study, todo: list[Unit], runner: UnitRunner, wor
     then, N processes side by side, the shared units no task needs (probe, domain gap) as one
     process started first, and the arm × seed tasks with something left to do."""
     shared = [u for u in todo if not u.arm]
-    needed = {n for u in study.units if u.arm for n in u.needs}
-    grew = True
-    while grew:  # and what those need, transitively
-        more = {n for u in study.units if u.name in needed for n in u.needs} - needed
-        needed |= more
-        grew = bool(more)
+    needed: set[str] = set()  # what the tasks need, transitively (a unit's needs come before it)
+    for u in reversed(study.units):
+        if u.arm or u.name in needed:
+            needed |= set(u.needs)
     first = [u for u in shared if u.name in needed]
     code = study.execute(first, runner) if first else EXIT_OK
     if code == EXIT_PREEMPTED:
