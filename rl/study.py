@@ -9,7 +9,9 @@ the probes, every arm × seed of PPO, every evaluation, and the report.
     python -m rl.study --config C --set seeds=[0,1] --set eval.episodes=2
 
 Units (rl.study_config.units), in order: ``data/synth`` (etl.synth), ``data/etl``
-(etl.build), ``pretrain`` (train.pretrain, the run ``runs/<name>/pretrain``), ``probe``
+(etl.build), ``tracks`` (only with an ``env.track_pool``: every track's maps into the cache,
+one process per core, before any arm trains), ``pretrain`` (train.pretrain, the run
+``runs/<name>/pretrain``), ``probe``
 (train.probe on it), ``domain_gap`` (rl.domain_gap on it: the simulator's BEV next to the
 pretraining data's, and the shift the encoder sees), then seed by seed, arm by arm,
 ``train/<arm>_s<seed>`` (rl.ppo, the run ``runs/<name>/ppo/<arm>_s<seed>``) and its
@@ -64,6 +66,7 @@ from rl.study_config import (
     arm_config,
     check_base,
     load_study,
+    prebuilt_tracks,
     units,
 )
 from rl.tracks import TrackError
@@ -130,6 +133,8 @@ class Study:
             # etl_workers changes how fast, not what: counted as 1 whatever it is (the value
             # every marker written before this had, so their hashes hold)
             return {**configlib.to_dict(c.data), "etl_workers": 1}
+        if unit.stage == "tracks":  # the maps' own cache keys hold the builder's version
+            return {"tracks": list(prebuilt_tracks(c, self.base))}
         if unit.stage == "pretrain":
             return {"args": self.pretrain_args(), "config": _file_text(c.pretrain.config)}
         if unit.stage == "probe":
@@ -426,6 +431,18 @@ class LocalRunner:
         if code == 0 and not (Path(d.cache) / "manifest.json").is_file():
             raise UnitError(f"etl.build exited 0 but wrote no {d.cache}/manifest.json")
         return code
+
+    def _tracks(self, study: Study, unit: Unit) -> int:
+        from rl.tracks.__main__ import available_cores, build
+
+        names = list(prebuilt_tracks(study.cfg, study.base))
+        log(f"tracks: the maps of {len(names)} tracks into the cache "
+            f"({available_cores()} processes)")
+        failed = build(names, available_cores(), log=log)
+        if failed:
+            raise UnitError(f"{len(failed)} of {len(names)} tracks failed to build (each "
+                            f"named above), the first {failed[0]}")
+        return 0
 
     def _pretrain(self, study: Study, unit: Unit) -> int:
         from train import pretrain

@@ -365,7 +365,7 @@ def conditions(cfg: StudyConfig, base: RLConfig) -> list[Condition]:
 
 
 # --------------------------------------------------------------------------- units of work
-STAGES = ("data", "pretrain", "probe", "gap", "train", "evaluate")
+STAGES = ("data", "tracks", "pretrain", "probe", "gap", "train", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -374,17 +374,32 @@ class Unit:
     ``needs``: the units that must be done first."""
 
     name: str
-    stage: Literal["data", "pretrain", "probe", "gap", "train", "evaluate"]
+    stage: Literal["data", "tracks", "pretrain", "probe", "gap", "train", "evaluate"]
     needs: tuple[str, ...] = ()
     arm: str = ""
     seed: int = -1
     condition: Condition | None = None
 
 
+def prebuilt_tracks(cfg: StudyConfig, base: RLConfig) -> tuple[str, ...]:
+    """The tracks whose maps the ``tracks`` unit builds before any arm trains: with a track
+    pool (``env.track_pool``, hundreds or thousands of procedural circuits, ~1-4 CPU-s each)
+    every track the runs and their evaluations use — the pool, ``env.track``, every
+    condition's — so that a Slurm array's tasks do not each compile the same maps at once;
+    without a pool none (each run builds its few maps on first use, as ``rl.ppo`` does)."""
+    if not base.env.track_pool:
+        return ()
+    from rl.tracks import track_names
+
+    names = [*track_names(base.env.track), *track_names(base.env.track_pool)]
+    names += [t for c in conditions(cfg, base) for t in c.tracks]
+    return tuple(dict.fromkeys(names))  # in order, once each
+
+
 def units(cfg: StudyConfig, base: RLConfig) -> list[Unit]:
-    """Every unit of the study in the order it runs: data, pretraining, probe, then seed by
-    seed each arm's training and its evaluations (an interrupted study has every arm at
-    about the same number of seeds)."""
+    """Every unit of the study in the order it runs: data, the track pool's maps (if any),
+    pretraining, probe, then seed by seed each arm's training and its evaluations (an
+    interrupted study has every arm at about the same number of seeds)."""
     out: list[Unit] = []
     data: tuple[str, ...] = ()
     if cfg.data.synth_drives:
@@ -393,6 +408,10 @@ def units(cfg: StudyConfig, base: RLConfig) -> list[Unit]:
     if cfg.data.raw:
         out.append(Unit("data/etl", "data", data))
         data = ("data/etl",)
+    tracks: tuple[str, ...] = ()
+    if prebuilt_tracks(cfg, base):
+        out.append(Unit("tracks", "tracks"))
+        tracks = ("tracks",)
     out.append(Unit("pretrain", "pretrain", data))
     if cfg.pretrain.probe:
         out.append(Unit("probe", "probe", ("pretrain",)))
@@ -402,8 +421,8 @@ def units(cfg: StudyConfig, base: RLConfig) -> list[Unit]:
     for seed in cfg.seeds:
         for arm in cfg.arms:
             run = run_name(arm, seed)
-            out.append(Unit(f"train/{run}", "train", () if arm == REFERENCE else ("pretrain",),
-                            arm, seed))
+            needs = tracks if arm == REFERENCE else ("pretrain", *tracks)
+            out.append(Unit(f"train/{run}", "train", needs, arm, seed))
             out += [Unit(f"eval/{run}/{c.name}", "evaluate", (f"train/{run}",), arm, seed, c)
                     for c in conds]
     return out

@@ -5,9 +5,9 @@
 #   bash slurm/study.sh configs/study_cluster.toml --set data.cache=/scratch/$USER/data_cache
 #
 # Run with bash on a login node, it submits
-#   1. pretrain: the data units (if any), the pretraining, its probe and the domain gap — one
-#      node, 4 GPUs, one process (`rl.study --stage data,pretrain,probe,gap`), requeued on
-#      preemption;
+#   1. pretrain: the data units (if any), a track pool's maps (if any, on the job's 32 CPUs),
+#      the pretraining, its probe and the domain gap — one node, 4 GPUs, one process
+#      (`rl.study --stage data,tracks,pretrain,probe,gap`), requeued on preemption;
 #   2. task: an array of arm × seed tasks after (1) succeeded (afterok), one GPU each; task i
 #      trains arm × seed number i and evaluates it (`rl.study --task i`; `--count` says how
 #      many there are: arms × seeds), requeued on preemption;
@@ -58,7 +58,7 @@ source slurm/lib.sh
 
 case "$JOB" in
     pretrain)
-        run_requeueable python -m rl.study --config "$CONFIG" "$@" --stage data,pretrain,probe,gap
+        run_requeueable python -m rl.study --config "$CONFIG" "$@" --stage data,tracks,pretrain,probe,gap
         exit $? ;;
     task)
         if [[ -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then

@@ -257,7 +257,7 @@ def test_study_submits_pretrain_then_the_array_then_the_report(fake):
 
 
 @pytest.mark.parametrize(("job", "args"), [
-    ("pretrain", ["--stage", "data,pretrain,probe,gap"]),
+    ("pretrain", ["--stage", "data,tracks,pretrain,probe,gap"]),
     ("task", ["--task", "7"]),
     ("report", ["--stage", "report"]),
 ])

@@ -689,3 +689,53 @@ def test_the_number_of_etl_workers_leaves_every_hash_as_it_was(tmp_path):
     more = Study(_tiny_study(tmp_path, "data.kind='synthetic'", "data.synth_drives=5",
                              f"data.raw='{tmp_path}/raw'", f"data.cache='{tmp_path}/cache'"))
     assert one.unit_hash(one.units[0]) != more.unit_hash(more.units[0])  # what it writes
+
+
+def test_a_track_pool_is_built_once_before_any_arm_trains(tmp_path, monkeypatch):
+    """With env.track_pool the study's ``tracks`` unit builds every map its runs and
+    evaluations use (the pool, env.track, each condition's), before any training, and every
+    training needs it; without a pool there is no such unit (the CPU study's units stay as
+    they were)."""
+    from rl.study import LocalRunner, Study
+
+    plain = Study(_tiny_study(tmp_path))
+    assert "tracks" not in plain.by_name
+    assert all("tracks" not in u.needs for u in plain.units)
+    cpu = Study(load_study(STUDIES[0], [f"runs_dir={tmp_path}"]))
+    assert "tracks" not in cpu.by_name
+
+    pool = ["rl.set=['env.track_pool=\"procedural:1-2\"', 'env.pool_size=2', "
+            "'env.pool_slot_m=48.0']"]
+    study = Study(_tiny_study(tmp_path, *pool))
+    names = [u.name for u in study.units]
+    assert names.index("tracks") < names.index("pretrain")
+    trains = [u for u in study.units if u.stage == "train"]
+    assert trains and all("tracks" in u.needs for u in trains)
+    assert study.by_name["train/scratch_s0"].needs == ("pretrain", "tracks")
+    from rl.study_config import prebuilt_tracks
+
+    assert prebuilt_tracks(study.cfg, study.base) == (
+        "procedural:0", "procedural:1", "procedural:2", "procedural:wide:900")
+    # another pool: the unit, and every training after it, runs again
+    other = Study(_tiny_study(tmp_path, pool[0].replace("1-2", "1-3")))
+    assert other.unit_hash(other.by_name["tracks"]) != study.unit_hash(study.by_name["tracks"])
+    assert (other.unit_hash(other.by_name["train/scratch_s0"])
+            != study.unit_hash(study.by_name["train/scratch_s0"]))
+
+    # the runner builds them into the cache (here a fresh one), and says which one failed
+    monkeypatch.setenv("RACEFORMER_CACHE", str(tmp_path / "cache"))
+    assert study.execute(study.select({"tracks"}), LocalRunner()) == 0
+    built = sorted(p.name for p in (tmp_path / "cache").rglob("*.yml"))
+    assert len(built) == 4, built
+    import rl.tracks.__main__ as tracks_cli
+
+    monkeypatch.setattr(tracks_cli, "_build", _build_all_but_procedural_2)
+    broken = Study(_tiny_study(tmp_path, pool[0].replace("1-2", "2-3")))
+    assert broken.execute(broken.select({"tracks"}), LocalRunner()) == 1
+    err = broken.marker("tracks")["error"]
+    assert "1 of 4 tracks failed" in err and "procedural:2" in err
+
+
+def _build_all_but_procedural_2(name: str):
+    """rl.tracks' per-track builder as if procedural:2's maps could not be built."""
+    return (name, "ValueError: broken", 0.0) if name == "procedural:2" else (name, None, 0.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import time
 
@@ -30,11 +31,38 @@ def _build(name: str) -> tuple[str, str | None, float]:
     return name, None, time.perf_counter() - t0
 
 
+def available_cores() -> int:
+    """The cores this process may run on (a Slurm job's allocation, not the node's)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return mp.cpu_count()
+
+
+def build(names: list[str], workers: int, log=print) -> list[str]:
+    """Build ``names``' maps into the cache with ``workers`` processes; returns the names
+    that failed (each named on stderr with its reason; the others are built)."""
+    t0 = time.perf_counter()
+    failed, cpu = [], 0.0
+    with mp.get_context("fork").Pool(workers) as pool:
+        for i, (name, err, dt) in enumerate(pool.imap_unordered(_build, names), 1):
+            cpu += dt
+            if err:
+                failed.append(name)
+                print(f"rl.tracks: {name}: {err}", file=sys.stderr, flush=True)
+            if i % 50 == 0 or i == len(names):
+                log(f"[tracks] {i}/{len(names)} ready, {len(failed)} failed "
+                    f"({time.perf_counter() - t0:.0f} s wall)")
+    log(f"[tracks] {len(names) - len(failed)} of {len(names)} tracks in the cache; "
+        f"{cpu / max(len(names), 1):.2f} s each on average (cached ones ~0)")
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rl.tracks", description=__doc__.split("\n\n")[0])
     ap.add_argument("tracks", help="comma-separated names; procedural:[<family>:]a-b ranges")
-    ap.add_argument("--workers", type=int, default=mp.cpu_count(),
-                    help="worker processes (default: one per core)")
+    ap.add_argument("--workers", type=int, default=available_cores(),
+                    help="worker processes (default: one per core this process may use)")
     args = ap.parse_args(argv)
     from rl.tracks import TrackError, track_names
 
@@ -46,20 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("rl.tracks: error: --workers must be >= 1", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    failed, cpu = [], 0.0
-    with mp.get_context("fork").Pool(args.workers) as pool:
-        for i, (name, err, dt) in enumerate(pool.imap_unordered(_build, names), 1):
-            cpu += dt
-            if err:
-                failed.append(name)
-                print(f"rl.tracks: {name}: {err}", file=sys.stderr, flush=True)
-            if i % 50 == 0 or i == len(names):
-                print(f"[tracks] {i}/{len(names)} ready, {len(failed)} failed "
-                      f"({time.perf_counter() - t0:.0f} s wall)", flush=True)
-    print(f"[tracks] {len(names) - len(failed)} of {len(names)} tracks in the cache; "
-          f"{cpu / max(len(names), 1):.2f} s each on average (cached ones ~0)")
-    return 1 if failed else 0
+    return 1 if build(names, args.workers, log=lambda m: print(m, flush=True)) else 0
 
 
 if __name__ == "__main__":
