@@ -435,10 +435,9 @@ class LocalRunner:
     def _tracks(self, study: Study, unit: Unit) -> int:
         from rl.tracks.__main__ import available_cores, build
 
-        names = list(prebuilt_tracks(study.cfg, study.base))
-        log(f"tracks: the maps of {len(names)} tracks into the cache "
-            f"({available_cores()} processes)")
-        failed = build(names, available_cores(), log=log)
+        names, workers = list(prebuilt_tracks(study.cfg, study.base)), available_cores()
+        log(f"tracks: the maps of {len(names)} tracks into the cache ({workers} processes)")
+        failed = build(names, workers, log=log)
         if failed:
             raise UnitError(f"{len(failed)} of {len(names)} tracks failed to build (each "
                             f"named above), the first {failed[0]}")
