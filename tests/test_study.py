@@ -722,13 +722,15 @@ def test_a_track_pool_is_built_once_before_any_arm_trains(tmp_path, monkeypatch)
     assert (other.unit_hash(other.by_name["train/scratch_s0"])
             != study.unit_hash(study.by_name["train/scratch_s0"]))
 
-    # the runner builds them into the cache (here a fresh one), and says which one failed
+    # the runner builds them into the cache (here a fresh one), and says which one failed;
+    # one worker, in this process: a fork of a pytest worker that ran JAX can hang
+    import rl.tracks.__main__ as tracks_cli
+
+    monkeypatch.setattr(tracks_cli, "available_cores", lambda: 1)
     monkeypatch.setenv("RACEFORMER_CACHE", str(tmp_path / "cache"))
     assert study.execute(study.select({"tracks"}), LocalRunner()) == 0
     built = sorted(p.name for p in (tmp_path / "cache").rglob("*.yml"))
     assert len(built) == 4, built
-    import rl.tracks.__main__ as tracks_cli
-
     monkeypatch.setattr(tracks_cli, "_build", _build_all_but_procedural_2)
     broken = Study(_tiny_study(tmp_path, pool[0].replace("1-2", "2-3")))
     assert broken.execute(broken.select({"tracks"}), LocalRunner()) == 1

@@ -14,6 +14,7 @@ rest are built (exit 1 at the end). The cache is ``$RACEFORMER_CACHE/tracks``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -44,8 +45,13 @@ def build(names: list[str], workers: int, log=print) -> list[str]:
     that failed (each named on stderr with its reason; the others are built)."""
     t0 = time.perf_counter()
     failed, cpu = [], 0.0
-    with mp.get_context("fork").Pool(workers) as pool:
-        for i, (name, err, dt) in enumerate(pool.imap_unordered(_build, names), 1):
+    with contextlib.ExitStack() as stack:
+        if workers == 1:  # in this process: no fork (a process with JAX's threads may hang)
+            results = map(_build, names)
+        else:
+            pool = stack.enter_context(mp.get_context("fork").Pool(workers))
+            results = pool.imap_unordered(_build, names)
+        for i, (name, err, dt) in enumerate(results, 1):
             cpu += dt
             if err:
                 failed.append(name)
