@@ -92,16 +92,18 @@ class MLPActorCritic(nnx.Module):
 VELOCITY_COMPONENTS = {"planar": (0, 1, 5), "all": (0, 1, 2, 3, 4, 5)}
 
 
-def lidar_feature_dim(num_beams: int, velocity: str = "planar") -> int:
+def lidar_feature_dim(num_beams: int, velocity: str = "planar", history: bool = False) -> int:
     """The length of :func:`lidar_features`' vector."""
-    return num_beams + len(VELOCITY_COMPONENTS[velocity])
+    return num_beams + len(VELOCITY_COMPONENTS[velocity]) + (num_beams + 2 if history else 0)
 
 
 def lidar_features(obs: dict, num_beams: int = 108, max_range: float = 15.25,
-                   velocity: str = "planar") -> jax.Array:
+                   velocity: str = "planar", history: bool = False) -> jax.Array:
     """The quick policy's input: every k-th ray of the scan (``num_beams`` of them, k = rays /
     num_beams, starting at the first ray) scaled to [0, 1], plus the body-frame velocity's
-    ``velocity`` components (:data:`VELOCITY_COMPONENTS`, ``model.velocity``).
+    ``velocity`` components (:data:`VELOCITY_COMPONENTS`, ``model.velocity``); with
+    ``history`` (``model.history``) then the previous step's scan, the same rays, and the
+    previous action (the observation's ``lidar_prev`` and ``action_prev``).
 
     Subsampling rather than pooling means a backend that casts only those rays (the JAX
     backend's ``lidar_rays = 108``, ~10× cheaper) feeds the policy exactly what a full
@@ -113,7 +115,15 @@ def lidar_features(obs: dict, num_beams: int = 108, max_range: float = 15.25,
         raise ValueError(f"lidar has {n} rays, not a multiple of lidar_beams = {num_beams}")
     sub = scan[..., :: n // num_beams]
     vel = jnp.asarray(obs["velocity"], jnp.float32)[..., VELOCITY_COMPONENTS[velocity]]
-    return jnp.concatenate([sub / max_range, vel], axis=-1)
+    parts = [sub / max_range, vel]
+    if history:
+        missing = sorted({"lidar_prev", "action_prev"} - set(obs))
+        if missing:
+            raise KeyError(f"model.history: the observation has no {missing} (the "
+                           "environment was made without history)")
+        prev = jnp.asarray(obs["lidar_prev"], jnp.float32)[..., :: n // num_beams]
+        parts += [prev / max_range, jnp.asarray(obs["action_prev"], jnp.float32)]
+    return jnp.concatenate(parts, axis=-1)
 
 
 class FeatureStats(nnx.Variable):

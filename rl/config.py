@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 
 from etl import configlib
+from rl.envs import spec
 from rl.ppo_core import PPOConfig
 
 
@@ -208,6 +209,12 @@ class ModelConfig:
     # recipes measured before 2026-12-06 used "all"; rl.agent.VELOCITY_COMPONENTS says why
     # not any more)
     velocity: Literal["planar", "all"] = "planar"
+    # the lidar MLP also reads the previous policy step's scan (its lidar_beams rays) and the
+    # action it took then: two frames stacked and the previous action, issue 12's lever (the
+    # environment carries them: rl.envs.jax_env.SensorConfig.history, rl.envs.wrappers.History).
+    # Needs env.action_repeat = the lidar's period (4 physics steps), so that "the scan before
+    # this one" and "the scan the policy saw last step" are the same scan in every backend.
+    history: bool = configlib.added(False, "2026-12-07")
     modalities: tuple[str, ...] = ("lidar", "gps", "imu")  # multimodal policy's inputs
     # multimodal policy: the lidar BEV's patches its encoder sees — the lidar_tokens patches
     # with the most points (ObservationAdapter.jax_patches; the pretraining's encoder sees a
@@ -355,6 +362,14 @@ class RLConfig:
             and not self.env.camera
         ):
             raise configlib.ConfigError("model.modalities: 'rgb' needs env.camera = true")
+        if self.model.history:
+            if self.model.policy != "lidar_mlp":
+                raise configlib.ConfigError("model.history: the lidar MLP's input only, not "
+                                            f"model.policy = {self.model.policy!r}")
+            if self.env.action_repeat != spec.LIDAR_PERIOD:
+                raise configlib.ConfigError(
+                    f"model.history: needs env.action_repeat = {spec.LIDAR_PERIOD} (the lidar's "
+                    f"period, so each policy step sees a new scan), got {self.env.action_repeat}")
         b = self.ppo.num_envs * self.ppo.num_steps
         if b % self.ppo.num_minibatches:
             raise configlib.ConfigError(

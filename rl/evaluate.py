@@ -96,6 +96,7 @@ from rl.drivers import scripted_policy
 from rl.envs import spec
 from rl.envs.jax_env import JaxRacecarEnv, SensorConfig, make_params
 from rl.envs.spec import TaskConfig
+from rl.envs.wrappers import ObsHistory
 from rl.fmt import num, pm
 from rl.plots import plot_learning_curves, plot_trajectories
 from rl.tracks import Track, TrackError, load_track
@@ -421,14 +422,15 @@ def rollout_jax(policy_fn, track, seeds, time_limit, action_repeat=1,
                 policy_args: tuple = (), car: str = "kinematic",
                 start: tuple[float, float, float] | None = None,
                 speed_max: float = spec.SPEED_MAX_VELOCITY,
-                speed_min: float = 0.0) -> list[tuple[dict, str]]:
+                speed_min: float = 0.0, history: bool = False) -> list[tuple[dict, str]]:
     """All episodes of one track in the JAX backend as one jitted, vmapped scan; the lidar's
     ``sensors`` settings changed where given (:meth:`Perturbation.sensors`); the policy
     called ``policy_fn(obs, *policy_args)``. ``start``: (x, y, yaw in degrees) to start every
-    episode from, at rest, instead of the grid."""
+    episode from, at rest, instead of the grid. ``history``: the observations carry the
+    previous scan and action (``model.history``)."""
 
     env = factory.make_sim(_task(time_limit, terminate_on_collision, camera, actuator, car,
-                                 speed_max, speed_min),
+                                 speed_max, speed_min), history=history,
                            camera=camera, **(sensors or {}))
     params = make_params(track)
     if start is not None:
@@ -488,14 +490,19 @@ def _host_record(obs: dict, info: dict) -> tuple:
             bool(info.get("wall_collision", False)))  # fmt: skip
 
 
-def _episode_gym(env, policy_fn, seed: int, action_repeat: int) -> tuple[dict, str]:
+def _episode_gym(env, policy_fn, seed: int, action_repeat: int,
+                 history: bool = False) -> tuple[dict, str]:
     obs, info = env.reset(seed=int(seed), options={"mode": "grid"})
     rows = [_host_record(obs, info)]
     end, done = "none", False
     # the env's own action space names its drive actuator ("motor" or "speed")
     actuator = "speed" if "speed" in env.action_space.spaces else "motor"
+    past = ObsHistory() if history else None
     while not done:
-        act = spec.action_dict(spec.action_array(policy_fn(obs)), actuator)
+        a = spec.action_array(policy_fn(obs if past is None else past.add(obs)))
+        if past is not None:
+            past.acted(a)
+        act = spec.action_dict(a, actuator)
         for _ in range(action_repeat):
             obs, _, term, trunc, info = env.step(act)
             rows.append(_host_record(obs, info))
@@ -509,7 +516,7 @@ def _episode_gym(env, policy_fn, seed: int, action_repeat: int) -> tuple[dict, s
 
 
 def rollout_gym(env, policy_fn, seeds, action_repeat=1, *,
-                fresh: bool = False) -> list[tuple[dict, str]]:
+                fresh: bool = False, history: bool = False) -> list[tuple[dict, str]]:
     """Episodes of a gymnasium env (physics rate, one step per call) in a Python loop, the
     action held for ``action_repeat`` physics steps; every physics step recorded.
 
@@ -519,17 +526,19 @@ def rollout_gym(env, policy_fn, seeds, action_repeat=1, *,
     episode's seed first. That is racecar_gym's case: its reset only moves the car (wheel
     spin and sensor state carry over, and the first episode of an env starts 0.2 m ahead of
     later ones), and its sensor noise is drawn from the global ``np.random``, which
-    ``reset(seed=…)`` does not seed — a fresh, seeded env makes an episode reproducible."""
+    ``reset(seed=…)`` does not seed — a fresh, seeded env makes an episode reproducible.
+    ``history``: the policy's observations carry ``model.history``'s previous scan and
+    action (:class:`rl.envs.wrappers.ObsHistory`)."""
     out = []
     for s in seeds:
         if not fresh:
-            out.append(_episode_gym(env, policy_fn, s, action_repeat))
+            out.append(_episode_gym(env, policy_fn, s, action_repeat, history))
             continue
         np.random.seed(int(s))  # noqa: NPY002 - racecar_gym draws its noise from it
         random.seed(int(s))
         e = env()
         try:
-            out.append(_episode_gym(e, policy_fn, s, action_repeat))
+            out.append(_episode_gym(e, policy_fn, s, action_repeat, history))
         finally:
             e.close()
     return out
@@ -543,7 +552,7 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
                     car: str = "kinematic",
                     start: tuple[float, float, float] | None = None,
                     speed_max: float = spec.SPEED_MAX_VELOCITY,
-                    speed_min: float = 0.0) -> dict[str, Any]:
+                    speed_min: float = 0.0, history: bool = False) -> dict[str, Any]:
     """Run ``episodes`` grid-start episodes of ``policy_fn`` (one obs dict → action) on
     ``track`` (a name, path, ``procedural:<seed>`` or :class:`rl.tracks.Track`).
 
@@ -554,11 +563,16 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
     backend only). ``policy_args``: the policy is called ``policy_fn(obs, *policy_args)``
     (:func:`make_act`'s checkpoint arrays; they are jit arguments of the scan). ``start``:
     (x, y, yaw°) instead of the grid (JAX backend's scan only; :func:`rollout_jax`).
+    ``history``: the policy's observations carry the previous policy step's scan and action
+    (``model.history``; one policy step per lidar period, as the policy trained).
     Returns ``{"track", "backend", "episodes": [metrics…], "aggregate": {…},
     "traces": [{time, x, y, speed, lap, total, collision} arrays…]}``."""
     if sensors and backend != "jax":
         raise ValueError(f"lidar perturbations {sorted(sensors)}: the JAX backend's simulator "
                          f"only, not {backend!r}")
+    if history and action_repeat != spec.LIDAR_PERIOD:
+        raise ValueError(f"model.history: action repeat {action_repeat}, not the lidar's "
+                         f"period {spec.LIDAR_PERIOD} the policy was trained with")
     if start is not None and (backend != "jax" or rollout == "host"):
         raise ValueError(f"a start pose: the JAX backend's scan only, not {backend!r} "
                          f"({rollout} rollout)")
@@ -571,7 +585,8 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
             results = rollout_jax(policy_fn, trk, seeds, time_limit, action_repeat,
                                   terminate_on_collision, camera, actuator, sensors=sensors,
                                   policy_args=policy_args, car=car, start=start,
-                                  speed_max=speed_max, speed_min=speed_min)  # fmt: skip
+                                  speed_max=speed_max, speed_min=speed_min,
+                                  history=history)  # fmt: skip
             used = "scan"
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
                 jax.errors.TracerIntegerConversionError, TypeError) as e:  # fmt: skip
@@ -589,11 +604,12 @@ def evaluate_policy(policy_fn: Callable, track, backend: str = "jax", episodes: 
                                 car, speed_max, speed_min)  # fmt: skip
 
         if backend == "racecar_gym":  # a fresh, seeded env per episode (see rollout_gym)
-            results = rollout_gym(make, policy_fn, seeds, action_repeat, fresh=True)
+            results = rollout_gym(make, policy_fn, seeds, action_repeat, fresh=True,
+                                  history=history)
         else:
             env = make()
             try:
-                results = rollout_gym(env, policy_fn, seeds, action_repeat)
+                results = rollout_gym(env, policy_fn, seeds, action_repeat, history=history)
             finally:
                 env.close()
         used = "host"
@@ -714,12 +730,13 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                  line_driver: bool = False, sensors: dict | None = None,
                  car: str = "kinematic",
                  start: tuple[float, float, float] | None = None,
-                 speed_max: float = spec.SPEED_MAX_VELOCITY, speed_min: float = 0.0
-                 ) -> tuple[dict[str, Any], list[str]]:
+                 speed_max: float = spec.SPEED_MAX_VELOCITY, speed_min: float = 0.0,
+                 history: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Every collision mode × track of the protocol: ``(results, pngs)``, ``results[mode] =
     {"tracks": {name: result}, "overall": …}``; trajectory PNGs into ``out`` (None: none).
     ``line_driver``: the policy is rl.plan's line follower, made per track. ``sensors``: JAX
-    simulator sensor settings (the training config's rays), the perturbation's on top."""
+    simulator sensor settings (the training config's rays), the perturbation's on top.
+    ``history``: the policy reads the previous scan and action (``model.history``)."""
     sensors = {**(sensors or {}), **(perturbation or Perturbation()).sensors()}
     results: dict[str, Any] = {}
     pngs: list[str] = []
@@ -736,7 +753,8 @@ def run_protocol(policy, tracks: Sequence[str], *, backend: str, episodes: int,
                                   terminate_on_collision=term, camera=camera,
                                   actuator=actuator, sensors=sensors,
                                   policy_args=policy_args, car=car, start=start,
-                                  speed_max=speed_max, speed_min=speed_min)  # fmt: skip
+                                  speed_max=speed_max, speed_min=speed_min,
+                                  history=history)  # fmt: skip
             log(summary_line(res))
             if out is not None:
                 pngs.append(str(plot_trajectories(
@@ -801,7 +819,8 @@ def evaluate_checkpoint(ckpt: str | Path, tracks: Sequence[str], out: str | Path
                                  speed_max=cfg.env.speed_max, speed_min=cfg.env.speed_min,
                                  perturbation=perturbation,
                                  policy_args=args, out=out if plots else None,
-                                 sensors=sensors, start=start)  # fmt: skip
+                                 sensors=sensors, start=start,
+                                 history=cfg.model.history)  # fmt: skip
     run_dir = ckpt.parent
     if plots and (run_dir / "metrics.jsonl").exists():
         p = plot_learning_curves(run_dir / "metrics.jsonl", out / "learning_curves.png")

@@ -51,7 +51,7 @@ from rl.envs.jax_env import (
     make_params,
 )
 from rl.envs.spec import TaskConfig
-from rl.envs.wrappers import ActionRepeat
+from rl.envs.wrappers import ActionRepeat, History
 from rl.ppo_core import RunningMeanStd
 from rl.runners import FastRunner, GymRunner
 from rl.tracks import track_names
@@ -113,7 +113,8 @@ def make_functional(cfg: RLConfig, featurize) -> tuple[RacecarFunctional, TrackP
     into one map)."""
     e = cfg.env
     sim = make_sim(task_config(cfg), e.randomize, e.min_speed, camera=e.camera,
-                   lidar_rays=e.lidar_rays, yaw_rate_noise=e.yaw_rate_noise)
+                   lidar_rays=e.lidar_rays, yaw_rate_noise=e.yaw_rate_noise,
+                   history=cfg.model.history)
     params = pool_params(cfg, 0) if e.track_pool else make_params(e.track)
     return RacecarFunctional(sim, featurize, e.action_repeat), params
 
@@ -145,8 +146,12 @@ def make_env(backend: str, track, task: TaskConfig, camera: bool = False) -> gym
 
 def _env_fn(cfg: RLConfig, track: str):
     task = task_config(cfg)
-    return lambda: ActionRepeat(make_env(cfg.env.backend, track, task, cfg.env.camera),
-                                cfg.env.action_repeat)
+    def make():
+        env = ActionRepeat(make_env(cfg.env.backend, track, task, cfg.env.camera),
+                           cfg.env.action_repeat)
+        return History(env) if cfg.model.history else env
+
+    return make
 
 
 def make_vector_env(cfg: RLConfig, num_envs: int, track: str | None = None):
@@ -170,9 +175,11 @@ def make_agent(cfg: RLConfig, seed: int | None = None):
     if cfg.model.policy == "lidar_mlp":
         beams = cfg.model.lidar_beams
         vel = cfg.model.velocity
-        model = MLPActorCritic(lidar_feature_dim(beams, vel), 2, cfg.model.hidden,
+        hist = cfg.model.history
+        model = MLPActorCritic(lidar_feature_dim(beams, vel, hist), 2, cfg.model.hidden,
                                cfg.ppo.init_log_std, rngs=rngs)
-        return model, (lambda obs: lidar_features(obs, beams, velocity=vel)), nnx.Param
+        return (model, (lambda obs: lidar_features(obs, beams, velocity=vel, history=hist)),
+                nnx.Param)
     return _multimodal_agent(cfg, rngs)
 
 
@@ -432,7 +439,7 @@ def _restore_policy_state(ckpt: Checkpointer, step: int, cfg: RLConfig, agent) -
     if "frozen" in saved:
         target["frozen"] = agent.frozen
     if "obs_rms" in saved and cfg.model.policy == "lidar_mlp" and cfg.ppo.norm_obs:
-        dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity)
+        dim = lidar_feature_dim(cfg.model.lidar_beams, cfg.model.velocity, cfg.model.history)
         target["obs_rms"] = RunningMeanStd.create((dim,))
     return ckpt.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(abstract(target), partial_restore=True)))["state"]

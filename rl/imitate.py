@@ -192,6 +192,9 @@ def run(cfg: RLConfig) -> Path:
     errors); ``teacher`` (:class:`rl.config.TeacherConfig`) goes to
     :class:`rl.drivers.LineFollower` (its speed profile: ``a_lat``, ``a_brake``, ``v_max``,
     ``speed_scale``; ``lookahead``, ...)."""
+    if cfg.model.history:  # the data set holds single states, not the teacher's past actions
+        raise configlib.ConfigError("model.history: rl.imitate fits single states (the "
+                                    "student's previous action is not the teacher's); PPO only")
     ic = cfg.imitate
 
     t0 = time.perf_counter()

@@ -348,10 +348,14 @@ class SensorConfig:
     # probability that a ray reads max range (no return), per ray and scan (0 = none; the
     # robustness evaluation's dropped rays, rl.evaluate --lidar-drop)
     lidar_dropout: float = 0.0
-    lidar_every: int = int(round(1.0 / (spec.LIDAR_HZ * spec.PHYSICS_DT)))  # 4 steps
+    lidar_every: int = spec.LIDAR_PERIOD  # 4 physics steps
     # std of the observed yaw rate's noise per (m/s)^2 (0 = exact; PyBullet's car: ~0.016)
     yaw_rate_noise: float = 0.0
     camera: bool = False
+    # the observation also holds "lidar_prev", the scan before the held one (at the reset: the
+    # first scan again), and "action_prev", the last command, clipped to [-1, 1] (zeros at the
+    # reset): rl.config.ModelConfig.history; rl.envs.wrappers.History for the host backends
+    history: bool = False
     camera_width: int = 64
     camera_height: int = 64
     camera_iters: int = 24
@@ -409,6 +413,9 @@ class EnvState(NamedTuple):
     draw: CarDraw | None = None  # this episode's car
     act_buf: jax.Array | None = None  # (action_delay, 2) the last commands, newest first
     obs_prev: dict | None = None  # obs_lag: the observation of the previous step
+    # SensorConfig.history; None where it is off
+    lidar_prev: jax.Array | None = None  # (rays,) the scan before `lidar`
+    action_prev: jax.Array | None = None  # (2,) the last [drive, steering] command
 
 
 # ------------------------------------------------------------------------------ track
@@ -661,6 +668,8 @@ class JaxRacecar:
             vel = vel + jnp.stack([0.0, self.dynamics.com_offset * w, 0.0, 0.0, 0.0, w])
         obs = {"pose": pose, "velocity": vel, "acceleration": state.acc,
                "lidar": state.lidar, "time": state.time[None]}
+        if self.sensors.history:
+            obs["lidar_prev"], obs["action_prev"] = state.lidar_prev, state.action_prev
         if self.sensors.camera or self.task.observe_camera:
             obs["rgb_camera"] = self._camera(params, state.pos, state.yaw)
         return obs
@@ -746,11 +755,15 @@ class JaxRacecar:
             collision=jnp.bool_(False), still=jnp.int32(0),
             lidar=jnp.zeros(self.sensors.lidar_rays, jnp.float32), key=k_next,
             draw=draw, act_buf=jnp.zeros((n_delay, 2), jnp.float32) if n_delay else None,
+            **({"lidar_prev": jnp.zeros(self.sensors.lidar_rays, jnp.float32),
+                "action_prev": jnp.zeros(2, jnp.float32)} if self.sensors.history else {}),
         )
 
     def _scan(self, state: EnvState, params) -> EnvState:
         k_lidar, k_next = jax.random.split(state.key)
         lidar = self._lidar(params, state.pos, state.yaw, k_lidar, state.draw)
+        if self.sensors.history:
+            state = state._replace(lidar_prev=state.lidar)
         return state._replace(lidar=lidar, lidar_age=jnp.int32(0), key=k_next)
 
     def _refresh(self, state: EnvState, params) -> EnvState:
@@ -789,6 +802,8 @@ class JaxRacecar:
 
     def reset(self, key, params: TrackParams):
         state = self._scan(self._spawn(key, params), params)
+        if self.sensors.history:  # no scan before the first: it stands in for its own past
+            state = state._replace(lidar_prev=state.lidar)
         obs, state = self._observe(state, params)
         return obs, state
 
@@ -871,6 +886,7 @@ class JaxRacecar:
         a_motor, a_steer = action[0], action[1]
         a_motor = jnp.clip(a_motor, -1.0, 1.0)
         a_steer = jnp.clip(a_steer, -1.0, 1.0)
+        commanded = jnp.stack([a_motor, a_steer]) if self.sensors.history else None
         if task.actuator == "speed":  # the task's speed range (identity at racecar_gym's)
             a_motor = spec.speed_command(a_motor, task.speed_max, task.speed_min)
         act_buf = state.act_buf
@@ -922,7 +938,7 @@ class JaxRacecar:
                              yaw_rate=w_free, vel=vel, acc=accel, time=time, tick=tick,
                              lidar_age=state.lidar_age + 1, lap=lap, checkpoint=cp,
                              progress=prog, total=total, wrong_ema=ema, wrong_way=wrong,
-                             collision=hit, act_buf=act_buf,
+                             collision=hit, act_buf=act_buf, action_prev=commanded,
                              still=jnp.where(v_new < task.stall_speed, state.still + 1, 0))
         reward = task.progress_reward * delta + task.collision_reward * hit + task.frame_reward
         if task.proximity_reward:
@@ -960,11 +976,20 @@ def observation_space(env: JaxRacecar) -> gym.spaces.Dict:
                                 (env.sensors.lidar_rays,), f32),
         "time": gym.spaces.Box(0.0, np.inf, (1,), f32),
     }
+    if env.sensors.history:
+        spaces.update(history_spaces(env.sensors.lidar_rays))
     if env.sensors.camera or env.task.observe_camera:
         s = env.sensors
         spaces["rgb_camera"] = gym.spaces.Box(0, 255, (s.camera_height, s.camera_width, 3),
                                               np.uint8)
     return gym.spaces.Dict(spaces)
+
+
+def history_spaces(rays: int) -> dict[str, gym.spaces.Box]:
+    """The spaces of the two observations :attr:`SensorConfig.history` adds."""
+    return {"lidar_prev": gym.spaces.Box(spec.LIDAR_MIN_RANGE, spec.LIDAR_MAX, (rays,),
+                                         np.float32),
+            "action_prev": gym.spaces.Box(-1.0, 1.0, (2,), np.float32)}
 
 
 def action_space(actuator: str = "motor") -> gym.spaces.Dict:

@@ -80,6 +80,7 @@ LIDAR_RANGE = 15.0  # m, ray length
 LIDAR_MAX = LIDAR_MIN_RANGE + LIDAR_RANGE  # 15.25, top of the observation space
 LIDAR_NOISE = 0.03  # multiplicative, uniform in [1 - 0.03, 1 + 0.03]
 LIDAR_HZ = 25.0  # refreshed every 4 physics steps, held in between
+LIDAR_PERIOD = round(1.0 / (LIDAR_HZ * PHYSICS_DT))  # 4 physics steps
 LIDAR_MOUNT = (0.065, 0.0, 0.075)  # m, body frame, from the pose (the hokuyo link)
 # Upstream range model (racecar_gym bullet/sensors.py): the ray runs 15 m from the sensor;
 # scan = clip((15 * hit_fraction + 0.25) * U(0.97, 1.03), 0.25, 15.0). We keep the +0.25 offset

@@ -10,6 +10,9 @@ import math
 import gymnasium as gym
 import numpy as np
 
+from rl.envs import spec
+from rl.envs.jax_env import history_spaces
+
 
 class ActionRepeat(gym.Wrapper):
     """Repeat each action ``k`` physics steps (stopping at the end of an episode), sum the
@@ -75,3 +78,51 @@ class ActionRepeat(gym.Wrapper):
             if term or trunc:
                 break
         return obs, total, term, trunc, self._augment(obs, info, hit)
+
+
+
+class ObsHistory:
+    """What :attr:`rl.envs.jax_env.SensorConfig.history` adds to the JAX backend's
+    observations, kept at the policy's rate for a host loop: :meth:`add` gives an observation
+    with ``lidar_prev``, the scan of the observation added before it (for the first of an
+    episode: its own), and ``action_prev``, the action :meth:`acted` was last told of, clipped
+    to [-1, 1] (zeros until then). With one policy step per lidar period it is what the JAX
+    backend gives: there the scan before the held one."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._lidar, self._action = None, np.zeros(2, np.float32)
+
+    def add(self, obs: dict) -> dict:
+        lidar = np.array(obs["lidar"], np.float32)
+        out = {**obs, "lidar_prev": lidar if self._lidar is None else self._lidar,
+               "action_prev": self._action}
+        self._lidar = lidar
+        return out
+
+    def acted(self, action) -> None:
+        self._action = np.clip(spec.action_array(action), -1.0, 1.0).reshape(2)
+
+
+class History(gym.Wrapper):
+    """:class:`ObsHistory` around a policy-rate environment (outside :class:`ActionRepeat`):
+    the host backends' (PyBullet, racecar_gym) ``model.history`` observations."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        lidar = env.observation_space["lidar"]
+        self.observation_space = gym.spaces.Dict(
+            {**env.observation_space.spaces, **history_spaces(lidar.shape[-1])})
+        self._history = ObsHistory()
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._history.reset()
+        return self._history.add(obs), info
+
+    def step(self, action):
+        self._history.acted(action)
+        obs, r, term, trunc, info = self.env.step(action)
+        return self._history.add(obs), r, term, trunc, info
