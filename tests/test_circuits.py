@@ -253,3 +253,17 @@ def test_prebuild_cli_builds_the_cache_and_names_a_bad_track(capsys):
     assert out.parent.name == f"procedural-circuit-v{procedural.CIRCUIT_VERSION}"
     assert main(["procedural:hairpin:3"]) == 0  # cached: nothing to do
     assert main(["procedural:hairpin:x-y"]) == 2
+
+
+def test_prebuild_workers_build_into_the_cache_of_the_call(tmp_path, monkeypatch):
+    """The workers are forkserver children (no fork of a process running JAX), and the
+    forkserver keeps the environment it started with: each call's workers still build into
+    the RACEFORMER_CACHE of that call."""
+    from rl.tracks.__main__ import build
+
+    built = {}
+    for name, track in (("a", "procedural:4"), ("b", "procedural:5")):
+        monkeypatch.setenv("RACEFORMER_CACHE", str(tmp_path / name))
+        assert build([track, "procedural:6"], 2, log=lambda _: None) == []
+        built[name] = sorted(p.parents[1].name for p in (tmp_path / name).rglob("maps.npz"))
+    assert built == {"a": ["procedural_4", "procedural_6"], "b": ["procedural_5", "procedural_6"]}

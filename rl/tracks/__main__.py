@@ -20,6 +20,16 @@ import os
 import sys
 import time
 
+CACHE_ENV = "RACEFORMER_CACHE"
+
+
+def _use_cache(path: str | None) -> None:
+    """A worker's cache: the parent's when the pool started, not the forkserver's."""
+    if path is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = path
+
 
 def _build(name: str) -> tuple[str, str | None, float]:
     from rl.tracks import load_track
@@ -46,10 +56,12 @@ def build(names: list[str], workers: int, log=print) -> list[str]:
     t0 = time.perf_counter()
     failed, cpu = [], 0.0
     with contextlib.ExitStack() as stack:
-        if workers == 1:  # in this process: no fork (a process with JAX's threads may hang)
+        if workers == 1:  # in this process
             results = map(_build, names)
-        else:
-            pool = stack.enter_context(mp.get_context("fork").Pool(workers))
+        else:  # forkserver, not fork: a fork of a process running JAX's threads may hang
+            # (the server keeps the environment it started with: the cache is passed on)
+            pool = stack.enter_context(mp.get_context("forkserver").Pool(
+                workers, initializer=_use_cache, initargs=(os.environ.get(CACHE_ENV),)))
             results = pool.imap_unordered(_build, names)
         for i, (name, err, dt) in enumerate(results, 1):
             cpu += dt
