@@ -65,6 +65,29 @@ def test_jax_history_is_the_previous_policy_steps_scan_and_action(params):
     assert (np.abs(_actions(len(run) - 1)) > 1).any()  # the clipping was exercised
 
 
+def test_observation_lag_delays_the_scans_not_the_command(params):
+    """With racecar_gym's one-step observation lag (randomize.obs_lag = 1) the policy sees
+    the scans a step late, lidar_prev too, but the command it gave last is its own: fresh."""
+    from rl.config import RandomizeConfig
+
+    sim = JaxRacecar(TaskConfig(reset_mode="random", time_limit=30.0),
+                     sensors=SensorConfig(lidar_rays=RAYS, history=True),
+                     randomize=RandomizeConfig(obs_lag=1.0))
+    fenv = RacecarFunctional(sim, lambda o: o, action_repeat=spec.LIDAR_PERIOD)
+    obs, carry = jax.jit(fenv.reset)(jax.random.PRNGKey(3), params)
+    step = jax.jit(fenv.step)
+    seen, true = [obs], [carry[0].obs_prev]  # what the policy saw; what was sensed
+    for t, a in enumerate(_actions(6)):
+        obs, carry, *_ = step(jax.random.PRNGKey(100 + t), carry, jnp.asarray(a), params)
+        seen.append(obs)
+        true.append(carry[0].obs_prev)
+    acts = np.clip(_actions(6), -1.0, 1.0)
+    for t in range(2, len(seen)):
+        np.testing.assert_array_equal(seen[t]["lidar"], true[t - 1]["lidar"])  # a step late
+        np.testing.assert_array_equal(seen[t]["lidar_prev"], true[t - 2]["lidar"])
+        np.testing.assert_allclose(seen[t]["action_prev"], acts[t - 1], atol=1e-6)  # fresh
+
+
 def test_jax_history_is_observation_only_and_off_by_default(params):
     """The same episode with and without history: the same car, scans and rewards; without
     it the observation and the state hold nothing new (today's environment exactly)."""

@@ -684,6 +684,8 @@ class JaxRacecar:
         prev = obs if state.obs_prev is None else state.obs_prev
         lag = state.draw.obs_lag  # None: every episode lags (obs_lag = 1)
         out = prev if lag is None else jax.tree.map(lambda p, o: jnp.where(lag, p, o), prev, obs)
+        if self.sensors.history:  # the policy knows the command it gave: never stale
+            out = {**out, "action_prev": obs["action_prev"]}
         return out, state._replace(obs_prev=obs)
 
     def _draw(self, key) -> CarDraw | None:

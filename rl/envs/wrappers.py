@@ -80,7 +80,6 @@ class ActionRepeat(gym.Wrapper):
         return obs, total, term, trunc, self._augment(obs, info, hit)
 
 
-
 class ObsHistory:
     """What :attr:`rl.envs.jax_env.SensorConfig.history` adds to the JAX backend's
     observations, kept at the policy's rate for a host loop: :meth:`add` gives an observation
