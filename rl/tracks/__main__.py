@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-CACHE_ENV = "RACEFORMER_CACHE"
+from rl.tracks.scene import CACHE_ENV
 
 
 def _use_cache(path: str | None) -> None:

@@ -53,8 +53,11 @@ def tracks_dir() -> Path:
     return REPO_ROOT.parent / "shared" / "data" / "racecar_tracks"
 
 
+CACHE_ENV = "RACEFORMER_CACHE"  # the environment variable naming the cache's root
+
+
 def cache_dir() -> Path:
-    env = os.environ.get("RACEFORMER_CACHE")
+    env = os.environ.get(CACHE_ENV)
     base = Path(env) if env else Path.home() / ".cache" / "raceformer"
     d = base / "tracks"
     try:
