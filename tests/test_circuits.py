@@ -114,7 +114,7 @@ def test_generator_guarantees_over_seeds(family):
         assert min(thinnest) > P.wall_gap - 0.05, thinnest
 
 
-@pytest.mark.parametrize("family", ["bays", "culdesac"])
+@pytest.mark.parametrize("family", ["bays", "culdesac", "hairpinbay"])
 def test_bays_are_pockets_off_the_outer_wall_of_corners(family):
     """Each bay replaces a stretch of one wall by a straight run on from a corner's entry and
     a line back: every new wall point lies off the road (outside it or on its edge), at least
@@ -131,7 +131,7 @@ def test_bays_are_pockets_off_the_outer_wall_of_corners(family):
         nrm = np.stack([-np.sin(th), np.cos(th)], 1) * (w / 2)[:, None]
         old = [pts + nrm, pts - nrm]
         rng = np.random.default_rng(seed)
-        new = procedural._with_bays(rng, lap, s0, pts, w, th, old, P)
+        new, _ = procedural._with_bays(rng, lap, s0, pts, w, th, old, P)
         for side in (0, 1):
             added = new[side][~(new[side][:, None] == old[side][None]).all(-1).any(1)]
             if not len(added):
@@ -147,6 +147,62 @@ def test_bays_are_pockets_off_the_outer_wall_of_corners(family):
         assert np.median(widths) >= 1.0 and min(widths) >= 0.5, widths
     else:
         assert np.median(widths) < 0.7, widths
+
+
+def _lap_of(verts, radius: float = 1.0, width: float = 1.5):
+    """The lap round polygon ``verts`` (counter-clockwise), every corner of ``radius``."""
+    verts = np.asarray(verts, np.float64)
+    n = len(verts)
+    fit = procedural._fillets(np.random.default_rng(0), verts, np.full(n, width),
+                              np.full(n, radius), 5.0, procedural.FAMILIES["hairpinbay"])
+    return procedural._Lap(verts, *fit)
+
+
+def test_hairpin_entries_flag_the_first_corner_of_each_hairpin():
+    """A 20 m × 2 m stadium turns 180° at each end within ~5 m: the first corner of each
+    end is a hairpin's entry, the second is not (from it the road turns 90°, then runs
+    straight); a 20 m square has none; 150° is the threshold."""
+    stadium = _lap_of([(0, 0), (20, 0), (20, 2), (0, 2)])
+    assert procedural.hairpin_entries(stadium).tolist() == [False, True, False, True]
+    # the corner list starts at vertex 0, whose corner closes the lap: the wrap is handled
+    assert procedural.hairpin_entries(_lap_of([(0, 2), (0, 0), (20, 0), (20, 2)])).tolist() \
+        == [True, False, True, False]
+    assert not procedural.hairpin_entries(_lap_of([(0, 0), (20, 0), (20, 20), (0, 20)])).any()
+    assert procedural.hairpin_entries(stadium, degrees=181.0).sum() == 0
+
+
+def test_hairpinbay_cuts_its_pockets_at_hairpins_and_keeps_only_laps_with_one(tmp_path):
+    """"hairpinbay" differs from "culdesac" only in its hairpins' bay probability (1): over
+    seeds 0-11 its first laps get a bay at a hairpin's entry more often than with that
+    probability 0, which gets none; and a seed whose first lap has none is skipped for its
+    next lap that has one."""
+    import dataclasses
+    hb = procedural.FAMILIES["hairpinbay"]
+    no = dataclasses.replace(hb, bay_hairpin=0.0)
+
+    def hairpin_bays(seed, p, skip=0):
+        laps = procedural._circuit_laps(seed, p)
+        for _ in range(skip):
+            next(laps)
+        lap, s0 = next(laps)
+        pts, w, th = procedural._placed(lap, s0, p)
+        nrm = np.stack([-np.sin(th), np.cos(th)], 1) * (w / 2)[:, None]
+        rng = np.random.default_rng(np.random.SeedSequence(  # write_circuit_scene's
+            [seed, procedural.CIRCUIT_VERSION, p.stream, 1]))
+        return procedural._with_bays(rng, lap, s0, pts, w, th, [pts + nrm, pts - nrm], p)[1]
+
+    with_one = [hairpin_bays(s, hb) for s in range(12)]
+    assert sum(hairpin_bays(s, no) for s in range(12)) == 0
+    assert sum(k > 0 for k in with_one) >= 4, with_one
+    seed = next(s for s, k in enumerate(with_one) if k == 0)
+    out = procedural.write_circuit_scene(tmp_path / "x", seed, hb)
+    with np.load(out / "maps" / "maps.npz") as z:
+        stored = z["centreline"]
+    firsts = [procedural.circuit_centreline(seed, hb, n=hb.samples, skip=i)[0]
+              for i in range(4)]
+    kept = next(i for i, c in enumerate(firsts) if np.allclose(stored, c.astype(np.float32)))
+    expected = next(i for i in range(4) if hairpin_bays(seed, hb, skip=i) > 0)
+    assert kept == expected >= 1  # the laps before, without a hairpin bay, were skipped
 
 
 def _pocket_widths(new_wall, old_wall, pts, w, beyond: float) -> list[float]:

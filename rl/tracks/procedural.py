@@ -267,6 +267,12 @@ class RaceCircuitParams:
     # so the pocket keeps the approach's width to its end (berlin's pocket is such a box,
     # ~1.5 m wide and ~2.5 m deep; where the full width does not fit, 0.8 f, then 0.6 f)
     bay_width: float = 0.0
+    # if set: the probability of a bay at the entry of each hairpin — a corner from whose
+    # start the road turns >= 150° within 9 m (hairpin_entries) — in place of `bays`' (the
+    # other corners keep it), and a lap is kept only if at least one hairpin got its bay.
+    # Berlin's pocket lies straight on from the start of a ~150° turn round a thin wall's
+    # tip, a shape "culdesac" makes in one lap of three (seeds 0-59: 20)
+    bay_hairpin: float | None = None
 
 
 def _unit(v):
@@ -543,7 +549,10 @@ def write_circuit_scene(out: Path, seed: int,
         if params.bays is not None:
             bay_rng = np.random.default_rng(np.random.SeedSequence([seed, CIRCUIT_VERSION,
                                                                     params.stream, 1]))
-            loops = _with_bays(bay_rng, lap, s0, pts, w, th, loops, params)
+            loops, at_hairpins = _with_bays(bay_rng, lap, s0, pts, w, th, loops, params)
+            if params.bay_hairpin is not None and not at_hairpins:
+                failed = TrackError(f"procedural circuit {seed}: no hairpin took a bay")
+                continue  # the family requires one: the next lap
         try:
             _write_scene_files(out, loops, float(w[0]) / 2, params.resolution,
                                {"centreline": centre.astype(np.float32),
@@ -562,8 +571,12 @@ def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParam
     to E (``p.bay_width`` of the road's width toward the corner's inside; E = B where it is
     0), then back to a point C of the old wall that E sees without crossing the road. A bay is left
     out where it would come within ``p.wall_gap`` of a part of the track that is not adjacent,
-    where it would reach round the lap's end, or where it would be a dent (< 0.5 m deep)."""
+    where it would reach round the lap's end, or where it would be a dent (< 0.5 m deep).
+    Returns the loops and how many bays were cut at a hairpin's entry (hairpin_entries),
+    where ``p.bay_hairpin``, if set, is the probability instead of ``p.bays``'."""
     prob, shortest, longest = p.bays
+    hairpins = hairpin_entries(lap)
+    at_hairpins = 0
     n = len(pts)
     ds = lap.length / n
     left, right = (np.asarray(x) for x in loops)
@@ -571,7 +584,8 @@ def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParam
     taken_until = -1
     corners = np.argsort(np.mod(lap.starts[0::2] - s0, lap.length))
     for c in corners:
-        if abs(lap.turn[c]) < np.radians(60.0) or rng.random() >= prob:
+        pick = prob if p.bay_hairpin is None or not hairpins[c] else p.bay_hairpin
+        if abs(lap.turn[c]) < np.radians(60.0) or rng.random() >= pick:
             continue
         k = int(np.mod(lap.starts[2 * c] - s0, lap.length) / ds)
         side = 1 if lap.turn[c] > 0 else 0  # a left turn's outer wall is the right one
@@ -617,12 +631,24 @@ def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParam
             continue
         cuts[side].append((k, j, poly))
         taken_until = j
+        at_hairpins += bool(hairpins[c])
     out = []
     for side, wall in enumerate((left, right)):
         for k, j, poly in sorted(cuts[side], key=lambda x: -x[0]):
             wall = np.concatenate([wall[:k], poly, wall[j + 1:]])
         out.append(wall)
-    return out
+    return out, at_hairpins
+
+
+def hairpin_entries(lap: _Lap, degrees: float = 150.0, within: float = 9.0) -> np.ndarray:
+    """Per corner of ``lap``: whether the road turns >= ``degrees`` in that corner's
+    direction within ``within`` m of arc from the corner's start (a hairpin's first corner:
+    a "V" tip's only one, a "U" tip's first of two)."""
+    u = np.linspace(0.0, within, 91)
+    s = lap.starts[0::2][:, None] + u[None]
+    th = lap.at(s.ravel())[1].reshape(s.shape) + np.where(s >= lap.length, lap.th_total, 0.0)
+    swept = np.sign(lap.turn)[:, None] * (th - th[:, :1])
+    return swept.max(1) >= np.radians(degrees) - 1e-9
 
 
 def _off_road(q, pts, w, margin: float = -0.02) -> bool:
@@ -696,6 +722,16 @@ FAMILIES = {
                                   hairpin_width=2.5, mean_width=(1.8, 3.6),
                                   hairpin=(170.0, 9.0), target_lap=(55.0, 140.0),
                                   lap=(50.0, 150.0), compile_sub=1, stream=10),
+    # "hairpinbay": "culdesac" whose hairpins each get the pocket straight on from their
+    # entry that has room for one (bay_hairpin 1; other corners one time in two, as
+    # before), at least one per lap: berlin's last corner is a ~150° turn round a thin
+    # wall's tip with such a pocket where the road seems to go on, which "culdesac" has in
+    # one lap of three (seeds 0-59: 20 laps, 23 of 77 hairpins); its own stream
+    "hairpinbay": RaceCircuitParams(min_radius=1.0, fold_margin=0.1, wall_gap=0.15,
+                                    thin_wall=(0.6, 4.0), bays=(0.5, 1.5, 4.0), bay_width=1.0,
+                                    bay_hairpin=1.0, hairpin_width=2.5, mean_width=(1.8, 3.6),
+                                    hairpin=(170.0, 9.0), target_lap=(55.0, 140.0),
+                                    lap=(50.0, 150.0), compile_sub=1, stream=11),
 }
 
 
