@@ -172,12 +172,14 @@ def test_hairpin_entries_flag_the_first_corner_of_each_hairpin():
 
 
 def test_hairpinbay_cuts_its_pockets_at_hairpins_and_keeps_only_laps_with_one(tmp_path):
-    """"hairpinbay" differs from "culdesac" only in its hairpins' bay probability (1): over
-    seeds 0-11 its first laps get a bay at a hairpin's entry more often than with that
-    probability 0, which gets none; and a seed whose first lap has none is skipped for its
-    next lap that has one."""
+    """"hairpinbay" is "culdesac" with its hairpins' bay probability 1 (and its own random
+    stream): over seeds 0-11 its first laps get a bay at a hairpin's entry, where with that
+    probability 0 none does; and a seed whose first lap has none is skipped for its next
+    lap that has one."""
     import dataclasses
     hb = procedural.FAMILIES["hairpinbay"]
+    culdesac = procedural.FAMILIES["culdesac"]
+    assert dataclasses.replace(hb, bay_hairpin=None, stream=culdesac.stream) == culdesac
     no = dataclasses.replace(hb, bay_hairpin=0.0)
 
     def hairpin_bays(seed, p, skip=0):

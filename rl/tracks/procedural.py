@@ -539,7 +539,8 @@ def _placed(lap: _Lap, s0: float, p: RaceCircuitParams, n=None):
 def write_circuit_scene(out: Path, seed: int,
                         params: RaceCircuitParams = RaceCircuitParams()) -> Path:
     """Write the "circuit" scene of `seed` into folder `out`; a lap whose compiled drivable
-    area is not a ring is skipped for the next admissible one of the same seed."""
+    area is not a ring (or, where ``params.bay_hairpin`` is set, whose hairpins took no bay)
+    is skipped for the next admissible one of the same seed."""
     failed = None
     for lap, s0 in itertools.islice(_circuit_laps(seed, params), 20):
         pts, w, th = _placed(lap, s0, params)
@@ -551,7 +552,7 @@ def write_circuit_scene(out: Path, seed: int,
                                                                     params.stream, 1]))
             loops, at_hairpins = _with_bays(bay_rng, lap, s0, pts, w, th, loops, params)
             if params.bay_hairpin is not None and not at_hairpins:
-                failed = TrackError(f"procedural circuit {seed}: no hairpin took a bay")
+                failed = TrackError("no hairpin of the lap has room for a bay")
                 continue  # the family requires one: the next lap
         try:
             _write_scene_files(out, loops, float(w[0]) / 2, params.resolution,
@@ -561,8 +562,8 @@ def write_circuit_scene(out: Path, seed: int,
         except TrackError as e:  # not a ring: the next lap
             failed = e
             shutil.rmtree(out, ignore_errors=True)
-    raise TrackError(f"procedural circuit {seed}: 20 laps in a row did not compile to a "
-                     f"ring") from failed
+    raise TrackError(f"procedural circuit {seed}: 20 laps in a row were rejected (the "
+                     f"last: {failed})") from failed
 
 
 def _with_bays(rng, lap: _Lap, s0: float, pts, w, th, loops, p: RaceCircuitParams):
